@@ -1,0 +1,217 @@
+"""Kernel interface: ``k(x, y)`` between cells, batched over sets.
+
+Shapes are a contract: ``(..., N, G), (..., M, G) -> (..., N, M)``, or ``(..., N)`` with
+``diag=True``. Subclasses implement :meth:`Kernel.forward` (pure math); the public call does
+the plumbing (``y=None`` means ``x``, validation). Most kernels here are radial,
+``k(x, y) = f(||x - y||^2 / l^2)``: they implement :meth:`RadialKernel.profile` only, and the
+estimators' fast paths (blocked, KeOps, hand-written backward) reuse that one formula.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError
+from .validation import check_sets
+
+
+class Kernel(nn.Module, ABC):
+    """A positive-definite (or conditionally negative-definite) kernel on cells."""
+
+    #: True for kernels such as ``-||x - y||`` that are conditionally negative definite
+    #: rather than positive definite; MMD^2 is still a valid (energy) distance with them.
+    conditionally_negative_definite: bool = False
+
+    def __call__(self, x: Tensor, y: Tensor | None = None, *, diag: bool = False) -> Tensor:
+        same = y is None or y is x
+        y = x if y is None else y
+        check_sets(x, y)
+        if diag and x.shape[-2] != y.shape[-2]:
+            raise InputError(
+                f"diag=True needs sets of equal size, got {x.shape[-2]} and {y.shape[-2]} cells."
+            )
+        return super().__call__(x, y, diag=diag, same=same)
+
+    @abstractmethod
+    def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
+        """Kernel matrix ``(..., N, M)`` (or its diagonal); ``same`` says ``y is x``."""
+
+    def adapt(self, x: Tensor, y: Tensor) -> Kernel:
+        """This kernel with data-dependent hyperparameters (median heuristic) fixed for ``x, y``."""
+        return self
+
+    def sample_spectral(self, num_features: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
+        """Frequencies ``(num_features, dim)`` drawn from the kernel's spectral density.
+
+        Bochner's theorem: a shift-invariant kernel is the Fourier transform of a probability
+        measure; random Fourier features need draws from it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no spectral density sampler; random Fourier features "
+            f"need a shift-invariant kernel such as rbf or matern. Use the nystrom embedding instead."
+        )
+
+    def __add__(self, other: Kernel) -> Kernel:
+        if not isinstance(other, Kernel):
+            return NotImplemented
+        return SumKernel(self, other)
+
+    def __mul__(self, scale: float) -> Kernel:
+        if not isinstance(scale, (int, float)) or scale <= 0:
+            return NotImplemented
+        return ScaledKernel(self, float(scale))
+
+    __rmul__ = __mul__
+
+
+class SumKernel(Kernel):
+    r"""Sum of kernels, :math:`k(x, y) = \sum_i k_i(x, y)`."""
+
+    def __init__(self, *kernels: Kernel) -> None:
+        super().__init__()
+        self.kernels = nn.ModuleList(kernels)
+        self.conditionally_negative_definite = any(k.conditionally_negative_definite for k in kernels)
+
+    def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
+        return sum(k.forward(x, y, diag=diag, same=same) for k in self.kernels)
+
+    def adapt(self, x: Tensor, y: Tensor) -> Kernel:
+        return SumKernel(*(k.adapt(x, y) for k in self.kernels))
+
+
+class ScaledKernel(Kernel):
+    r"""Output scale as a wrapper, :math:`k(x, y) = c\, k_0(x, y)` with :math:`c > 0`."""
+
+    def __init__(self, base: Kernel, scale: float) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.conditionally_negative_definite = base.conditionally_negative_definite
+
+    def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
+        return self.scale * self.base.forward(x, y, diag=diag, same=same)
+
+    def adapt(self, x: Tensor, y: Tensor) -> Kernel:
+        return ScaledKernel(self.base.adapt(x, y), self.scale)
+
+
+def squared_distances(x: Tensor, y: Tensor, *, same: bool = False) -> Tensor:
+    """``||x_i - y_j||^2`` as ``(..., N, M)`` through one GEMM, centred for float32 accuracy."""
+    center = x.mean(dim=-2, keepdim=True).detach()
+    x = x - center
+    y = x if same else y - center
+    xx = x.square().sum(-1)
+    yy = xx if same else y.square().sum(-1)
+    d2 = xx.unsqueeze(-1) + yy.unsqueeze(-2) - 2.0 * (x @ y.transpose(-1, -2))
+    d2 = d2.clamp_min(0.0)
+    if same:
+        d2 = d2 - torch.diag_embed(torch.diagonal(d2, dim1=-2, dim2=-1))  # exact zeros on the diagonal
+    return d2
+
+
+def median_lengthscale(x: Tensor, y: Tensor, max_cells: int = 512) -> Tensor:
+    """Median pairwise distance of the pooled sets, per batch element, shape ``(..., 1, 1)``.
+
+    The median heuristic (Gretton et al. 2012); sets are subsampled to ``max_cells`` each
+    (evenly spaced, deterministic) so the cost stays bounded.
+    """
+    def thin(t: Tensor) -> Tensor:
+        n = t.shape[-2]
+        if n <= max_cells:
+            return t
+        idx = torch.linspace(0, n - 1, max_cells, device=t.device).long()
+        return t.index_select(-2, idx)
+
+    x, y = _pad_batch(thin(x.detach()), thin(y.detach()))
+    z = torch.cat([x, y], dim=-2)
+    d = squared_distances(z, z, same=True).sqrt()
+    n = z.shape[-2]
+    off = d.flatten(-2)[..., ~torch.eye(n, dtype=torch.bool, device=d.device).flatten()]
+    med = off.median(dim=-1).values
+    return med.clamp_min(torch.finfo(med.dtype).eps)[..., None, None]
+
+
+def _pad_batch(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Broadcast batch dims of two sets with different cell counts."""
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    return x.expand(*batch, *x.shape[-2:]), y.expand(*batch, *y.shape[-2:])
+
+
+class RadialKernel(Kernel):
+    r"""A kernel :math:`k(x, y) = f(s)` of the scaled squared distance :math:`s = \|x - y\|^2 / l^2`.
+
+    Subclasses implement :meth:`profile` with method-style tensor operations
+    (``s.exp()``, ``s.sqrt()``) so the same formula runs on a ``torch.Tensor`` and a
+    ``pykeops`` ``LazyTensor``.
+
+    Args:
+        lengthscale: a positive number, or ``"median"`` for the median heuristic, computed per
+            pair of sets from the pooled cells when an estimator calls :meth:`adapt`.
+        trainable: learn the lengthscale (stored as its logarithm, so it stays positive).
+    """
+
+    def __init__(self, lengthscale: float | str = 1.0, *, trainable: bool = False) -> None:
+        super().__init__()
+        self.median = lengthscale == "median"
+        if not self.median:
+            if isinstance(lengthscale, str) or not lengthscale > 0:
+                raise InputError(
+                    f"lengthscale must be a positive number or 'median', got {lengthscale!r}."
+                )
+        value = 1.0 if self.median else float(lengthscale)
+        self.raw_lengthscale = nn.Parameter(torch.tensor(math.log(value)), requires_grad=trainable)
+
+    @property
+    def lengthscale(self) -> Tensor:
+        """Positive lengthscale, ``exp(raw_lengthscale)``; shape ``()`` or ``(..., 1, 1)``."""
+        return self.raw_lengthscale.exp()
+
+    @abstractmethod
+    def profile(self, s: Tensor) -> Tensor:
+        """``f(s)`` for the scaled squared distance ``s >= 0`` (Tensor or KeOps LazyTensor)."""
+
+    def profile_(self, s: Tensor) -> Tensor:
+        """``f(s)`` written into ``s`` (no autograd); override with in-place ops for speed."""
+        return s.copy_(self.profile(s))
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """``f'(s)``, for hand-written backward passes; by default through autograd."""
+        with torch.enable_grad():
+            s = s.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.profile(s).sum(), s)
+        return grad
+
+    def scaled_squared_distances(self, x: Tensor, y: Tensor, *, same: bool = False) -> Tensor:
+        """``||x - y||^2 / l^2`` as ``(..., N, M)``."""
+        return squared_distances(x, y, same=same) / self.lengthscale.square()
+
+    def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
+        if diag:
+            s = (x - y).square().sum(-1) / self.lengthscale.square().squeeze(-1)
+            return self.profile(s)
+        return self.profile(self.scaled_squared_distances(x, y, same=same))
+
+    def adapt(self, x: Tensor, y: Tensor) -> Kernel:
+        if not self.median:
+            return self
+        fitted = copy.copy(self)  # shallow: shares everything but the lengthscale
+        fitted._parameters = dict(self._parameters)
+        fitted.median = False
+        fitted.raw_lengthscale = nn.Parameter(median_lengthscale(x, y).log(), requires_grad=False)
+        return fitted
+
+    def extra_repr(self) -> str:
+        return "lengthscale=median" if self.median else f"lengthscale={self.lengthscale.item():.4g}"
+
+
+def as_kernel(spec: Any, **params: Any) -> Kernel:
+    """A :class:`Kernel` from a plug-in name (with parameters) or an instance."""
+    from .registry import resolve
+
+    return resolve("perturbdiff.kernels", spec, **params)

@@ -1,0 +1,58 @@
+"""Checks at the boundary where tensors arrive: shapes, finiteness, weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+
+def check_sets(x: Tensor, y: Tensor, *, name_x: str = "x", name_y: str = "y") -> None:
+    """Two batches of cell sets ``(..., N, G)`` and ``(..., M, G)``: same genes, non-empty, finite."""
+    for name, t in ((name_x, x), (name_y, y)):
+        if not isinstance(t, Tensor):
+            raise InputError(f"{name} must be a torch.Tensor of shape (..., cells, genes), got {type(t).__name__}.")
+        if t.dim() < 2:
+            raise InputError(
+                f"{name} has shape {tuple(t.shape)}; expected (..., cells, genes). "
+                f"Add a cell dimension with {name}[None] or {name}.unsqueeze(-1)."
+            )
+        if t.shape[-2] == 0:
+            raise InputError(f"{name} is an empty set (0 cells); every set needs at least one cell.")
+        if not torch.isfinite(t).all():
+            raise InputError(
+                f"{name} contains NaN or Inf values; remove or impute them before computing kernels."
+            )
+    if x.shape[-1] != y.shape[-1]:
+        raise InputError(
+            f"{name_x} has {x.shape[-1]} genes but {name_y} has {y.shape[-1]}; both sets must be "
+            f"measured on the same genes in the same order."
+        )
+    try:
+        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise InputError(
+            f"Batch shapes {tuple(x.shape[:-2])} of {name_x} and {tuple(y.shape[:-2])} of "
+            f"{name_y} do not broadcast; give both the same leading batch dimensions."
+        ) from None
+
+
+def normalized_weights(weights: Tensor | None, cells: Tensor, *, name: str) -> Tensor:
+    """Per-cell weights ``(..., N)`` for ``cells`` ``(..., N, G)``, non-negative and summing to one.
+
+    ``None`` means uniform weights.
+    """
+    n = cells.shape[-2]
+    if weights is None:
+        return cells.new_full(cells.shape[:-1], 1.0 / n)
+    if weights.shape[-1] != n:
+        raise InputError(
+            f"{name} has {weights.shape[-1]} entries but its set has {n} cells; give one weight per cell."
+        )
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise InputError(f"{name} must be finite and non-negative.")
+    total = weights.sum(-1, keepdim=True)
+    if (total <= 0).any():
+        raise InputError(f"{name} sums to zero for some set; give at least one cell a positive weight.")
+    return (weights / total).to(cells.dtype).expand(cells.shape[:-1])

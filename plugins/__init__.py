@@ -1,0 +1,1 @@
+"""Built-in perturbdiff plug-ins, registered through entry points exactly as third-party ones are."""
