@@ -1,0 +1,53 @@
+"""The unit the model trains on: a batch of (control set, perturbed set, condition) triples.
+
+The data layer produces :class:`SetBatch`; the denoisers and the diffusion model consume it.
+Shapes: ``B`` sets per batch, ``S`` cells per set, ``G`` genes, ``P`` perturbation features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Conditioning:
+    """What a denoiser is conditioned on besides the noisy set and the time step.
+
+    Attributes:
+        control: ``(B, S, G)`` matched control cells (same cell type / batch as the target).
+        perturbation: ``(B, P)`` perturbation encoding (all zeros means "unperturbed", as in
+            marginal pre-training and the null condition of classifier-free guidance).
+        cell_type: ``(B,)`` long index of the cell type (``0`` when the data has none).
+        batch: ``(B,)`` long index of the experimental batch (``0`` when the data has none).
+    """
+
+    control: Tensor
+    perturbation: Tensor
+    cell_type: Tensor
+    batch: Tensor
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        """A copy with every tensor on ``device``."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class SetBatch:
+    """A batch of training or evaluation points.
+
+    Attributes:
+        target: ``(B, S, G)`` perturbed cells (the clean sample ``x_0`` of the diffusion).
+        cond: the :class:`Conditioning` of each set.
+        condition: ``B`` condition labels, e.g. ``"IFNB|CD4T|batch1"``, for logging and metrics.
+    """
+
+    target: Tensor
+    cond: Conditioning
+    condition: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> SetBatch:
+        """A copy with every tensor on ``device``."""
+        return replace(self, target=self.target.to(device), cond=self.cond.to(device))

@@ -1,0 +1,1 @@
+"""From AnnData perturbation screens to validated cell sets, splits and loaders."""
