@@ -1,4 +1,4 @@
-"""Kernel mean embedding maps: a set of cells -> its mean embedding in the RKHS.
+r"""Kernel mean embedding maps: a set of cells -> its mean embedding in the RKHS.
 
 With an explicit feature map :math:`\phi` (random Fourier, Nystrom) the embedding of a set is
 the weighted mean feature vector :math:`\mu = \sum_i w_i \phi(x_i)` and
@@ -46,7 +46,7 @@ class EmbeddingMap(nn.Module, ABC):
         return (self.mean_embedding(x, wx) * self.mean_embedding(y, wy)).sum(-1)
 
 
-def as_embedding(spec: Any, **params: Any) -> EmbeddingMap:
+def as_embedding(spec: Any, /, **params: Any) -> EmbeddingMap:
     """An :class:`EmbeddingMap` from a plug-in name (with parameters) or an instance."""
     from .registry import resolve
 

@@ -1,4 +1,4 @@
-"""MMD estimator interface, and the quadratic-time estimators written once over a reduction.
+r"""MMD estimator interface, and the quadratic-time estimators written once over a reduction.
 
 .. math::
     \mathrm{MMD}^2(P, Q) = \mathbb{E}\,k(x, x') + \mathbb{E}\,k(y, y') - 2\,\mathbb{E}\,k(x, y)
@@ -24,6 +24,12 @@ from .validation import check_sets, normalized_weights
 class MMDEstimator(ABC):
     """Estimates squared MMD between batches of cell sets under a kernel."""
 
+    #: True for unbiased estimators (U-statistics): they can be negative, and ``estimate(x, x)``
+    #: is at most 0 rather than exactly 0.
+    unbiased: bool = False
+    #: False when the estimate depends on the order of cells within a set (e.g. linear-time pairs).
+    permutation_invariant: bool = True
+
     def __call__(
         self,
         x: Tensor,
@@ -38,7 +44,11 @@ class MMDEstimator(ABC):
             raise InputError(f"x is {x.dtype} but y is {y.dtype}; cast both to one dtype.")
         wx = normalized_weights(x_weights, x, name="x_weights")
         wy = normalized_weights(y_weights, y, name="y_weights")
-        return self.estimate(x, y, kernel.adapt(x, y), wx, wy)
+        return self.estimate(x, y, self.adapt_kernel(kernel, x, y), wx, wy)
+
+    def adapt_kernel(self, kernel: Kernel, x: Tensor, y: Tensor) -> Kernel:
+        """The kernel used for this pair of batches: data-dependent hyperparameters fixed for ``x, y``."""
+        return kernel.adapt(x, y)
 
     @abstractmethod
     def estimate(self, x: Tensor, y: Tensor, kernel: Kernel, wx: Tensor, wy: Tensor) -> Tensor:
@@ -79,7 +89,7 @@ class QuadraticMMD(MMDEstimator):
         return f"{type(self).__name__}(unbiased={self.unbiased}, reduction={type(self.reduction).__name__})"
 
 
-def as_estimator(spec: Any, **params: Any) -> MMDEstimator:
+def as_estimator(spec: Any, /, **params: Any) -> MMDEstimator:
     """An :class:`MMDEstimator` from a plug-in name (with parameters) or an instance."""
     from .registry import resolve
 

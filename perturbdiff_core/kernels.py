@@ -17,18 +17,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .validation import check_sets
 
 
 class Kernel(nn.Module, ABC):
-    """A positive-definite (or conditionally negative-definite) kernel on cells."""
+    """A positive-definite kernel on cells, or the negative of a conditionally negative-definite distance."""
 
-    #: True for kernels such as ``-||x - y||`` that are conditionally negative definite
-    #: rather than positive definite; MMD^2 is still a valid (energy) distance with them.
+    #: True for kernels ``k = -d`` with ``d`` a conditionally negative-definite distance such as
+    #: ``||x - y||^beta``: ``k`` is then only *conditionally positive* definite
+    #: (``c^T K c >= 0`` when ``sum(c) = 0``), not positive definite, so it has no feature map,
+    #: but MMD^2 (weights of opposite sums) is still a valid (energy) distance.
     conditionally_negative_definite: bool = False
 
     def __call__(self, x: Tensor, y: Tensor | None = None, *, diag: bool = False) -> Tensor:
+        """Validated kernel matrix; a data-dependent (median) kernel is first adapted to ``x, y``."""
         same = y is None or y is x
         y = x if y is None else y
         check_sets(x, y)
@@ -36,7 +39,13 @@ class Kernel(nn.Module, ABC):
             raise InputError(
                 f"diag=True needs sets of equal size, got {x.shape[-2]} and {y.shape[-2]} cells."
             )
-        return super().__call__(x, y, diag=diag, same=same)
+        kernel = self.adapt(x, y) if self.adaptive else self
+        return super(Kernel, kernel).__call__(x, y, diag=diag, same=same)
+
+    @property
+    def adaptive(self) -> bool:
+        """True when hyperparameters come from the data (median heuristic): call :meth:`adapt` first."""
+        return False
 
     @abstractmethod
     def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
@@ -52,9 +61,10 @@ class Kernel(nn.Module, ABC):
         Bochner's theorem: a shift-invariant kernel is the Fourier transform of a probability
         measure; random Fourier features need draws from it.
         """
-        raise NotImplementedError(
+        raise ConfigError(
             f"{type(self).__name__} has no spectral density sampler; random Fourier features "
-            f"need a shift-invariant kernel such as rbf or matern. Use the nystrom embedding instead."
+            f"need a shift-invariant kernel such as rbf, laplace, matern32, matern52 or imq. "
+            f"Use the nystrom embedding instead."
         )
 
     def __add__(self, other: Kernel) -> Kernel:
@@ -63,8 +73,10 @@ class Kernel(nn.Module, ABC):
         return SumKernel(self, other)
 
     def __mul__(self, scale: float) -> Kernel:
-        if not isinstance(scale, (int, float)) or scale <= 0:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
             return NotImplemented
+        if not (math.isfinite(scale) and scale > 0):
+            raise InputError(f"A kernel can only be scaled by a positive finite number, got {scale}.")
         return ScaledKernel(self, float(scale))
 
     __rmul__ = __mul__
@@ -77,6 +89,10 @@ class SumKernel(Kernel):
         super().__init__()
         self.kernels = nn.ModuleList(kernels)
         self.conditionally_negative_definite = any(k.conditionally_negative_definite for k in kernels)
+
+    @property
+    def adaptive(self) -> bool:
+        return any(k.adaptive for k in self.kernels)
 
     def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
         return sum(k.forward(x, y, diag=diag, same=same) for k in self.kernels)
@@ -93,6 +109,10 @@ class ScaledKernel(Kernel):
         self.base = base
         self.scale = scale
         self.conditionally_negative_definite = base.conditionally_negative_definite
+
+    @property
+    def adaptive(self) -> bool:
+        return self.base.adaptive
 
     def forward(self, x: Tensor, y: Tensor, *, diag: bool = False, same: bool = False) -> Tensor:
         return self.scale * self.base.forward(x, y, diag=diag, same=same)
@@ -118,8 +138,9 @@ def squared_distances(x: Tensor, y: Tensor, *, same: bool = False) -> Tensor:
 def median_lengthscale(x: Tensor, y: Tensor, max_cells: int = 512) -> Tensor:
     """Median pairwise distance of the pooled sets, per batch element, shape ``(..., 1, 1)``.
 
-    The median heuristic (Gretton et al. 2012); sets are subsampled to ``max_cells`` each
-    (evenly spaced, deterministic) so the cost stays bounded.
+    The median heuristic (Gretton et al. 2012) over distinct pairs ``i != j``; an even count
+    takes the mean of the two middle values, as ``numpy.median`` does. Sets are subsampled to
+    ``max_cells`` each (evenly spaced, deterministic) so the cost stays bounded.
     """
     def thin(t: Tensor) -> Tensor:
         n = t.shape[-2]
@@ -132,8 +153,14 @@ def median_lengthscale(x: Tensor, y: Tensor, max_cells: int = 512) -> Tensor:
     z = torch.cat([x, y], dim=-2)
     d = squared_distances(z, z, same=True).sqrt()
     n = z.shape[-2]
-    off = d.flatten(-2)[..., ~torch.eye(n, dtype=torch.bool, device=d.device).flatten()]
-    med = off.median(dim=-1).values
+    if n < 2:
+        raise InputError("The median heuristic needs at least 2 pooled cells; give a fixed lengthscale.")
+    i, j = torch.triu_indices(n, n, offset=1, device=d.device)
+    pairs = d[..., i, j]
+    m = pairs.shape[-1]
+    lower = pairs.kthvalue((m + 1) // 2, dim=-1).values
+    upper = pairs.kthvalue(m // 2 + 1, dim=-1).values
+    med = 0.5 * (lower + upper)
     return med.clamp_min(torch.finfo(med.dtype).eps)[..., None, None]
 
 
@@ -158,14 +185,25 @@ class RadialKernel(Kernel):
 
     def __init__(self, lengthscale: float | str = 1.0, *, trainable: bool = False) -> None:
         super().__init__()
-        self.median = lengthscale == "median"
-        if not self.median:
-            if isinstance(lengthscale, str) or not lengthscale > 0:
-                raise InputError(
-                    f"lengthscale must be a positive number or 'median', got {lengthscale!r}."
-                )
+        self.median = isinstance(lengthscale, str) and lengthscale == "median"
+        if not self.median and not _positive_number(lengthscale):
+            raise InputError(
+                f"lengthscale must be a positive finite number or 'median', got {lengthscale!r}."
+            )
+        if self.median and trainable:
+            raise InputError(
+                "A 'median' lengthscale is recomputed from each pair of sets and cannot be trained; "
+                "give a number with trainable=True."
+            )
         value = 1.0 if self.median else float(lengthscale)
-        self.raw_lengthscale = nn.Parameter(torch.tensor(math.log(value)), requires_grad=trainable)
+        # float64 so float64 inputs get the lengthscale exactly; as a 0-dim tensor it does not
+        # promote float32 inputs (backends cast it with ``.to(x.dtype)`` where it matters).
+        log_value = torch.tensor(math.log(value), dtype=torch.float64)
+        self.raw_lengthscale = nn.Parameter(log_value, requires_grad=trainable)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.median
 
     @property
     def lengthscale(self) -> Tensor:
@@ -207,10 +245,20 @@ class RadialKernel(Kernel):
         return fitted
 
     def extra_repr(self) -> str:
-        return "lengthscale=median" if self.median else f"lengthscale={self.lengthscale.item():.4g}"
+        if self.median:
+            return "lengthscale=median"
+        l = self.lengthscale
+        return f"lengthscale={l.item():.4g}" if l.numel() == 1 else f"lengthscale=<per set pair, {tuple(l.shape)}>"
 
 
-def as_kernel(spec: Any, **params: Any) -> Kernel:
+def _positive_number(value: Any) -> bool:
+    """A real, finite, positive scalar (bools and strings excluded)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and bool(torch.isfinite(value) & (value > 0))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def as_kernel(spec: Any, /, **params: Any) -> Kernel:
     """A :class:`Kernel` from a plug-in name (with parameters) or an instance."""
     from .registry import resolve
 

@@ -120,7 +120,7 @@ def _load_entry_point(group: str, name: str) -> Any:
     return obj
 
 
-def load(group: str, name: str, **params: Any) -> Any:
+def load(group: str, name: str, /, **params: Any) -> Any:
     """Import plug-in ``name`` of ``group`` and build it with keyword ``params``."""
     factory = _load_entry_point(group, name)
     try:
@@ -140,7 +140,7 @@ def load(group: str, name: str, **params: Any) -> Any:
     return obj
 
 
-def resolve(group: str, spec: Any, **params: Any) -> Any:
+def resolve(group: str, spec: Any, /, **params: Any) -> Any:
     """Turn a name into a plug-in instance; pass an instance of the interface through.
 
     Strings become objects once, at the boundary; inside the library only objects travel.

@@ -6,10 +6,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from perturbdiff_core.errors import InputError
-from perturbdiff_core.kernels import Kernel, RadialKernel
+from perturbdiff_core.errors import ConfigError, InputError
+from perturbdiff_core.kernels import RadialKernel, as_kernel
 
 
 def _safe_sqrt(s: Tensor) -> Tensor:
@@ -18,6 +18,23 @@ def _safe_sqrt(s: Tensor) -> Tensor:
         return s.sqrt()
     tiny = torch.finfo(s.dtype).tiny
     return torch.where(s > 0, s.clamp_min(tiny).sqrt(), torch.zeros_like(s))
+
+
+def _spectral_lengthscale(kernel: RadialKernel) -> Tensor:
+    """The kernel's single lengthscale in float64, detached, for drawing random frequencies."""
+    if kernel.median:
+        raise ConfigError(
+            f"{type(kernel).__name__} has a 'median' lengthscale, which is only known once data "
+            f"is seen; call kernel.adapt(x, y) (or the embedding's fit(cells)) before drawing "
+            f"frequencies, or give a fixed lengthscale."
+        )
+    lengthscale = kernel.lengthscale.detach()
+    if lengthscale.numel() != 1:
+        raise ConfigError(
+            f"Random frequencies need one lengthscale, {type(kernel).__name__} has one per set "
+            f"pair {tuple(lengthscale.shape)}; adapt it on pooled cells instead."
+        )
+    return lengthscale.double().reshape(())
 
 
 class RBF(RadialKernel):
@@ -39,8 +56,9 @@ class RBF(RadialKernel):
         return -0.5 * (-0.5 * s).exp()
 
     def sample_spectral(self, num_features: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
-        # Spectral density of exp(-r^2 / 2 l^2) is N(0, I / l^2).
-        return torch.randn(num_features, dim, generator=generator, dtype=torch.float64) / self.lengthscale.double()
+        """:math:`\\omega \\sim N(0, I / l^2)`, the spectral density of the Gaussian kernel."""
+        z = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
+        return z / _spectral_lengthscale(self)
 
 
 class _Matern(RadialKernel):
@@ -49,12 +67,16 @@ class _Matern(RadialKernel):
     nu: float
 
     def sample_spectral(self, num_features: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
-        # Matern-nu spectral density is a multivariate Student-t with 2 nu dof, scale 1/l:
-        # omega = z / sqrt(u / (2 nu)), z ~ N(0, I), u ~ chi^2_{2 nu}.
+        r"""Multivariate Student-t draws, :math:`\omega = z / (l \sqrt{u / 2\nu})`.
+
+        The Matern-:math:`\nu` spectral density is proportional to
+        :math:`(2\nu / l^2 + \|\omega\|^2)^{-(\nu + d/2)}`: a Student-t with :math:`2\nu` degrees of
+        freedom and scale :math:`1/l`; :math:`z \sim N(0, I)`, :math:`u \sim \chi^2_{2\nu} = 2\,\Gamma(\nu, 1)`.
+        """
         z = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
         shape = torch.full((num_features, 1), self.nu, dtype=torch.float64)
-        u = torch._standard_gamma(shape, generator=generator) * 2.0  # chi^2_{2nu} = 2 Gamma(nu, 1)
-        return z / torch.sqrt(u / (2 * self.nu)) / self.lengthscale.double()
+        u = 2.0 * torch._standard_gamma(shape, generator=generator)
+        return z / torch.sqrt(u / (2.0 * self.nu)) / _spectral_lengthscale(self)
 
 
 class Laplace(_Matern):
@@ -92,20 +114,32 @@ class InverseMultiquadric(RadialKernel):
     def profile(self, s: Tensor) -> Tensor:
         return (1.0 + s).rsqrt()
 
+    def sample_spectral(self, num_features: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
+        r"""Gaussian scale mixture, :math:`\omega = z \sqrt{2t} / l`, :math:`t \sim \Gamma(1/2, 1)`.
+
+        :math:`(1 + s)^{-1/2} = \mathbb{E}_t\, e^{-t s}` for :math:`t \sim \Gamma(1/2, 1)`, and
+        :math:`e^{-t r^2 / l^2}` is a Gaussian kernel with spectral density :math:`N(0, 2t I / l^2)`.
+        """
+        z = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
+        t = torch._standard_gamma(torch.full((num_features, 1), 0.5, dtype=torch.float64), generator=generator)
+        return z * torch.sqrt(2.0 * t) / _spectral_lengthscale(self)
+
 
 class Energy(RadialKernel):
     r"""Energy (distance) kernel :math:`k(x, y) = -\|x - y\|^\beta`, :math:`0 < \beta \le 2`.
 
-    Conditionally negative definite: MMD^2 under it is the energy distance
+    The distance :math:`\|x - y\|^\beta` is conditionally negative definite (Schoenberg), so this
+    kernel is conditionally positive definite, not positive definite. MMD^2 under it is the energy distance
     :math:`2 E\|X - Y\|^\beta - E\|X - X'\|^\beta - E\|Y - Y'\|^\beta`; with :math:`\beta = 2`
-    it reduces to twice the squared difference of the means.
+    it reduces to twice the squared difference of the means. Its lengthscale is fixed at 1.
     """
 
     conditionally_negative_definite = True
 
     def __init__(self, beta: float = 1.0) -> None:
-        if not 0 < beta <= 2:
-            raise InputError(f"energy kernel needs 0 < beta <= 2, got beta={beta}.")
+        ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta <= 2
+        if not ok:
+            raise InputError(f"energy kernel needs a number 0 < beta <= 2, got beta={beta!r}.")
         super().__init__(lengthscale=1.0)
         self.beta = float(beta)
 
@@ -121,37 +155,48 @@ class Energy(RadialKernel):
 
 
 class Mixture(RadialKernel):
-    r"""Multi-bandwidth mixture :math:`\sum_i k_0(x, y; l_i)` of one radial kernel.
+    r"""Multi-bandwidth mixture :math:`\sum_i k_0(x, y; l\, l_i)` of one radial kernel.
+
+    :math:`k(x, x)` is the number of bandwidths (the terms are not averaged).
 
     Args:
-        base: name of a radial kernel plug-in (``"rbf"``, ``"laplace"``, ``"matern32"``, ...).
-        lengthscales: the bandwidths :math:`l_i`; with ``relative=True`` they multiply the
-            median-heuristic lengthscale of each pair of sets.
-        relative: scale ``lengthscales`` by the median heuristic.
+        base: name of a radial kernel plug-in (``"rbf"``, ``"laplace"``, ``"matern32"``, ...);
+            its own lengthscale is replaced by the mixture's, so an instance must keep the default 1.
+        lengthscales: the bandwidths :math:`l_i`.
+        relative: :math:`l` is the median-heuristic lengthscale of each pair of sets; otherwise
+            :math:`l = 1` and ``lengthscales`` are absolute.
     """
 
     def __init__(
         self,
-        base: str = "rbf",
+        base: str | RadialKernel = "rbf",
         lengthscales: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
         relative: bool = True,
     ) -> None:
-        from perturbdiff_core.kernels import as_kernel
-
         super().__init__(lengthscale="median" if relative else 1.0)
         self.base = as_kernel(base)
         if not isinstance(self.base, RadialKernel):
             raise InputError(f"mixture needs a radial base kernel, {base!r} is {type(self.base).__name__}.")
-        if not lengthscales or any(l <= 0 for l in lengthscales):
-            raise InputError(f"mixture lengthscales must be a non-empty list of positive numbers, got {lengthscales}.")
-        self.register_buffer("inv_sq", torch.tensor([1.0 / l**2 for l in lengthscales]))
+        if self.base.median or self.base.raw_lengthscale.item() != 0.0:
+            raise InputError(
+                "mixture sets the bandwidths itself; build the base kernel with the default "
+                "lengthscale 1 and put the bandwidths in `lengthscales`."
+            )
+        valid = [
+            isinstance(l, (int, float)) and not isinstance(l, bool) and math.isfinite(l) and l > 0
+            for l in lengthscales
+        ]
+        if not valid or not all(valid):
+            raise InputError(
+                f"mixture lengthscales must be a non-empty list of positive numbers, got {lengthscales!r}."
+            )
+        self.lengthscales = tuple(float(l) for l in lengthscales)
 
     def profile(self, s: Tensor) -> Tensor:
-        inv_sq = self.inv_sq.tolist()
-        return sum(self.base.profile(s * c) for c in inv_sq)
+        return sum(self.base.profile(s * (1.0 / l**2)) for l in self.lengthscales)
 
     def extra_repr(self) -> str:
-        return f"base={type(self.base).__name__}, lengthscales={[round(c ** -0.5, 4) for c in self.inv_sq.tolist()]}, {super().extra_repr()}"
+        return f"base={type(self.base).__name__}, lengthscales={list(self.lengthscales)}, {super().extra_repr()}"
 
 
-__all__ = ["RBF", "Laplace", "Matern32", "Matern52", "InverseMultiquadric", "Energy", "Mixture", "Kernel"]
+__all__ = ["RBF", "Laplace", "Matern32", "Matern52", "InverseMultiquadric", "Energy", "Mixture"]
