@@ -1,0 +1,366 @@
+"""RKHSDiffusion: loss terms against independent computations, guidance, self-conditioning, EMA, learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from perturbdiff_core.batch import Conditioning, SetBatch
+from perturbdiff_core.diffusion import RKHSDiffusion, null_condition
+from perturbdiff_core.errors import ConfigError, InputError
+from perturbdiff_core.functional import mmd2
+from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.registry import load
+from perturbdiff_core.samplers import DDIMStep, sample, timestep_grid
+
+G, P = 5, 3
+
+
+def denoiser(name: str = "cross_dit", num_genes: int = G, perturbation_dim: int = P, **params):
+    return load("perturbdiff.denoisers", name, num_genes=num_genes, perturbation_dim=perturbation_dim,
+                num_cell_types=2, num_batches=1, size="tiny", **params)
+
+
+def randomized(model: RKHSDiffusion, seed: int = 0) -> RKHSDiffusion:
+    """Random non-zero denoiser weights, in float64 (the zero-initialised output would hide errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.double()
+
+
+def make_batch(b: int = 4, s: int = 6, sc: int = 8, seed: int = 0, dtype=torch.float64) -> SetBatch:
+    gen = torch.Generator().manual_seed(seed)
+    cond = Conditioning(
+        control=torch.randn(b, sc, G, generator=gen, dtype=dtype),
+        perturbation=torch.randn(b, P, generator=gen, dtype=dtype),
+        cell_type=torch.arange(b) % 2,
+        batch=torch.zeros(b, dtype=torch.long),
+    )
+    return SetBatch(torch.randn(b, s, G, generator=gen, dtype=dtype) * 1.5 + 0.5, cond)
+
+
+def fixed_draws(batch: SetBatch, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(1, 1001, (batch.target.shape[0],), generator=gen)
+    return t, torch.randn(batch.target.shape, generator=gen, dtype=batch.target.dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_loss_terms_match_an_independent_computation(prediction):
+    model = randomized(RKHSDiffusion(denoiser(), prediction=prediction)).eval()
+    batch = make_batch()
+    t, noise = fixed_draws(batch)
+    terms = model.loss(batch, t=t, noise=noise)
+
+    ab = model.schedule.alpha_bars.numpy()[t.numpy()][:, None, None]
+    x0, eps = batch.target.numpy(), noise.numpy()
+    x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
+    with torch.no_grad():
+        pred = model.denoiser(torch.from_numpy(x_t), t, batch.cond).numpy()
+    goal = {"x0": x0, "eps": eps, "v": np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0}[prediction]
+    x0_hat = {
+        "x0": pred,
+        "eps": (x_t - np.sqrt(1 - ab) * pred) / np.sqrt(ab),
+        "v": np.sqrt(ab) * x_t - np.sqrt(1 - ab) * pred,
+    }[prediction]
+    mse = ((pred - goal) ** 2).mean()
+    mmd = mmd2(torch.from_numpy(x0_hat), batch.target, kernel="energy", estimator="unbiased").mean().item()
+    np.testing.assert_allclose(terms["mse"].item(), mse, rtol=1e-9)
+    np.testing.assert_allclose(terms["mmd"].item(), mmd, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(terms["loss"].item(), mse + mmd, rtol=1e-7)
+
+
+def test_mmd_weight_scales_the_mmd_and_zero_gives_the_mse():
+    batch = make_batch()
+    base = randomized(RKHSDiffusion(denoiser(), mmd_weight=1.0))
+    for weight in (0.0, 2.5):
+        other = RKHSDiffusion(denoiser(), mmd_weight=weight).double()
+        other.load_state_dict(base.state_dict())
+        # Training mode: the same generator seed gives the same t, noise, dropout and self-conditioning.
+        a = base.loss(batch, torch.Generator().manual_seed(3))
+        b = other.loss(batch, torch.Generator().manual_seed(3))
+        assert torch.equal(a["mse"], b["mse"])
+        if weight == 0.0:
+            assert "mmd" not in b and torch.equal(b["loss"], a["mse"])
+        else:
+            torch.testing.assert_close(b["loss"], a["mse"] + weight * a["mmd"], rtol=1e-12, atol=1e-12)
+
+
+def test_loss_is_finite_and_decreases_with_training(one_thread):
+    torch.manual_seed(0)
+    model = RKHSDiffusion(denoiser(), ema_decay=None)
+    batch = make_batch(b=8, s=16, dtype=torch.float32)
+    t, noise = fixed_draws(batch)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+
+    def held_out() -> float:
+        model.eval()
+        with torch.no_grad():
+            value = model.loss(batch, t=t, noise=noise)["loss"].item()
+        model.train()
+        return value
+
+    before = held_out()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        terms = model.loss(batch, gen)
+        assert all(torch.isfinite(v) for v in terms.values())
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    assert held_out() < 0.7 * before
+
+
+def test_condition_dropout_zeroes_the_perturbation_encoding():
+    batch = make_batch()
+    t, noise = fixed_draws(batch)
+    dropped = randomized(RKHSDiffusion(denoiser(), cond_drop_prob=1.0, self_condition_prob=0.0))
+    kept = RKHSDiffusion(denoiser(), cond_drop_prob=0.0, self_condition_prob=0.0).double()
+    kept.load_state_dict(dropped.state_dict())
+    null_batch = SetBatch(batch.target, null_condition(batch.cond))
+    assert torch.equal(null_batch.cond.perturbation, torch.zeros_like(batch.cond.perturbation))
+    train_drop = dropped.loss(batch, t=t, noise=noise)["loss"]
+    train_keep = kept.loss(batch, t=t, noise=noise)["loss"]
+    dropped.eval()
+    torch.testing.assert_close(train_drop, dropped.loss(null_batch, t=t, noise=noise)["loss"], rtol=0, atol=0)
+    torch.testing.assert_close(train_keep, dropped.loss(batch, t=t, noise=noise)["loss"], rtol=0, atol=0)
+    assert not torch.allclose(train_drop, train_keep)
+
+
+def _record_calls(net):
+    calls = []
+    handle = net.register_forward_hook(lambda module, args, out: calls.append((args, out)))
+    return calls, handle
+
+
+def test_self_conditioning_feeds_the_detached_first_estimate():
+    model = randomized(RKHSDiffusion(denoiser(), self_condition_prob=1.0, cond_drop_prob=0.0, prediction="v"))
+    batch = make_batch()
+    t, noise = fixed_draws(batch)
+    calls, handle = _record_calls(model.denoiser)
+    loss = model.loss(batch, t=t, noise=noise)["loss"]
+    handle.remove()
+    assert len(calls) == 2
+    (x_t, t1, _, first_sc), first_out = calls[0]
+    (_, _, _, second_sc), _ = calls[1]
+    assert first_sc is None
+    ab = model.schedule.alpha_bar(t)[:, None, None]
+    expected = ab.sqrt() * x_t - (1 - ab).sqrt() * first_out  # the v prediction turned into x0
+    torch.testing.assert_close(second_sc, expected, rtol=1e-12, atol=1e-12)
+    assert not second_sc.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in model.denoiser.parameters())
+
+    never = RKHSDiffusion(denoiser(), self_condition_prob=0.0).double()
+    calls, handle = _record_calls(never.denoiser)
+    never.loss(batch, t=t, noise=noise)
+    handle.remove()
+    assert len(calls) == 1 and calls[0][0][3] is None
+
+
+def test_guidance_weight_one_is_the_conditional_model_and_others_extrapolate():
+    model = randomized(RKHSDiffusion(denoiser(), cond_drop_prob=0.1)).eval()
+    batch = make_batch()
+    t, noise = fixed_draws(batch)
+    x_t = model.schedule.q_sample(batch.target, t, noise)
+    sc = torch.randn_like(x_t)
+    with torch.no_grad():
+        cond = model.denoiser(x_t, t, batch.cond, sc)
+        uncond = model.denoiser(x_t, t, null_condition(batch.cond), sc)
+        assert torch.equal(model.predict_x0(x_t, t, batch.cond, sc, guidance=1.0), cond)
+        torch.testing.assert_close(model.predict_x0(x_t, t, batch.cond, sc, guidance=0.0), uncond, rtol=1e-10, atol=1e-10)
+        guided = model.predict_x0(x_t, t, batch.cond, sc, guidance=3.0)
+        torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(cond, uncond)
+
+
+def test_sampling_without_guidance_is_the_plain_conditional_sampler():
+    model = randomized(RKHSDiffusion(denoiser(), self_condition_prob=0.5, ema_decay=None))
+    cond = make_batch().cond
+
+    def conditional(x, t, prev):
+        return model.denoiser(x, t, cond, prev)  # x0 prediction, self-conditioned on the previous estimate
+
+    with torch.no_grad():
+        expected = sample(conditional, (4, 8, G), model.schedule, timestep_grid(1000, 12), DDIMStep(0.3),
+                          generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = model.sample(cond, steps=12, eta=0.3, guidance=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, expected)
+    guided = model.sample(cond, steps=12, eta=0.3, guidance=2.0, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(guided, expected)
+
+
+def test_sample_shapes_options_and_errors():
+    model = randomized(RKHSDiffusion(denoiser(), ema_decay=None))
+    cond = make_batch(b=3, sc=7).cond
+    assert model.sample(cond, steps=4).shape == (3, 7, G)
+    assert model.sample(cond, 11, sampler="ddpm", steps=4).shape == (3, 11, G)
+    a = model.sample(cond, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0))
+    b = model.sample(cond, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    with pytest.raises(ConfigError, match="eta only applies"):
+        model.sample(cond, sampler="ddpm", eta=0.5)
+    with pytest.raises(ConfigError, match="'ddim' or 'ddpm'"):
+        model.sample(cond, sampler="euler")
+    with pytest.raises(ConfigError, match="at most 1000"):
+        model.sample(cond, steps=2000)
+    with pytest.raises(InputError, match="num_cells"):
+        model.sample(cond, 0)
+    no_null = RKHSDiffusion(denoiser(), cond_drop_prob=0.0)
+    with pytest.raises(ConfigError, match="cond_drop_prob=0"):
+        no_null.sample(make_batch(dtype=torch.float32).cond, guidance=2.0)
+
+
+def test_ema_follows_the_weights_with_the_given_decay():
+    torch.manual_seed(0)
+    model = RKHSDiffusion(denoiser(), ema_decay=0.9)
+    batch = make_batch(dtype=torch.float32)
+    assert model.sampling_denoiser() is model.denoiser  # never updated: raw weights
+    with pytest.raises(ConfigError, match="never been updated"):
+        model.sampling_denoiser(use_ema=True)
+    ema_ids = {id(p) for p in model.ema.parameters()}
+    assert not ema_ids & {id(p) for p in model.trainable_parameters()}
+    assert not any(p.requires_grad for p in model.ema.parameters())
+
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    for step in range(3):
+        old = [p.detach().clone() for p in model.ema.module.parameters()]
+        model.loss(batch, torch.Generator().manual_seed(step))["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_ema()
+        pairs = list(zip(old, model.ema.module.parameters(), model.denoiser.parameters()))
+        if step == 0:  # the first update copies the weights
+            assert all(torch.equal(e, w) for _, e, w in pairs)
+            continue
+        for o, e, w in pairs:
+            torch.testing.assert_close(e, 0.9 * o + 0.1 * w, rtol=1e-6, atol=1e-7)
+        moved = sum((o - w).abs().sum() for o, _, w in pairs)
+        remaining = sum((e - w).abs().sum() for _, e, w in pairs)
+        assert remaining < moved
+    assert model.sampling_denoiser() is model.ema.module
+    assert model.sampling_denoiser(use_ema=False) is model.denoiser
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    model = RKHSDiffusion(
+        denoiser("deepsets", hidden=24),
+        {"name": "power_cosine", "num_steps": 300, "power": 1.5},
+        kernel={"name": "rbf", "lengthscale": "median"},
+        estimator="biased",
+        mmd_weight=0.5,
+        prediction="v",
+        self_condition_prob=0.25,
+        cond_drop_prob=0.2,
+        ema_decay=0.99,
+    ).double()
+    config = model.config()
+    assert config["denoiser"]["name"] == "deepsets" and config["denoiser"]["hidden"] == 24
+    assert config["kernel"] == {"name": "rbf", "lengthscale": "median"}
+    rebuilt = RKHSDiffusion.from_config(config).double()
+    assert rebuilt.config() == config
+    rebuilt.load_state_dict(model.state_dict())
+    batch = make_batch()
+    t, noise = fixed_draws(batch)
+    t = t % 300 + 1
+    model.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt.loss(batch, t=t, noise=noise)["loss"], model.loss(batch, t=t, noise=noise)["loss"], rtol=0, atol=0)
+
+
+def test_configuration_errors_are_clear():
+    with pytest.raises(ConfigError, match="unknown model configuration keys \\['lambda'\\]"):
+        RKHSDiffusion.from_config({"denoiser": {"name": "deepsets", "num_genes": 3, "perturbation_dim": 1}, "lambda": 1.0})
+    with pytest.raises(ConfigError, match="'name' key"):
+        RKHSDiffusion(denoiser(), kernel={"lengthscale": 2.0})
+    with pytest.raises(ConfigError, match="prediction must be one of"):
+        RKHSDiffusion(denoiser(), prediction="score")
+    with pytest.raises(ConfigError, match="cond_drop_prob"):
+        RKHSDiffusion(denoiser(), cond_drop_prob=1.5)
+    built_kernel = RKHSDiffusion(denoiser(), kernel=as_kernel("rbf", lengthscale=2.0))
+    with pytest.raises(ConfigError, match="give it by name"):
+        built_kernel.config()
+
+
+def test_bad_batches_raise_input_errors():
+    model = RKHSDiffusion(denoiser()).double()
+    batch = make_batch()
+    with pytest.raises(InputError, match="genes"):
+        model.loss(SetBatch(batch.target[..., :-1], batch.cond))
+    bad = batch.target.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        model.loss(SetBatch(bad, batch.cond))
+    with pytest.raises(InputError, match="values in \\[1, 1000\\]"):
+        model.loss(batch, t=torch.zeros(4, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- learning
+SHIFT_A = 2.0  # condition A: genes 0-3 shifted by +2
+SHIFT_B, STD_B = -1.0, 3.0  # condition B: genes 4-7 shifted by -1 and their std tripled
+
+
+def synthetic(condition: torch.Tensor, cells: int, gen: torch.Generator) -> SetBatch:
+    """Control ~ N(0, I_8); A moves the mean of genes 0-3; B moves genes 4-7 and inflates their variance."""
+    b = len(condition)
+    control = torch.randn(b, cells, 8, generator=gen)
+    z = torch.randn(b, cells, 8, generator=gen)
+    a = condition.view(-1, 1, 1) == 0
+    shift_a = torch.tensor([SHIFT_A] * 4 + [0.0] * 4)
+    scale_b = torch.tensor([1.0] * 4 + [STD_B] * 4)
+    shift_b = torch.tensor([0.0] * 4 + [SHIFT_B] * 4)
+    target = torch.where(a, z + shift_a, z * scale_b + shift_b)
+    zeros = torch.zeros(b, dtype=torch.long)
+    cond = Conditioning(control, torch.nn.functional.one_hot(condition, 2).float(), zeros, zeros)
+    return SetBatch(target, cond)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_a_two_condition_problem(one_thread):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    net = load("perturbdiff.denoisers", "cross_dit", num_genes=8, perturbation_dim=2, size="tiny")
+    model = RKHSDiffusion(net, ema_decay=None)  # paper defaults: x0 prediction, energy MMD, lambda = 1
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    for _ in range(300):
+        batch = synthetic(torch.randint(0, 2, (32,), generator=gen), 32, gen)
+        terms = model.loss(batch, gen)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    model.eval()
+
+    def energy(x: torch.Tensor, y: torch.Tensor) -> float:
+        return mmd2(x, y, kernel="energy", estimator="unbiased").mean().item()
+
+    scores = {}
+    for c in (0, 1):
+        ev = synthetic(torch.full((8,), c), 64, gen)
+        reference = synthetic(torch.full((8,), c), 64, gen).target  # fresh cells of the same condition
+        generated = model.sample(ev.cond, steps=50, generator=gen)
+        # The mean-shift prediction: control cells moved by the true population mean effect.
+        shift = torch.tensor([SHIFT_A] * 4 + [0.0] * 4) if c == 0 else torch.tensor([0.0] * 4 + [SHIFT_B] * 4)
+        scores[c] = {
+            "model": energy(generated, reference),
+            "control": energy(ev.cond.control, reference),
+            "mean_shift": energy(ev.cond.control + shift, reference),
+        }
+    a, b = scores[0], scores[1]
+    assert a["model"] < 0.2 * a["control"], scores
+    # Condition B changes the variance too, which a mean shift cannot express.
+    assert b["model"] < 0.6 * b["mean_shift"], scores
+    assert b["model"] < 0.4 * b["control"], scores
+    assert math.isfinite(a["model"]) and math.isfinite(b["model"])
