@@ -1,0 +1,35 @@
+"""Metrics of predicted against real perturbation responses, per condition and aggregated.
+
+Families: pseudobulk (means and deltas), differential expression (Wilcoxon, BH FDR),
+perturbation discrimination, distribution (kernel MMD) and population variability. Metric
+names follow cell-eval where the definitions match; :data:`DEFINITIONS` documents each one and
+every difference from cell-eval.
+"""
+
+from __future__ import annotations
+
+from .de import DEResult, de_metrics, wilcoxon_de
+from .definitions import DEFINITIONS, MetricDefinition
+from .discrimination import discrimination_scores
+from .distribution import population_variability
+from .pipeline import ALL_CONDITIONS, COLUMNS, evaluate
+from .pairing import Condition, PairedData, pair_anndata
+from .pseudobulk import log2_fold_change, pseudobulk_metrics
+
+__all__ = [
+    "ALL_CONDITIONS",
+    "COLUMNS",
+    "DEFINITIONS",
+    "Condition",
+    "DEResult",
+    "MetricDefinition",
+    "PairedData",
+    "de_metrics",
+    "discrimination_scores",
+    "evaluate",
+    "log2_fold_change",
+    "pair_anndata",
+    "population_variability",
+    "pseudobulk_metrics",
+    "wilcoxon_de",
+]

@@ -1,0 +1,98 @@
+"""Differential expression: Wilcoxon tests of a condition against its control, and DE agreement.
+
+The test is pdex's (cell-eval's DE engine) re-done with SciPy: a two-sided Mann-Whitney U
+(Wilcoxon rank-sum) test per gene, normal approximation with tie and continuity corrections,
+p = 1 where every value ties, Benjamini-Hochberg FDR over the genes of one condition, and the
+fold change of geometric means of :func:`~perturbdiff_core.evaluation.pseudobulk.log2_fold_change`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .pseudobulk import correlation, log2_fold_change
+
+#: FDR below which a gene counts as differentially expressed (cell-eval's default).
+FDR_THRESHOLD = 0.05
+#: Fixed list lengths of the ``overlap_at_k`` / ``precision_at_k`` metrics (cell-eval's).
+TOP_K = (50, 100, 200, 500)
+#: Smallest FDR used as a score by ``pr_auc`` / ``roc_auc`` (-log10 is capped at 10, as in cell-eval).
+MIN_FDR_SCORE = 1e-10
+
+
+@dataclass(frozen=True)
+class DEResult:
+    """Per-gene DE of one condition against its control: fold change, p-value and BH FDR."""
+
+    log2_fold_change: np.ndarray
+    pvalue: np.ndarray
+    fdr: np.ndarray
+
+    def significant(self, threshold: float = FDR_THRESHOLD) -> np.ndarray:
+        """Boolean mask of the genes with FDR below ``threshold``."""
+        return self.fdr < threshold
+
+    def ranked_significant(self, threshold: float = FDR_THRESHOLD) -> np.ndarray:
+        """Indices of the significant genes, largest ``|log2 fold change|`` first (ties in gene order)."""
+        sig = np.flatnonzero(self.significant(threshold))
+        return sig[np.argsort(-np.abs(self.log2_fold_change[sig]), kind="stable")]
+
+
+def wilcoxon_de(cells: np.ndarray, control: np.ndarray) -> DEResult:
+    """Two-sided Wilcoxon rank-sum test of every gene of ``cells`` ``(n, G)`` against ``control`` ``(m, G)``."""
+    test = stats.mannwhitneyu(cells, control, axis=0, method="asymptotic", use_continuity=True)
+    pvalue = np.nan_to_num(np.clip(test.pvalue, 0.0, 1.0), nan=1.0)
+    return DEResult(
+        log2_fold_change(cells.mean(0), control.mean(0)), pvalue, stats.false_discovery_control(pvalue)
+    )
+
+
+def _top_overlap(real_top: np.ndarray, pred_top: np.ndarray, k: int) -> float:
+    """``|real_top[:k] & pred_top[:k]| / k``, 0 when ``k`` is 0 (cell-eval's convention)."""
+    return np.intersect1d(real_top[:k], pred_top[:k]).size / k if k else 0.0
+
+
+def de_metrics(
+    real: DEResult, pred: DEResult, *, threshold: float = FDR_THRESHOLD, top_k: Sequence[int] = TOP_K
+) -> dict[str, float]:
+    """Per-condition agreement of the predicted with the real DE genes (see ``DEFINITIONS``)."""
+    real_sig, pred_sig = real.significant(threshold), pred.significant(threshold)
+    real_top, pred_top = real.ranked_significant(threshold), pred.ranked_significant(threshold)
+    out: dict[str, float] = {}
+    for k in (None, *top_k):
+        suffix = "N" if k is None else str(k)
+        out[f"overlap_at_{suffix}"] = _top_overlap(real_top, pred_top, min(k or real_top.size, real_top.size))
+    for k in (None, *top_k):
+        suffix = "N" if k is None else str(k)
+        out[f"precision_at_{suffix}"] = _top_overlap(real_top, pred_top, min(k or pred_top.size, pred_top.size))
+    n_real = int(real_sig.sum())
+    nan = float("nan")
+    lfc_real, lfc_pred = real.log2_fold_change[real_sig], pred.log2_fold_change[real_sig]
+    out["de_direction_match"] = float(np.mean(np.sign(lfc_real) == np.sign(lfc_pred))) if n_real else nan
+    out["de_spearman_lfc_sig"] = correlation("spearman", lfc_real, lfc_pred)
+    out["de_sig_genes_recall"] = float((real_sig & pred_sig).sum() / n_real) if n_real else nan
+    out["de_nsig_counts_real"] = float(n_real)
+    out["de_nsig_counts_pred"] = float(pred_sig.sum())
+    if 0 < n_real < real_sig.size:
+        score = -np.log10(np.clip(pred.fdr, MIN_FDR_SCORE, 1.0))
+        out["pr_auc"] = float(average_precision_score(real_sig, score))
+        out["roc_auc"] = float(roc_auc_score(real_sig, score))
+    else:
+        out["pr_auc"] = out["roc_auc"] = nan
+    return out
+
+
+def spearman_nsig(real_counts: np.ndarray, pred_counts: np.ndarray) -> float:
+    """Spearman correlation across conditions of the numbers of real and predicted DE genes.
+
+    Over the conditions with at least one real DE gene; 1 when there is none (cell-eval).
+    """
+    keep = real_counts > 0
+    if not keep.any():
+        return 1.0
+    return correlation("spearman", real_counts[keep], pred_counts[keep])
