@@ -1,0 +1,66 @@
+"""The ``perturbdiff`` command line: one subcommand per module of :mod:`perturbdiff_core.commands`.
+
+Subcommands are discovered, not listed: a module in that package exposing
+``add_parser(subparsers)`` (which registers its parser and sets ``func=run``) is a command.
+User errors (:class:`~perturbdiff_core.errors.PerturbDiffError`) print as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from . import __version__, commands
+from .errors import PerturbDiffError
+
+#: Set to 1 to get the full traceback of a user error instead of the one-line message.
+DEBUG_ENV = "PERTURBDIFF_DEBUG"
+
+_EPILOG = (
+    f"Errors print as one line 'perturbdiff: error: ...' and exit with status 2 "
+    f"(130 when interrupted). Set {DEBUG_ENV}=1 to see the full traceback instead."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every discovered subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="perturbdiff",
+        description="Kernel two-sample tests and set diffusion for single-cell perturbation data.",
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"perturbdiff {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"{commands.__name__}.{info.name}")
+            module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except SystemExit as stop:  # argparse: --help, --version, usage errors
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except PerturbDiffError as err:
+        if debug:
+            raise
+        return _fail(str(err), 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, status: int) -> int:
+    """Print ``message`` as one line on stderr and return ``status``."""
+    print(f"perturbdiff: error: {' '.join(message.split())}", file=sys.stderr)
+    return status

@@ -1,0 +1,286 @@
+"""``perturbdiff etest``: kernel two-sample test of every perturbation against its control cells.
+
+For each perturbation (within each group of ``--group-by``, against the control cells of that
+group) it reports MMD^2, a permutation p-value (:func:`perturbdiff_core.two_sample.permutation_test`)
+and a Benjamini-Hochberg adjusted p-value over all rows.
+
+Relation to scperturb's E-test (Peidli et al. 2024), checked in ``tests/test_etest.py``:
+``--kernel energy --estimator unbiased`` (beta=1) gives exactly scperturb's E-distance
+``scperturb.edist(adata, obsm_key=..., dist="euclidean")`` on the same matrix. scperturb's
+default ``dist="sqeuclidean"`` (with its default ``sample_correct=True``) is
+``--kernel energy --kernel-param beta=2 --estimator unbiased``: the unbiased estimate of
+``2 ||mean_x - mean_y||^2``; with ``sample_correct=False`` it is ``--estimator biased``, exactly
+``2 ||mean_x - mean_y||^2``. scperturb usually runs on PCA coordinates; this command uses X.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import yaml
+from rich import box
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from ..data.anndata_io import read_anndata, require_finite, require_label, require_obs_key
+from ..errors import ConfigError, DataError
+from ..estimators import MMDEstimator, as_estimator
+from ..io import atomic_path
+from ..kernels import Kernel, as_kernel
+from ..two_sample import fdr_bh, permutation_test
+
+#: Columns of the result table, in order.
+COLUMNS = ["perturbation", "group", "n_cells", "n_control", "mmd2", "pvalue", "pvalue_adj"]
+
+#: Value of the ``group`` column when no ``--group-by`` is given.
+ALL_CELLS = "all"
+
+#: Fewest cells a perturbation or a control set needs to be tested.
+MIN_CELLS = 2
+
+_EPILOG = """\
+Rows: one per perturbation (per group with --group-by; the group column is 'all' without it);
+n_cells and n_control count the cells used (after --max-cells). A perturbation with fewer than
+2 cells, or a group with fewer than 2 control cells, is left out with a warning on stderr.
+Kernels with a 'lengthscale' parameter use the median heuristic unless --kernel-param
+lengthscale=... is given. Each row gets its own random stream derived from --seed, the group
+and the perturbation, so a row does not depend on the others.
+
+scperturb: --kernel energy --estimator unbiased equals scperturb.edist(..., dist='euclidean')
+on the same matrix; scperturb's default dist='sqeuclidean' equals --kernel energy
+--kernel-param beta=2 --estimator unbiased (unbiased estimate of 2 ||mean_x - mean_y||^2;
+--estimator biased gives exactly 2 ||mean_x - mean_y||^2, scperturb's sample_correct=False).
+"""
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """One test: the rows of a perturbation's cells and of their control cells."""
+
+    group: str
+    perturbation: str
+    cells: np.ndarray
+    control: np.ndarray
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``perturbdiff etest``."""
+    parser = subparsers.add_parser(
+        "etest",
+        help="permutation MMD test of each perturbation against control cells",
+        description=(
+            "Kernel two-sample test of every perturbation against the control cells: MMD^2, a\n"
+            "permutation p-value (1 + #{permuted >= observed}) / (1 + permutations) and a\n"
+            "Benjamini-Hochberg adjusted p-value over all rows."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", metavar="DATA.h5ad", help="AnnData file; X holds the expression matrix")
+    parser.add_argument("--perturbation-key", default="perturbation", help="obs column of perturbation labels (default: %(default)s)")
+    parser.add_argument("--control", default="control", help="label of control cells in that column (default: %(default)s)")
+    parser.add_argument("--group-by", default=None, help="obs column (e.g. cell_type) to test within; controls come from the same group")
+    parser.add_argument("--kernel", default="rbf", help="perturbdiff.kernels plug-in name (default: %(default)s; see 'perturbdiff plugins')")
+    parser.add_argument("--kernel-param", action="append", default=[], metavar="KEY=VALUE", help="kernel parameter, VALUE parsed as YAML; repeatable (e.g. beta=2)")
+    parser.add_argument("--estimator", default="unbiased", help="perturbdiff.estimators plug-in name (default: %(default)s)")
+    parser.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE", help="estimator parameter, VALUE parsed as YAML; repeatable")
+    parser.add_argument("--permutations", type=int, default=1000, help="permutations per test (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--max-cells", type=int, default=None, metavar="N", help="subsample each perturbation and control set to at most N cells")
+    parser.add_argument("--out", default=None, metavar="results.csv", help="write the table as CSV (atomically)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the tests, print the table sorted by MMD^2, and write the CSV if asked."""
+    if args.max_cells is not None and args.max_cells < MIN_CELLS:
+        raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
+    if args.permutations < 1:
+        raise ConfigError(f"--permutations must be a positive integer, got {args.permutations}.")
+    kernel_params = parse_params(args.kernel_param, "--kernel-param")
+    kernel = build_kernel(args.kernel, kernel_params)
+    estimator = as_estimator(args.estimator, **parse_params(args.estimator_param, "--estimator-param"))
+    adata = read_anndata(args.data)
+
+    err = Console(stderr=True)
+
+    def progress(items: Iterable[Comparison]) -> Iterable[Comparison]:
+        return track(items, description="E-test", console=err, transient=True, disable=not err.is_terminal)
+
+    table, skipped = etest(
+        adata,
+        perturbation_key=args.perturbation_key,
+        control=args.control,
+        group_by=args.group_by,
+        kernel=kernel,
+        estimator=estimator,
+        permutations=args.permutations,
+        seed=args.seed,
+        max_cells=args.max_cells,
+        progress=progress,
+    )
+    for message in skipped:
+        err.print(f"perturbdiff: warning: {message}", markup=False, highlight=False)
+    if args.out is not None:
+        with atomic_path(args.out) as tmp:
+            table.to_csv(tmp, index=False)
+    _print_table(table, Console())
+    if args.out is not None:
+        err.print(f"Wrote {len(table)} rows to {args.out}", markup=False, highlight=False)
+    return 0
+
+
+def parse_params(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``["beta=2", "lengthscale=median"]`` -> ``{"beta": 2, "lengthscale": "median"}`` (YAML values)."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}; e.g. {flag} beta=2.")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{flag} {item!r}: the value is not valid YAML ({err.problem}).") from None
+    return params
+
+
+def build_kernel(name: str, params: dict[str, Any]) -> Kernel:
+    """The named kernel; one with a ``lengthscale`` parameter defaults to the median heuristic."""
+    kernel = as_kernel(name, **params)
+    if "lengthscale" not in params and "lengthscale" in inspect.signature(type(kernel)).parameters:
+        kernel = as_kernel(name, lengthscale="median", **params)
+    return kernel
+
+
+def etest(
+    adata: ad.AnnData,
+    *,
+    perturbation_key: str = "perturbation",
+    control: str = "control",
+    group_by: str | None = None,
+    kernel: str | Kernel,
+    estimator: str | MMDEstimator = "unbiased",
+    permutations: int = 1000,
+    seed: int = 0,
+    max_cells: int | None = None,
+    progress: Callable[[Iterable[Comparison]], Iterable[Comparison]] = iter,
+) -> tuple[pd.DataFrame, list[str]]:
+    """The result table (columns :data:`COLUMNS`, one row per test) and the warnings of skipped tests."""
+    require_obs_key(adata, perturbation_key, "perturbation key")
+    if group_by is not None:
+        require_obs_key(adata, group_by, "group-by key")
+    require_label(adata, perturbation_key, control)
+    require_finite(adata.X)
+    kernel, estimator = as_kernel(kernel), as_estimator(estimator)
+    comparisons, skipped = plan(adata, perturbation_key, control, group_by)
+    rows = []
+    for comparison in progress(comparisons):
+        rows.append(_test(adata.X, comparison, kernel, estimator, permutations, seed, max_cells))
+    table = pd.DataFrame(rows, columns=COLUMNS[:-1])
+    table["pvalue_adj"] = fdr_bh(table["pvalue"].to_numpy())
+    return table, skipped
+
+
+def plan(
+    adata: ad.AnnData, perturbation_key: str, control: str, group_by: str | None
+) -> tuple[list[Comparison], list[str]]:
+    """Every (group, perturbation) to test against its group's controls, and why others are left out."""
+    labels = adata.obs[perturbation_key]
+    groups = adata.obs[group_by] if group_by is not None else pd.Series(ALL_CELLS, index=adata.obs.index)
+    skipped = []
+    missing = labels.isna() | groups.isna()
+    if missing.any():
+        skipped.append(f"{int(missing.sum())} cells have no {perturbation_key!r}"
+                       f"{'' if group_by is None else f' or {group_by!r}'} label; they are left out.")
+    labels = labels.astype(str).to_numpy()
+    groups = groups.astype(str).to_numpy()
+    keep = ~missing.to_numpy()
+    comparisons = []
+    for group in sorted(set(groups[keep])):
+        in_group = keep & (groups == group)
+        control_rows = np.flatnonzero(in_group & (labels == control))
+        perturbations = sorted(set(labels[in_group]) - {control})
+        where = "" if group_by is None else f" in group {group!r}"
+        if len(control_rows) < MIN_CELLS:
+            if perturbations:
+                skipped.append(
+                    f"{len(control_rows)} control cells ({control!r}){where}; at least {MIN_CELLS} are "
+                    f"needed, so its {len(perturbations)} perturbation(s) are not tested."
+                )
+            continue
+        for perturbation in perturbations:
+            rows = np.flatnonzero(in_group & (labels == perturbation))
+            if len(rows) < MIN_CELLS:
+                skipped.append(f"perturbation {perturbation!r}{where} has {len(rows)} cell; "
+                               f"at least {MIN_CELLS} are needed, so it is not tested.")
+                continue
+            comparisons.append(Comparison(group, perturbation, rows, control_rows))
+    if not comparisons:
+        reasons = " ".join(skipped) or f"obs[{perturbation_key!r}] holds only {control!r}."
+        raise DataError(f"Nothing to test: {reasons} Check --perturbation-key, --control and --group-by.")
+    return comparisons, skipped
+
+
+def _test(
+    matrix: Any,
+    comparison: Comparison,
+    kernel: Kernel,
+    estimator: MMDEstimator,
+    permutations: int,
+    seed: int,
+    max_cells: int | None,
+) -> list[Any]:
+    """One result row: subsample, densify only the needed rows, run the permutation test."""
+    tag = [zlib.crc32(comparison.group.encode()), zlib.crc32(comparison.perturbation.encode())]
+    subsample_seed, test_seed = np.random.SeedSequence([seed, *tag]).spawn(2)
+    rng = np.random.default_rng(subsample_seed)
+    cells = _subsample(comparison.cells, max_cells, rng)
+    control = _subsample(comparison.control, max_cells, rng)
+    statistic, pvalue = permutation_test(
+        _dense_rows(matrix, cells),
+        _dense_rows(matrix, control),
+        kernel,
+        estimator,
+        permutations=permutations,
+        seed=int(test_seed.generate_state(1)[0]),
+    )
+    return [comparison.perturbation, comparison.group, len(cells), len(control), statistic, pvalue]
+
+
+def _subsample(rows: np.ndarray, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_cells`` of ``rows``, drawn without replacement, in increasing order."""
+    if max_cells is None or len(rows) <= max_cells:
+        return rows
+    return np.sort(rng.choice(rows, size=max_cells, replace=False))
+
+
+def _dense_rows(matrix: Any, rows: np.ndarray) -> torch.Tensor:
+    """Rows of a dense or sparse matrix as a float64 tensor ``(len(rows), genes)``."""
+    block = matrix[rows]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float64))
+
+
+def _print_table(table: pd.DataFrame, console: Console) -> None:
+    """The results as a rich table, largest MMD^2 first."""
+    shown = Table(title="E-test (MMD^2 against control)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in COLUMNS:
+        text = column in ("perturbation", "group")
+        shown.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text)
+    for row in table.sort_values("mmd2", ascending=False).itertuples(index=False):
+        shown.add_row(
+            row.perturbation, row.group, str(row.n_cells), str(row.n_control),
+            f"{row.mmd2:.4g}", f"{row.pvalue:.3g}", f"{row.pvalue_adj:.3g}",
+        )
+    console.print(shown)

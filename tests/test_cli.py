@@ -1,0 +1,110 @@
+"""The ``perturbdiff`` command line: discovery, version, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perturbdiff_core import __version__
+from perturbdiff_core.cli import DEBUG_ENV, main
+from perturbdiff_core.commands import plugins
+from perturbdiff_core.errors import DataError
+from test_etest import make_screen
+
+
+@pytest.fixture(scope="module")
+def screen_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "screen.h5ad"
+    make_screen().write_h5ad(path)
+    return path
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit status 2 and exactly one stderr line naming the problem and the fix, no traceback."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("perturbdiff: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"perturbdiff {__version__}"
+
+
+def test_help_lists_discovered_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "etest" in out and "plugins" in out and DEBUG_ENV in out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_plugins_lists_groups_and_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("perturbdiff.kernels", "perturbdiff.estimators", "rbf", "energy", "unbiased", "perturbdiff"):
+        assert expected in out
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--perturbation-key", "guide"], ["obs has no column 'guide'", "cell_type", "Pass the right column name"]),
+        (["--group-by", "tissue"], ["obs has no column 'tissue'", "group-by key"]),
+        (["--control", "ctrl"], ["Control label 'ctrl' not found", "values found: control, none, shift"]),
+        (["--kernel", "rbff"], ["No plug-in named 'rbff'", "rbf", "energy", "Check the spelling"]),
+        (["--estimator", "unbaised"], ["No plug-in named 'unbaised'", "unbiased"]),
+        (["--kernel", "energy", "--kernel-param", "gamma=2"], ["does not accept", "beta"]),
+        (["--kernel-param", "beta"], ["--kernel-param expects KEY=VALUE"]),
+        (["--max-cells", "1"], ["--max-cells must be at least 2"]),
+    ],
+)
+def test_bad_input_is_one_line(screen_file: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["etest", str(screen_file), "--permutations", "9", *args])
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)
+
+
+def test_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["etest", str(tmp_path / "missing.h5ad")])
+    assert_one_line_error(code, capsys.readouterr().err, "No such file", "missing.h5ad", "Give the path")
+
+
+def test_debug_env_reraises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(DataError, match="No such file"):
+        main(["etest", str(tmp_path / "missing.h5ad")])
+
+
+def test_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plugins, "run", interrupted)
+    assert main(["plugins"]) == 130
+    assert capsys.readouterr().err.strip() == "perturbdiff: error: interrupted"
+
+
+def test_console_script_and_module(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("perturbdiff")
+    if not script.exists():
+        pytest.skip(f"console script not installed at {script}; run pip install -e .")
+    env = {key: value for key, value in os.environ.items() if key != DEBUG_ENV}
+    result = subprocess.run(
+        [str(script), "etest", str(tmp_path / "missing.h5ad")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert_one_line_error(result.returncode, result.stderr, "No such file")
+    result = subprocess.run(
+        [sys.executable, "-m", "perturbdiff_core", "--version"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"perturbdiff {__version__}"
