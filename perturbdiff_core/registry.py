@@ -26,6 +26,7 @@ GROUPS: dict[str, str] = {
     "perturbdiff.schedules": "perturbdiff_core.schedules:NoiseSchedule",
     "perturbdiff.denoisers": "perturbdiff_core.denoisers:Denoiser",
     "perturbdiff.encoders": "perturbdiff_core.encoders:PerturbationEncoder",
+    "perturbdiff.predictors": "perturbdiff_core.predictors:Predictor",
 }
 
 
