@@ -148,6 +148,8 @@ class Energy(RadialKernel):
             return -s
         if self.beta == 1.0:
             return -_safe_sqrt(s)
+        if not isinstance(s, Tensor):  # KeOps LazyTensor: its Powf is single precision (C powf)
+            return -((-s).ifelse(0.0, ((0.5 * self.beta) * s.log()).exp()))
         return -(_safe_sqrt(s) ** self.beta)
 
     def extra_repr(self) -> str:
