@@ -1,0 +1,114 @@
+"""What users write under ``data:`` and ``split:`` in a config, as small typed dataclasses.
+
+Constructors only store values; :meth:`DataConfig.from_dict` / :meth:`SplitConfig.from_dict`
+check keys and types (ConfigError), and the data itself is checked where it arrives
+(:class:`~perturbdiff_core.data.dataset.PerturbationData`, :func:`~perturbdiff_core.data.splits.make_split`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+from ..configuration import from_mapping
+
+SplitKind = Literal[
+    "holdout_cell_type", "holdout_batch", "holdout_perturbation", "holdout_combination", "few_shot", "random"
+]
+
+#: The split kinds users type in ``split.kind``.
+SPLIT_KINDS: tuple[str, ...] = get_args(SplitKind)
+
+#: Control pairings: ``random`` (the paper's) and ``ot`` (see :mod:`perturbdiff_core.data.pairing`).
+PairingName = Literal["random", "ot"]
+
+
+@dataclass
+class DataConfig:
+    """How to read a perturbation screen from AnnData (``data.*`` in a config).
+
+    Attributes:
+        path: the ``.h5ad`` file (unused when an AnnData object is given directly).
+        perturbation_key: obs column naming each cell's perturbation.
+        control_label: value of that column for unperturbed (control) cells.
+        cell_type_key / batch_key: obs columns of the cell type and the batch (or donor); ``None``
+            when the data has one cell type / batch.
+        dose_key: obs column of the dose; ``log1p(dose)`` becomes one extra perturbation feature.
+        covariate_keys: further categorical obs columns that split conditions and contexts
+            (controls are matched on them too), e.g. a time point.
+        combination_separator: separator of combined perturbations, ``A+B``.
+        n_genes: keep this many highly variable genes (scanpy); ``None`` keeps all genes.
+        gene_list: an explicit gene list, or the path of a text file with one gene per line.
+        normalize: normalise raw counts (``normalize_total`` to 1e4, then ``log1p``) instead of
+            refusing them.
+        backed: read the file in backed mode: rows are read on demand, memory stays flat.
+        set_size: cells per set ``S``.
+        control_pairing: ``random`` or ``ot`` (training only; prediction always draws at random).
+        encoder: ``perturbdiff.encoders`` plug-in name; ``encoder_params`` its keyword arguments.
+        max_missing_genes: largest fraction of the model's genes a new file may lack at
+            prediction time (missing genes are read as zeros).
+    """
+
+    path: str | None = None
+    perturbation_key: str = "perturbation"
+    control_label: str = "control"
+    cell_type_key: str | None = None
+    batch_key: str | None = None
+    dose_key: str | None = None
+    covariate_keys: list[str] = field(default_factory=list)
+    combination_separator: str = "+"
+    n_genes: int | None = None
+    gene_list: list[str] | str | None = None
+    normalize: bool = False
+    backed: bool = False
+    set_size: int = 256
+    control_pairing: PairingName = "random"
+    encoder: str = "onehot"
+    encoder_params: dict[str, Any] = field(default_factory=dict)
+    max_missing_genes: float = 0.1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
+        """Build from a ``data:`` mapping; unknown keys and wrong types raise ConfigError."""
+        return from_mapping(cls, values, prefix="data.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (YAML / JSON ready) that :meth:`from_dict` turns back into this config."""
+        return asdict(self)
+
+
+@dataclass
+class SplitConfig:
+    """Which conditions are trained on and which are held out (``split.*`` in a config).
+
+    Attributes:
+        kind: one of :data:`SPLIT_KINDS`.
+        holdout: the held-out values: cell types, batches, perturbations, combinations, or (for
+            ``few_shot``) the held-out cell types or batches (see ``few_shot_on``).
+        few_shot_fraction: share of a held-out context's conditions moved into training.
+        few_shot_on: ``cell_type`` or ``batch``: what the few-shot held-out values name.
+        test_fraction: share of conditions held out by ``random``.
+        val_fraction: share of training conditions also used for periodic validation.
+        seed: seed of every random choice of the split.
+        file: a split saved by :meth:`~perturbdiff_core.data.splits.Split.save`; when given it
+            is reloaded (to repeat a run exactly) instead of being made.
+    """
+
+    kind: SplitKind = "random"
+    holdout: list[str] = field(default_factory=list)
+    few_shot_fraction: float = 0.2
+    few_shot_on: Literal["cell_type", "batch"] = "cell_type"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 0
+    file: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SplitConfig:
+        """Build from a ``split:`` mapping; unknown keys and wrong types raise ConfigError."""
+        return from_mapping(cls, values, prefix="split.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (YAML / JSON ready) that :meth:`from_dict` turns back into this config."""
+        return asdict(self)

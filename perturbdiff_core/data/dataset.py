@@ -1,0 +1,411 @@
+"""A perturbation screen, validated and indexed: genes, conditions, control cells per context.
+
+A *condition* is one perturbation (with its dose, when a dose key is set) in one *context*
+(cell type x batch x extra covariates); its cells are the targets, and the control cells of the
+same context are the model's input. Every check runs here, where the data arrives, each with
+one clear DataError; nothing is written before they pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from torch import Tensor
+
+from .. import registry
+from ..encoders import PerturbationEncoder, perturbation_parts
+from ..errors import DataError
+from .anndata_io import (
+    CellMatrix,
+    normalize_rows,
+    read_anndata,
+    read_annotations,
+    require_complete,
+    require_label,
+    require_obs_key,
+    require_unique_genes,
+    require_valid_values,
+    summarize_values,
+)
+from .config import DataConfig
+from .genes import align_genes, select_genes
+
+#: Joins the parts of a condition label: ``perturbation|cell_type|batch|covariates...``.
+LABEL_SEPARATOR = "|"
+
+#: Vocabulary entry 0: a cell type / batch / covariate value not seen in training, or none.
+UNKNOWN = "<unknown>"
+
+#: Marks the version of :meth:`PerturbationData.to_state` output.
+STATE_FORMAT = "perturbdiff.data/1"
+
+
+class Context(NamedTuple):
+    """Where cells live: cell type, batch and extra covariate values (``None`` when not configured)."""
+
+    cell_type: str | None = None
+    batch: str | None = None
+    covariates: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``cell_type|batch|covariates...`` without the parts that are not configured."""
+        parts = [p for p in (self.cell_type, self.batch) if p is not None] + list(self.covariates)
+        return LABEL_SEPARATOR.join(parts)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One perturbation (at one dose) in one context, and how many cells it has."""
+
+    label: str
+    perturbation: str
+    context: Context
+    dose: float | None
+    n_cells: int
+    is_control: bool
+
+    @property
+    def cell_type(self) -> str | None:
+        """The cell type of the context (``None`` without a cell type key)."""
+        return self.context.cell_type
+
+    @property
+    def batch(self) -> str | None:
+        """The batch of the context (``None`` without a batch key)."""
+        return self.context.batch
+
+
+def _shown(values: Iterable[Any], limit: int = 10) -> str:
+    values = list(values)
+    text = ", ".join(map(str, values[:limit]))
+    return text + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+class PerturbationData:
+    """A validated perturbation screen: selected genes, indexed conditions and control cells.
+
+    Args:
+        source: an AnnData (in memory or backed), a path to ``.h5ad``, or ``None`` for ``config.path``.
+        config: the keys, gene selection and reading options.
+        state: :meth:`to_state` of a trained model: its genes are aligned by name on this data
+            (missing genes read as zeros, up to ``config.max_missing_genes``), and its
+            vocabularies and encoder are reused instead of being fitted.
+
+    Raises:
+        DataError: naming the problem and the fix, for every check in the module docstring.
+
+    Example:
+        >>> data = PerturbationData("kang18.h5ad", DataConfig(perturbation_key="condition",
+        ...                         cell_type_key="cell_type", n_genes=2000))  # doctest: +SKIP
+        >>> data.fit(split.train)  # encoder and vocabularies from the training conditions  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        source: ad.AnnData | str | os.PathLike[str] | None,
+        config: DataConfig,
+        *,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        obs, var, self.matrix = self._open(source, config)
+        self._check_obs(obs, config)
+        require_unique_genes(var.index)
+        require_valid_values(summarize_values(self.matrix), normalize=config.normalize)
+        self.missing_genes: list[str] = []
+        if state is not None:
+            self._check_state(state)
+            self.genes = list(state["genes"])
+            self._gene_pos, self.missing_genes = align_genes(var.index, self.genes, config.max_missing_genes)
+        else:
+            self.genes = select_genes(
+                var.index,
+                n_genes=config.n_genes,
+                gene_list=config.gene_list,
+                n_cells=self.matrix.shape[0],
+                read_rows=lambda rows: self._raw_rows(rows),
+            )
+            self._gene_pos = var.index.get_indexer(self.genes).astype(np.int64)
+        self._identity = len(self.genes) == len(var.index) and bool(np.all(self._gene_pos == np.arange(len(var.index))))
+        self._index_conditions(obs, config)
+        self.matrix.close()  # reopened lazily where rows are read (each DataLoader worker)
+        self.vocabularies: dict[str, list[str]] = {}
+        self._encoder: PerturbationEncoder | None = None
+        if state is not None:
+            self.vocabularies = {k: list(v) for k, v in state["vocabularies"].items()}
+            self._encoder = self._build_encoder(state["encoder"]["name"], state["encoder"]["params"])
+            self._encoder.load_state_dict(state["encoder"]["state"])
+
+    # ----------------------------------------------------------------------------- reading
+
+    @staticmethod
+    def _open(source: Any, config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, CellMatrix]:
+        """obs, var and the matrix of ``source`` (or ``config.path``), backed when configured."""
+        if source is None:
+            if config.path is None:
+                raise DataError("No data given: set data.path to an .h5ad file or pass an AnnData.")
+            source = config.path
+        if isinstance(source, ad.AnnData):
+            return source.obs, source.var, CellMatrix.of(source)
+        if config.backed:
+            obs, var = read_annotations(source)
+            return obs, var, CellMatrix(path=source)
+        adata = read_anndata(source)
+        return adata.obs, adata.var, CellMatrix.of(adata)
+
+    def _raw_rows(self, rows: np.ndarray) -> np.ndarray | sp.spmatrix:
+        """Rows over all genes of the file, normalised when ``config.normalize``."""
+        block = self.matrix.rows(rows)
+        return normalize_rows(block) if self.config.normalize else block
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Cells ``rows`` (positions, any order, repeats allowed) over the model's genes: ``(n, G)`` float32."""
+        block = self._raw_rows(rows)
+        if self._identity:
+            selected = block
+        elif self.missing_genes:
+            present = self._gene_pos >= 0
+            out = np.zeros((block.shape[0], len(self.genes)), dtype=np.float32)
+            part = block[:, self._gene_pos[present]]
+            out[:, present] = part.toarray() if sp.issparse(part) else np.asarray(part)
+            return out
+        else:
+            selected = block[:, self._gene_pos]
+        dense = selected.toarray() if sp.issparse(selected) else np.asarray(selected)
+        return np.ascontiguousarray(dense, dtype=np.float32)
+
+    @property
+    def n_genes(self) -> int:
+        """Number of model genes ``G``."""
+        return len(self.genes)
+
+    # --------------------------------------------------------------------------- checking
+
+    @staticmethod
+    def _check_obs(obs: pd.DataFrame, config: DataConfig) -> None:
+        """Keys present and complete, the control label present."""
+        keys = [(config.perturbation_key, "perturbation key")]
+        keys += [
+            (k, w)
+            for k, w in (
+                (config.cell_type_key, "cell type key"),
+                (config.batch_key, "batch key"),
+                (config.dose_key, "dose key"),
+            )
+            if k is not None
+        ]
+        keys += [(k, "covariate key") for k in config.covariate_keys]
+        for key, what in keys:
+            require_obs_key(obs, key, what)
+        for key, what in keys:
+            if key != config.dose_key:
+                require_complete(obs, key, what)
+        require_label(obs, config.perturbation_key, config.control_label)
+
+    @staticmethod
+    def _check_state(state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise DataError(
+                f"This is not a perturbdiff data state (format {STATE_FORMAT!r}); pass the output of "
+                f"PerturbationData.to_state() saved with the model."
+            )
+
+    # --------------------------------------------------------------------------- indexing
+
+    def _index_conditions(self, obs: pd.DataFrame, config: DataConfig) -> None:
+        """Group cells into conditions; index control cells per context; check every context has controls."""
+        roles = {"perturbation": config.perturbation_key, "cell_type": config.cell_type_key, "batch": config.batch_key}
+        roles.update({f"covariate:{k}": k for k in config.covariate_keys})
+        roles = {role: key for role, key in roles.items() if key is not None}
+        frame = pd.DataFrame({role: obs[key].astype(str).to_numpy() for role, key in roles.items()})
+        self.unused_categories: dict[str, list[str]] = {
+            role: sorted(map(str, set(obs[key].cat.categories) - set(obs[key].unique())))
+            for role, key in roles.items()
+            if isinstance(obs[key].dtype, pd.CategoricalDtype)
+        }
+        names, codes = np.unique(frame["perturbation"].to_numpy(), return_inverse=True)
+        sep, control_label = config.combination_separator, config.control_label
+        is_control = np.array([not perturbation_parts(n, sep, control_label) for n in names], dtype=bool)[codes]
+        if config.dose_key is not None:
+            frame["dose"] = self._doses(obs[config.dose_key], is_control, config)
+        frame["is_control"] = is_control
+        frame.loc[is_control, "perturbation"] = config.control_label
+        covariates = [r for r in frame.columns if r.startswith("covariate:")]
+        group_keys = [c for c in frame.columns if c != "is_control"]
+        self.conditions: list[Condition] = []
+        self._cells: dict[str, np.ndarray] = {}
+        self._controls: dict[Context, np.ndarray] = {}
+        for key, rows in sorted(frame.groupby(group_keys, sort=True).indices.items()):
+            values = dict(zip(group_keys, key if isinstance(key, tuple) else (key,)))
+            context = Context(values.get("cell_type"), values.get("batch"), tuple(values[c] for c in covariates))
+            control = values["perturbation"] == config.control_label
+            dose = None if config.dose_key is None or control else float(values["dose"])
+            name = values["perturbation"] if dose is None else f"{values['perturbation']}@{dose:g}"
+            label = LABEL_SEPARATOR.join([name, context.label]) if context.label else name
+            rows = np.sort(np.asarray(rows, dtype=np.int64))
+            self.conditions.append(Condition(label, values["perturbation"], context, dose, len(rows), control))
+            self._cells[label] = rows
+            if control:
+                self._controls[context] = rows
+        self._by_label = {c.label: c for c in self.conditions}
+        lacking = sorted({c.context.label for c in self.conditions if c.context not in self._controls})
+        if lacking:
+            raise DataError(
+                f"No control cells ({config.control_label!r}) in context(s) {_shown(lacking, 5)}; every cell "
+                f"type / batch needs its own control cells. Add them, or drop data.batch_key or the "
+                f"covariate that separates them."
+            )
+
+    @staticmethod
+    def _doses(column: pd.Series, is_control: np.ndarray, config: DataConfig) -> np.ndarray:
+        """Dose per cell (0 for controls); ``a+b`` (a combination's doses) is their total."""
+        values = column.astype(str).to_numpy()
+        unique, inverse = np.unique(values, return_inverse=True)
+        parsed = np.full(len(unique), np.nan)
+        for i, text in enumerate(unique):
+            try:
+                parsed[i] = sum(float(p) for p in text.split(config.combination_separator))
+            except ValueError:
+                pass
+        doses = np.where(is_control, 0.0, parsed[inverse])
+        bad = ~(np.isfinite(doses) & (doses >= 0))
+        if bad.any():
+            raise DataError(
+                f"obs[{config.dose_key!r}] has {int(bad.sum())} perturbed cells without a valid dose "
+                f"(e.g. {values[bad][0]!r}); doses must be non-negative numbers (a combination's as "
+                f"'1{config.combination_separator}0.5'). Fix the column or unset data.dose_key."
+            )
+        return doses
+
+    # ------------------------------------------------------------------------- accessors
+
+    @property
+    def perturbed_conditions(self) -> list[Condition]:
+        """Every condition whose cells are perturbed (the training and test points)."""
+        return [c for c in self.conditions if not c.is_control]
+
+    @property
+    def contexts(self) -> list[Context]:
+        """Every context with control cells, sorted."""
+        return sorted(self._controls, key=lambda c: c.label)
+
+    def condition(self, condition: str | Condition) -> Condition:
+        """The condition of a label; DataError when the data has no cell of it."""
+        label = condition.label if isinstance(condition, Condition) else str(condition)
+        if label not in self._by_label:
+            raise DataError(
+                f"Condition {label!r} has zero cells in this data; conditions found: "
+                f"{_shown(sorted(self._by_label), 8)}. Check the split file or the condition label."
+            )
+        return self._by_label[label]
+
+    def cells(self, condition: str | Condition) -> np.ndarray:
+        """Sorted row positions of a condition's cells."""
+        return self._cells[self.condition(condition).label]
+
+    def control_cells(self, context: Context) -> np.ndarray:
+        """Sorted row positions of the control cells of ``context``; DataError when there are none."""
+        if context not in self._controls:
+            raise DataError(
+                f"Context {context.label or 'all cells'!r} has zero control cells in this data; contexts "
+                f"with controls: {_shown([c.label for c in self.contexts], 8)}."
+            )
+        return self._controls[context]
+
+    # ---------------------------------------------------------------- conditioning (fitted)
+
+    def fit(self, conditions: Sequence[str | Condition] | None = None) -> PerturbationData:
+        """Fit the encoder and the cell type / batch / covariate vocabularies on training conditions.
+
+        Only what training saw gets its own one-hot column or vocabulary index; a held-out
+        cell type maps to index 0 (:data:`UNKNOWN`). ``None`` uses every perturbed condition.
+        """
+        chosen = self.perturbed_conditions if conditions is None else [self.condition(c) for c in conditions]
+        if not chosen:
+            raise DataError("No training conditions to fit the perturbation encoder on; check the split.")
+        cfg = self.config
+        self.vocabularies = {"cell_type": [UNKNOWN], "batch": [UNKNOWN]}
+        if cfg.cell_type_key is not None:
+            self.vocabularies["cell_type"] += sorted({c.cell_type for c in chosen})
+        if cfg.batch_key is not None:
+            self.vocabularies["batch"] += sorted({c.batch for c in chosen})
+        for i, key in enumerate(cfg.covariate_keys):
+            self.vocabularies[key] = [UNKNOWN, *sorted({c.context.covariates[i] for c in chosen})]
+        encoder = self._build_encoder(cfg.encoder, cfg.encoder_params)
+        encoder.fit(
+            [c.perturbation for c in chosen],
+            control_label=cfg.control_label,
+            separator=cfg.combination_separator,
+            use_dose=cfg.dose_key is not None,
+        )
+        self._encoder = encoder
+        return self
+
+    @staticmethod
+    def _build_encoder(name: str, params: dict[str, Any]) -> PerturbationEncoder:
+        return registry.load("perturbdiff.encoders", name, **params)
+
+    def _require_fitted(self) -> PerturbationEncoder:
+        if self._encoder is None:
+            raise DataError(
+                "The perturbation encoder is not fitted; call data.fit(split.train) (or use "
+                "perturbdiff_core.data.prepare) before building loaders."
+            )
+        return self._encoder
+
+    @property
+    def encoder(self) -> PerturbationEncoder:
+        """The fitted perturbation encoder."""
+        return self._require_fitted()
+
+    def index(self, field: str, value: str | None) -> int:
+        """Vocabulary index of a cell type / batch / covariate value; 0 when unseen or ``None``."""
+        self._require_fitted()
+        vocab = self.vocabularies[field]
+        return vocab.index(value) if value in vocab[1:] else 0
+
+    def encode(self, conditions: Sequence[str | Condition]) -> Tensor:
+        """``(n, P)`` perturbation encodings of conditions (with their doses)."""
+        chosen = [self.condition(c) for c in conditions]
+        doses = [c.dose or 0.0 for c in chosen] if self.config.dose_key is not None else None
+        return self.encoder.encode([c.perturbation for c in chosen], doses)
+
+    def context_indices(self, context: Context) -> tuple[int, int]:
+        """``(cell_type, batch)`` vocabulary indices of a context."""
+        return self.index("cell_type", context.cell_type), self.index("batch", context.batch)
+
+    # ----------------------------------------------------------------------- persistence
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-serialisable: genes, vocabularies, encoder (name, parameters, fitted state)."""
+        return {
+            "format": STATE_FORMAT,
+            "genes": list(self.genes),
+            "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
+            "encoder": {
+                "name": self.config.encoder,
+                "params": dict(self.config.encoder_params),
+                "state": self.encoder.state_dict(),
+            },
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], source: ad.AnnData | str | os.PathLike[str] | None, config: DataConfig
+    ) -> PerturbationData:
+        """New data read with a trained model's genes (aligned by name), vocabularies and encoder."""
+        return cls(source, config, state=state)
+
+    def __repr__(self) -> str:
+        return (
+            f"PerturbationData({self.matrix.shape[0]} cells, {len(self.genes)} genes, "
+            f"{len(self.perturbed_conditions)} perturbed conditions, {len(self._controls)} contexts)"
+        )

@@ -1,0 +1,42 @@
+"""One call from configs to ready data: validate, split, fit the encoder, save the split and state."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import anndata as ad
+
+from ..io import atomic_write_text
+from .config import DataConfig, SplitConfig
+from .dataset import PerturbationData
+from .splits import Split, make_split
+
+#: File names written beside a run's outputs.
+SPLIT_FILE = "split.json"
+STATE_FILE = "data_state.json"
+
+
+def prepare(
+    data_config: DataConfig,
+    split_config: SplitConfig,
+    source: ad.AnnData | str | os.PathLike[str] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PerturbationData, Split]:
+    """Validated data fitted on the training conditions, and its split.
+
+    Every check (data, split, encodability of each test condition) runs before anything is
+    written; with ``out_dir`` the split (``split.json``, reloadable through ``split.file``) and
+    the data state (``data_state.json``: genes, vocabularies, encoder) are then written atomically.
+    """
+    data = PerturbationData(source, data_config)
+    split = make_split(data, split_config)
+    data.fit(split.train)
+    data.encode(split.test)  # an unseen perturbation without a vector fails here, not after training
+    if out_dir is not None:
+        out = Path(out_dir)
+        split.save(out / SPLIT_FILE)
+        atomic_write_text(out / STATE_FILE, json.dumps(data.to_state(), indent=1) + "\n")
+    return data, split

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real example data (skipped with the reason when absent) and synthetic screens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+from perturbdiff_core.data.anndata_io import DATA_ENV, shared_data_dir
+from perturbdiff_core.data.synthetic import synthetic_screen
+
+NORMAN19 = "norman19_mcfaline23.h5ad"
+KANG18 = "kang18_pbmc_ifnb.h5ad"
+
+
+def _shared_file(name: str) -> Path:
+    path = shared_data_dir() / name
+    if not path.exists():
+        pytest.skip(f"real data file {path} is absent; set {DATA_ENV} to the folder holding {name}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of the real example data (``$PERTURBDIFF_DATA`` or ``../shared/data``); skips when absent."""
+    folder = shared_data_dir()
+    if not folder.is_dir():
+        pytest.skip(
+            f"real data folder {folder} is absent; set {DATA_ENV} to the folder holding {NORMAN19} and {KANG18}"
+        )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def norman19_path() -> Path:
+    """Path of the norman19 / mcfaline23 CRISPR screen; skips when absent."""
+    return _shared_file(NORMAN19)
+
+
+@pytest.fixture(scope="session")
+def kang18_path() -> Path:
+    """Path of the kang18 IFN-beta PBMC data; skips when absent."""
+    return _shared_file(KANG18)
+
+
+@pytest.fixture
+def make_adata() -> Callable[..., ad.AnnData]:
+    """Factory of small synthetic screens: :func:`perturbdiff_core.data.synthetic.synthetic_screen`."""
+    return synthetic_screen

@@ -1,0 +1,156 @@
+"""Every invalid input gets one clear one-line DataError (problem and fix), and nothing is written."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, prepare
+from perturbdiff_core.data.anndata_io import TARGET_SUM
+from perturbdiff_core.errors import ConfigError, DataError, PerturbDiffError
+
+CFG = {"cell_type_key": "cell_type"}
+
+
+def _error(adata, message, *, split=None, error=DataError, **config):
+    """Assert preparing ``adata`` raises ``error`` matching ``message`` as a single line."""
+    with pytest.raises(error, match=message) as info:
+        prepare(DataConfig(**{**CFG, **config}), split or SplitConfig(), adata)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def _with_x(adata, transform):
+    x = adata.X.toarray()
+    transform(x)
+    return ad.AnnData(sp.csr_matrix(x), obs=adata.obs, var=adata.var)
+
+
+def test_missing_obs_key_lists_columns(make_adata):
+    _error(
+        make_adata(),
+        r"obs has no column 'celltype' \(the cell type key\).*perturbation, cell_type, dose",
+        cell_type_key="celltype",
+    )
+
+
+def test_missing_control_label_lists_values(make_adata):
+    _error(make_adata(), r"Control label 'ctrl' not found.*values found: A, A\+B, B, C, control", control_label="ctrl")
+
+
+def test_cells_without_a_label(make_adata):
+    adata = make_adata()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
+    adata.obs.iloc[3, adata.obs.columns.get_loc("cell_type")] = np.nan
+    _error(adata, r"obs\['cell_type'\].*1 cells without a value")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf(make_adata, bad):
+    def poke(x):
+        x[5, 2] = bad
+
+    _error(_with_x(make_adata(), poke), "NaN or Inf")
+
+
+def test_negative_values(make_adata):
+    def centre(x):
+        x -= x.mean(0)
+
+    _error(_with_x(make_adata(), centre), "negative values.*not scaled or centred")
+
+
+def test_raw_counts_are_refused_or_normalised_like_scanpy(make_adata):
+    counts = make_adata(counts=True)
+    _error(counts, r"raw counts.*data.normalize: true")
+    data, _ = prepare(DataConfig(**CFG, normalize=True), SplitConfig(), counts)
+    reference = counts.copy()  # scanpy on the whole matrix is the reference
+    sc.pp.normalize_total(reference, target_sum=TARGET_SUM)
+    sc.pp.log1p(reference)
+    rows = np.array([7, 0, 7, 150])
+    np.testing.assert_allclose(data.read(rows), reference.X[rows].toarray(), rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_requested_on_log_data_is_refused(make_adata):
+    _error(make_adata(), "does not hold raw counts.*data.normalize: false", normalize=True)
+
+
+def test_non_unique_gene_names(make_adata):
+    adata = make_adata()
+    adata.var_names = ["g0"] * 2 + list(adata.var_names[2:])
+    _error(adata, r"not unique.*var_names_make_unique")
+
+
+def test_fewer_genes_than_requested(make_adata):
+    _error(
+        make_adata(n_genes=30), "Fewer genes than requested: data.n_genes is 50 but the data has only 30", n_genes=50
+    )
+    _error(make_adata(), r"Fewer genes than requested: 1 of the 3 genes.*nope", gene_list=["g1", "nope", "g2"])
+    _error(make_adata(), "either data.n_genes", n_genes=5, gene_list=["g1"], error=ConfigError)
+
+
+def test_context_without_controls(make_adata):
+    adata = make_adata()
+    keep = ~((adata.obs["cell_type"] == "t2") & (adata.obs["perturbation"] == "control")).to_numpy()
+    _error(adata[keep].copy(), r"No control cells \('control'\) in context\(s\) t2")
+
+
+def test_held_out_value_absent_lists_valid_values(make_adata):
+    _error(
+        make_adata(),
+        r"Held-out cell type 't3' does not exist in the data; valid values: t1, t2",
+        split=SplitConfig(kind="holdout_cell_type", holdout=["t3"]),
+    )
+
+
+def test_condition_with_zero_cells(make_adata):
+    adata = make_adata()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories(["t3"])  # declared, no cell has it
+    _error(
+        adata,
+        r"Held-out cell type 't3' has zero perturbed cells \(a category no cell has\)",
+        split=SplitConfig(kind="holdout_cell_type", holdout=["t3"]),
+    )
+
+
+def test_invalid_dose(make_adata):
+    adata = make_adata()
+    adata.obs["dose"] = adata.obs["dose"].astype(str)
+    adata.obs.iloc[np.flatnonzero(adata.obs["perturbation"] == "A")[0], adata.obs.columns.get_loc("dose")] = "high"
+    _error(adata, r"obs\['dose'\] has 1 perturbed cells without a valid dose \(e.g. 'high'\)", dose_key="dose")
+
+
+@pytest.mark.parametrize("case", ["nan", "absent_holdout", "counts", "onehot_unseen"])
+def test_nothing_is_written_when_validation_fails(make_adata, tmp_path, case):
+    adata, split = make_adata(), SplitConfig()
+    if case == "nan":
+        adata = _with_x(adata, lambda x: x.__setitem__((0, 0), np.nan))
+    elif case == "absent_holdout":
+        split = SplitConfig(kind="holdout_perturbation", holdout=["Z"])
+    elif case == "counts":
+        adata = make_adata(counts=True)
+    else:  # one-hot cannot encode a held-out perturbation: refused before training, not after
+        split = SplitConfig(kind="holdout_perturbation", holdout=["C"])
+    out = tmp_path / "run"
+    with pytest.raises(PerturbDiffError):
+        prepare(DataConfig(**CFG), split, adata, out_dir=out)
+    assert not out.exists()
+
+
+def test_valid_data_writes_split_and_state(make_adata, tmp_path):
+    prepare(DataConfig(**CFG), SplitConfig(), make_adata(), out_dir=tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data_state.json", "split.json"]
+
+
+def test_obs_names_need_not_be_unique(make_adata):
+    adata = make_adata()
+    adata.obs_names = ["same"] * adata.n_obs
+    data = PerturbationData(adata, DataConfig(**CFG))
+    control = data.control_cells(data.contexts[0])
+    expected = np.flatnonzero(((adata.obs["perturbation"] == "control") & (adata.obs["cell_type"] == "t1")).to_numpy())
+    np.testing.assert_array_equal(control, expected)
+    pd.testing.assert_index_equal(adata.obs_names, pd.Index(["same"] * adata.n_obs))  # not modified
