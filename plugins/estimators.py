@@ -1,20 +1,173 @@
-"""Built-in MMD estimators."""
+"""Built-in MMD^2 estimators: quadratic (V and U statistics), linear-time, feature-map and blocked."""
 
 from __future__ import annotations
 
-from perturbdiff_core.estimators import QuadraticMMD
-from perturbdiff_core.registry import resolve
+import weakref
 
+import torch
+from torch import Tensor
 
-class UnbiasedMMD(QuadraticMMD):
-    """Unbiased U-statistic MMD^2 over all pairs (Gretton et al. 2012)."""
-
-    def __init__(self, backend: str = "dense") -> None:
-        super().__init__(resolve("perturbdiff.backends", backend), unbiased=True)
+from perturbdiff_core.embeddings import EmbeddingMap
+from perturbdiff_core.errors import InputError, UnknownPluginError
+from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD
+from perturbdiff_core.kernels import Kernel
+from perturbdiff_core.reductions import KernelReduction, as_reduction
+from perturbdiff_core.registry import names, resolve
 
 
 class BiasedMMD(QuadraticMMD):
-    """Biased V-statistic MMD^2 over all pairs (non-negative; includes i = j terms)."""
+    r"""Biased V-statistic :math:`w_x^\top K_{xx} w_x + w_y^\top K_{yy} w_y - 2 w_x^\top K_{xy} w_y`.
 
-    def __init__(self, backend: str = "dense") -> None:
-        super().__init__(resolve("perturbdiff.backends", backend), unbiased=False)
+    Non-negative for positive-definite kernels (a squared RKHS distance between the weighted
+    empirical measures); integer weights equal repeated cells.
+
+    Args:
+        backend: how the kernel sums are evaluated. ``"dense"``: whole kernel matrices, the
+            fastest for small sets, memory ``O(N M)``. ``"chunked"``: blocks of 1024 x 1024,
+            memory bounded at any size, the backward recomputes each block (1.5-2x the dense
+            time). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
+            ``"auto"`` (default) picks per call: dense up to
+            :data:`~perturbdiff_core.reductions.DENSE_MAX_ENTRIES` kernel entries, above
+            it keops for CUDA tensors when pykeops imports, else chunked; never keops on CPU.
+            Or any :class:`~perturbdiff_core.reductions.KernelReduction`.
+    """
+
+    def __init__(self, backend: str | KernelReduction = "auto") -> None:
+        super().__init__(as_reduction(backend), unbiased=False)
+
+
+class UnbiasedMMD(QuadraticMMD):
+    r"""Unbiased U-statistic (Gretton et al. 2012, Lemma 6): within-set sums skip :math:`i = j`.
+
+    Can be negative; its expectation is the population MMD^2. Same ``backend`` choices as
+    :class:`BiasedMMD`.
+    """
+
+    def __init__(self, backend: str | KernelReduction = "auto") -> None:
+        super().__init__(as_reduction(backend), unbiased=True)
+
+
+class ChunkedMMD(QuadraticMMD):
+    """Exact MMD^2 over ``block_size``-square blocks: bounded memory at any set size.
+
+    Args:
+        block_size: rows and columns of the largest kernel block held at once.
+        unbiased: U-statistic (default) or V-statistic.
+    """
+
+    def __init__(self, block_size: int = 1024, unbiased: bool = True) -> None:
+        super().__init__(resolve("perturbdiff.backends", "chunked", block_size=block_size), unbiased=unbiased)
+
+
+class KeOpsMMD(QuadraticMMD):
+    """Exact MMD^2 streamed by KeOps (the ``keops`` backend plug-in): linear memory, best on GPUs.
+
+    Args:
+        unbiased: U-statistic (default) or V-statistic.
+    """
+
+    def __init__(self, unbiased: bool = True) -> None:
+        super().__init__(resolve("perturbdiff.backends", "keops"), unbiased=unbiased)
+
+
+def _pair_mean(k: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``sum_i u_i v_i k_i / sum_i u_i v_i``: the mean of ``k`` over pairs drawn with weights ``u v``."""
+    p = u * v
+    total = p.sum(-1)
+    if bool((total <= 0).any()):
+        raise InputError(
+            "The linear estimator pairs cells (1, 2), (3, 4), ...; every pair has a zero-weight "
+            "cell in some set, so no pair is left. Use estimator='unbiased' for such weights."
+        )
+    return (p * k).sum(-1) / total
+
+
+class LinearMMD(MMDEstimator):
+    r"""Linear-time MMD^2 of Gretton et al. (2012, JMLR, Lemma 14), over disjoint pairs of cells.
+
+    .. math::
+        \widehat{\mathrm{MMD}}_l^2 = \frac{1}{n/2} \sum_{i=1}^{n/2} h_i, \quad
+        h_i = k(x_{2i-1}, x_{2i}) + k(y_{2i-1}, y_{2i}) - k(x_{2i-1}, y_{2i}) - k(x_{2i}, y_{2i-1})
+
+    Unbiased, ``O(n)`` time and memory, higher variance than the quadratic estimators. Sets of
+    unequal size use their first ``n = 2 floor(min(N, M) / 2)`` cells. With weights, each of
+    the four terms becomes the weighted mean over its pairs, a pair weighing the product of its
+    two cells' weights (the chance of drawing that pair from the weighted sets): a
+    self-normalised estimator, consistent, and exactly the plain one for uniform weights. Not
+    invariant to the order of cells (the pairing follows it).
+    """
+
+    unbiased = True
+    permutation_invariant = False
+
+    def estimate(self, x: Tensor, y: Tensor, kernel: Kernel, wx: Tensor, wy: Tensor) -> Tensor:
+        n = 2 * (min(x.shape[-2], y.shape[-2]) // 2)
+        if n < 2:
+            raise InputError(
+                f"The linear estimator needs at least 2 cells per set, got {x.shape[-2]} and "
+                f"{y.shape[-2]}; use estimator='biased' for single cells."
+            )
+        x1, x2, y1, y2 = x[..., 0:n:2, :], x[..., 1:n:2, :], y[..., 0:n:2, :], y[..., 1:n:2, :]
+        wx1, wx2, wy1, wy2 = wx[..., 0:n:2], wx[..., 1:n:2], wy[..., 0:n:2], wy[..., 1:n:2]
+        return (
+            _pair_mean(kernel.forward(x1, x2, diag=True), wx1, wx2)
+            + _pair_mean(kernel.forward(y1, y2, diag=True), wy1, wy2)
+            - _pair_mean(kernel.forward(x1, y2, diag=True), wx1, wy2)
+            - _pair_mean(kernel.forward(x2, y1, diag=True), wx2, wy1)
+        )
+
+
+class EmbeddingMMD(MMDEstimator):
+    r""":math:`\|\sum_i w^x_i \phi(x_i) - \sum_j w^y_j \phi(y_j)\|^2` with a feature map :math:`\phi`.
+
+    The map is a ``perturbdiff.embeddings`` plug-in (``rff``, ``nystrom``, ``exact``) built
+    from the kernel of the first call, fitted on that call's pooled cells (Nystrom landmarks; a
+    ``"median"`` lengthscale is fixed there once, for all later calls, instead of per pair of
+    sets) and cached per kernel object, so random features stay fixed across calls. Costs
+    ``O((N + M) D)`` for ``D`` features instead of ``O(N M)``; a biased (non-negative) estimate
+    under the approximate kernel. With ``exact`` and a fixed lengthscale it equals
+    :class:`BiasedMMD`.
+
+    Args:
+        embedding: name of the ``perturbdiff.embeddings`` plug-in.
+        **embedding_params: its parameters (checked against its signature on the first call).
+    """
+
+    def __init__(self, embedding: str = "rff", **embedding_params: object) -> None:
+        if embedding not in names("perturbdiff.embeddings"):
+            raise UnknownPluginError(
+                f"Unknown embedding {embedding!r}; known: {', '.join(names('perturbdiff.embeddings'))}."
+            )
+        self.embedding = embedding
+        self.embedding_params = embedding_params
+        self._maps: weakref.WeakKeyDictionary[Kernel, EmbeddingMap] = weakref.WeakKeyDictionary()
+
+    def adapt_kernel(self, kernel: Kernel, x: Tensor, y: Tensor) -> Kernel:
+        """The kernel as given: the feature map fixes data-dependent hyperparameters once, at fit."""
+        return kernel
+
+    def feature_map(self, kernel: Kernel, x: Tensor, y: Tensor) -> EmbeddingMap:
+        """The cached map of ``kernel``, built (and fitted on ``x`` and ``y``) on first use."""
+        emb = self._maps.get(kernel)
+        if emb is None:
+            emb = resolve("perturbdiff.embeddings", self.embedding, kernel=kernel, **self.embedding_params)
+            emb.fit(_pooled(x, y).detach())
+            self._maps[kernel] = emb
+        return emb
+
+    def estimate(self, x: Tensor, y: Tensor, kernel: Kernel, wx: Tensor, wy: Tensor) -> Tensor:
+        emb = self.feature_map(kernel, x, y)
+        if not emb.explicit:  # implicit map: inner products through the kernel
+            return emb.inner(x, x, wx, wx) + emb.inner(y, y, wy, wy) - 2 * emb.inner(x, y, wx, wy)
+        diff = emb.mean_embedding(x, wx) - emb.mean_embedding(y, wy)
+        return diff.square().sum(-1)
+
+    def __repr__(self) -> str:
+        params = "".join(f", {k}={v!r}" for k, v in self.embedding_params.items())
+        return f"EmbeddingMMD(embedding={self.embedding!r}{params})"
+
+
+def _pooled(x: Tensor, y: Tensor) -> Tensor:
+    """Cells of ``x`` and ``y`` stacked per batch element, ``(..., N + M, G)``."""
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    return torch.cat([x.expand(*batch, *x.shape[-2:]), y.expand(*batch, *y.shape[-2:])], dim=-2)

@@ -157,7 +157,8 @@ def test_etest_on_synthetic_screen() -> None:
     for row in table.itertuples():
         cells = dense[((obs.cell_type == row.group) & (obs.perturbation == row.perturbation)).to_numpy()]
         control = dense[((obs.cell_type == row.group) & (obs.perturbation == "control")).to_numpy()]
-        assert row.mmd2 == pytest.approx(numpy_mmd2(cells, control, energy, True), rel=1e-12)
+        # GEMM-form squared distances (|x|^2 + |y|^2 - 2 x.y) lose a few digits against cdist.
+        assert row.mmd2 == pytest.approx(numpy_mmd2(cells, control, energy, True), rel=1e-9)
     assert (table.loc[table.perturbation == "shift", "pvalue"] == 0.01).all()
     assert (table.loc[table.perturbation == "none", "pvalue"] > 0.01).all()
     np.testing.assert_allclose(table.pvalue_adj, fdr_bh(table.pvalue))

@@ -1,0 +1,413 @@
+"""MMD estimators and reductions against brute-force loops, closed forms and GeomLoss."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from perturbdiff_core import mmd2
+from perturbdiff_core.errors import PerturbDiffError, UnknownPluginError
+from perturbdiff_core.estimators import as_estimator
+from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.registry import load
+from perturbdiff_core import reductions
+from perturbdiff_core.reductions import AutoReduction
+from perturbdiff_plugins.reductions import ChunkedReduction, DenseReduction
+
+# ------------------------------------------------------------------ independent float64 references
+
+PROFILES = {  # k as a function of the distance r, written from the textbook formulas
+    "rbf": lambda r, l: math.exp(-(r**2) / (2 * l**2)),
+    "laplace": lambda r, l: math.exp(-r / l),
+    "matern32": lambda r, l: (1 + math.sqrt(3) * r / l) * math.exp(-math.sqrt(3) * r / l),
+    "matern52": lambda r, l: (1 + math.sqrt(5) * r / l + 5 * r**2 / (3 * l**2)) * math.exp(-math.sqrt(5) * r / l),
+    "imq": lambda r, l: 1 / math.sqrt(1 + r**2 / l**2),
+    "energy": lambda r, l: -r,
+}
+
+
+def brute_mmd(name: str, l: float, x: np.ndarray, y: np.ndarray, wx: np.ndarray, wy: np.ndarray, *, unbiased: bool) -> float:
+    """Double loops over cells: weighted V-statistic, or the U-statistic dropping i == j."""
+    k = lambda a, b: PROFILES[name](float(np.sqrt(((a - b) ** 2).sum())), l)  # noqa: E731
+    wx, wy = wx / wx.sum(), wy / wy.sum()
+
+    def within(z: np.ndarray, w: np.ndarray) -> float:
+        total = sum(w[i] * w[j] * k(z[i], z[j]) for i in range(len(z)) for j in range(len(z)) if not (unbiased and i == j))
+        return total / (1 - (w**2).sum()) if unbiased else total
+
+    cross = sum(wx[i] * wy[j] * k(x[i], y[j]) for i in range(len(x)) for j in range(len(y)))
+    return within(x, wx) + within(y, wy) - 2 * cross
+
+
+def brute_linear(name: str, l: float, x: np.ndarray, y: np.ndarray, wx: np.ndarray, wy: np.ndarray) -> float:
+    """Gretton et al. (2012) Lemma 14 over pairs (2i, 2i+1), each term a pair-weighted mean."""
+    k = lambda a, b: PROFILES[name](float(np.sqrt(((a - b) ** 2).sum())), l)  # noqa: E731
+    n = 2 * (min(len(x), len(y)) // 2)
+    terms = [(x, x, wx, wx, 0, 1, 1), (y, y, wy, wy, 0, 1, 1), (x, y, wx, wy, 0, 1, -1), (x, y, wx, wy, 1, 0, -1)]
+    total = 0.0
+    for a, b, wa, wb, da, db, sign in terms:
+        num = den = 0.0
+        for i in range(0, n, 2):
+            p = wa[i + da] * wb[i + db]
+            num += p * k(a[i + da], b[i + db])
+            den += p
+        total += sign * num / den
+    return total
+
+
+def rand(*shape: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def rand_weights(*shape: int, seed: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1
+
+
+# ------------------------------------------------------------------------- brute-force agreement
+
+
+@pytest.mark.parametrize("kernel", sorted(PROFILES))
+@pytest.mark.parametrize("estimator", ["biased", "unbiased", "chunked"])
+def test_quadratic_estimators_match_double_loops(kernel: str, estimator: str) -> None:
+    x, y = rand(2, 9, 3, seed=0), rand(2, 6, 3, seed=1, shift=0.4)
+    wx, wy = rand_weights(2, 9, seed=2), rand_weights(2, 6, seed=3)
+    l = 1.3
+    params = {} if kernel == "energy" else {"lengthscale": l}
+    est = load("perturbdiff.estimators", "chunked", block_size=4) if estimator == "chunked" else as_estimator(estimator)
+    got = est(x, y, as_kernel(kernel, **params), x_weights=wx, y_weights=wy)
+    unbiased = estimator != "biased"
+    want = [brute_mmd(kernel, l, x[b].numpy(), y[b].numpy(), wx[b].numpy(), wy[b].numpy(), unbiased=unbiased) for b in range(2)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_unweighted_unbiased_is_the_classic_u_statistic() -> None:
+    x, y = rand(11, 2, seed=4), rand(8, 2, seed=5, shift=0.3)
+    k = lambda a, b: math.exp(-((a - b) ** 2).sum() / 2)  # noqa: E731
+    xs, ys = x.numpy(), y.numpy()
+    n, m = len(xs), len(ys)
+    kxx = sum(k(xs[i], xs[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(ys[i], ys[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(a, b) for a in xs for b in ys) / (n * m)
+    assert mmd2(x, y, "rbf", "unbiased").item() == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "energy", "matern52"])
+@pytest.mark.parametrize("sizes", [(10, 10), (9, 6), (5, 8)])
+def test_linear_estimator_matches_pair_loops(kernel: str, sizes: tuple[int, int]) -> None:
+    x, y = rand(2, sizes[0], 3, seed=6), rand(2, sizes[1], 3, seed=7, shift=0.5)
+    wx, wy = rand_weights(2, sizes[0], seed=8), rand_weights(2, sizes[1], seed=9)
+    params = {} if kernel == "energy" else {"lengthscale": 1.1}
+    got = mmd2(x, y, kernel, "linear", x_weights=wx, y_weights=wy, **params)
+    want = [brute_linear(kernel, 1.1, x[b].numpy(), y[b].numpy(), wx[b].numpy(), wy[b].numpy()) for b in range(2)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+    plain = mmd2(x, y, kernel, "linear", **params)  # uniform weights: (2/n) sum_i h_i
+    uniform = [brute_linear(kernel, 1.1, x[b].numpy(), y[b].numpy(), np.ones(sizes[0]), np.ones(sizes[1])) for b in range(2)]
+    np.testing.assert_allclose(plain.numpy(), uniform, rtol=1e-10, atol=1e-12)
+
+
+def test_exact_embedding_equals_biased_and_nystrom_on_all_cells_too() -> None:
+    x, y = rand(2, 9, 3, seed=10), rand(2, 7, 3, seed=11, shift=0.5)
+    wx, wy = rand_weights(2, 9, seed=12), rand_weights(2, 7, seed=13)
+    kernel = as_kernel("rbf", lengthscale=1.4)
+    biased = mmd2(x, y, kernel, "biased", x_weights=wx, y_weights=wy)
+    exact = load("perturbdiff.estimators", "embedding", embedding="exact")
+    torch.testing.assert_close(exact(x, y, kernel, x_weights=wx, y_weights=wy), biased, rtol=1e-12, atol=1e-12)
+    # Nystrom with every cell as a landmark reproduces K on the cells (up to the rcond cut-off).
+    nystrom = load("perturbdiff.estimators", "embedding", embedding="nystrom", num_landmarks=100, rcond=1e-12)
+    torch.testing.assert_close(nystrom(x, y, kernel, x_weights=wx, y_weights=wy), biased, rtol=1e-6, atol=1e-8)
+
+
+def test_random_fourier_features_approximate_biased_and_stay_fixed() -> None:
+    x, y = rand(2, 20, 3, seed=14), rand(2, 20, 3, seed=15, shift=0.7)
+    kernel = as_kernel("rbf", lengthscale=1.5)
+    rff = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=20000)
+    first = rff(x, y, kernel)
+    torch.testing.assert_close(rff(x, y, kernel), first, rtol=0, atol=0)  # cached features
+    # Kernel values carry O(D^-1/2) ~ 0.01 error; the biased MMD^2 here is about 0.4.
+    torch.testing.assert_close(first, mmd2(x, y, kernel, "biased"), rtol=0, atol=0.03)
+    other = as_kernel("rbf", lengthscale=1.5)  # another kernel object gets its own map
+    rff(x, y, other)
+    assert len(rff._maps) == 2
+
+
+# ------------------------------------------------------------------------------ population values
+
+
+def gaussian_expected_kernel(a: np.ndarray, var_a: float, b: np.ndarray, var_b: float, l: float) -> float:
+    """E k(x, y) for x ~ N(a, var_a I), y ~ N(b, var_b I), k = exp(-||x - y||^2 / (2 l^2)).
+
+    x - y ~ N(a - b, C), C = (var_a + var_b) I, and exp(-||z||^2 / 2l^2) = (2 pi l^2)^(d/2) N(z; 0, l^2 I),
+    so E k = (2 pi l^2)^(d/2) N(a - b; 0, C + l^2 I) = det(I + C / l^2)^(-1/2) exp(-|a - b|^2 / (2 (l^2 + var_a + var_b))).
+    """
+    d = len(a)
+    c = var_a + var_b
+    return (1 + c / l**2) ** (-d / 2) * math.exp(-((a - b) ** 2).sum() / (2 * (l**2 + c)))
+
+
+def test_gaussian_expected_kernel_closed_form_matches_quadrature() -> None:
+    a, var_a, b, var_b, l = 0.3, 0.8, -0.5, 1.7, 1.2
+    sd = math.sqrt(var_a + var_b)
+
+    def integrand(z: float) -> float:
+        density = math.exp(-((z - (a - b)) ** 2) / (2 * sd**2)) / (sd * math.sqrt(2 * math.pi))
+        return density * math.exp(-(z**2) / (2 * l**2))
+
+    value, _ = integrate.quad(integrand, -40, 40)
+    assert gaussian_expected_kernel(np.array([a]), var_a, np.array([b]), var_b, l) == pytest.approx(value, rel=1e-10)
+
+
+def population_mmd2(m1: np.ndarray, s1: float, m2: np.ndarray, s2: float, l: float) -> float:
+    ek = gaussian_expected_kernel
+    return ek(m1, s1**2, m1, s1**2, l) + ek(m2, s2**2, m2, s2**2, l) - 2 * ek(m1, s1**2, m2, s2**2, l)
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "linear", "biased"])
+def test_mean_over_draws_matches_population_mmd(estimator: str) -> None:
+    d, n, draws, l = 3, 12, 6000, 1.5
+    m1, s1, m2, s2 = np.zeros(d), 1.0, np.array([0.6, 0.0, -0.3]), 1.3
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(draws, n, d, generator=gen, dtype=torch.float64) * s1 + torch.from_numpy(m1)
+    y = torch.randn(draws, n, d, generator=gen, dtype=torch.float64) * s2 + torch.from_numpy(m2)
+    values = mmd2(x, y, "rbf", estimator, lengthscale=l)
+    mean, se = values.mean().item(), values.std().item() / math.sqrt(draws)
+    truth = population_mmd2(m1, s1, m2, s2, l)
+    if estimator == "biased":  # the V-statistic is biased upwards by O(1/n): the test can tell
+        assert mean - truth > 6 * se
+    else:
+        assert abs(mean - truth) < 4 * se, (mean, truth, se)
+
+
+# ---------------------------------------------------------------------------------------- GeomLoss
+
+
+def test_geomloss_gaussian_is_half_the_biased_mmd() -> None:
+    """GeomLoss ``SamplesLoss("gaussian", blur=l)`` uses k = exp(-||x-y||^2 / (2 blur^2)), our
+    ``rbf`` with lengthscale ``blur``, and returns 0.5 * biased MMD^2 (the RKHS norm halved)."""
+    geomloss = pytest.importorskip("geomloss")
+    x, y = rand(2, 9, 3, seed=17), rand(2, 7, 3, seed=18, shift=0.4)
+    a, b = rand_weights(2, 9, seed=19), rand_weights(2, 7, seed=20)
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    for blur in (0.7, 2.0):
+        theirs = geomloss.SamplesLoss("gaussian", blur=blur, backend="tensorized")(a, x, b, y)
+        ours = mmd2(x, y, "rbf", "biased", x_weights=a, y_weights=b, lengthscale=blur)
+        torch.testing.assert_close(theirs, 0.5 * ours, rtol=1e-12, atol=1e-14)
+
+
+def test_geomloss_energy_is_half_the_biased_energy_distance() -> None:
+    """GeomLoss ``SamplesLoss("energy")`` uses k = -||x - y|| and returns 0.5 * biased MMD^2, except
+    that its tensorized distances are sqrt(max(d^2, 1e-8)): every self-distance is 1e-4, which
+    adds -0.5e-4 (sum a_i^2 + sum b_j^2)."""
+    geomloss = pytest.importorskip("geomloss")
+    x, y = rand(2, 9, 3, seed=21), rand(2, 7, 3, seed=22, shift=0.4)
+    a, b = rand_weights(2, 9, seed=23), rand_weights(2, 7, seed=24)
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    theirs = geomloss.SamplesLoss("energy", backend="tensorized")(a, x, b, y)
+    ours = mmd2(x, y, "energy", "biased", x_weights=a, y_weights=b)
+    offset = -0.5e-4 * (a.square().sum(-1) + b.square().sum(-1))
+    torch.testing.assert_close(theirs, 0.5 * ours + offset, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------- chunked, gradients, backward
+
+
+def dense_reference(kernel, x, y, wx, wy, exclude):  # noqa: ANN001, ANN201
+    """The three MMD sums from the whole kernel matrix through ``kernel.forward`` and plain autograd."""
+    def total(a, b, wa, wb, same):  # noqa: ANN001, ANN202
+        k = kernel.forward(a, b, same=same)
+        if same and exclude:
+            k = k * (1 - torch.eye(k.shape[-1], dtype=k.dtype))
+        return (wa.unsqueeze(-2) @ k @ wb.unsqueeze(-1))[..., 0, 0]
+
+    return total(x, x, wx, wx, True), total(y, y, wy, wy, True), total(x, y, wx, wy, False)
+
+
+KERNELS = [
+    ("rbf", {"lengthscale": 1.3, "trainable": True}),
+    ("energy", {}),
+    ("laplace", {"lengthscale": "median"}),
+    ("mixture", {"relative": False}),
+    ("gpytorch", {"class_name": "MaternKernel", "nu": 1.5}),
+]
+
+
+@pytest.mark.parametrize(("kernel", "params"), KERNELS, ids=[k for k, _ in KERNELS])
+@pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(3)], ids=["dense", "chunked3"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_reduction_values_and_gradients_equal_plain_autograd(kernel, params, reduction, exclude) -> None:  # noqa: ANN001
+    k = as_kernel(kernel, **params).double()
+    x, y = rand(2, 10, 4, seed=25).requires_grad_(), rand(2, 7, 4, seed=26, shift=0.3).requires_grad_()
+    wx, wy = rand_weights(2, 10, seed=27).requires_grad_(), rand_weights(2, 7, seed=28).requires_grad_()
+    k = k.adapt(x, y)
+    inputs = [x, y, wx, wy, *[p for p in k.parameters() if p.requires_grad]]
+    coef = rand(3, 2, seed=29)
+    mine = reduction.mmd_terms(k, x, y, wx, wy, exclude_diagonal=exclude)
+    ref = dense_reference(k, x, y, wx, wy, exclude)
+    for got, want in zip(mine, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g_mine = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, mine)), inputs)
+    g_ref = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, ref)), inputs)
+    for got, want in zip(g_mine, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "reduction", [DenseReduction(), ChunkedReduction(3), ChunkedReduction(64)], ids=["dense", "chunked3", "chunked-one-block"]
+)
+@pytest.mark.parametrize("kernel", ["rbf", "energy", "matern32"])
+def test_hand_written_backward_passes_gradcheck(reduction, kernel: str) -> None:  # noqa: ANN001
+    """gradcheck wrt cells and weights (unequal N, M, random weights) and the log-lengthscale."""
+    k = as_kernel(kernel, **({} if kernel == "energy" else {"lengthscale": 1.2})).double()
+    raw = k.raw_lengthscale.detach().clone()
+    del k.raw_lengthscale  # a plain tensor attribute instead, so gradcheck can perturb it
+
+    def f(x, y, wx, wy, raw_l):  # noqa: ANN001, ANN202
+        k.raw_lengthscale = raw_l
+        kxx, kyy, kxy = reduction.mmd_terms(k, x, y, wx, wy, exclude_diagonal=True)
+        return torch.stack([kxx, 0.7 * kyy, kxy])
+
+    x, y = rand(2, 7, 3, seed=30), rand(2, 5, 3, seed=31, shift=0.3)
+    wx, wy = rand_weights(2, 7, seed=32), rand_weights(2, 5, seed=33)
+    inputs = [t.clone().requires_grad_(True) for t in (x, y, wx, wy, raw)]
+    if kernel == "energy":  # its lengthscale is fixed at 1
+        inputs[-1].requires_grad_(False)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_gradient_wrt_x_alone_matches() -> None:
+    """The training case: only the predicted cells need a gradient (the y-y term's backward is skipped)."""
+    k = as_kernel("rbf", lengthscale=1.1).double()
+    x, y = rand(2, 8, 3, seed=34).requires_grad_(), rand(2, 6, 3, seed=35)
+    w = torch.full((2, 8), 1 / 8, dtype=torch.float64)
+    v = torch.full((2, 6), 1 / 6, dtype=torch.float64)
+    for reduction in (DenseReduction(), ChunkedReduction(5)):
+        kxx, kyy, kxy = reduction.mmd_terms(k, x, y, w, v, exclude_diagonal=False)
+        (gx,) = torch.autograd.grad((kxx + kyy - 2 * kxy).sum(), x)
+        ref = dense_reference(k, x, y, w, v, False)
+        (want,) = torch.autograd.grad((ref[0] + ref[1] - 2 * ref[2]).sum(), x)
+        torch.testing.assert_close(gx, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(4)], ids=["dense", "chunked4"])
+def test_weighted_sum_same_set_with_two_weight_vectors(reduction) -> None:  # noqa: ANN001
+    k = as_kernel("energy").double()
+    x = rand(2, 9, 3, seed=36).requires_grad_()
+    wa, wb = rand_weights(2, 9, seed=37), rand_weights(2, 9, seed=38)
+    for exclude in (False, True):
+        got = reduction.weighted_sum(k, x, x, wa, wb, same=True, exclude_diagonal=exclude)
+        kk = k.forward(x, x, same=True) * (1 - exclude * torch.eye(9, dtype=torch.float64))
+        want = (wa.unsqueeze(-2) @ kk @ wb.unsqueeze(-1))[..., 0, 0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+
+
+def test_far_from_origin_float32_distances_stay_accurate() -> None:
+    """Cells offset by 1000 (raw counts): the shift by the mean keeps float32 GEMM distances exact enough."""
+    x64, y64 = rand(1, 50, 20, seed=39, shift=1000.0), rand(1, 40, 20, seed=40, shift=1000.5)
+    want = mmd2(x64, y64, as_kernel("rbf", lengthscale=4.0).double(), "unbiased")
+    for reduction in (DenseReduction(), ChunkedReduction(16)):
+        got = as_estimator("unbiased", backend=reduction)(x64.float(), y64.float(), as_kernel("rbf", lengthscale=4.0))
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "gpytorch"])
+def test_chunked_autograd_keeps_no_kernel_matrix(kernel: str) -> None:
+    """Besides views of the inputs, tensors saved for the backward hold O(N + M + block^2) numbers, not O(N M)."""
+    block, n, m = 4, 13, 11
+    k = as_kernel(kernel, **({"class_name": "RBFKernel"} if kernel == "gpytorch" else {})).double()
+    x, y = rand(2, n, 3, seed=41).requires_grad_(), rand(2, m, 3, seed=42)
+    w, v = torch.full((2, n), 1 / n, dtype=torch.float64), torch.full((2, m), 1 / m, dtype=torch.float64)
+    saved: list[int] = []
+    inputs = {t.untyped_storage().data_ptr() for t in (x, y, w, v)}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in inputs:  # views of the inputs cost nothing
+            saved.append(t.numel())
+        return t
+
+    for reduction, bound in ((ChunkedReduction(block), 2 * (4 * (n + m) + block * block)), (DenseReduction(), None)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            terms = reduction.mmd_terms(k, x, y, w, v, exclude_diagonal=True)
+        if bound is not None:
+            assert sum(saved) <= bound, (saved, bound)
+        else:  # the hook does see kernel matrices: the dense backend keeps them
+            assert sum(saved) >= 2 * (n * n + n * m)
+        torch.autograd.grad(sum(t.sum() for t in terms), x)
+
+
+# ------------------------------------------------------------------------------------- auto backend
+
+
+def stand_in(batch: int, cells: int, device: str) -> SimpleNamespace:
+    """Shape and device of a (possibly huge) set, without allocating it."""
+    return SimpleNamespace(shape=torch.Size([batch, cells, 2000]), device=torch.device(device))
+
+
+class FakeKeOps(reductions.KernelReduction):
+    def supports(self, kernel, device_type):  # noqa: ANN001, ANN201
+        return True
+
+    def weighted_sum(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise AssertionError("not called")
+
+
+def test_auto_backend_never_picks_keops_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeKeOps()
+    monkeypatch.setattr(reductions, "_keops_backend", lambda: fake)  # as if pykeops imported
+    auto, kernel = AutoReduction(), as_kernel("rbf")
+    for cells in (8, 256, 4096, 100_000):
+        chosen = auto.choose(kernel, stand_in(8, cells, "cpu"), stand_in(8, cells, "cpu"))
+        assert chosen is not fake
+        assert isinstance(chosen, DenseReduction if 8 * 3 * cells**2 <= reductions.DENSE_MAX_ENTRIES else ChunkedReduction)
+    # The choice is per call: on CUDA tensors the same object picks KeOps for large sets only.
+    assert auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")) is fake
+    assert isinstance(auto.choose(kernel, stand_in(8, 64, "cuda"), stand_in(8, 64, "cuda")), DenseReduction)
+    monkeypatch.setattr(reductions, "_keops_backend", lambda: None)  # pykeops missing: chunked
+    assert isinstance(auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")), ChunkedReduction)
+
+
+def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
+    x, y = rand(3, 12, 4, seed=43), rand(3, 9, 4, seed=44, shift=0.2)
+    assert isinstance(as_estimator("unbiased").reduction, AutoReduction)
+    dense = as_estimator("unbiased", backend="dense")(x, y, as_kernel("rbf"))
+    torch.testing.assert_close(mmd2(x, y, "rbf", "unbiased"), dense, rtol=1e-12, atol=1e-12)
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: mmd2(torch.tensor([[0.0, float("nan")]]), torch.zeros(2, 2)), "NaN"),
+        (lambda: mmd2(torch.zeros(3, 4), torch.zeros(3, 5)), "genes"),
+        (lambda: mmd2(torch.zeros(0, 4), torch.zeros(3, 4)), "empty"),
+        (lambda: mmd2(torch.zeros(1, 4), torch.randn(3, 4), estimator="unbiased"), "at least 2 cells"),
+        (lambda: mmd2(torch.zeros(1, 4), torch.randn(3, 4), estimator="linear"), "at least 2 cells"),
+        (lambda: mmd2(torch.randn(3, 4), torch.randn(3, 4), x_weights=torch.ones(4)), "one weight per cell"),
+        (lambda: mmd2(torch.randn(2, 3), torch.randn(2, 3), x_weights=-torch.ones(2)), "non-negative"),
+        (lambda: mmd2(torch.randn(3, 4), torch.randn(3, 4), estimator="quadratik"), "known names: .*unbiased"),
+        (lambda: as_estimator("biased", backend="gpu"), "'auto' or one of: chunked, dense"),
+        (lambda: as_estimator("chunked", block_size=0), "block_size"),
+        (lambda: as_estimator("embedding", embedding="fourier"), "known: .*rff"),
+        (
+            lambda: mmd2(torch.randn(4, 2), torch.randn(4, 2), estimator="linear", x_weights=torch.tensor([1.0, 0, 1, 0])),
+            "zero-weight",
+        ),
+    ],
+)
+def test_bad_input_raises_one_clear_error(make, match: str) -> None:  # noqa: ANN001
+    with pytest.raises(PerturbDiffError, match=match):
+        make()
+
+
+def test_unknown_names_are_lookup_errors_listing_known_ones() -> None:
+    with pytest.raises(UnknownPluginError, match="linear"):
+        as_estimator("nope")
+    with pytest.raises(UnknownPluginError, match="keops"):
+        as_estimator("unbiased", backend="nope")
