@@ -88,7 +88,7 @@ def predict_anndata(
 ) -> ad.AnnData:
     """Predicted cells of ``conditions`` (as many as the real condition has, or ``n_cells``) and
     the real control cells of their contexts, ready for ``perturbdiff evaluate`` or cell-eval."""
-    chosen = [data.condition(c) for c in conditions]
+    chosen = [c if isinstance(c, Condition) else data.condition(c) for c in conditions]
     blocks = []
     for i, condition in enumerate(tqdm(chosen, desc=f"predict ({type(predictor).__name__})", disable=not progress)):
         n = condition.n_cells if n_cells is None else n_cells

@@ -3,11 +3,14 @@
 Families: pseudobulk (means and deltas), differential expression (Wilcoxon, BH FDR),
 perturbation discrimination, distribution (kernel MMD) and population variability. Metric
 names follow cell-eval where the definitions match; :data:`DEFINITIONS` documents each one and
-every difference from cell-eval.
+every difference from cell-eval. :func:`compare` evaluates the model and its baselines into one
+table; :func:`~perturbdiff_core.evaluation.report.write_report` (imported from its module, it
+needs matplotlib) draws it as ``report.html``.
 """
 
 from __future__ import annotations
 
+from .compare import aggregate, best_methods, compare, definition_of, summary_line, versus_best_baseline
 from .de import DEResult, de_metrics, wilcoxon_de
 from .definitions import DEFINITIONS, MetricDefinition
 from .discrimination import discrimination_scores
@@ -24,12 +27,18 @@ __all__ = [
     "DEResult",
     "MetricDefinition",
     "PairedData",
+    "aggregate",
+    "best_methods",
+    "compare",
     "de_metrics",
+    "definition_of",
     "discrimination_scores",
     "evaluate",
     "log2_fold_change",
     "pair_anndata",
     "population_variability",
     "pseudobulk_metrics",
+    "summary_line",
+    "versus_best_baseline",
     "wilcoxon_de",
 ]

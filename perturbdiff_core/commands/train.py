@@ -1,0 +1,82 @@
+"""``perturbdiff train``: train the diffusion model of a config into a run folder (or resume it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..run_config import CONFIG_FILE, RUNS_DIR, RunConfig, load_config, resolved, run_dir_for
+from ..training import LOG_FILE, Trainer, TrainingInterrupted
+
+EPILOG = f"""\
+--set takes key=value pairs, several per flag and the flag repeatable
+(--set a=1 b=2 --set c=3 sets all three); values are parsed as YAML, e.g.
+  --set train.steps=200 split.holdout=[CD4T] data.batch_key=null
+Resolution: defaults <- CONFIG.yaml <- --set. The run folder (--out, default
+{RUNS_DIR}/<config name>) receives {CONFIG_FILE} (the resolved config), split.json,
+data_state.json, {LOG_FILE} and checkpoints/last.pt (written atomically).
+Ctrl-C saves a checkpoint of the last completed step; --resume continues it exactly (the
+same losses as an uninterrupted run). A relative data.path that does not exist is looked
+up by file name in $PERTURBDIFF_DATA (or ../shared/data beside the source tree).
+"""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG, ``--out``, ``--set`` and ``--resume``: shared by ``train`` and ``run``."""
+    parser.add_argument("config", metavar="CONFIG.yaml", help="run configuration (see examples/)")
+    parser.add_argument("--out", metavar="DIR", default=None, help=f"run folder (default: {RUNS_DIR}/<config name>)")
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config keys (values parsed as YAML); several pairs per flag, repeatable",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``perturbdiff train``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train the diffusion model of a config into a run folder",
+        description="Train the RKHS diffusion model on the training conditions of a config's split.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def config_of(args: argparse.Namespace) -> RunConfig:
+    """The resolved configuration of ``args``: defaults <- CONFIG.yaml <- ``--set``, data path resolved."""
+    return resolved(load_config(args.config, args.overrides))
+
+
+def start(args: argparse.Namespace, config: RunConfig) -> Trainer:
+    """The trainer of ``config`` in the run folder of ``args`` (checkpoint loaded with ``--resume``)."""
+    return Trainer(config, run_dir_for(config, args.out), resume=args.resume, progress=not args.quiet)
+
+
+def fit(trainer: Trainer, command: str = "train") -> int:
+    """Train; 0 when done, 130 after Ctrl-C (checkpoint saved, one line saying how to resume ``command``)."""
+    try:
+        trainer.fit()
+    except TrainingInterrupted as stop:
+        run_dir = trainer.run_dir
+        print(
+            f"perturbdiff: {stop}; resume with: perturbdiff {command} {run_dir / CONFIG_FILE} --out {run_dir} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or resume) and report where the run is."""
+    trainer = start(args, config_of(args))
+    if status := fit(trainer):
+        return status
+    log = trainer.log()
+    last = log.iloc[-1] if len(log) else None
+    summary = "" if last is None else f"; last logged loss {last['loss']:.4g}"
+    print(f"Trained {trainer.step} steps into {trainer.run_dir}{summary}", file=sys.stderr)
+    return 0

@@ -1,0 +1,233 @@
+"""The configuration of a run (``perturbdiff train`` / ``run``): small typed dataclasses from YAML.
+
+Resolution order: the defaults below, then the YAML file, then ``--set key=value`` overrides
+(values parsed as YAML). Unknown keys list the valid ones; ill-typed values name the key.
+The resolved tree is written to the run folder as ``config.yaml``, so a run can be repeated
+from that file alone.
+
+A relative ``data.path`` that does not exist is also looked up by its file name in the shared
+data folder (``$PERTURBDIFF_DATA`` when set, else ``../shared/data`` beside the source tree),
+so the bundled configs (``data.path: ../shared/data/<file>``) run from any folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .configuration import from_mapping, merge, parse_overrides, read_yaml, to_mapping
+from .data.anndata_io import DATA_ENV, shared_data_dir
+from .data.config import DataConfig, SplitConfig
+from .errors import ConfigError, DataError
+from .io import atomic_write_text
+
+#: File name of the resolved configuration inside a run folder.
+CONFIG_FILE = "config.yaml"
+
+#: Folder of run folders when ``--out`` is not given: ``runs/<config name>``.
+RUNS_DIR = "runs"
+
+
+@dataclass
+class ModelConfig:
+    """The diffusion model (``model.*``): plug-in names with their parameters, and the loss weights.
+
+    ``denoiser_params`` are the denoiser's size parameters (``size``, ``hidden``, ``depth``, ...);
+    the data dimensions are filled in from the data. ``mmd_weight`` is the paper's lambda.
+    """
+
+    denoiser: str = "cross_dit"
+    denoiser_params: dict[str, Any] = field(default_factory=lambda: {"size": "tiny"})
+    schedule: str = "cosine"
+    schedule_params: dict[str, Any] = field(default_factory=dict)
+    kernel: str = "energy"
+    kernel_params: dict[str, Any] = field(default_factory=dict)
+    estimator: str = "unbiased"
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    mmd_weight: float = 1.0
+    prediction: Literal["x0", "eps", "v"] = "x0"
+    self_condition_prob: float = 0.5
+    cond_drop_prob: float = 0.1
+    ema_decay: float | None = 0.999
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (``train.*``): AdamW with linear warm-up then cosine decay to 0, clipped gradients.
+
+    Attributes:
+        steps: optimizer steps; ``batch_size`` sets of ``data.set_size`` cells per step.
+        grad_clip: largest global gradient norm (``None``: no clipping).
+        context_drop_prob: probability that a training set's cell type (and, independently, its
+            batch) is replaced by ``<unknown>``, the index a held-out cell type or batch gets, so
+            the model learns to predict unseen contexts from their control cells.
+        num_workers: DataLoader worker processes (batches are identical for any number).
+        val_every: steps between validation MMDs on the split's validation conditions (0: never).
+        val_sets: fixed sets per validation condition; ``val_sampling_steps`` DDIM steps each.
+        checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
+        log_every: steps per row of ``train_log.csv`` (the mean of those steps' losses).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    context_drop_prob: float = 0.0
+    num_workers: int = 0
+    val_every: int = 500
+    val_sets: int = 1
+    val_sampling_steps: int = 20
+    checkpoint_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+
+
+@dataclass
+class SampleConfig:
+    """Prediction (``sample.*``): sampler, steps, guidance, and how many cells per condition.
+
+    ``eta`` is DDIM's stochasticity in [0, 1] (ignored by ``ddpm``); ``guidance`` 1 means none
+    (see :meth:`RKHSDiffusion.predict_x0`). ``n_cells`` ``None`` samples as many cells as the real condition has. ``chunk_sets`` bounds
+    memory: at most that many sets of ``data.set_size`` cells are denoised at once.
+    ``nonnegative`` clips predicted expression at 0 (log1p values are never negative).
+    """
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 1.0
+    n_cells: int | None = None
+    chunk_sets: int = 16
+    nonnegative: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``evaluate.*``): which baselines to compare with, and the MMD kernel and cap."""
+
+    baselines: list[str] = field(default_factory=lambda: ["control", "context_mean", "linear", "random_train"])
+    kernel: str = "energy"
+    max_cells: int = 1000
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``name`` (default: the YAML file name) names ``runs/<name>``."""
+
+    seed: int = 0
+    name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (YAML / JSON ready) that :func:`config_from_dict` turns back into this config."""
+        return to_mapping(self)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """A checked :class:`RunConfig` from a nested mapping (defaults fill what is missing)."""
+    config = from_mapping(RunConfig, values)
+    check(config)
+    return config
+
+
+def check(config: RunConfig) -> None:
+    """Range checks the types cannot express; ConfigError naming the key and the valid range."""
+    positive = {
+        "train.steps": config.train.steps,
+        "train.batch_size": config.train.batch_size,
+        "train.val_sets": config.train.val_sets,
+        "train.val_sampling_steps": config.train.val_sampling_steps,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.log_every": config.train.log_every,
+        "sample.steps": config.sample.steps,
+        "sample.chunk_sets": config.sample.chunk_sets,
+        "evaluate.max_cells": config.evaluate.max_cells,
+    }
+    non_negative = {
+        "train.warmup_steps": config.train.warmup_steps,
+        "train.num_workers": config.train.num_workers,
+        "train.val_every": config.train.val_every,
+        "train.weight_decay": config.train.weight_decay,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}.")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}.")
+    if not config.train.lr > 0:
+        raise ConfigError(f"train.lr must be positive, got {config.train.lr}.")
+    if not 0.0 <= config.train.context_drop_prob <= 1.0:
+        raise ConfigError(f"train.context_drop_prob must lie in [0, 1], got {config.train.context_drop_prob}.")
+    if config.train.grad_clip is not None and not config.train.grad_clip > 0:
+        raise ConfigError(f"train.grad_clip must be positive or null (no clipping), got {config.train.grad_clip}.")
+    if config.sample.n_cells is not None and config.sample.n_cells < 1:
+        raise ConfigError(f"sample.n_cells must be a positive integer or null, got {config.sample.n_cells}.")
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults <- YAML file ``path`` (optional) <- ``key=value`` overrides; ``name`` defaults to the file stem."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    values = merge(values, parse_overrides(overrides))
+    config = config_from_dict(values)
+    if config.name is None and path is not None:
+        config = replace(config, name=Path(path).stem)
+    return config
+
+
+def resolve_data_path(path: str | None) -> str | None:
+    """``path`` made absolute; a missing relative path is also looked up by file name in the shared data folder."""
+    if path is None:
+        return None
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute():
+        return str(given.resolve()) if given.exists() else str(given)
+    fallback = shared_data_dir() / given.name
+    if fallback.exists():
+        return str(fallback.resolve())
+    raise DataError(
+        f"No such data file: {path} (relative to {Path.cwd()}), nor {fallback}. Run from the folder the "
+        f"path is relative to, give an absolute data.path, or set {DATA_ENV} to the folder holding {given.name}."
+    )
+
+
+def resolved(config: RunConfig) -> RunConfig:
+    """``config`` with ``data.path`` resolved to an absolute path (see :func:`resolve_data_path`)."""
+    return replace(config, data=replace(config.data, path=resolve_data_path(config.data.path)))
+
+
+def run_dir_for(config: RunConfig, out: str | os.PathLike[str] | None) -> Path:
+    """``out``, or ``runs/<config name>`` (``runs/run`` for a config without a name)."""
+    return Path(out) if out is not None else Path(RUNS_DIR) / (config.name or "run")
+
+
+def write_config(config: RunConfig, run_dir: str | os.PathLike[str]) -> Path:
+    """Write the resolved configuration as ``run_dir/config.yaml`` (atomically)."""
+    path = Path(run_dir) / CONFIG_FILE
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            keys += differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            keys.append(prefix + key)
+    return keys

@@ -1,0 +1,395 @@
+"""Training an :class:`~perturbdiff_core.diffusion.RKHSDiffusion` on a run configuration, resumable exactly.
+
+The training stream is a pure function of ``(seed, step)``: the sets of step ``k`` are the
+positions ``k B .. k B + B - 1`` of a sequence of epochs, each a permutation of the training
+conditions seeded by ``(seed, epoch)`` (the order of :class:`~perturbdiff_core.data.EpochSampler`),
+and each set is drawn from ``(seed, epoch, index)`` (:class:`~perturbdiff_core.data.ConditionSets`);
+the time steps, noise, condition dropout and self-conditioning coin of step ``k`` come from a
+generator seeded by ``(seed, k)``. A resumed run (weights, EMA, optimizer, scheduler and step
+restored from a checkpoint) therefore computes the same losses and weights as an uninterrupted
+one, for any number of DataLoader workers.
+
+Optimisation: AdamW, learning rate rising linearly for ``warmup_steps`` then decaying to 0 on a
+half cosine (Loshchilov & Hutter 2017), global gradient-norm clipping, EMA update after every step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .batch import SetBatch
+from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, make_loader, prepare
+from .data.loader import seed_worker
+from .diffusion import RKHSDiffusion
+from .errors import ConfigError, PerturbDiffError
+from .io import atomic_path
+from .run_config import ModelConfig, RunConfig, differences, write_config
+
+#: Per-step training log written beside the checkpoints (and plotted by the report).
+LOG_FILE = "train_log.csv"
+LOG_COLUMNS = ("step", "loss", "mse", "mmd", "lr", "val_mmd")
+
+#: Configuration keys that define the training stream: a resumed run must keep them.
+#: (``data.path`` may change, e.g. when the data moved; the genes come from the checkpoint.)
+FIXED_ON_RESUME = ("seed", "data.", "split.", "model.", "train.batch_size", "train.lr", "train.weight_decay",
+                   "train.warmup_steps", "train.grad_clip", "train.context_drop_prob")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a checkpoint of the last completed step was saved first."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
+        self.step, self.path = step, path
+
+
+def drop_context(batch: SetBatch, prob: float, generator: torch.Generator) -> SetBatch:
+    """``batch`` with each set's cell type and, independently, batch index set to 0 (``<unknown>``) with probability ``prob``.
+
+    Index 0 is what a held-out cell type or batch gets at prediction time; training on it
+    teaches the model to predict such contexts from their control cells alone.
+    """
+    cond = batch.cond
+    drop = torch.rand((2, cond.cell_type.shape[0]), generator=generator, device=cond.cell_type.device) < prob
+    cond = replace(cond, cell_type=cond.cell_type.masked_fill(drop[0], 0), batch=cond.batch.masked_fill(drop[1], 0))
+    return replace(batch, cond=cond)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; any other name as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"train.device = {name!r} is not a torch device ({err}); use auto, cpu or cuda.") from None
+
+
+def _spec(name: str, params: dict[str, Any]) -> str | dict[str, Any]:
+    return {"name": name, **params} if params else name
+
+
+def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
+    """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies)."""
+    reserved = {"num_genes", "perturbation_dim", "num_cell_types", "num_batches", "name"} & set(config.denoiser_params)
+    if reserved:
+        raise ConfigError(
+            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data; remove them."
+        )
+    denoiser = {
+        "name": config.denoiser,
+        "num_genes": data.n_genes,
+        "perturbation_dim": data.encoder.dim,
+        "num_cell_types": len(data.vocabularies["cell_type"]),
+        "num_batches": len(data.vocabularies["batch"]),
+        **config.denoiser_params,
+    }
+    return RKHSDiffusion(
+        denoiser,
+        _spec(config.schedule, config.schedule_params),
+        kernel=_spec(config.kernel, config.kernel_params),
+        estimator=_spec(config.estimator, config.estimator_params),
+        mmd_weight=config.mmd_weight,
+        prediction=config.prediction,
+        self_condition_prob=config.self_condition_prob,
+        cond_drop_prob=config.cond_drop_prob,
+        ema_decay=config.ema_decay,
+    )
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    r"""Learning-rate multiplier of step ``step`` (0-based): :math:`(k+1)/w` during warm-up, then
+    :math:`\tfrac12(1 + \cos(\pi p))` with :math:`p = (k - w) / (K - w)` the progress after warm-up."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The 64-bit seed of the random draws of training step ``step`` (NumPy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0])
+
+
+class StepBatches(Sampler[list[tuple[int, int]]]):
+    """``(epoch, index)`` keys of the sets of steps ``start .. stop - 1``, ``batch_size`` per step.
+
+    Position ``p = step * batch_size + j`` is item ``p mod n`` of epoch ``p // n`` in the
+    :class:`EpochSampler` order, so a batch may span two epochs and any step can be started from.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, start: int, stop: int) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+
+    def _keys(self, position: int) -> Iterator[tuple[int, int]]:
+        epochs = EpochSampler(self.n, seed=self.seed)
+        epochs.set_epoch(position // self.n)
+        skip = position % self.n
+        while True:
+            yield from islice(iter(epochs), skip, None)
+            skip = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        keys = self._keys(self.start * self.batch_size)
+        for _ in range(len(self)):
+            yield list(islice(keys, self.batch_size))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Workers ignore Ctrl-C (the main process saves a checkpoint and stops them) and seed numpy."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Within the block a first Ctrl-C only sets a flag (read between steps); a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    """Trains the model of a :class:`RunConfig` into ``run_dir``, or resumes it from ``run_dir/checkpoints/last.pt``.
+
+    A fresh run prepares the data (writing ``split.json`` and ``data_state.json``), writes the
+    resolved ``config.yaml`` and refuses a folder that already holds a checkpoint; a resumed run
+    rebuilds everything from the checkpoint and refuses a config that changes the training
+    stream (:data:`FIXED_ON_RESUME`).
+
+    Args:
+        config: the run configuration (``data.path`` already resolved).
+        run_dir: the run folder.
+        source: the data as an AnnData or path instead of ``config.data.path``.
+        resume: continue from the run folder's last checkpoint.
+        progress: show a progress bar (tqdm, on stderr).
+
+    Example:
+        >>> trainer = Trainer(load_config("examples/kang18_holdout_celltype.yaml"), "runs/kang")  # doctest: +SKIP
+        >>> log = trainer.fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        source: ad.AnnData | str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.device = resolve_device(config.train.device)
+        self.checkpoint_file = checkpoint_path(self.run_dir)
+        self.history: list[dict[str, float]] = []
+        self.validation: dict[int, float] = {}
+        self.step = 0
+        if resume:
+            checkpoint = load_checkpoint(self.checkpoint_file)
+            self._check_resumable(checkpoint.run_config)
+            self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
+            self.split: Split = checkpoint.split
+            self.split.check(self.data)
+            self.model = checkpoint.build_model(self.device)
+        else:
+            if self.checkpoint_file.exists():
+                raise ConfigError(
+                    f"{self.run_dir} already holds a trained run ({self.checkpoint_file}); pass --resume to "
+                    f"continue it, or --out to start a new run in another folder."
+                )
+            self.data, self.split = prepare(config.data, config.split, source, out_dir=self.run_dir)
+            torch.manual_seed(config.seed)
+            self.model = build_model(config.model, self.data).to(self.device)
+        self.params = self.model.trainable_parameters()
+        train = config.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: lr_factor(k, train.warmup_steps, train.steps)
+        )
+        if resume:
+            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            self.scheduler.load_state_dict(checkpoint.scheduler_state)
+            self.step, self.history, self.validation = checkpoint.step, checkpoint.history, checkpoint.validation
+        write_config(config, self.run_dir)
+        self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed)
+        self.val_loader = (
+            make_loader(self.data, self.split.val, train=False, batch_size=train.batch_size, seed=config.seed,
+                        samples_per_condition=train.val_sets)
+            if self.split.val and train.val_every
+            else None
+        )
+
+    def _check_resumable(self, saved: RunConfig) -> None:
+        changed = [
+            key
+            for key in differences(saved.to_dict(), self.config.to_dict())
+            if key != "data.path" and key.startswith(FIXED_ON_RESUME)
+        ]
+        if changed:
+            raise ConfigError(
+                f"Cannot resume {self.run_dir}: the config changes {', '.join(changed)}, which define the training "
+                f"run. Resume with the run's own {self.run_dir / 'config.yaml'}, or start a new run with --out."
+            )
+
+    # ------------------------------------------------------------------------------ loop
+
+    def fit(self, stop_at: int | None = None) -> pd.DataFrame:
+        """Train up to ``train.steps`` (or ``stop_at``), then save a checkpoint; returns :meth:`log`.
+
+        Raises:
+            TrainingInterrupted: on Ctrl-C, after saving the last completed step.
+        """
+        train = self.config.train
+        stop = train.steps if stop_at is None else min(stop_at, train.steps)
+        if self.step >= stop:
+            return self.log()
+        loader = DataLoader(
+            self.train_sets,
+            batch_sampler=StepBatches(len(self.train_sets), train.batch_size, seed=self.config.seed, start=self.step, stop=stop),
+            collate_fn=collate_sets,
+            num_workers=train.num_workers,
+            worker_init_fn=_worker_init,
+        )
+        bar = tqdm(total=stop, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
+        with deferred_interrupt() as interrupted, bar:
+            for batch in loader:
+                self.history.append(self._train_step(batch))
+                self.step += 1
+                self._periodic(bar, stop)
+                bar.update(1)
+                if interrupted():
+                    self.save()
+                    raise TrainingInterrupted(self.step, self.checkpoint_file)
+        self.save()
+        return self.log()
+
+    def _train_step(self, batch: Any) -> dict[str, float]:
+        """One optimizer step; its random draws come from ``step_seed(seed, step)`` alone."""
+        seed = step_seed(self.config.seed, self.step)
+        torch.manual_seed(seed)  # anything drawing from torch's global generator is seeded per step too
+        generator = torch.Generator(self.device).manual_seed(seed)
+        self.model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        batch = batch.to(self.device)
+        if self.config.train.context_drop_prob > 0:
+            batch = drop_context(batch, self.config.train.context_drop_prob, generator)
+        terms = self.model.loss(batch, generator)
+        if not torch.isfinite(terms["loss"]):
+            raise PerturbDiffError(
+                f"The training loss became {terms['loss'].item()} at step {self.step + 1}; lower train.lr or set "
+                f"train.grad_clip, and resume from the last checkpoint ({self.checkpoint_file}) or start again."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if self.config.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.model.ema is not None:
+            self.model.update_ema()
+        return {"loss": terms["loss"].item(), "mse": terms["mse"].item(), "mmd": terms.get("mmd", torch.tensor(math.nan)).item(), "lr": lr}
+
+    def _periodic(self, bar: tqdm, stop: int) -> None:
+        """Validation, logging and checkpoints due after the step just taken (``fit`` saves at ``stop``)."""
+        train, step = self.config.train, self.step
+        last = step == train.steps
+        if self.val_loader is not None and (step % train.val_every == 0 or last):
+            self.validation[step] = self.validate()
+        if step % train.log_every == 0 or last or step in self.validation:
+            window = self.history[-train.log_every:]
+            postfix = {"loss": f"{np.mean([r['loss'] for r in window]):.4g}"}
+            if self.validation:
+                postfix["val_mmd"] = f"{self.validation[max(self.validation)]:.4g}"
+            bar.set_postfix(postfix, refresh=False)
+            self.write_log()
+        if step % train.checkpoint_every == 0 and step != stop:
+            self.save()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        r"""Mean :math:`\mathrm{MMD}^2` (the model's kernel and estimator) between sets sampled by the
+        (EMA) model in ``val_sampling_steps`` DDIM steps and the fixed real sets of the validation conditions."""
+        assert self.val_loader is not None
+        generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        values = []
+        for batch in self.val_loader:
+            batch = batch.to(self.device)
+            sampled = self.model.sample(batch.cond, steps=self.config.train.val_sampling_steps, generator=generator)
+            values.append(self.model.estimator(sampled, batch.target.to(sampled.dtype), self.model.kernel))
+        return torch.cat(values).mean().item()
+
+    # ---------------------------------------------------------------------------- output
+
+    def log(self) -> pd.DataFrame:
+        """``train_log.csv``'s table: per ``log_every`` steps the mean ``loss``, ``mse``, ``mmd``, the
+        step's ``lr``, and ``val_mmd`` at validation steps (NaN elsewhere)."""
+        every = self.config.train.log_every
+        rows = []
+        for end in sorted({*range(every, self.step + 1, every), *self.validation, *([self.step] if self.step else [])}):
+            window = self.history[max(0, end - every):end]
+            rows.append(
+                {
+                    "step": end,
+                    **{k: float(np.mean([r[k] for r in window])) for k in ("loss", "mse", "mmd")},
+                    "lr": window[-1]["lr"],
+                    "val_mmd": self.validation.get(end, math.nan),
+                }
+            )
+        return pd.DataFrame(rows, columns=list(LOG_COLUMNS))
+
+    def write_log(self) -> Path:
+        """Write :meth:`log` to ``run_dir/train_log.csv`` atomically."""
+        path = self.run_dir / LOG_FILE
+        with atomic_path(path) as tmp:
+            self.log().to_csv(tmp, index=False)
+        return path
+
+    def save(self) -> Path:
+        """Checkpoint the current step to ``run_dir/checkpoints/last.pt`` (atomically) and write the log."""
+        checkpoint = Checkpoint(
+            step=self.step,
+            run_config=self.config,
+            model_config=self.model.config(),
+            model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            data_state=self.data.to_state(),
+            split=self.split,
+            history=self.history,
+            validation=self.validation,
+        )
+        self.write_log()
+        return save_checkpoint(self.checkpoint_file, checkpoint)
+

@@ -1,0 +1,286 @@
+"""Baselines: each recovers the shift it is built for (against a float64 NumPy reference and the
+known truth), samples only what it may, never reads the cells it predicts, and is seeded; plus
+the classic held-out checks on the real kang18 and norman19 files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, make_split, prepare
+from perturbdiff_core.errors import InputError
+from perturbdiff_core.evaluation import aggregate, compare
+from perturbdiff_core.predictors import Predictor, as_predictor, predict_anndata, real_anndata
+from perturbdiff_plugins.baselines import (
+    ContextMeanBaseline,
+    ControlBaseline,
+    LinearBaseline,
+    RandomTrainBaseline,
+)
+
+NAMES = ("control", "context_mean", "linear", "random_train")
+CELL_TYPES = ("t1", "t2", "t3")
+
+
+def additive_screen(
+    perturbations: Sequence[str] = ("A", "B", "C", "A+B"),
+    *,
+    genes: int = 30,
+    cells: int = 40,
+    context_shift: float = 0.0,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> tuple[ad.AnnData, dict[tuple[str, str], np.ndarray]]:
+    """log1p-like cells ``base_t + shift + noise`` and the true shifts ``{(perturbation, cell type): (G,)}``.
+
+    A perturbation's shift is the sum of its parts' effects plus ``u_t`` (scaled by
+    ``context_shift``: 0 makes the shift the same in every cell type). Baselines stay far from 0,
+    so nothing is clipped. Control cell counts differ from the conditions' to exercise resampling.
+    """
+    rng = np.random.default_rng(seed)
+    parts = sorted({p for name in perturbations for p in name.split("+")})
+    effect = {p: np.clip(rng.normal(0, 0.5, genes), -1, 1) for p in parts}
+    blocks, labels, types, truth = [], [], [], {}
+    for t in CELL_TYPES:
+        base = rng.uniform(3.0, 4.0, genes)
+        u = context_shift * rng.normal(0, 1, genes)
+        for name in ("control", *perturbations):
+            shift = np.zeros(genes) if name == "control" else sum(effect[p] for p in name.split("+")) + u
+            n = cells + 7 if name == "control" else cells
+            blocks.append(base + shift + noise * rng.normal(size=(n, genes)))
+            labels += [name] * n
+            types += [t] * n
+            if name != "control":
+                truth[(name, t)] = shift
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": types}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=obs.astype("category"))
+    adata.var_names = [f"g{i}" for i in range(genes)]
+    return adata, truth
+
+
+def _data(adata: ad.AnnData, kind: str, holdout: list[str]) -> tuple[PerturbationData, list[str], list[str]]:
+    """Data fitted on the training conditions of a split (no encodability check: any perturbation may be held out)."""
+    data = PerturbationData(adata, DataConfig(cell_type_key="cell_type"))
+    split = make_split(data, SplitConfig(kind=kind, holdout=holdout, val_fraction=0.0))
+    data.fit(split.train)
+    return data, split.train, split.test
+
+
+def _cells(adata: ad.AnnData, perturbation: str, cell_type: str) -> np.ndarray:
+    mask = (adata.obs.perturbation == perturbation) & (adata.obs.cell_type == cell_type)
+    return np.asarray(adata.X[mask.to_numpy()], dtype=np.float64)
+
+
+def _shift(adata: ad.AnnData, perturbation: str, cell_type: str) -> np.ndarray:
+    """Reference shift: mean of the condition minus the mean of its cell type's controls, float64."""
+    return _cells(adata, perturbation, cell_type).mean(0) - _cells(adata, "control", cell_type).mean(0)
+
+
+def _predicted_shift(predictor: Predictor, data: PerturbationData, label: str) -> np.ndarray:
+    """Mean predicted minus control mean, with as many cells as controls (each control drawn once)."""
+    condition = data.condition(label)
+    controls = data.read(data.control_cells(condition.context)).astype(np.float64)
+    cells = predictor.predict(data, condition, len(controls), seed=0)
+    return cells.mean(0, dtype=np.float64) - controls.mean(0)
+
+
+def _rows(x: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in np.asarray(x, dtype=np.float32)}
+
+
+# --- each baseline recovers its shift -----------------------------------------------------------
+
+
+def test_context_mean_recovers_the_shift_of_a_held_out_cell_type() -> None:
+    adata, truth = additive_screen()
+    data, train, test = _data(adata, "holdout_cell_type", ["t3"])
+    baseline = ContextMeanBaseline().fit(data, train)
+    assert sorted(test) == ["A+B|t3", "A|t3", "B|t3", "C|t3"]
+    for label in test:
+        p = label.split("|")[0]
+        expected = np.mean([_shift(adata, p, t) for t in ("t1", "t2")], axis=0)
+        np.testing.assert_allclose(_predicted_shift(baseline, data, label), expected, atol=1e-5)
+        np.testing.assert_allclose(expected, truth[(p, "t3")], atol=0.08)  # and that is the true shift
+
+
+def test_context_mean_sums_the_parts_of_an_unseen_combination() -> None:
+    adata, truth = additive_screen(context_shift=0.3)
+    data, train, test = _data(adata, "holdout_combination", ["A+B"])
+    baseline = ContextMeanBaseline().fit(data, train)
+    for t in CELL_TYPES:
+        expected = _shift(adata, "A", t) + _shift(adata, "B", t)  # the parts in the same cell type
+        np.testing.assert_allclose(_predicted_shift(baseline, data, f"A+B|{t}"), expected, atol=1e-5)
+
+
+def test_context_mean_of_an_unseen_perturbation_is_the_mean_shift_of_its_cell_type() -> None:
+    adata, _ = additive_screen()
+    data, train, test = _data(adata, "holdout_perturbation", ["C"])
+    baseline = ContextMeanBaseline().fit(data, train)
+    assert "C|t2" in test
+    expected = np.mean([_shift(adata, p, "t2") for p in ("A", "B", "A+B")], axis=0)
+    np.testing.assert_allclose(_predicted_shift(baseline, data, "C|t2"), expected, atol=1e-5)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float) -> np.ndarray:
+    """Closed-form ridge with an unpenalised intercept: centre, solve (X'X + aI) W = X'Y."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return ym + (x_new - xm) @ w
+
+
+def test_linear_recovers_an_additive_shift_and_matches_closed_form_ridge() -> None:
+    adata, truth = additive_screen(("A", "B", "C", "A+B", "A+C", "B+C"), context_shift=0.3)
+    data, train, test = _data(adata, "holdout_combination", ["B+C"])
+    alpha = 1e-3
+    baseline = LinearBaseline(alpha=alpha).fit(data, train)
+
+    def design(labels: list[str]) -> np.ndarray:  # part incidence and one-hot cell type, built here
+        rows = [label.split("|") for label in labels]
+        parts = [[float(p in name.split("+")) for p in ("A", "B", "C")] for name, _ in rows]
+        kinds = [[float(t == k) for k in CELL_TYPES] for _, t in rows]
+        return np.hstack([np.array(parts), np.array(kinds)])
+
+    y = np.stack([_shift(adata, *label.split("|")) for label in train])
+    for label in test:
+        predicted = _predicted_shift(baseline, data, label)
+        np.testing.assert_allclose(predicted, _ridge(design(train), y, design([label]), alpha)[0], atol=1e-5)
+        np.testing.assert_allclose(predicted, truth[tuple(label.split("|"))], atol=0.08)
+
+
+# --- what each baseline samples -----------------------------------------------------------------
+
+
+def test_control_returns_control_cells_of_the_context() -> None:
+    adata, _ = additive_screen()
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    controls = _rows(_cells(adata, "control", "t3"))
+    condition = data.condition("A|t3")
+    few = ControlBaseline().predict(data, condition, 20, seed=1)
+    many = ControlBaseline().fit(data, train).predict(data, condition, 200, seed=1)
+    assert few.shape == (20, data.n_genes) and many.shape == (200, data.n_genes)
+    assert _rows(few) <= controls and len(_rows(few)) == 20  # without replacement when there are enough
+    assert _rows(many) == controls  # with replacement when fewer: every one of the 47 is drawn
+
+
+def test_random_train_draws_training_cells_of_the_same_perturbation() -> None:
+    adata, _ = additive_screen()
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    cells = _rows(RandomTrainBaseline().fit(data, train).predict(data, data.condition("A|t3"), 300, seed=0))
+    t1, t2 = _rows(_cells(adata, "A", "t1")), _rows(_cells(adata, "A", "t2"))
+    assert cells <= t1 | t2 and cells & t1 and cells & t2
+
+
+def test_random_train_of_an_unseen_perturbation_draws_training_cells_of_its_cell_type() -> None:
+    adata, _ = additive_screen()
+    data, train, _ = _data(adata, "holdout_perturbation", ["C"])
+    cells = RandomTrainBaseline().fit(data, train).predict(data, data.condition("C|t2"), 500, seed=0)
+    allowed = set().union(*(_rows(_cells(adata, p, "t2")) for p in ("A", "B", "A+B")))
+    assert _rows(cells) <= allowed and len(_rows(cells)) > 100
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("label", ["A|t3", "B|t1"], ids=["held-out", "training"])
+def test_baselines_never_read_the_cells_they_predict(name: str, label: str) -> None:
+    """Replacing the cells of a held-out or of a training condition by wild values leaves that
+    condition's prediction unchanged (a training condition is left out of its own prediction)."""
+    adata, _ = additive_screen()
+    wild = adata.copy()
+    perturbation, cell_type = label.split("|")
+    mask = ((wild.obs.perturbation == perturbation) & (wild.obs.cell_type == cell_type)).to_numpy()
+    wild.X[mask] = np.random.default_rng(5).uniform(10, 15, size=(int(mask.sum()), wild.n_vars)).astype(np.float32)
+    predictions = []
+    for source in (adata, wild):
+        data, train, _ = _data(source, "holdout_cell_type", ["t3"])
+        predictions.append(as_predictor(name).fit(data, train).predict(data, data.condition(label), 30, seed=3))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    assert np.abs(predictions[0].mean(0) - wild.X[mask].mean(0)).min() > 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_predictions_depend_on_the_seed_only(name: str) -> None:
+    adata, _ = additive_screen()
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    condition = data.condition("A+B|t3")
+    runs = [as_predictor(name).fit(data, train).predict(data, condition, 25, seed=s) for s in (4, 4, 5)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+    assert runs[0].dtype == np.float32 and (runs[0] >= 0).all()
+
+
+# --- registry and errors ------------------------------------------------------------------------
+
+
+def test_baselines_are_registered_by_name() -> None:
+    classes = (ControlBaseline, ContextMeanBaseline, LinearBaseline, RandomTrainBaseline)
+    for name, cls in zip(NAMES, classes, strict=True):
+        assert type(as_predictor(name)) is cls
+    assert as_predictor("linear", alpha=2.5).alpha == 2.5
+
+
+@pytest.mark.parametrize("name", ["context_mean", "linear", "random_train"])
+def test_predict_before_fit_is_a_clear_error(name: str) -> None:
+    adata, _ = additive_screen()
+    data, _, _ = _data(adata, "holdout_cell_type", ["t3"])
+    with pytest.raises(InputError, match="not fitted; call fit"):
+        as_predictor(name).predict(data, data.condition("A|t3"), 5, seed=0)
+
+
+def test_bad_training_input_is_a_clear_error() -> None:
+    adata, _ = additive_screen()
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    with pytest.raises(InputError, match="alpha must be a non-negative"):
+        LinearBaseline(alpha=-1.0).fit(data, train)
+    with pytest.raises(InputError, match="must be perturbed"):
+        ContextMeanBaseline().fit(data, [*train, "control|t1"])
+    with pytest.raises(InputError, match="No training conditions"):
+        RandomTrainBaseline().fit(data, [])
+    alone = ContextMeanBaseline().fit(data, ["A|t1"])
+    with pytest.raises(InputError, match="no training condition other than 'A\\|t1'"):
+        alone.predict(data, data.condition("A|t1"), 5, seed=0)
+
+
+# --- the real data ------------------------------------------------------------------------------
+
+
+def _baseline_metrics(path, data_config: DataConfig, split_config: SplitConfig) -> pd.DataFrame:
+    data, split = prepare(data_config, split_config, path)
+    predictions = {
+        name: predict_anndata(as_predictor(name).fit(data, split.train), data, split.test, progress=False)
+        for name in NAMES
+    }
+    real = real_anndata(data, split.test)
+    table = compare(
+        predictions, real, perturbation_key=data_config.perturbation_key, cell_type_key=data_config.cell_type_key
+    )
+    assert set(table.method) == set(NAMES)
+    return aggregate(table)
+
+
+@pytest.mark.slow
+def test_kang18_held_out_cell_type(kang18_path) -> None:
+    """Held-out CD14+Mono: the other cell types' IFN-beta shift explains the real one; adding it to
+    every control cell calls far more genes DE than the real data has."""
+    wide = _baseline_metrics(
+        kang18_path,
+        DataConfig(perturbation_key="condition", cell_type_key="cell_type"),
+        SplitConfig(kind="holdout_cell_type", holdout=["CD14+Mono"]),
+    )
+    assert wide.loc["pearson_delta", "context_mean"] > wide.loc["pearson_delta", "control"] + 0.5
+    assert wide.loc["mmd2_energy", "context_mean"] < wide.loc["mmd2_energy", "control"]
+    assert wide.loc["de_nsig_counts_pred", "context_mean"] > 3 * wide.loc["de_nsig_counts_real", "context_mean"]
+
+
+def test_norman19_held_out_combinations(norman19_path) -> None:
+    """Held-out K562 double perturbations: the sum of the single parts' shifts beats no change."""
+    wide = _baseline_metrics(
+        norman19_path,
+        DataConfig(cell_type_key="cell_type"),
+        SplitConfig(kind="holdout_combination", holdout=["KLF1+MAP2K6", "MAP2K3+MAP2K6", "MAPK1+TGFBR2"]),
+    )
+    assert wide.loc["mse_delta", "context_mean"] < wide.loc["mse_delta", "control"] / 2
+    assert wide.loc["pearson_delta", "context_mean"] > 0.5

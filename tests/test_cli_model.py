@@ -1,0 +1,139 @@
+"""``perturbdiff train / predict / run``: tiny happy paths and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from perturbdiff_core.checkpoint import load_checkpoint
+from perturbdiff_core.cli import main
+from perturbdiff_core.commands.train import fit
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.training import TrainingInterrupted
+from test_cli import assert_one_line_error
+from test_training import TINY_NET
+
+BASELINES = ["control", "context_mean", "linear", "random_train"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli_model")
+    synthetic_screen(600, 40, seed=3).write_h5ad(folder / "screen.h5ad")
+    config = {
+        "seed": 2,
+        "data": {"path": str(folder / "screen.h5ad"), "cell_type_key": "cell_type", "set_size": 12},
+        "split": {"kind": "holdout_combination", "holdout": ["A+B"], "val_fraction": 0.3},
+        "model": {"ema_decay": 0.9},
+        "train": {"steps": 4, "batch_size": 3, "lr": 0.003, "warmup_steps": 1, "log_every": 2, "val_every": 2,
+                  "val_sampling_steps": 3, "checkpoint_every": 2, "device": "cpu"},
+        "sample": {"steps": 4},
+        "evaluate": {"max_cells": 60},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_then_predict(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    code = main(["train", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET, "seed=4", "--set", "train.steps=3"])
+    assert code == 0, capsys.readouterr().err
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert checkpoint.step == 3 and checkpoint.run_config.seed == 4 and checkpoint.run_config.name == "tiny"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
+    assert f"Trained 3 steps into {run}" in capsys.readouterr().err
+
+    assert main(["predict", "--run", str(run), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    adata = ad.read_h5ad(run / "predictions.h5ad")
+    assert set(adata.obs.perturbation) == {"A+B", "control"}
+    assert f"to {run / 'predictions.h5ad'}" in err
+
+    out = tmp_path / "other.h5ad"
+    assert main(["predict", "--run", str(run), "--conditions", "C|t2", "--n-cells", "5", "--out", str(out), "--device", "cpu"]) == 0
+    assert (ad.read_h5ad(out).obs.perturbation == "C").sum() == 5
+
+
+def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["run", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET]) == 0
+    for name in ("config.yaml", "split.json", "checkpoints/last.pt", "train_log.csv", "predictions.h5ad", "metrics.csv", "report.html"):
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert set(metrics.method) == {"model", *BASELINES}
+    assert set(metrics.condition) == {"t1/A+B", "t2/A+B", "__all__"}
+    assert "beats the best baseline" in capsys.readouterr().out
+    # A finished run resumed goes straight to prediction and evaluation.
+    assert main(["run", str(config_file), "--out", str(run), "--quiet", "--resume", "--set", TINY_NET]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["train", "{config}", "--set", "train.stepz=3"], ["train.stepz", "train.steps"]),
+        (["train", "{tmp}/absent.yaml"], ["No such config file"]),
+        (["train", "{config}", "--set", "data.path=/nonexistent/x.h5ad"], ["No such file"]),
+        (["train", "{config}", "--set", "train.steps=0"], ["train.steps"]),
+        (["train", "{config}", "--out", "{tmp}/fresh", "--resume"], ["No checkpoint"]),
+        (["predict", "--run", "{tmp}/nothing"], ["No run folder"]),
+        (["predict", "--run", "{tmp}", "--device", "cpu"], ["No checkpoint"]),
+        (["run", "{config}", "--set", "split.holdout=[Q+R]"], ["Q+R"]),
+    ],
+)
+def test_bad_input_is_one_line(
+    argv: list[str], fragments: list[str], config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.format(config=config_file, tmp=tmp_path) for a in argv]
+    if argv[0] in ("train", "run") and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code = main([*argv, "--quiet"] if argv[0] != "predict" else argv)
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)
+
+
+def test_corrupt_checkpoint_and_existing_run_are_one_line(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET, "train.steps=1"]) == 0
+    capsys.readouterr()
+    assert_one_line_error(main(["train", str(config_file), "--out", str(run), "--quiet"]), capsys.readouterr().err, "--resume")
+    assert_one_line_error(
+        main(["train", str(config_file), "--out", str(run), "--quiet", "--resume", "--set", "model.mmd_weight=0.5"]),
+        capsys.readouterr().err,
+        "model.mmd_weight",
+    )
+    (run / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
+    assert_one_line_error(main(["predict", "--run", str(run), "--device", "cpu"]), capsys.readouterr().err, "corrupt")
+
+
+def test_a_misspelt_baseline_fails_before_training(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    code = main(["run", str(config_file), "--out", str(run), "--quiet", "--set", "evaluate.baselines=[contrl]"])
+    assert_one_line_error(code, capsys.readouterr().err, "contrl")
+    assert not run.exists()
+
+
+def test_interruption_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class Interrupted:
+        run_dir = tmp_path / "run"
+
+        def fit(self) -> None:
+            raise TrainingInterrupted(3, self.run_dir / "checkpoints" / "last.pt")
+
+    assert fit(Interrupted(), "run") == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert "step 3" in lines[0] and f"perturbdiff run {tmp_path / 'run' / 'config.yaml'} --out {tmp_path / 'run'} --resume" in lines[0]

@@ -1,0 +1,168 @@
+"""Prediction: DiffusionPredictor, predictions.h5ad (obs keys, genes, real controls unchanged), new files."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint
+from perturbdiff_core.commands.predict import predictions, resolve_conditions
+from perturbdiff_core.data import PerturbationData
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.errors import DataError, InputError
+from perturbdiff_core.model_predictor import DiffusionPredictor
+from perturbdiff_core.run_config import SampleConfig
+from perturbdiff_core.training import Trainer
+from test_training import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def screen() -> ad.AnnData:
+    return synthetic_screen(600, 40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(screen: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    """A tiny model trained for a few steps on the synthetic screen (test split: A+B in t1 and t2)."""
+    folder = tmp_path_factory.mktemp("trained")
+    path = folder / "screen.h5ad"
+    screen.write_h5ad(path)
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_config(path, "train.steps=4", "train.val_every=0"), folder / "run", progress=False)
+    trainer.fit()
+    return trainer
+
+
+def args(run: Path, **values) -> argparse.Namespace:
+    defaults = {"run": str(run), "checkpoint": None, "data": None, "conditions": None, "n_cells": None, "seed": None,
+                "device": "cpu", "out": None}
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x)
+
+
+def test_predictor_samples_n_cells_deterministically(trained: Trainer) -> None:
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    predictor = DiffusionPredictor(trained.model, SampleConfig(steps=4, chunk_sets=2), device="cpu")
+    cells = predictor.predict(data, condition, 29, seed=1)  # 3 sets of 12, the last one cut
+    assert cells.shape == (29, data.n_genes) and cells.dtype == np.float32
+    assert (cells >= 0).all() and np.isfinite(cells).all()
+    np.testing.assert_array_equal(cells, predictor.predict(data, condition, 29, seed=1))
+    assert not np.array_equal(cells, predictor.predict(data, condition, 29, seed=2))
+    raw = DiffusionPredictor(trained.model, SampleConfig(steps=4, chunk_sets=2, nonnegative=False)).predict(data, condition, 29, seed=1)
+    np.testing.assert_array_equal(cells, np.maximum(raw, 0.0))
+
+
+def test_predictor_uses_one_random_control_set_per_generated_set(trained: Trainer, monkeypatch) -> None:
+    """Each set of a prediction is conditioned on its own control draw of the condition's context."""
+    seen = []
+    original = trained.model.sample
+
+    def spy(cond, *a, **k):
+        seen.append(cond.control.clone())
+        return original(cond, *a, **k)
+
+    monkeypatch.setattr(trained.model, "sample", spy)
+    data = trained.data
+    condition = data.condition("A+B|t2")
+    DiffusionPredictor(trained.model, SampleConfig(steps=2, chunk_sets=2)).predict(data, condition, 40, seed=0)
+    controls = torch.cat(seen)
+    assert controls.shape == (4, data.config.set_size, data.n_genes)  # ceil(40 / 12) sets in chunks of 2
+    pool = data.read(data.control_cells(condition.context))
+    for s in controls:  # every control cell is a real control cell of the context
+        assert all((np.abs(pool - row.numpy()).sum(1) == 0).any() for row in s)
+    assert not torch.equal(controls[0], controls[1])
+
+
+def test_predictions_file_matches_the_input(trained: Trainer, screen: ad.AnnData, tmp_path: Path) -> None:
+    run = trained.run_dir
+    adata = predictions(load_checkpoint(checkpoint_path(run)), args(run))
+    keys = ("perturbation", "cell_type")
+    assert set(keys) <= set(adata.obs.columns)
+    assert list(adata.var_names) == list(screen.var_names)
+    counts = adata.obs.groupby(list(keys), observed=True).size()
+    real = screen.obs.groupby(list(keys), observed=True).size()
+    for cell_type in ("t1", "t2"):
+        assert counts[("A+B", cell_type)] == real[("A+B", cell_type)]
+        assert counts[("control", cell_type)] == real[("control", cell_type)]
+    assert set(adata.obs.perturbation) == {"A+B", "control"}
+    for cell_type in ("t1", "t2"):  # the real control cells, unchanged and in order
+        mask = (adata.obs.perturbation == "control").to_numpy() & (adata.obs.cell_type == cell_type).to_numpy()
+        source = ((screen.obs.perturbation == "control") & (screen.obs.cell_type == cell_type)).to_numpy()
+        np.testing.assert_array_equal(adata.X[mask], dense(screen.X[source]).astype(np.float32))
+
+
+def test_n_cells_and_conditions_by_name_or_label(trained: Trainer) -> None:
+    run = trained.run_dir
+    checkpoint = load_checkpoint(checkpoint_path(run))
+    adata = predictions(checkpoint, args(run, conditions=["C", "A|t2"], n_cells=7))
+    perturbed = adata.obs[adata.obs.perturbation != "control"]
+    assert perturbed.groupby(["perturbation", "cell_type"], observed=True).size().to_dict() == {
+        ("A", "t2"): 7, ("C", "t1"): 7, ("C", "t2"): 7
+    }
+    with pytest.raises(InputError, match="--n-cells"):
+        predictions(checkpoint, args(run, conditions=["A+C|t1"]))
+    with pytest.raises(InputError, match="perturbation|cell_type"):
+        predictions(checkpoint, args(run, conditions=["A|t1|extra"], n_cells=3))
+    with pytest.raises(DataError, match="t1, t2"):
+        predictions(checkpoint, args(run, conditions=["A|t9"], n_cells=3))
+    with pytest.raises(DataError, match="never seen"):
+        predictions(checkpoint, args(run, conditions=["Z"], n_cells=3))
+
+
+def test_new_condition_without_cells_is_predicted_with_n_cells(trained: Trainer) -> None:
+    run = trained.run_dir
+    adata = predictions(load_checkpoint(checkpoint_path(run)), args(run, conditions=["A+C|t1"], n_cells=5))
+    assert (adata.obs.perturbation == "A+C").sum() == 5
+
+
+def test_new_file_aligned_by_gene_name_with_missing_genes_reported(
+    trained: Trainer, screen: ad.AnnData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    new = synthetic_screen(300, 40, seed=9, perturbations=("A", "B"))
+    new = new[:, rng.permutation(new.n_vars)].copy()  # genes in another order
+    missing = new.var_names[5]
+    new = new[:, new.var_names != missing].copy()  # and one gene missing
+    path = tmp_path / "new.h5ad"
+    new.write_h5ad(path)
+    run = trained.run_dir
+    adata = predictions(load_checkpoint(checkpoint_path(run)), args(run, data=str(path)))
+    err = capsys.readouterr().err.strip().splitlines()
+    note = [line for line in err if "missing" in line]
+    assert len(note) == 1 and "1 of the model's 40 genes" in note[0] and missing in note[0]
+    assert list(adata.var_names) == list(screen.var_names)  # the model's genes, in the model's order
+    assert set(adata.obs.perturbation) == {"A", "B", "control"}  # every perturbed condition of the new file
+    mask = (adata.obs.perturbation == "control").to_numpy() & (adata.obs.cell_type == "t1").to_numpy()
+    source = new[(new.obs.perturbation == "control").to_numpy() & (new.obs.cell_type == "t1").to_numpy()]
+    expected = np.zeros((source.n_obs, len(screen.var_names)), dtype=np.float32)
+    for j, gene in enumerate(screen.var_names):
+        if gene != missing:
+            expected[:, j] = dense(source[:, gene].X).ravel()
+    np.testing.assert_array_equal(adata.X[mask], expected)
+
+
+def test_resolve_conditions_expands_a_perturbation_name(trained: Trainer) -> None:
+    data: PerturbationData = trained.data
+    labels = [c.label for c in resolve_conditions(data, ["B", "A+B|t2"])]
+    assert labels == ["B|t1", "B|t2", "A+B|t2"]
+    with pytest.raises(InputError, match="control"):
+        resolve_conditions(data, ["control|t1"])

@@ -1,0 +1,137 @@
+"""RunConfig: defaults <- YAML <- --set overrides, strict keys and types, data path resolution, bundled examples."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from perturbdiff_core.commands.train import add_run_arguments
+from perturbdiff_core.configuration import read_yaml
+from perturbdiff_core.data.anndata_io import DATA_ENV
+from perturbdiff_core.errors import ConfigError, DataError
+from perturbdiff_core.run_config import (
+    RunConfig,
+    config_from_dict,
+    differences,
+    load_config,
+    resolve_data_path,
+    run_dir_for,
+    write_config,
+)
+
+#: The bundled run configurations (examples/ also holds other kinds of YAML, e.g. ablation grids).
+EXAMPLES = [
+    Path(__file__).resolve().parents[1] / "examples" / f"{name}.yaml"
+    for name in ("kang18_holdout_celltype", "norman19_holdout_combination", "norman19_holdout_glioma")
+]
+
+
+def write(tmp_path: Path, values: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_defaults_follow_the_issue() -> None:
+    config = load_config(None)
+    assert config == RunConfig()
+    model = config.model
+    assert (model.denoiser, model.denoiser_params, model.schedule, model.kernel, model.estimator) == (
+        "cross_dit", {"size": "tiny"}, "cosine", "energy", "unbiased"
+    )
+    assert (model.mmd_weight, model.prediction, model.self_condition_prob, model.cond_drop_prob, model.ema_decay) == (
+        1.0, "x0", 0.5, 0.1, 0.999
+    )
+    assert (config.sample.sampler, config.sample.steps, config.sample.eta, config.sample.guidance) == ("ddim", 50, 0.0, 1.0)
+    assert config.evaluate.baselines == ["control", "context_mean", "linear", "random_train"]
+
+
+def test_yaml_then_overrides_win_and_name_defaults_to_file_stem(tmp_path: Path) -> None:
+    path = write(tmp_path, {"seed": 3, "train": {"steps": 10, "lr": 0.01}, "data": {"batch_key": "donor"}})
+    config = load_config(path, ["train.steps=20", "split.holdout=[k562]", "data.batch_key=null", "model.kernel=rbf"])
+    assert config.name == "exp" and config.seed == 3
+    assert config.train.steps == 20 and config.train.lr == 0.01  # YAML kept where not overridden
+    assert config.split.holdout == ["k562"] and config.data.batch_key is None and config.model.kernel == "rbf"
+    assert config.train.batch_size == RunConfig().train.batch_size  # default kept
+
+
+def test_set_takes_several_pairs_per_flag_and_repeats(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args(["cfg.yaml", "--set", "seed=1", "train.steps=7", "--set", "model.estimator=biased"])
+    assert args.overrides == ["seed=1", "train.steps=7", "model.estimator=biased"]
+    config = load_config(write(tmp_path, {}), args.overrides)
+    assert (config.seed, config.train.steps, config.model.estimator) == (1, 7, "biased")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["train.stepz=3"], ["train.stepz", "train.steps"]),  # unknown key lists the valid ones
+        (["modle.kernel=rbf"], ["modle", "model"]),
+        (["train.steps=many"], ["train.steps", "int"]),
+        (["train.steps=0"], ["train.steps", "at least 1"]),
+        (["model.prediction=noise"], ["model.prediction", "x0"]),
+        (["train.grad_clip=-1.0"], ["train.grad_clip"]),
+        (["split.kind=sideways"], ["split.kind", "holdout_cell_type"]),
+        (["seed"], ["key=value"]),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {}), overrides)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_missing_or_malformed_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such config file"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_written_config_reads_back_equal(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {"train": {"steps": 5}, "split": {"holdout": ["a", "b"]}}), ["model.ema_decay=null"])
+    path = write_config(config, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert config_from_dict(read_yaml(path)) == config
+    assert differences(config.to_dict(), config.to_dict()) == []
+    other = load_config(path, ["train.lr=0.5", "split.holdout=[a]"])
+    assert differences(config.to_dict(), other.to_dict()) == ["split.holdout", "train.lr"]
+
+
+def test_run_dir_defaults_to_runs_and_config_name(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, {}, "kang.yaml"))
+    assert run_dir_for(config, None) == Path("runs") / "kang"
+    assert run_dir_for(config, tmp_path / "x") == tmp_path / "x"
+
+
+def test_relative_data_path_falls_back_to_the_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "screen.h5ad").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_ENV, str(folder))
+    assert resolve_data_path("../shared/data/screen.h5ad") == str((folder / "screen.h5ad").resolve())
+    assert resolve_data_path("data/screen.h5ad") == str((folder / "screen.h5ad").resolve())  # exists as given
+    with pytest.raises(DataError) as err:
+        resolve_data_path("../shared/data/absent.h5ad")
+    assert DATA_ENV in str(err.value) and "absent.h5ad" in str(err.value)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_bundled_examples_load_and_find_their_data(path: Path, shared_data: Path) -> None:
+    config = load_config(path)
+    assert config.name == path.stem
+    resolved = resolve_data_path(config.data.path)
+    assert Path(resolved).parent == shared_data.resolve()
+
+
+def test_bundled_examples_exist() -> None:
+    assert all(path.is_file() for path in EXAMPLES)

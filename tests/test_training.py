@@ -1,0 +1,301 @@
+"""Trainer: run folder contents, learning-rate schedule, the training stream, exact resume, Ctrl-C, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from perturbdiff_core.batch import Conditioning, SetBatch
+from perturbdiff_core.checkpoint import CHECKPOINT_FORMAT, CheckpointError, checkpoint_path, load_checkpoint
+from perturbdiff_core.data import EpochSampler
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.errors import ConfigError, PerturbDiffError
+from perturbdiff_core.functional import mmd2
+from perturbdiff_core.run_config import RunConfig, load_config
+from perturbdiff_core.training import (
+    LOG_COLUMNS,
+    StepBatches,
+    Trainer,
+    TrainingInterrupted,
+    build_model,
+    drop_context,
+    lr_factor,
+)
+
+#: A denoiser small enough for many short trainings in the test suite.
+TINY_NET = "model.denoiser_params={size: tiny, hidden: 16, depth: 1, heads: 2}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a single thread avoids thread start-up and contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def screen_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic screen on disk: 2 cell types x (A, B, C, A+B) and controls, 40 genes."""
+    path = tmp_path_factory.mktemp("screen") / "screen.h5ad"
+    synthetic_screen(600, 40, seed=3).write_h5ad(path)
+    return path
+
+
+def tiny_config(screen_path: Path, *overrides: str) -> RunConfig:
+    """A run config training a tiny model on the synthetic screen for a few steps."""
+    base = [
+        f"data.path={screen_path}",
+        "data.cell_type_key=cell_type",
+        "data.set_size=12",
+        "split.kind=holdout_combination",
+        "split.holdout=[A+B]",
+        "split.val_fraction=0.3",
+        TINY_NET,
+        "model.ema_decay=0.9",
+        "train.steps=8",
+        "train.batch_size=3",
+        "train.lr=0.003",
+        "train.warmup_steps=2",
+        "train.log_every=2",
+        "train.val_every=4",
+        "train.val_sampling_steps=4",
+        "train.checkpoint_every=4",
+        "train.context_drop_prob=0.3",
+        "train.device=cpu",
+        "sample.steps=5",
+        "evaluate.max_cells=60",
+        "seed=5",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    """Nested state dicts (tensors, numbers, lists, dicts) equal exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ----------------------------------------------------------------------------- schedule and stream
+
+
+def test_lr_rises_linearly_then_follows_a_half_cosine_to_zero() -> None:
+    warmup, total = 10, 110
+    factors = np.array([lr_factor(k, warmup, total) for k in range(total)])
+    np.testing.assert_allclose(factors[:warmup], np.arange(1, warmup + 1) / warmup)
+    progress = (np.arange(warmup, total) - warmup) / (total - warmup)
+    np.testing.assert_allclose(factors[warmup:], 0.5 * (1 + np.cos(np.pi * progress)))
+    assert factors[warmup] == 1.0 and factors[warmup + 50] == pytest.approx(0.5) and factors[-1] < 1e-3
+    assert lr_factor(0, 0, 5) == 1.0  # no warm-up
+
+
+def test_step_batches_walk_through_epoch_orders_from_any_step() -> None:
+    n, b, seed = 7, 3, 11
+    epochs = EpochSampler(n, seed=seed)
+    flat = [key for _ in range(6) for key in epochs]  # six epochs in EpochSampler's own order
+    full = list(StepBatches(n, b, seed=seed, start=0, stop=12))
+    assert full == [flat[i * b:(i + 1) * b] for i in range(12)]
+    assert list(StepBatches(n, b, seed=seed, start=5, stop=12)) == full[5:]
+    assert sorted(k[1] for k in flat[:n]) == list(range(n))  # an epoch visits each item once
+    assert len(StepBatches(n, b, seed=seed, start=4, stop=9)) == 5
+
+
+def test_build_model_sizes_the_denoiser_for_the_data(screen_path: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    net = trainer.model.denoiser
+    assert net.num_genes == 40 and net.perturbation_dim == trainer.data.encoder.dim
+    assert net.num_cell_types == 3  # <unknown>, t1, t2
+    config = tiny_config(screen_path, "model.denoiser_params={size: tiny, num_genes: 5}")
+    with pytest.raises(ConfigError, match="num_genes"):
+        build_model(config.model, trainer.data)
+
+
+def test_drop_context_sets_unknown_indices_at_the_given_rate() -> None:
+    n = 20_000
+    cond = Conditioning(torch.zeros(n, 1, 2), torch.zeros(n, 3), torch.randint(1, 5, (n,)), torch.randint(1, 3, (n,)))
+    batch = SetBatch(torch.zeros(n, 1, 2), cond)
+    dropped = drop_context(batch, 0.3, torch.Generator().manual_seed(0)).cond
+    for before, after in ((cond.cell_type, dropped.cell_type), (cond.batch, dropped.batch)):
+        zero = after == 0
+        assert torch.equal(after[~zero], before[~zero])  # the rest untouched
+        assert abs(zero.float().mean().item() - 0.3) < 0.015  # binomial sd ~0.003
+    both = ((dropped.cell_type == 0) & (dropped.batch == 0)).float().mean().item()
+    assert abs(both - 0.09) < 0.01  # independent draws for cell type and batch
+    assert torch.equal(cond.cell_type, batch.cond.cell_type)  # the input batch is not modified
+    assert drop_context(batch, 0.0, torch.Generator()).cond.cell_type.min() >= 1
+
+
+# ----------------------------------------------------------------------------- a run folder
+
+
+def test_training_writes_the_run_folder(screen_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(screen_path), run, progress=False)
+    log = trainer.fit()
+    for name in ("config.yaml", "split.json", "data_state.json", "train_log.csv", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert not [p for p in run.rglob("*.tmp")], "a temporary file was left behind"
+    assert list(log.columns) == list(LOG_COLUMNS)
+    assert log.step.tolist() == [2, 4, 6, 8]
+    assert log.val_mmd.notna().tolist() == [False, True, False, True]
+    written = pd.read_csv(run / "train_log.csv")
+    pd.testing.assert_frame_equal(written, log, check_dtype=False)
+    losses = [r["loss"] for r in trainer.history]
+    assert len(losses) == 8 and np.isfinite(losses).all()
+    np.testing.assert_allclose(log.loss, [np.mean(losses[i:i + 2]) for i in range(0, 8, 2)], rtol=1e-12)
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert checkpoint.step == 8 and checkpoint.complete
+    assert checkpoint.split.test == ["A+B|t1", "A+B|t2"]
+    assert checkpoint.data_state["genes"] == trainer.data.genes
+    assert checkpoint.run_config == trainer.config
+
+
+def test_validation_mmd_is_the_mmd_of_sampled_to_real_validation_sets(screen_path: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    trainer.fit(stop_at=4)
+    model, generator = trainer.model, torch.Generator().manual_seed(trainer.config.seed)
+    expected = []
+    for batch in trainer.val_loader:
+        sampled = model.sample(batch.cond, steps=4, generator=generator)
+        expected.append(mmd2(sampled, batch.target, kernel="energy", estimator="unbiased"))
+    assert trainer.validation[4] == pytest.approx(torch.cat(expected).mean().item(), rel=1e-5)
+
+
+def test_training_lowers_the_loss(screen_path: Path, tmp_path: Path) -> None:
+    config = tiny_config(screen_path, "train.steps=40", "train.log_every=10", "train.val_every=0", "train.lr=0.01")
+    log = Trainer(config, tmp_path / "run", progress=False).fit()
+    assert log.loss.iloc[-1] < 0.7 * log.loss.iloc[0]
+
+
+def test_fresh_training_refuses_a_trained_folder(screen_path: Path, tmp_path: Path) -> None:
+    Trainer(tiny_config(screen_path), tmp_path / "run", progress=False).fit(stop_at=1)
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error(screen_path: Path, tmp_path: Path, monkeypatch) -> None:
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    monkeypatch.setattr(trainer.model, "loss", lambda batch, generator: {"loss": torch.tensor(math.nan)})
+    with pytest.raises(PerturbDiffError, match="train.lr"):
+        trainer.fit()
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(screen_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_config(screen_path), tmp_path_factory.mktemp("straight") / "run", progress=False)
+    trainer.fit()
+    return trainer
+
+
+def assert_same_run(a: Trainer, b: Trainer) -> None:
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert a.history == b.history and a.validation == b.validation
+    assert states_equal(a.model.state_dict(), b.model.state_dict())  # weights and EMA
+    assert states_equal(a.optimizer.state_dict(), b.optimizer.state_dict())
+    pd.testing.assert_frame_equal(a.log(), b.log())
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])
+def test_resume_equals_uninterrupted_training(uninterrupted: Trainer, screen_path: Path, tmp_path: Path, stop_at: int) -> None:
+    config = tiny_config(screen_path)
+    first = Trainer(config, tmp_path / "run", progress=False)
+    first.fit(stop_at=stop_at)
+    assert load_checkpoint(checkpoint_path(tmp_path / "run")).step == stop_at
+    resumed = Trainer(config, tmp_path / "run", resume=True, progress=False)
+    assert resumed.step == stop_at
+    resumed.fit()
+    assert_same_run(uninterrupted, resumed)
+
+
+def test_ctrl_c_saves_the_last_step_and_resumes_exactly(uninterrupted: Trainer, screen_path: Path, tmp_path: Path) -> None:
+    config = tiny_config(screen_path)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    step = trainer._train_step
+
+    def interrupted_step(batch):
+        if trainer.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step still completes
+        return step(batch)
+
+    trainer._train_step = interrupted_step
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit()
+    assert stop.value.step == 6 and load_checkpoint(stop.value.path).step == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = Trainer(config, tmp_path / "run", resume=True, progress=False)
+    resumed.fit()
+    assert_same_run(uninterrupted, resumed)
+
+
+def test_resume_refuses_a_changed_training_stream_but_allows_more_steps(screen_path: Path, tmp_path: Path) -> None:
+    Trainer(tiny_config(screen_path), tmp_path / "run", progress=False).fit(stop_at=2)
+    with pytest.raises(ConfigError, match="model.mmd_weight"):
+        Trainer(tiny_config(screen_path, "model.mmd_weight=0.5"), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ConfigError, match="seed"):
+        Trainer(tiny_config(screen_path, "seed=6"), tmp_path / "run", resume=True, progress=False)
+    longer = Trainer(tiny_config(screen_path, "train.steps=10", "train.num_workers=0"), tmp_path / "run", resume=True, progress=False)
+    longer.fit()
+    assert longer.step == 10
+
+
+# ----------------------------------------------------------------------------- checkpoint errors
+
+
+def test_checkpoint_errors_are_clear(screen_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    trainer.fit(stop_at=1)
+    good = checkpoint_path(tmp_path / "run").read_bytes()
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, foreign)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "obj": Path("x")}, pickled)  # arbitrary objects are refused
+    for path in (truncated, text, pickled):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not a perturbdiff checkpoint"):
+        load_checkpoint(foreign)
+
+    payload = torch.load(checkpoint_path(tmp_path / "run"), weights_only=True)
+    future = tmp_path / "future.pt"
+    torch.save({**payload, "format": "perturbdiff.checkpoint/99", "version": "9.0.0"}, future)
+    with pytest.raises(CheckpointError, match=r"9\.0\.0"):
+        load_checkpoint(future)
+    partial = tmp_path / "partial.pt"
+    torch.save({k: v for k, v in payload.items() if k != "optimizer_state"}, partial)
+    with pytest.raises(CheckpointError, match="optimizer_state"):
+        load_checkpoint(partial)
+
+
+def test_checkpoint_rebuilds_the_trained_model(screen_path: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    trainer.fit(stop_at=3)
+    model = load_checkpoint(checkpoint_path(tmp_path / "run")).build_model()
+    assert model.config() == trainer.model.config()
+    assert states_equal(model.state_dict(), trainer.model.state_dict())
+
+
