@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Set everything up, then run the main job on the bundled real example (../shared/data).
+# Set everything up, then run the main job on the bundled real example (../shared/data):
+# train on six PBMC cell types, predict interferon-beta-stimulated CD14+ monocytes, compare
+# with the baselines and write runs/kang18_holdout_celltype/report.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-data="${PERTURBDIFF_DATA:-../shared/data}"
-.venv/bin/perturbdiff etest "$data/norman19_mcfaline23.h5ad" \
-    --perturbation-key perturbation --control control --group-by cell_type \
-    --kernel energy --permutations 200 --out runs/etest_norman19.csv
+.venv/bin/perturbdiff run examples/kang18_holdout_celltype.yaml
