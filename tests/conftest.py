@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anndata as ad
 import pytest
+import torch
 
 from perturbdiff_core.data.anndata_io import DATA_ENV, shared_data_dir
 from perturbdiff_core.data.synthetic import synthetic_screen
@@ -49,3 +50,12 @@ def kang18_path() -> Path:
 def make_adata() -> Callable[..., ad.AnnData]:
     """Factory of small synthetic screens: :func:`perturbdiff_core.data.synthetic.synthetic_screen`."""
     return synthetic_screen
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one torch thread, and the test machine's 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

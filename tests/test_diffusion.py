@@ -50,14 +50,6 @@ def fixed_draws(batch: SetBatch, seed: int = 1):
     return t, torch.randn(batch.target.shape, generator=gen, dtype=batch.target.dtype)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
 def test_loss_terms_match_an_independent_computation(prediction):
