@@ -54,7 +54,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from .checkpoint import checkpoint_path
-from .commands.run import METRICS_FILE, MODEL, evaluate_run, predict_all
+from .pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
 from .configuration import merge, parse_overrides, read_yaml
 from .errors import ConfigError, PerturbDiffError
 from .evaluation import ALL_CONDITIONS, DEFINITIONS, definition_of

@@ -101,13 +101,16 @@ def to_mapping(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=[x, y]"]`` -> nested dict; values parsed as YAML (``null``, lists, numbers)."""
+def parse_overrides(pairs: Iterable[str], *, flag: str = "--set") -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> nested dict; values parsed as YAML (``null``, lists, numbers).
+
+    ``flag`` names the command-line option in error messages.
+    """
     tree: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value pairs such as train.steps=100, got {pair!r}.")
+            raise ConfigError(f"{flag} expects key=value pairs such as train.steps=100 or beta=2, got {pair!r}.")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
@@ -117,7 +120,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} was already given a value.")
+                raise ConfigError(f"{flag} {key}: {part!r} was already given a value.")
         node[leaf] = value
     return tree
 

@@ -66,7 +66,7 @@ def test_plugins_lists_groups_and_distributions(capsys: pytest.CaptureFixture[st
         (["--kernel", "rbff"], ["No plug-in named 'rbff'", "rbf", "energy", "Check the spelling"]),
         (["--estimator", "unbaised"], ["No plug-in named 'unbaised'", "unbiased"]),
         (["--kernel", "energy", "--kernel-param", "gamma=2"], ["does not accept", "beta"]),
-        (["--kernel-param", "beta"], ["--kernel-param expects KEY=VALUE"]),
+        (["--kernel-param", "beta"], ["--kernel-param expects key=value"]),
         (["--max-cells", "1"], ["--max-cells must be at least 2"]),
     ],
 )

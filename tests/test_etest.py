@@ -22,7 +22,8 @@ from statsmodels.stats.multitest import multipletests
 
 from perturbdiff_core import two_sample
 from perturbdiff_core.cli import main
-from perturbdiff_core.commands.etest import COLUMNS, build_kernel, etest, parse_params
+from perturbdiff_core.commands.etest import COLUMNS, build_kernel, etest
+from perturbdiff_core.configuration import parse_overrides
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.errors import ConfigError, DataError, InputError
 from perturbdiff_core.estimators import MMDEstimator, as_estimator
@@ -192,10 +193,10 @@ def test_group_without_controls_is_skipped_with_warning() -> None:
 def test_kernel_defaults_and_params() -> None:
     assert build_kernel("rbf", {}).median
     assert not build_kernel("rbf", {"lengthscale": 2.0}).median
-    assert build_kernel("energy", parse_params(["beta=2"], "--kernel-param")).beta == 2.0
-    assert parse_params(["lengthscales=[1, 2.5]", "base=rbf"], "--x") == {"lengthscales": [1, 2.5], "base": "rbf"}
-    with pytest.raises(ConfigError, match="KEY=VALUE"):
-        parse_params(["beta"], "--kernel-param")
+    assert build_kernel("energy", parse_overrides(["beta=2"], flag="--kernel-param")).beta == 2.0
+    assert parse_overrides(["lengthscales=[1, 2.5]", "base=rbf"], flag="--x") == {"lengthscales": [1, 2.5], "base": "rbf"}
+    with pytest.raises(ConfigError, match="--kernel-param expects key=value"):
+        parse_overrides(["beta"], flag="--kernel-param")
 
 
 # --- the command ----------------------------------------------------------------------------

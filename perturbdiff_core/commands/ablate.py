@@ -26,7 +26,7 @@ from ..ablation import (
     read_grid,
     run_grid,
 )
-from .run import MODEL
+from ..pipeline import MODEL
 from ..run_config import RUNS_DIR
 
 _EPILOG = f"""\

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-import yaml
 from rich import box
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
 from ..data.anndata_io import read_anndata, require_finite, require_label, require_obs_key
+from ..configuration import parse_overrides
 from ..errors import ConfigError, DataError
 from ..estimators import MMDEstimator, as_estimator
 from ..io import atomic_path
@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
     if args.permutations < 1:
         raise ConfigError(f"--permutations must be a positive integer, got {args.permutations}.")
-    kernel_params = parse_params(args.kernel_param, "--kernel-param")
+    kernel_params = parse_overrides(args.kernel_param, flag="--kernel-param")
     kernel = build_kernel(args.kernel, kernel_params)
-    estimator = as_estimator(args.estimator, **parse_params(args.estimator_param, "--estimator-param"))
+    estimator = as_estimator(args.estimator, **parse_overrides(args.estimator_param, flag="--estimator-param"))
     adata = read_anndata(args.data)
 
     err = Console(stderr=True)
@@ -139,20 +139,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         err.print(f"Wrote {len(table)} rows to {args.out}", markup=False, highlight=False)
     return 0
-
-
-def parse_params(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """``["beta=2", "lengthscale=median"]`` -> ``{"beta": 2, "lengthscale": "median"}`` (YAML values)."""
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}; e.g. {flag} beta=2.")
-        try:
-            params[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{flag} {item!r}: the value is not valid YAML ({err.problem}).") from None
-    return params
 
 
 def build_kernel(name: str, params: dict[str, Any]) -> Kernel:

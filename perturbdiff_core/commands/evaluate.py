@@ -24,7 +24,8 @@ from ..errors import InputError
 from ..evaluation import ALL_CONDITIONS, compare, definition_of, summary_line
 from ..io import atomic_path
 from ..predictors import as_predictor, predict_anndata, real_anndata
-from .etest import build_kernel, parse_params
+from ..configuration import parse_overrides
+from .etest import build_kernel
 
 _EPILOG = f"""\
 metrics.csv is long format: condition, metric, method, value. Rows with condition
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         real,
         **keys,
         replicate_key=args.replicate_key,
-        kernel=build_kernel(args.kernel, parse_params(args.kernel_param, "--kernel-param")),
+        kernel=build_kernel(args.kernel, parse_overrides(args.kernel_param, flag="--kernel-param")),
         kernel_name=args.kernel,
         estimator=args.estimator,
         max_cells=args.max_cells,

@@ -13,13 +13,11 @@ import anndata as ad
 from ..checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..errors import DataError, InputError
-from ..io import atomic_path
 from ..model_predictor import DiffusionPredictor
+from ..pipeline import PREDICTIONS_FILE, write_predictions
 from ..predictors import predict_anndata
 from ..training import resolve_device
 
-#: Default output inside the run folder.
-PREDICTIONS_FILE = "predictions.h5ad"
 
 _EPILOG = f"""\
 --conditions takes perturbation names (every context of the data where the perturbation
@@ -137,13 +135,6 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
     predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=resolve_device(args.device))
     seed = checkpoint.run_config.seed if args.seed is None else args.seed
     return predict_anndata(predictor, data, conditions, n_cells=n_cells, seed=seed)
-
-
-def write_predictions(adata: ad.AnnData, path: str | Path) -> Path:
-    """Write ``adata`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
-    return Path(path)
 
 
 def run(args: argparse.Namespace) -> int:
