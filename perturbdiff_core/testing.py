@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
 
 from .estimators import MMDEstimator, as_estimator
-from .kernels import Kernel, as_kernel
+from .kernels import Kernel, RadialKernel, as_kernel
 from .reductions import KernelReduction
 
 __all__ = ["check_estimator", "check_kernel", "check_reduction"]
@@ -77,6 +77,8 @@ def check_kernel(kernel: Kernel, *, dtype: torch.dtype = torch.float64) -> None:
     ``-||x - y||``, ``c^T K c >= 0`` whenever ``sum(c) = 0``, i.e. ``H K H`` PSD with the centring
     matrix ``H``); batch broadcasting equal to a loop over sets; ``diag=True`` equal to the
     diagonal; float32 agreeing with float64; and, in float64, ``torch.autograd.gradcheck``.
+    Radial kernels also have their in-place ``profile_`` and ``profile_grad`` checked against
+    ``profile`` and its autograd derivative.
 
     Args:
         kernel: the kernel to check (not modified; copies are cast to each dtype).
@@ -135,10 +137,29 @@ def check_kernel(kernel: Kernel, *, dtype: torch.dtype = torch.float64) -> None:
         atol=1e-5 * max(1.0, ref.abs().max().item()),
     )
 
+    if isinstance(kernel, RadialKernel):
+        _check_profile(copy.deepcopy(kernel).double(), name)
+
     if dtype == torch.float64:  # hyperparameters fixed first: the median heuristic is not differentiated
         a, b = x[:2, :4].double(), y[:2, :3].double()
         fixed = k64.adapt(a, b)
         _gradcheck(lambda a, b: fixed(a, b), (a, b), f"{name}: gradcheck of K(x, y) failed")
+
+
+def _check_profile(kernel: RadialKernel, name: str) -> None:
+    """The fast paths of a radial kernel: in-place ``profile_`` and closed-form ``profile_grad``
+    against ``profile`` and its autograd derivative, in float64 on random ``s > 0`` (and finite at 0)."""
+    s = torch.cat([torch.zeros(1, dtype=torch.float64), torch.rand(63, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 6.0 + 1e-3])
+    rtol, atol = _tolerances(torch.float64)
+    expected = kernel.profile(s)
+    _close(kernel.profile_(s.clone()), expected, f"{name}: profile_ (in place) differs from profile", rtol=rtol, atol=atol)
+    argument = s.clone()
+    grad = kernel.profile_grad(argument)
+    _require(torch.equal(argument, s), f"{name}: profile_grad modified its input (backward passes reuse s).")
+    _require(bool(torch.isfinite(grad).all()), f"{name}: profile_grad is not finite (check s = 0).")
+    positive = s[1:].clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(kernel.profile(positive).sum(), positive)
+    _close(grad[1:], reference, f"{name}: profile_grad differs from the autograd derivative of profile", rtol=rtol, atol=atol)
 
 
 # -------------------------------------------------------------------------------------- estimators

@@ -87,6 +87,15 @@ class Laplace(_Matern):
     def profile(self, s: Tensor) -> Tensor:
         return (-_safe_sqrt(s)).exp()
 
+    def profile_(self, s: Tensor) -> Tensor:
+        return s.sqrt_().neg_().exp_()
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """:math:`-e^{-\\sqrt s} / (2 \\sqrt s)`, and 0 at ``s = 0`` (the subgradient of :func:`_safe_sqrt`)."""
+        root = s.sqrt()
+        grad = (-root).exp_().div_(root.mul_(-2.0))
+        return grad.masked_fill_(s <= 0, 0.0)
+
 
 class Matern32(_Matern):
     r"""Matern 3/2 kernel :math:`(1 + \sqrt3 r/l) \exp(-\sqrt3 r/l)`."""
@@ -96,6 +105,14 @@ class Matern32(_Matern):
     def profile(self, s: Tensor) -> Tensor:
         u = math.sqrt(3.0) * _safe_sqrt(s)
         return (1.0 + u) * (-u).exp()
+
+    def profile_(self, s: Tensor) -> Tensor:
+        u = s.mul_(3.0).sqrt_()
+        return torch.exp(-u).mul_(u.add_(1.0))
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """:math:`f'(s) = -\\tfrac32 e^{-\\sqrt{3s}}` (finite at 0: Matern 3/2 is once differentiable)."""
+        return (3.0 * s).sqrt_().neg_().exp_().mul_(-1.5)
 
 
 class Matern52(_Matern):
@@ -107,12 +124,29 @@ class Matern52(_Matern):
         u = math.sqrt(5.0) * _safe_sqrt(s)
         return (1.0 + u + (5.0 / 3.0) * s) * (-u).exp()
 
+    def profile_(self, s: Tensor) -> Tensor:
+        u = (5.0 * s).sqrt_()
+        polynomial = s.mul_(5.0 / 3.0).add_(u).add_(1.0)
+        return polynomial.mul_(u.neg_().exp_())
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """:math:`f'(s) = -\\tfrac56 (1 + u) e^{-u}`, :math:`u = \\sqrt{5 s}`."""
+        u = (5.0 * s).sqrt_()
+        return torch.exp(-u).mul_(u.add_(1.0)).mul_(-5.0 / 6.0)
+
 
 class InverseMultiquadric(RadialKernel):
     r"""Inverse multiquadric kernel :math:`(1 + \|x - y\|^2 / l^2)^{-1/2}`."""
 
     def profile(self, s: Tensor) -> Tensor:
         return (1.0 + s).rsqrt()
+
+    def profile_(self, s: Tensor) -> Tensor:
+        return s.add_(1.0).rsqrt_()
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """:math:`f'(s) = -\\tfrac12 (1 + s)^{-3/2}`."""
+        return (1.0 + s).pow_(-1.5).mul_(-0.5)
 
     def sample_spectral(self, num_features: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
         r"""Gaussian scale mixture, :math:`\omega = z \sqrt{2t} / l`, :math:`t \sim \Gamma(1/2, 1)`.
@@ -151,6 +185,21 @@ class Energy(RadialKernel):
         if not isinstance(s, Tensor):  # KeOps LazyTensor: its Powf is single precision (C powf)
             return -((-s).ifelse(0.0, ((0.5 * self.beta) * s.log()).exp()))
         return -(_safe_sqrt(s) ** self.beta)
+
+    def profile_(self, s: Tensor) -> Tensor:
+        if self.beta == 2.0:
+            return s.neg_()
+        if self.beta == 1.0:
+            return s.sqrt_().neg_()
+        return s.pow_(0.5 * self.beta).neg_()
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """:math:`f'(s) = -\\tfrac\\beta2 s^{\\beta/2 - 1}`, and 0 at ``s = 0`` for :math:`\\beta < 2`
+        (the subgradient of :func:`_safe_sqrt`)."""
+        if self.beta == 2.0:
+            return torch.full_like(s, -1.0)
+        power = s.pow(0.5 * self.beta - 1.0).mul_(-0.5 * self.beta)
+        return power.masked_fill_(s <= 0, 0.0)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}"
@@ -196,6 +245,10 @@ class Mixture(RadialKernel):
 
     def profile(self, s: Tensor) -> Tensor:
         return sum(self.base.profile(s * (1.0 / l**2)) for l in self.lengthscales)
+
+    def profile_grad(self, s: Tensor) -> Tensor:
+        """:math:`\\sum_i f_0'(s / l_i^2) / l_i^2`."""
+        return sum(self.base.profile_grad(s * (1.0 / l**2)) / l**2 for l in self.lengthscales)
 
     def extra_repr(self) -> str:
         return f"base={type(self.base).__name__}, lengthscales={list(self.lengthscales)}, {super().extra_repr()}"
