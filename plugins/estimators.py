@@ -15,7 +15,34 @@ from perturbdiff_core.reductions import KernelReduction, as_reduction
 from perturbdiff_core.registry import names, resolve
 
 
-class BiasedMMD(QuadraticMMD):
+class _QuadraticStatistic(QuadraticMMD):
+    """A V- or U-statistic evaluated exactly by a reduction or, given ``embedding``, through an
+    explicit feature map (:class:`EmbeddingMMD`): the same statistic under the approximate kernel."""
+
+    def __init__(self, backend: str | KernelReduction, unbiased: bool, embedding: str | None, embedding_params: dict[str, object]) -> None:
+        if embedding is None and embedding_params:
+            raise InputError(
+                f"{type(self).__name__} got feature-map parameters {sorted(embedding_params)} without an "
+                f"embedding; add embedding='rff' (or 'nystrom'), or drop them."
+            )
+        super().__init__(as_reduction(backend), unbiased=unbiased)
+        self.features = None if embedding is None else EmbeddingMMD(embedding, unbiased=unbiased, **embedding_params)
+
+    def adapt_kernel(self, kernel: Kernel, x: Tensor, y: Tensor) -> Kernel:
+        if self.features is not None:
+            return self.features.adapt_kernel(kernel, x, y)
+        return super().adapt_kernel(kernel, x, y)
+
+    def estimate(self, x: Tensor, y: Tensor, kernel: Kernel, wx: Tensor, wy: Tensor) -> Tensor:
+        if self.features is not None:
+            return self.features.estimate(x, y, kernel, wx, wy)
+        return super().estimate(x, y, kernel, wx, wy)
+
+    def __repr__(self) -> str:
+        return repr(self.features) if self.features is not None else super().__repr__()
+
+
+class BiasedMMD(_QuadraticStatistic):
     r"""Biased V-statistic :math:`w_x^\top K_{xx} w_x + w_y^\top K_{yy} w_y - 2 w_x^\top K_{xy} w_y`.
 
     Non-negative for positive-definite kernels (a squared RKHS distance between the weighted
@@ -30,21 +57,24 @@ class BiasedMMD(QuadraticMMD):
             :data:`~perturbdiff_core.reductions.DENSE_MAX_ENTRIES` kernel entries, above
             it keops for CUDA tensors when pykeops imports, else chunked; never keops on CPU.
             Or any :class:`~perturbdiff_core.reductions.KernelReduction`.
+        embedding: evaluate the statistic through this ``perturbdiff.embeddings`` feature map
+            instead (``rff``, ``nystrom``), in ``O((N + M) D)``; ``**embedding_params`` are its
+            parameters (``num_features``, ``seed``, ...). See :class:`EmbeddingMMD`.
     """
 
-    def __init__(self, backend: str | KernelReduction = "auto") -> None:
-        super().__init__(as_reduction(backend), unbiased=False)
+    def __init__(self, backend: str | KernelReduction = "auto", embedding: str | None = None, **embedding_params: object) -> None:
+        super().__init__(backend, False, embedding, embedding_params)
 
 
-class UnbiasedMMD(QuadraticMMD):
+class UnbiasedMMD(_QuadraticStatistic):
     r"""Unbiased U-statistic (Gretton et al. 2012, Lemma 6): within-set sums skip :math:`i = j`.
 
-    Can be negative; its expectation is the population MMD^2. Same ``backend`` choices as
-    :class:`BiasedMMD`.
+    Can be negative; its expectation is the population MMD^2. Same ``backend`` and
+    ``embedding`` choices as :class:`BiasedMMD`.
     """
 
-    def __init__(self, backend: str | KernelReduction = "auto") -> None:
-        super().__init__(as_reduction(backend), unbiased=True)
+    def __init__(self, backend: str | KernelReduction = "auto", embedding: str | None = None, **embedding_params: object) -> None:
+        super().__init__(backend, True, embedding, embedding_params)
 
 
 class ChunkedMMD(QuadraticMMD):
@@ -124,21 +154,25 @@ class EmbeddingMMD(MMDEstimator):
     from the kernel of the first call, fitted on that call's pooled cells (Nystrom landmarks; a
     ``"median"`` lengthscale is fixed there once, for all later calls, instead of per pair of
     sets) and cached per kernel object, so random features stay fixed across calls. Costs
-    ``O((N + M) D)`` for ``D`` features instead of ``O(N M)``; a biased (non-negative) estimate
-    under the approximate kernel. With ``exact`` and a fixed lengthscale it equals
-    :class:`BiasedMMD`.
+    ``O((N + M) D)`` for ``D`` features instead of ``O(N M)``. By default the biased
+    (non-negative) V-statistic under the approximate kernel; with ``exact`` and a fixed
+    lengthscale it equals :class:`BiasedMMD`.
 
     Args:
         embedding: name of the ``perturbdiff.embeddings`` plug-in.
+        unbiased: the U-statistic instead: the within-set terms drop the ``i = j`` pairs,
+            :math:`\|\mu_x\|^2 - \sum_i w_i^2 \|\phi(x_i)\|^2`, and are divided by
+            :math:`1 - \sum_i w_i^2`, as :class:`UnbiasedMMD` does; still ``O((N + M) D)``.
         **embedding_params: its parameters (checked against its signature on the first call).
     """
 
-    def __init__(self, embedding: str = "rff", **embedding_params: object) -> None:
+    def __init__(self, embedding: str = "rff", unbiased: bool = False, **embedding_params: object) -> None:
         if embedding not in names("perturbdiff.embeddings"):
             raise UnknownPluginError(
                 f"Unknown embedding {embedding!r}; known: {', '.join(names('perturbdiff.embeddings'))}."
             )
         self.embedding = embedding
+        self.unbiased = bool(unbiased)
         self.embedding_params = embedding_params
         self._maps: weakref.WeakKeyDictionary[Kernel, EmbeddingMap] = weakref.WeakKeyDictionary()
 
@@ -157,14 +191,38 @@ class EmbeddingMMD(MMDEstimator):
 
     def estimate(self, x: Tensor, y: Tensor, kernel: Kernel, wx: Tensor, wy: Tensor) -> Tensor:
         emb = self.feature_map(kernel, x, y)
-        if not emb.explicit:  # implicit map: inner products through the kernel
-            return emb.inner(x, x, wx, wx) + emb.inner(y, y, wy, wy) - 2 * emb.inner(x, y, wx, wy)
-        diff = emb.mean_embedding(x, wx) - emb.mean_embedding(y, wy)
-        return diff.square().sum(-1)
+        if not self.unbiased:
+            if not emb.explicit:  # implicit map: inner products through the kernel
+                return emb.inner(x, x, wx, wx) + emb.inner(y, y, wy, wy) - 2 * emb.inner(x, y, wx, wy)
+            diff = emb.mean_embedding(x, wx) - emb.mean_embedding(y, wy)
+            return diff.square().sum(-1)
+        for name, t in (("x", x), ("y", y)):
+            if t.shape[-2] < 2:
+                raise InputError(
+                    f"The unbiased estimator needs at least 2 cells per set, {name} has {t.shape[-2]}; "
+                    f"use unbiased=False for single cells."
+                )
+        xx, mx = self._within(emb, kernel, x, wx)
+        yy, my = self._within(emb, kernel, y, wy)
+        cross = (mx * my).sum(-1) if emb.explicit else emb.inner(x, y, wx, wy)
+        return xx + yy - 2 * cross
+
+    @staticmethod
+    def _within(emb: EmbeddingMap, kernel: Kernel, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The U-statistic within-set term and (for explicit maps) the mean embedding."""
+        w2 = w.square()
+        if emb.explicit:
+            phi = emb.features(x)
+            mean = (w.unsqueeze(-1) * phi).sum(-2)
+            off_diagonal = mean.square().sum(-1) - (w2 * phi.square().sum(-1)).sum(-1)
+        else:
+            mean = None
+            off_diagonal = emb.inner(x, x, w, w) - (w2 * kernel.forward(x, x, diag=True)).sum(-1)
+        return off_diagonal / (1 - w2.sum(-1)), mean
 
     def __repr__(self) -> str:
         params = "".join(f", {k}={v!r}" for k, v in self.embedding_params.items())
-        return f"EmbeddingMMD(embedding={self.embedding!r}{params})"
+        return f"EmbeddingMMD(embedding={self.embedding!r}, unbiased={self.unbiased}{params})"
 
 
 def _pooled(x: Tensor, y: Tensor) -> Tensor:

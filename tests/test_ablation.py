@@ -303,14 +303,19 @@ def test_summary_files_are_written_atomically(
     pd.testing.assert_frame_equal(pd.read_csv(out / "ablation.csv"), pd.read_csv(original / "ablation.csv"))
 
 
-def test_bundled_kang18_grid_expands_to_27_valid_cells(kang18_path: Path) -> None:
+def test_bundled_kang18_grid_expands_to_30_valid_cells(kang18_path: Path) -> None:
     spec = read_grid(REPO / "examples" / "ablation_kang18.yaml")
     cells = spec.cells()
-    assert len(cells) == 27
-    kernels = {c.labels["kernel"]: c.config.model for c in cells}
-    assert set(kernels) == {"energy", "rbf", "mixture", "matern32", "rff-rbf"}
-    assert kernels["rff-rbf"].estimator == "embedding" and kernels["rff-rbf"].kernel_params == {"lengthscale": "median"}
-    assert {c.config.model.estimator for c in cells if c.labels["kernel"] != "rff-rbf"} == {"biased", "unbiased"}
+    assert len(cells) == 30
+    assert {c.labels["kernel"] for c in cells} == {"energy", "rbf", "mixture", "matern32", "rff-rbf"}
+    assert {c.config.model.estimator for c in cells} == {"biased", "unbiased"}
+    for cell in cells:
+        model = cell.config.model
+        assert model.estimator == cell.labels["estimator"]
+        rff = cell.labels["kernel"] == "rff-rbf"
+        assert model.estimator_params == ({"embedding": "rff", "num_features": 512} if rff else {})
+        if rff:
+            assert model.kernel == "rbf" and model.kernel_params == {"lengthscale": "median"}
     assert {c.config.split.holdout[0] for c in cells} == {"CD14+Mono"}
 
 

@@ -52,6 +52,7 @@ ESTIMATOR_CASES = [
     ("embedding", {"embedding": "nystrom", "num_landmarks": 10}, "matern52", {}),
     ("embedding", {"embedding": "exact"}, "energy", {}),
     ("embedding", {"embedding": "rff", "num_features": 64}, "rbf", {"lengthscale": "median"}),
+    ("embedding", {"embedding": "rff", "num_features": 64, "unbiased": True}, "matern32", {}),
 ]
 
 

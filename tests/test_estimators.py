@@ -136,6 +136,45 @@ def test_random_fourier_features_approximate_biased_and_stay_fixed() -> None:
     assert len(rff._maps) == 2
 
 
+def test_unbiased_embedding_estimator_is_the_u_statistic_of_its_feature_kernel() -> None:
+    """Exact map: equals UnbiasedMMD. RFF map: equals a double loop over i != j of phi_i . phi_j."""
+    x, y = rand(2, 9, 3, seed=16), rand(2, 7, 3, seed=17, shift=0.5)
+    wx, wy = rand_weights(2, 9, seed=18), rand_weights(2, 7, seed=19)
+    kernel = as_kernel("matern32", lengthscale=1.3)
+    exact = load("perturbdiff.estimators", "embedding", embedding="exact", unbiased=True)
+    unbiased = mmd2(x, y, kernel, "unbiased", x_weights=wx, y_weights=wy)
+    torch.testing.assert_close(exact(x, y, kernel, x_weights=wx, y_weights=wy), unbiased, rtol=1e-12, atol=1e-12)
+
+    rff = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=64, unbiased=True)
+    got = rff(x, y, kernel, x_weights=wx, y_weights=wy)
+    phi_x, phi_y = rff._maps[kernel].features(x), rff._maps[kernel].features(y)
+    for b in range(2):
+        u, v = wx[b] / wx[b].sum(), wy[b] / wy[b].sum()
+
+        def within(phi, w):  # noqa: ANN001, ANN202
+            pairs = [(i, j) for i in range(len(w)) for j in range(len(w)) if i != j]
+            num = sum(w[i] * w[j] * (phi[i] @ phi[j]) for i, j in pairs)
+            return num / sum(w[i] * w[j] for i, j in pairs)
+
+        cross = sum(u[i] * v[j] * (phi_x[b, i] @ phi_y[b, j]) for i in range(9) for j in range(7))
+        want = within(phi_x[b], u) + within(phi_y[b], v) - 2 * cross
+        torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-12)
+    biased = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=64)
+    biased._maps = rff._maps  # same features: the two statistics differ
+    assert not torch.allclose(biased(x, y, kernel, x_weights=wx, y_weights=wy), got)
+
+
+@pytest.mark.parametrize("name", ["biased", "unbiased"])
+def test_quadratic_estimators_through_a_feature_map_equal_the_embedding_estimator(name: str) -> None:
+    x, y = rand(2, 9, 3, seed=20), rand(2, 7, 3, seed=21, shift=0.5)
+    kernel = as_kernel("rbf", lengthscale="median")
+    via = load("perturbdiff.estimators", name, embedding="rff", num_features=32, seed=3)
+    direct = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=32, seed=3, unbiased=name == "unbiased")
+    torch.testing.assert_close(via(x, y, kernel), direct(x, y, kernel), rtol=1e-12, atol=1e-12)
+    with pytest.raises(PerturbDiffError, match="without an embedding"):
+        load("perturbdiff.estimators", name, num_features=32)
+
+
 # ------------------------------------------------------------------------------ population values
 
 
