@@ -1,4 +1,5 @@
-"""Model training step split into its parts, and sampling time against the number of DDIM steps.
+"""Model benchmarks: training step split into its parts, training and sampling throughput, and the
+loader against the model step.
 
 Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoiser at the ``tiny``
 and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults). Parts of a step:
@@ -11,31 +12,36 @@ and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults). 
 * ``ema``: the EMA update; ``optimizer``: AdamW step and zeroing the gradients;
 * ``step``: a whole training step as the Trainer runs it (data excluded), to check the parts add up.
 
-Target (the issue): everything but the denoiser (data, loss, EMA, optimizer) at most 25% of the step.
+Targets (the issues): everything but the denoiser (data, loss, EMA, optimizer) at most 25% of the
+step; the loader's sets/s at least the model's consumption rate ``B / step`` (never the bottleneck).
 
 Run with pytest-benchmark (``pytest benchmarks/bench_model.py --benchmark-only``), or as a script
 printing the tables and writing them with the machine and the command::
 
-    python benchmarks/bench_model.py --sizes tiny paper --output benchmarks/MODEL_RESULTS.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_model.py --sizes tiny paper --output benchmarks/MODEL_RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import anndata as ad
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_screen, take, training_loader  # noqa: E402
 from cases import DEVICE  # noqa: E402
 
 from perturbdiff_core.data import DataConfig, PerturbationData, make_loader  # noqa: E402
@@ -45,7 +51,6 @@ from perturbdiff_core.parameterization import target, to_x0  # noqa: E402
 from perturbdiff_core.run_config import ModelConfig  # noqa: E402
 from perturbdiff_core.training import build_model  # noqa: E402
 
-B, S, G = 8, 256, 2000
 SIZES = ("tiny", "paper")
 PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")
 #: Parts that are not the denoiser (the issue's target: at most 25% of the step).
@@ -202,11 +207,30 @@ def test_sampling(benchmark, size: str, steps: int) -> None:
 
 # ---------------------------------------------------------------------------------------- script
 
+#: Report sections of the script: step split and training throughput, sampling, loader vs model.
+SECTIONS = ("step", "sampling", "loader")
 
-def step_table(size: str, rounds: int) -> tuple[list[str], float]:
-    """Markdown rows of one size and the share of the step outside the denoiser."""
+
+def header(script: str, argv: list[str] | None) -> list[str]:
+    """Markdown bullets: the machine (conftest's record), the load average now and the exact command."""
+    from conftest import machine  # the same machine record as the pytest-benchmark runs
+
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python benchmarks/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    info = {**machine(), "load_average_1_5_15_min": os.getloadavg(), "reproduce": command}
+    return [f"- {key}: {value}" for key, value in info.items()]
+
+
+@cache
+def step_times(size: str, rounds: int) -> dict[str, float]:
+    """Median seconds of each part of a training step, ``self_cond`` already halved (it runs on half the steps)."""
     times = {part: timed(setup(size).part(part), rounds) for part in PARTS}
-    times["self_cond"] *= 0.5  # runs on half of the steps
+    times["self_cond"] *= 0.5
+    return times
+
+
+def step_rows(size: str, times: dict[str, float]) -> list[str]:
+    """Markdown rows of one size: each part, its share, and the share outside the denoiser against the target."""
     parts = [p for p in PARTS if p != "step"]
     total = sum(times[p] for p in parts)
     share = sum(times[p] for p in OVERHEAD) / total
@@ -215,35 +239,89 @@ def step_table(size: str, rounds: int) -> tuple[list[str], float]:
     rows.append(f"| {size} | whole step (measured, without data) | {times['step'] * 1e3:.1f} | |")
     rows.append(f"| {size} | **outside the denoiser** ({', '.join(OVERHEAD)}) | | **{share:.1%}** "
                 f"({'pass' if share <= TARGET_SHARE else 'FAIL'}: target <= {TARGET_SHARE:.0%}) |")
-    return rows, share
+    return rows
+
+
+def throughput_row(size: str, times: dict[str, float]) -> str:
+    """Training throughput of one size: ``cells/s = B * S / (step + data)`` (in-process loader, no workers)."""
+    seconds = times["step"] + times["data"]
+    return f"| {size} | {seconds * 1e3:.1f} | {1 / seconds:.2f} | {B / seconds:.2f} | {B * S / seconds:.0f} |"
+
+
+def sampling_row(size: str, steps: int) -> str:
+    """Seconds to sample ``B`` sets of ``S`` cells in ``steps`` DDIM steps, per step, and cells/s."""
+    seconds = timed(setup(size).sampler(steps), 1, warm_up=setup(size).sampler(1))
+    return f"| {size} | {steps} | {seconds:.2f} | {seconds / steps:.3f} | {B * S / seconds:.0f} |"
+
+
+def loader_rate(adata: ad.AnnData, path: Path, case: tuple[bool, str, int], rounds: int) -> float:
+    """Sets/s of one loader set-up of ``bench_loader.CASES``: median of ``rounds`` rounds of
+    ``BATCHES`` batches, after one warm-up round (which starts the workers)."""
+    backed, pairing, workers = case
+    stream = endless(training_loader(adata, path, backed=backed, pairing=pairing, workers=workers))
+    seconds = timed(lambda: take(stream), rounds)
+    stream.close()  # frees the loader and stops its workers
+    return B * BATCHES / seconds
+
+
+def loader_rows(sizes: list[str], consumption: dict[str, float], rounds: int) -> Iterator[str]:
+    """A row per loader set-up: its sets/s and, per size, its ratio to the model's consumption rate."""
+    with tempfile.TemporaryDirectory() as folder:
+        adata, path = make_screen(Path(folder))
+        for case in CASES:
+            rate = loader_rate(adata, path, case, rounds)
+            verdicts = [f"{rate / consumption[s]:.1f} ({'pass' if rate >= consumption[s] else 'FAIL'})" for s in sizes]
+            yield f"| {case_id(*case)} | {rate:.1f} | {' | '.join(verdicts)} |"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per part (median)")
-    parser.add_argument("--output", type=Path, default=None, help="also write the tables (markdown) here")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="step: step split and training throughput; sampling: DDIM steps; loader: loader vs model step")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per step part (median; half at the paper size)")
+    parser.add_argument("--loader-rounds", type=int, default=3, help=f"timed rounds of {BATCHES} batches per loader set-up")
+    parser.add_argument("--output", type=Path, default=None, help="also write the tables (markdown) here, atomically")
     args = parser.parse_args(argv)
-    from conftest import machine  # the same machine record as the pytest-benchmark runs
+    lines = ["# Model benchmark", "", *header("bench_model.py", argv)]
 
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/bench_model.py {' '.join(sys.argv[1:] if argv is None else argv)}"
-    info = {**machine(), "load_average_1_5_15_min": os.getloadavg(), "reproduce": command}
-    lines = ["# Model benchmark", "", *[f"- {k}: {v}" for k, v in info.items()], "",
-             f"## Training step, B={B}, S={S}, G={G}", "", "| size | part | ms | share |", "|---|---|---|---|"]
-    for size in args.sizes:
-        rows, _ = step_table(size, args.rounds if size == "tiny" else max(1, args.rounds // 2))
-        lines += rows
-        print("\n".join(rows), flush=True)
-    lines += ["", f"## Sampling B={B} sets of S={S} cells, DDIM", "", "| size | steps | s | s / step |", "|---|---|---|---|"]
-    for size in args.sizes:
-        for steps in SAMPLING_STEPS:
-            if size == "paper" and DEVICE.type == "cpu" and steps not in PAPER_CPU_STEPS:
-                continue
-            seconds = timed(setup(size).sampler(steps), 1, warm_up=setup(size).sampler(1))
-            row = f"| {size} | {steps} | {seconds:.2f} | {seconds / steps:.3f} |"
-            lines.append(row)
-            print(row, flush=True)
+    def emit(*new: str) -> None:
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+
+    rounds = {size: args.rounds if size == "tiny" else max(1, args.rounds // 2) for size in args.sizes}
+    if "step" in args.sections:
+        emit("", f"## Training step, B={B}, S={S}, G={G}", "", "| size | part | ms | share |", "|---|---|---|---|")
+        for size in args.sizes:
+            emit(*step_rows(size, step_times(size, rounds[size])))
+        emit("", f"## Training throughput, B={B}, S={S}, G={G}", "",
+             "A step here is the whole step plus the next batch from an in-process loader (no workers); "
+             "cells/s = B * S / step.", "",
+             "| size | ms / step | steps/s | sets/s | cells/s |", "|---|---|---|---|---|")
+        emit(*(throughput_row(size, step_times(size, rounds[size])) for size in args.sizes))
+    if "sampling" in args.sections:
+        emit("", f"## Sampling B={B} sets of S={S} cells, DDIM", "",
+             "| size | steps | s | s / step | cells/s |", "|---|---|---|---|---|")
+        for size in args.sizes:
+            for steps in SAMPLING_STEPS:
+                if size == "paper" and DEVICE.type == "cpu" and steps not in PAPER_CPU_STEPS:
+                    continue
+                emit(sampling_row(size, steps))
+    if "loader" in args.sections:
+        consumption = {size: B / step_times(size, rounds[size])["step"] for size in args.sizes}
+        emit("", f"## Loader against the model step, B={B}, S={S}, G={G}", "",
+             f"Loader: sets/s over a {CELLS:,}-cell synthetic screen, median of {args.loader_rounds} rounds of "
+             f"{BATCHES} batches after a warm-up round, measured alone (in training, workers share the CPU "
+             "with the model). Model consumption rate: B / whole step (without data), in sets/s: "
+             + ", ".join(f"{size} {rate:.2f}" for size, rate in consumption.items())
+             + ". Ratio: loader rate / consumption rate, pass if >= 1.", "",
+             f"| loader | sets/s | {' | '.join(f'{size}: ratio' for size in args.sizes)} |",
+             "|---|---|" + "---|" * len(args.sizes))
+        for row in loader_rows(args.sizes, consumption, args.loader_rounds):
+            emit(row)
+    emit("", "## DDP scaling, 1 to 2 processes", "",
+         "Measured separately, with its own machine record and command, by `benchmarks/bench_ddp.py` "
+         "(`python benchmarks/bench_ddp.py --processes 1 2 --output benchmarks/DDP_RESULTS.md`): see `DDP_RESULTS.md`.")
     if args.output is not None:
         atomic_write_text(args.output, "\n".join(lines) + "\n")
     return 0

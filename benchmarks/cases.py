@@ -23,8 +23,8 @@ from perturbdiff_core.registry import load
 
 #: The command that produces benchmarks/RESULTS.md (printed in the session header).
 REPRODUCE = (
-    "pytest benchmarks --benchmark-only --benchmark-json=bench.json && "
-    "python benchmarks/report.py bench.json --output benchmarks/RESULTS.md"
+    "OMP_NUM_THREADS=1 pytest benchmarks/bench_kernels.py benchmarks/bench_estimators.py --benchmark-only "
+    "--benchmark-json=bench.json && python benchmarks/report.py bench.json --output benchmarks/RESULTS.md"
 )
 
 #: ``cpu`` unless ``PERTURBDIFF_BENCH_DEVICE`` names another torch device (e.g. ``cuda``).

@@ -62,4 +62,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
-    machine_info["perturbdiff"] = machine()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    invoked = " ".join(["pytest", *config.invocation_params.args])
+    machine_info["perturbdiff"] = {
+        **machine(),
+        "invoked_as": (f"OMP_NUM_THREADS={threads} " if threads else "") + invoked,
+        "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
+    }
