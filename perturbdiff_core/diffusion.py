@@ -187,28 +187,35 @@ class RKHSDiffusion(nn.Module):
         *,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Tensor]:
         """Loss terms on one batch: ``loss`` (differentiable), ``mse`` and ``mmd`` (detached, averaged over sets).
 
         ``t`` ``(B,)`` and ``noise`` ``(B, S, G)`` fix the random draws (e.g. for a validation
         loss); otherwise they are drawn from ``generator``, which must live on the batch's device.
+        ``shard = (k, n)`` says the batch is part ``k`` of ``n`` equal consecutive parts of a global
+        batch (data-parallel training): ``t``, the noise and the condition dropout are drawn for the
+        global batch and sliced, and the self-conditioning coin is shared, so the mean of the parts'
+        gradients is the global batch's.
         """
         x0, cond = batch.target, batch.cond
         self._check_batch(x0, cond)
         x0 = x0.to(next(self.denoiser.parameters()).dtype)
         b, device = x0.shape[0], x0.device
+        k, n = shard
+        total, part = b * n, slice(k * b, (k + 1) * b)  # the global batch, and this batch's positions in it
         if t is None:
-            t = torch.randint(1, self.schedule.num_steps + 1, (b,), generator=generator, device=device)
+            t = torch.randint(1, self.schedule.num_steps + 1, (total,), generator=generator, device=device)[part]
         elif t.shape != (b,) or t.dtype != torch.long or (t < 1).any() or (t > self.schedule.num_steps).any():
             raise InputError(f"t must be a long tensor of shape ({b},) with values in [1, {self.schedule.num_steps}].")
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)[part]
         ab = self.schedule.alpha_bar(t)
         x_t = self.schedule.q_sample(x0, t, noise)
         self_cond = None
         if self.training:
             if self.cond_drop_prob > 0:
-                cond = null_condition(cond, torch.rand(b, generator=generator, device=device) < self.cond_drop_prob)
+                cond = null_condition(cond, torch.rand(total, generator=generator, device=device)[part] < self.cond_drop_prob)
             if self.self_condition_prob > 0 and torch.rand((), generator=generator, device=device) < self.self_condition_prob:
                 with torch.no_grad():
                     self_cond = to_x0(self.denoiser(x_t, t, cond), self.prediction, x_t, ab)

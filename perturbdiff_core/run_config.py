@@ -72,6 +72,12 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
         log_every: steps per row of ``train_log.csv`` (the mean of those steps' losses).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        objective: ``conditional`` (perturbed sets from their controls) or ``marginal``
+            (pre-training on control cells alone, perturbation zeroed; see :mod:`perturbdiff_core.pretraining`).
+        init_from: a run folder or checkpoint whose weights start this run (genes and vocabularies
+            aligned by name, see :mod:`perturbdiff_core.transfer`); ``steps`` may then be 0 (zero-shot).
+        init_genes: ``pad`` (the data's genes; genes new to the checkpoint start fresh) or
+            ``intersect`` (only the data's genes the checkpoint also has).
     """
 
     steps: int = 2000
@@ -88,6 +94,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     device: str = "auto"
+    objective: Literal["conditional", "marginal"] = "conditional"
+    init_from: str | None = None
+    init_genes: Literal["pad", "intersect"] = "pad"
 
 
 @dataclass
@@ -145,8 +154,9 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
 
 def check(config: RunConfig) -> None:
     """Range checks the types cannot express; ConfigError naming the key and the valid range."""
+    if config.train.steps < (0 if config.train.init_from else 1):
+        raise ConfigError(f"train.steps must be at least 1 (0 only with train.init_from), got {config.train.steps}.")
     positive = {
-        "train.steps": config.train.steps,
         "train.batch_size": config.train.batch_size,
         "train.val_sets": config.train.val_sets,
         "train.val_sampling_steps": config.train.val_sampling_steps,
@@ -205,8 +215,13 @@ def resolve_data_path(path: str | None) -> str | None:
 
 
 def resolved(config: RunConfig) -> RunConfig:
-    """``config`` with ``data.path`` resolved to an absolute path (see :func:`resolve_data_path`)."""
-    return replace(config, data=replace(config.data, path=resolve_data_path(config.data.path)))
+    """``config`` with ``data.path`` resolved (see :func:`resolve_data_path`) and ``train.init_from`` made absolute."""
+    init_from = config.train.init_from and str(Path(config.train.init_from).expanduser().resolve())
+    return replace(
+        config,
+        data=replace(config.data, path=resolve_data_path(config.data.path)),
+        train=replace(config.train, init_from=init_from),
+    )
 
 
 def run_dir_for(config: RunConfig, out: str | os.PathLike[str] | None) -> Path:

@@ -15,6 +15,7 @@ half cosine (Loshchilov & Hutter 2017), global gradient-norm clipping, EMA updat
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -33,14 +34,18 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batch import SetBatch
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
-from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, make_loader, prepare
+from .data import SPLIT_FILE, STATE_FILE, ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, make_loader, prepare
 from .data.loader import seed_worker
+from .data.splits import keep_training_fraction
 from .diffusion import RKHSDiffusion
 from .errors import ConfigError, PerturbDiffError
 from .io import atomic_path
+from .pretraining import marginal_batch, prepare_marginal
 from .run_config import ModelConfig, RunConfig, differences, write_config
+from .transfer import TransferReport, gene_config, load_init, transfer_weights
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
 LOG_FILE = "train_log.csv"
@@ -49,7 +54,8 @@ LOG_COLUMNS = ("step", "loss", "mse", "mmd", "lr", "val_mmd")
 #: Configuration keys that define the training stream: a resumed run must keep them.
 #: (``data.path`` may change, e.g. when the data moved; the genes come from the checkpoint.)
 FIXED_ON_RESUME = ("seed", "data.", "split.", "model.", "train.batch_size", "train.lr", "train.weight_decay",
-                   "train.warmup_steps", "train.grad_clip", "train.context_drop_prob")
+                   "train.warmup_steps", "train.grad_clip", "train.context_drop_prob", "train.objective",
+                   "train.init_from", "train.init_genes")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -60,14 +66,16 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.path = step, path
 
 
-def drop_context(batch: SetBatch, prob: float, generator: torch.Generator) -> SetBatch:
+def drop_context(batch: SetBatch, prob: float, generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> SetBatch:
     """``batch`` with each set's cell type and, independently, batch index set to 0 (``<unknown>``) with probability ``prob``.
 
     Index 0 is what a held-out cell type or batch gets at prediction time; training on it
-    teaches the model to predict such contexts from their control cells alone.
+    teaches the model to predict such contexts from their control cells alone. ``shard = (k, n)``:
+    the batch is part ``k`` of ``n`` of a global batch, whose draws are sliced (as in ``RKHSDiffusion.loss``).
     """
     cond = batch.cond
-    drop = torch.rand((2, cond.cell_type.shape[0]), generator=generator, device=cond.cell_type.device) < prob
+    b, (k, n) = cond.cell_type.shape[0], shard
+    drop = torch.rand((2, b * n), generator=generator, device=cond.cell_type.device)[:, k * b:(k + 1) * b] < prob
     cond = replace(cond, cell_type=cond.cell_type.masked_fill(drop[0], 0), batch=cond.batch.masked_fill(drop[1], 0))
     return replace(batch, cond=cond)
 
@@ -96,7 +104,7 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
     denoiser = {
         "name": config.denoiser,
         "num_genes": data.n_genes,
-        "perturbation_dim": data.encoder.dim,
+        "perturbation_dim": max(1, data.encoder.dim),  # a marginal model's one-hot encoder is empty; it gets zeros
         "num_cell_types": len(data.vocabularies["cell_type"]),
         "num_batches": len(data.vocabularies["batch"]),
         **config.denoiser_params,
@@ -133,10 +141,16 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
 
     Position ``p = step * batch_size + j`` is item ``p mod n`` of epoch ``p // n`` in the
     :class:`EpochSampler` order, so a batch may span two epochs and any step can be started from.
+    ``shard = (k, n_parts)`` yields only part ``k`` of ``n_parts`` equal consecutive parts of each
+    batch (the keys one rank of a data-parallel job loads).
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, start: int, stop: int) -> None:
+    def __init__(
+        self, n: int, batch_size: int, *, seed: int, start: int, stop: int, shard: tuple[int, int] = (0, 1)
+    ) -> None:
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        k, parts = shard
+        self.part = slice(k * batch_size // parts, (k + 1) * batch_size // parts)
 
     def _keys(self, position: int) -> Iterator[tuple[int, int]]:
         epochs = EpochSampler(self.n, seed=self.seed)
@@ -149,7 +163,7 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         keys = self._keys(self.start * self.batch_size)
         for _ in range(len(self)):
-            yield list(islice(keys, self.batch_size))
+            yield list(islice(keys, self.batch_size))[self.part]
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -194,7 +208,11 @@ class Trainer:
         run_dir: the run folder.
         source: the data as an AnnData or path instead of ``config.data.path``.
         resume: continue from the run folder's last checkpoint.
-        progress: show a progress bar (tqdm, on stderr).
+        progress: show a progress bar (tqdm, on stderr; rank 0 only).
+
+    Under torchrun (a process group running, see :mod:`~perturbdiff_core.distributed`) each rank
+    trains on its part of every global batch of ``train.batch_size`` sets; rank 0 alone writes the
+    run folder and validates, the other ranks read the prepared data from it.
 
     Example:
         >>> trainer = Trainer(load_config("examples/kang18_holdout_celltype.yaml"), "runs/kang")  # doctest: +SKIP
@@ -210,18 +228,22 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
     ) -> None:
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
-        self.device = resolve_device(config.train.device)
+        distributed.check_joined("Training")
+        self.part = distributed.shard(config.train.batch_size)  # (rank, world size)
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress and distributed.is_main()
+        self.device = distributed.local_device(resolve_device(config.train.device))
         self.checkpoint_file = checkpoint_path(self.run_dir)
         self.history: list[dict[str, float]] = []
         self.validation: dict[int, float] = {}
         self.step = 0
+        self.transfer: TransferReport | None = None  # what train.init_from loaded
         if resume:
             checkpoint = load_checkpoint(self.checkpoint_file)
             self._check_resumable(checkpoint.run_config)
             self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
             self.split: Split = checkpoint.split
             self.split.check(self.data)
+            keep_training_fraction(self.data, self.split)
             self.model = checkpoint.build_model(self.device)
         else:
             if self.checkpoint_file.exists():
@@ -229,9 +251,15 @@ class Trainer:
                     f"{self.run_dir} already holds a trained run ({self.checkpoint_file}); pass --resume to "
                     f"continue it, or --out to start a new run in another folder."
                 )
-            self.data, self.split = prepare(config.data, config.split, source, out_dir=self.run_dir)
+            init = load_init(config.train.init_from) if config.train.init_from else None
+            self.data, self.split = self._prepare(source, init)
             torch.manual_seed(config.seed)
-            self.model = build_model(config.model, self.data).to(self.device)
+            model = build_model(config.model, self.data)
+            if init is not None:
+                self.transfer = transfer_weights(model, init, self.data, source=str(config.train.init_from))
+                if distributed.is_main():
+                    self.transfer.write(self.run_dir)
+            self.model = model.to(self.device)
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
@@ -242,14 +270,38 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
             self.scheduler.load_state_dict(checkpoint.scheduler_state)
             self.step, self.history, self.validation = checkpoint.step, checkpoint.history, checkpoint.validation
-        write_config(config, self.run_dir)
+        if distributed.is_main():
+            write_config(config, self.run_dir)
         self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed)
         self.val_loader = (
             make_loader(self.data, self.split.val, train=False, batch_size=train.batch_size, seed=config.seed,
                         samples_per_condition=train.val_sets)
-            if self.split.val and train.val_every
+            if self.split.val and train.val_every and distributed.is_main()
             else None
         )
+        self.ddp = distributed.data_parallel(self.model, self.device, self.part)  # None in one process
+
+    def _prepare(
+        self, source: ad.AnnData | str | os.PathLike[str] | None, init: Checkpoint | None
+    ) -> tuple[PerturbationData, Split]:
+        """Rank 0 prepares the data (marginal or conditional, on the genes ``train.init_genes`` says)
+        and writes ``split.json`` and ``data_state.json``; the other ranks then read them."""
+        config = self.config
+        data_config = config.data if init is None else gene_config(
+            config.data, init.data_state["genes"], config.train.init_genes, source
+        )
+        prepare_data = prepare_marginal if config.train.objective == "marginal" else prepare
+        prepared = distributed.main_first(
+            lambda: prepare_data(data_config, config.split, source, out_dir=self.run_dir)
+        )
+        if prepared is not None:
+            return prepared
+        state = json.loads((self.run_dir / STATE_FILE).read_text())
+        data = PerturbationData.from_state(state, source, self.config.data)
+        split = Split.load(self.run_dir / SPLIT_FILE)
+        split.check(data)
+        keep_training_fraction(data, split)
+        return data, split
 
     def _check_resumable(self, saved: RunConfig) -> None:
         changed = [
@@ -274,10 +326,14 @@ class Trainer:
         train = self.config.train
         stop = train.steps if stop_at is None else min(stop_at, train.steps)
         if self.step >= stop:
+            if self.step == 0:  # train.steps 0 (zero-shot from train.init_from): still a checkpoint to predict from
+                self.save()
             return self.log()
         loader = DataLoader(
             self.train_sets,
-            batch_sampler=StepBatches(len(self.train_sets), train.batch_size, seed=self.config.seed, start=self.step, stop=stop),
+            batch_sampler=StepBatches(
+                len(self.train_sets), train.batch_size, seed=self.config.seed, start=self.step, stop=stop, shard=self.part
+            ),
             collate_fn=collate_sets,
             num_workers=train.num_workers,
             worker_init_fn=_worker_init,
@@ -289,7 +345,7 @@ class Trainer:
                 self.step += 1
                 self._periodic(bar, stop)
                 bar.update(1)
-                if interrupted():
+                if distributed.any_rank(interrupted(), self.device):  # every rank stops at the same step
                     self.save()
                     raise TrainingInterrupted(self.step, self.checkpoint_file)
         self.save()
@@ -302,13 +358,15 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(seed)
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        batch = batch.to(self.device)
+        batch = self._conditioned(batch.to(self.device))
         if self.config.train.context_drop_prob > 0:
-            batch = drop_context(batch, self.config.train.context_drop_prob, generator)
-        terms = self.model.loss(batch, generator)
-        if not torch.isfinite(terms["loss"]):
+            batch = drop_context(batch, self.config.train.context_drop_prob, generator, self.part)
+        terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)
+        nan = terms["loss"].new_tensor(math.nan)  # for a term the model does not report
+        loss, mse, mmd = distributed.mean(torch.stack([terms["loss"].detach(), terms.get("mse", nan), terms.get("mmd", nan)])).tolist()
+        if not math.isfinite(loss):
             raise PerturbDiffError(
-                f"The training loss became {terms['loss'].item()} at step {self.step + 1}; lower train.lr or set "
+                f"The training loss became {loss} at step {self.step + 1}; lower train.lr or set "
                 f"train.grad_clip, and resume from the last checkpoint ({self.checkpoint_file}) or start again."
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +377,13 @@ class Trainer:
         self.scheduler.step()
         if self.model.ema is not None:
             self.model.update_ema()
-        return {"loss": terms["loss"].item(), "mse": terms["mse"].item(), "mmd": terms.get("mmd", torch.tensor(math.nan)).item(), "lr": lr}
+        return {"loss": loss, "mse": mse, "mmd": mmd, "lr": lr}
+
+    def _conditioned(self, batch: SetBatch) -> SetBatch:
+        """``batch`` as the model sees it: perturbation zeroed for ``train.objective: marginal``."""
+        if self.config.train.objective == "marginal":
+            return marginal_batch(batch, self.model.denoiser.perturbation_dim)
+        return batch
 
     def _periodic(self, bar: tqdm, stop: int) -> None:
         """Validation, logging and checkpoints due after the step just taken (``fit`` saves at ``stop``)."""
@@ -345,7 +409,7 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(self.config.seed)
         values = []
         for batch in self.val_loader:
-            batch = batch.to(self.device)
+            batch = self._conditioned(batch.to(self.device))
             sampled = self.model.sample(batch.cond, steps=self.config.train.val_sampling_steps, generator=generator)
             values.append(self.model.estimator(sampled, batch.target.to(sampled.dtype), self.model.kernel))
         return torch.cat(values).mean().item()
@@ -370,14 +434,21 @@ class Trainer:
         return pd.DataFrame(rows, columns=list(LOG_COLUMNS))
 
     def write_log(self) -> Path:
-        """Write :meth:`log` to ``run_dir/train_log.csv`` atomically."""
+        """Write :meth:`log` to ``run_dir/train_log.csv`` atomically (rank 0 only)."""
         path = self.run_dir / LOG_FILE
-        with atomic_path(path) as tmp:
-            self.log().to_csv(tmp, index=False)
+        if distributed.is_main():
+            with atomic_path(path) as tmp:
+                self.log().to_csv(tmp, index=False)
         return path
 
     def save(self) -> Path:
-        """Checkpoint the current step to ``run_dir/checkpoints/last.pt`` (atomically) and write the log."""
+        """Checkpoint the current step to ``run_dir/checkpoints/last.pt`` (atomically) and write the log.
+
+        Rank 0 writes; every rank returns once the checkpoint is on disk.
+        """
+        if not distributed.is_main():
+            distributed.barrier()
+            return self.checkpoint_file
         checkpoint = Checkpoint(
             step=self.step,
             run_config=self.config,
@@ -391,5 +462,7 @@ class Trainer:
             validation=self.validation,
         )
         self.write_log()
-        return save_checkpoint(self.checkpoint_file, checkpoint)
+        path = save_checkpoint(self.checkpoint_file, checkpoint)
+        distributed.barrier()
+        return path
 

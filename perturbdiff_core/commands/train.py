@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from .. import distributed
+from ..errors import ConfigError
 from ..run_config import CONFIG_FILE, RUNS_DIR, RunConfig, load_config, resolved, run_dir_for
-from ..training import LOG_FILE, Trainer, TrainingInterrupted
+from ..training import LOG_FILE, Trainer, TrainingInterrupted, resolve_device
 
 EPILOG = f"""\
 --set takes key=value pairs, several per flag and the flag repeatable
@@ -18,6 +21,8 @@ data_state.json, {LOG_FILE} and checkpoints/last.pt (written atomically).
 Ctrl-C saves a checkpoint of the last completed step; --resume continues it exactly (the
 same losses as an uninterrupted run). A relative data.path that does not exist is looked
 up by file name in $PERTURBDIFF_DATA (or ../shared/data beside the source tree).
+Several processes or GPUs: torchrun --nproc_per_node N -m perturbdiff_core train ...
+(train.batch_size is the global batch; rank 0 writes the run folder; docs/distributed.md).
 """
 
 
@@ -30,6 +35,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="override config keys (values parsed as YAML); several pairs per flag, repeatable",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    parser.add_argument(
+        "--init-from", metavar="RUN_DIR_OR_CHECKPOINT", default=None,
+        help="start from a (pre-)trained run's weights, genes aligned by name (sets train.init_from)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -47,13 +56,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_of(args: argparse.Namespace) -> RunConfig:
-    """The resolved configuration of ``args``: defaults <- CONFIG.yaml <- ``--set``, data path resolved."""
-    return resolved(load_config(args.config, args.overrides))
+    """The resolved configuration of ``args``: defaults <- CONFIG.yaml <- ``--set`` <- ``--init-from``, paths resolved."""
+    if args.init_from is None:
+        return resolved(load_config(args.config, args.overrides))
+    if args.resume:
+        raise ConfigError(
+            "--init-from starts a new run from another run's weights and --resume continues this run's own "
+            "checkpoint; give only one of them."
+        )
+    return resolved(load_config(args.config, [*args.overrides, f"train.init_from={json.dumps(args.init_from)}"]))
 
 
 def start(args: argparse.Namespace, config: RunConfig) -> Trainer:
-    """The trainer of ``config`` in the run folder of ``args`` (checkpoint loaded with ``--resume``)."""
-    return Trainer(config, run_dir_for(config, args.out), resume=args.resume, progress=not args.quiet)
+    """The trainer of ``config`` in the run folder of ``args`` (checkpoint loaded with ``--resume``); says what ``train.init_from`` loaded."""
+    trainer = Trainer(config, run_dir_for(config, args.out), resume=args.resume, progress=not args.quiet)
+    if trainer.transfer is not None and distributed.is_main():
+        print(f"perturbdiff: {trainer.transfer.line()}", file=sys.stderr)
+    return trainer
 
 
 def fit(trainer: Trainer, command: str = "train") -> int:
@@ -62,21 +81,27 @@ def fit(trainer: Trainer, command: str = "train") -> int:
         trainer.fit()
     except TrainingInterrupted as stop:
         run_dir = trainer.run_dir
-        print(
-            f"perturbdiff: {stop}; resume with: perturbdiff {command} {run_dir / CONFIG_FILE} --out {run_dir} --resume",
-            file=sys.stderr,
-        )
+        if distributed.is_main():
+            launch = " under the same torchrun launch" if distributed.world_size() > 1 else ""
+            print(
+                f"perturbdiff: {stop}; resume with: perturbdiff {command} {run_dir / CONFIG_FILE} --out {run_dir} "
+                f"--resume{launch}",
+                file=sys.stderr,
+            )
         return 130
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume) and report where the run is."""
-    trainer = start(args, config_of(args))
-    if status := fit(trainer):
-        return status
-    log = trainer.log()
-    last = log.iloc[-1] if len(log) else None
-    summary = "" if last is None else f"; last logged loss {last['loss']:.4g}"
-    print(f"Trained {trainer.step} steps into {trainer.run_dir}{summary}", file=sys.stderr)
+    """Train (or resume) and report where the run is; under torchrun, as one rank of a data-parallel job."""
+    config = config_of(args)
+    with distributed.process_group(resolve_device(config.train.device)):
+        trainer = start(args, config)
+        if status := fit(trainer):
+            return status
+        if distributed.is_main():
+            log = trainer.log()
+            last = log.iloc[-1] if len(log) else None
+            summary = "" if last is None else f"; last logged loss {last['loss']:.4g}"
+            print(f"Trained {trainer.step} steps into {trainer.run_dir}{summary}", file=sys.stderr)
     return 0

@@ -90,6 +90,8 @@ class SplitConfig:
         few_shot_on: ``cell_type`` or ``batch``: what the few-shot held-out values name.
         test_fraction: share of conditions held out by ``random``.
         val_fraction: share of training conditions also used for periodic validation.
+        train_fraction: share of each training condition's cells kept, in (0, 1] (at least one
+            cell each, a seeded draw): fine-tuning on a fraction of the perturbation data.
         seed: seed of every random choice of the split.
         file: a split saved by :meth:`~perturbdiff_core.data.splits.Split.save`; when given it
             is reloaded (to repeat a run exactly) instead of being made.
@@ -101,6 +103,7 @@ class SplitConfig:
     few_shot_on: Literal["cell_type", "batch"] = "cell_type"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
+    train_fraction: float = 1.0
     seed: int = 0
     file: str | None = None
 

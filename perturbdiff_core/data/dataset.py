@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import anndata as ad
@@ -319,6 +319,17 @@ class PerturbationData:
                 f"with controls: {_shown([c.label for c in self.contexts], 8)}."
             )
         return self._controls[context]
+
+    def restrict(self, condition: str | Condition, rows: np.ndarray) -> None:
+        """Keep only ``rows``, a non-empty subset of a perturbed condition's cells (e.g. to train on a fraction)."""
+        chosen = self.condition(condition)
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if chosen.is_control or not len(rows) or not np.isin(rows, self._cells[chosen.label]).all():
+            raise DataError(f"Cannot restrict {chosen.label!r} to those rows: give a non-empty subset of its perturbed cells.")
+        self._cells[chosen.label] = rows
+        smaller = replace(chosen, n_cells=len(rows))
+        self.conditions[self.conditions.index(chosen)] = smaller
+        self._by_label[chosen.label] = smaller
 
     # ---------------------------------------------------------------- conditioning (fitted)
 

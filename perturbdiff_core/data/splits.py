@@ -118,6 +118,20 @@ def make_split(data: PerturbationData, config: SplitConfig) -> Split:
     return Split(config, [c.label for c in train], val, [c.label for c in test])
 
 
+def keep_training_fraction(data: PerturbationData, split: Split) -> None:
+    """Restrict each training condition of ``data`` to ``split.config.train_fraction`` of its cells:
+    ``max(1, round(f n))`` of its ``n`` cells, drawn without replacement (seeded by the split seed and the label's rank)."""
+    fraction = split.config.train_fraction
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"split.train_fraction must be in (0, 1], got {fraction}.")
+    if fraction == 1:
+        return
+    for i, label in enumerate(sorted(split.train)):
+        rows = data.cells(label)
+        keep = max(1, round(fraction * len(rows)))
+        data.restrict(label, np.random.default_rng([split.config.seed, 2, i]).choice(rows, keep, replace=False))
+
+
 def _require_key(data: PerturbationData, config: SplitConfig, field: str) -> None:
     if getattr(data.config, f"{field}_key") is None:
         raise ConfigError(
