@@ -183,6 +183,15 @@ def test_train_fraction_keeps_the_expected_cells(screens) -> None:
             prepare(data_config, SplitConfig(kind="holdout_combination", holdout=["A+B"], train_fraction=bad))
 
 
+def test_evaluate_refits_baselines_on_the_run_training_fraction(screens, tmp_path: Path) -> None:
+    from perturbdiff_core.commands.evaluate import RunFolder
+
+    trainer = train(screens[0], tmp_path / "run", *HOLDOUT, "split.train_fraction=0.05", "train.steps=1")
+    folder = RunFolder.load(tmp_path / "run")
+    for label in trainer.split.train:
+        assert np.array_equal(folder.data.cells(label), trainer.data.cells(label))
+
+
 def test_concat_unperturbed_keeps_controls_on_shared_genes() -> None:
     screen = synthetic_screen(200, 12, seed=5)
     atlas = synthetic_screen(100, 10, seed=6)
