@@ -92,6 +92,11 @@ class RKHSDiffusion(nn.Module):
             self-conditioning, in training and sampling.
         cond_drop_prob: probability that a set's perturbation encoding is zeroed in training, so
             the same network also learns the null condition used by classifier-free guidance.
+        relative_to_control: diffuse each set relative to the mean of its control set: the target
+            and the control set are shifted by that mean before noising and the samples shifted
+            back, so the model learns the change from the control population rather than the
+            expression level of a context (a held-out cell line, say). Radial kernels and the
+            MSE are translation invariant, so the loss terms keep their values.
         ema_decay: decay of the exponential moving average of the denoiser weights
             (``torch.optim.swa_utils``); ``None`` keeps no average.
 
@@ -112,6 +117,7 @@ class RKHSDiffusion(nn.Module):
         self_condition_prob: float = 0.5,
         cond_drop_prob: float = 0.1,
         ema_decay: float | None = 0.999,
+        relative_to_control: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("self_condition_prob", self_condition_prob), ("cond_drop_prob", cond_drop_prob)):
@@ -132,6 +138,7 @@ class RKHSDiffusion(nn.Module):
         self.self_condition_prob = float(self_condition_prob)
         self.cond_drop_prob = float(cond_drop_prob)
         self.ema_decay = ema_decay
+        self.relative_to_control = bool(relative_to_control)
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
             self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -164,6 +171,7 @@ class RKHSDiffusion(nn.Module):
             "self_condition_prob": self.self_condition_prob,
             "cond_drop_prob": self.cond_drop_prob,
             "ema_decay": self.ema_decay,
+            "relative_to_control": self.relative_to_control,
         }
 
     @classmethod
@@ -201,6 +209,9 @@ class RKHSDiffusion(nn.Module):
         x0, cond = batch.target, batch.cond
         self._check_batch(x0, cond)
         x0 = x0.to(next(self.denoiser.parameters()).dtype)
+        if self.relative_to_control:
+            cond, origin = self._relative(cond)
+            x0 = x0 - origin
         b, device = x0.shape[0], x0.device
         k, n = shard
         total, part = b * n, slice(k * b, (k + 1) * b)  # the global batch, and this batch's positions in it
@@ -308,6 +319,9 @@ class RKHSDiffusion(nn.Module):
             use_ema: see :meth:`sampling_denoiser`.
         """
         step = self._make_step(sampler, eta)
+        origin = 0.0
+        if self.relative_to_control:
+            cond, origin = self._relative(cond)
         if guidance != 1.0 and self.cond_drop_prob == 0:
             raise ConfigError(
                 f"guidance={guidance} needs the unconditional model, but this model was built with "
@@ -326,7 +340,7 @@ class RKHSDiffusion(nn.Module):
             return self.predict_x0(x_t, t, cond, prev_x0 if use_self_cond else None, guidance=guidance, denoiser=net)
 
         param = next(net.parameters())
-        return sample(
+        return origin + sample(
             model_fn,
             (b, num_cells, net.num_genes),
             self.schedule,
@@ -339,6 +353,12 @@ class RKHSDiffusion(nn.Module):
         )
 
     # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _relative(cond: Conditioning) -> tuple[Conditioning, Tensor]:
+        """``cond`` with its control sets centred, and their means ``(B, 1, G)``, the origin of each set."""
+        origin = cond.control.mean(dim=-2, keepdim=True)
+        return replace(cond, control=cond.control - origin), origin
+
     @staticmethod
     def _make_step(sampler: str, eta: float | None) -> SamplerStep:
         if sampler == "ddim":

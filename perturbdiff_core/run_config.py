@@ -39,6 +39,8 @@ class ModelConfig:
 
     ``denoiser_params`` are the denoiser's size parameters (``size``, ``hidden``, ``depth``, ...);
     the data dimensions are filled in from the data. ``mmd_weight`` is the paper's lambda.
+    ``relative_to_control`` diffuses each set relative to its control set's mean (see
+    :class:`~perturbdiff_core.diffusion.RKHSDiffusion`).
     """
 
     denoiser: str = "cross_dit"
@@ -54,6 +56,7 @@ class ModelConfig:
     self_condition_prob: float = 0.5
     cond_drop_prob: float = 0.1
     ema_decay: float | None = 0.999
+    relative_to_control: bool = False
 
 
 @dataclass

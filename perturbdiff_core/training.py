@@ -119,6 +119,7 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
         self_condition_prob=config.self_condition_prob,
         cond_drop_prob=config.cond_drop_prob,
         ema_decay=config.ema_decay,
+        relative_to_control=config.relative_to_control,
     )
 
 

@@ -196,6 +196,38 @@ def test_sampling_without_guidance_is_the_plain_conditional_sampler():
     assert not torch.allclose(guided, expected)
 
 
+def _shifted(batch: SetBatch, shift: torch.Tensor) -> SetBatch:
+    """``batch`` with its target and control cells moved by ``shift`` ``(G,)``."""
+    cond = Conditioning(batch.cond.control + shift, batch.cond.perturbation, batch.cond.cell_type, batch.cond.batch)
+    return SetBatch(batch.target + shift, cond)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_relative_to_control_makes_loss_and_samples_translation_equivariant(relative: bool):
+    """Moving a context's cells (control and target) by a vector c leaves the loss unchanged and moves
+    the samples by c when the model works relative to the control set; an absolute model sees the move."""
+    model = randomized(RKHSDiffusion(denoiser(), kernel="energy", self_condition_prob=0.0, ema_decay=None,
+                                     relative_to_control=relative)).eval()
+    batch = make_batch()
+    shift = torch.randn(G, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 3.0
+    moved = _shifted(batch, shift)
+    t, noise = fixed_draws(batch)
+    loss, loss_moved = model.loss(batch, t=t, noise=noise)["loss"], model.loss(moved, t=t, noise=noise)["loss"]
+    draw = [model.sample(b.cond, steps=6, generator=torch.Generator().manual_seed(3)) for b in (batch, moved)]
+    if relative:
+        torch.testing.assert_close(loss_moved, loss, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(draw[1], draw[0] + shift, rtol=1e-9, atol=1e-9)
+        # samples live around the control mean, not around the origin
+        origin = batch.cond.control.mean(dim=1, keepdim=True)
+        plain = randomized(RKHSDiffusion(denoiser(), self_condition_prob=0.0, ema_decay=None)).eval()
+        centred = plain.sample(SetBatch(batch.target, RKHSDiffusion._relative(batch.cond)[0]).cond, steps=6,
+                               generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(draw[0], centred + origin, rtol=1e-9, atol=1e-9)
+    else:
+        assert not torch.allclose(loss_moved, loss)
+        assert not torch.allclose(draw[1], draw[0] + shift)
+
+
 def test_sample_shapes_options_and_errors():
     model = randomized(RKHSDiffusion(denoiser(), ema_decay=None))
     cond = make_batch(b=3, sc=7).cond
