@@ -63,6 +63,15 @@ def _blocks(symmetric: bool, same: bool, n_left: int, n_right: int, size: int) -
             yield _Block(rows, cols, factor, a == b and (symmetric or same))
 
 
+def _staircase(n: int, size: int) -> Iterator[_Block]:
+    """The upper triangle of a symmetric ``n x n`` sum in row spans of ``size``: each span's diagonal
+    block once, and all the columns after it in one block counted twice (few, wide GEMMs; nothing mirrored)."""
+    for rows in _spans(n, size):
+        yield _Block(rows, rows, 1.0, True)
+        if rows.stop < n:
+            yield _Block(rows, slice(rows.stop, n), 2.0, False)
+
+
 def _terms(same: bool, wx: Tensor, wy: Tensor) -> tuple[str, ...]:
     """``("xx",)`` for a symmetric within-set sum (``y is x`` with one weight vector), else ``("xy",)``."""
     return ("xx",) if same and wx is wy else ("xy",)
@@ -134,8 +143,11 @@ class _Plan:
         return self.block_size is None
 
     def blocks(self, term: str, n_left: int, n_right: int) -> Iterator[_Block]:
+        symmetric = term != "xy"
+        if self.dense and symmetric and n_left >= SYMMETRIC_SPLIT_MIN_ROWS:
+            return _staircase(n_left, -(-n_left // SYMMETRIC_SPLIT))
         size = self.block_size or max(n_left, n_right)
-        return _blocks(term != "xy", self.same, n_left, n_right, size)
+        return _blocks(symmetric, self.same, n_left, n_right, size)
 
 
 def _sq_dists(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, diagonal: bool, scale: float) -> Tensor:
