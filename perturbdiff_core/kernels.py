@@ -215,7 +215,8 @@ class RadialKernel(Kernel):
         """``f(s)`` for the scaled squared distance ``s >= 0`` (Tensor or KeOps LazyTensor)."""
 
     def profile_(self, s: Tensor) -> Tensor:
-        """``f(s)`` written into ``s`` (no autograd); override with in-place ops for speed."""
+        """``f(s)`` without autograd, computed in place where possible: ``s`` may be overwritten and the
+        result is the return value (which may be ``s``). Override with in-place ops for speed."""
         return s.copy_(self.profile(s))
 
     def profile_grad(self, s: Tensor) -> Tensor:

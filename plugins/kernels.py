@@ -53,7 +53,7 @@ class RBF(RadialKernel):
         return s.mul_(-0.5).exp_()
 
     def profile_grad(self, s: Tensor) -> Tensor:
-        return -0.5 * (-0.5 * s).exp()
+        return (-0.5 * s).exp_().mul_(-0.5)
 
     def sample_spectral(self, num_features: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
         """:math:`\\omega \\sim N(0, I / l^2)`, the spectral density of the Gaussian kernel."""
@@ -244,11 +244,25 @@ class Mixture(RadialKernel):
         self.lengthscales = tuple(float(l) for l in lengthscales)
 
     def profile(self, s: Tensor) -> Tensor:
+        if isinstance(s, Tensor) and not (s.requires_grad and torch.is_grad_enabled()):
+            return self.profile_(s)
         return sum(self.base.profile(s * (1.0 / l**2)) for l in self.lengthscales)
 
+    def profile_(self, s: Tensor) -> Tensor:
+        """The sum accumulated in place, one temporary per bandwidth (``s`` itself is left as it is)."""
+        total = None
+        for l in self.lengthscales:
+            term = self.base.profile_(s * (1.0 / l**2))
+            total = term if total is None else total.add_(term)
+        return total
+
     def profile_grad(self, s: Tensor) -> Tensor:
-        """:math:`\\sum_i f_0'(s / l_i^2) / l_i^2`."""
-        return sum(self.base.profile_grad(s * (1.0 / l**2)) / l**2 for l in self.lengthscales)
+        """:math:`\\sum_i f_0'(s / l_i^2) / l_i^2`, accumulated in place."""
+        total = None
+        for l in self.lengthscales:
+            term = self.base.profile_grad(s * (1.0 / l**2)).mul_(1.0 / l**2)
+            total = term if total is None else total.add_(term)
+        return total
 
     def extra_repr(self) -> str:
         return f"base={type(self.base).__name__}, lengthscales={list(self.lengthscales)}, {super().extra_repr()}"
