@@ -304,7 +304,7 @@ def _parse_metrics(metrics: Any, path: Path) -> tuple[str, ...]:
         return DEFAULT_METRICS
     if not isinstance(metrics, list) or not metrics:
         raise ConfigError(f"{path}: metrics: must be a non-empty list of metric names.")
-    unknown = [m for m in metrics if not isinstance(m, str) or (m not in DEFINITIONS and definition_of(m) is None)]
+    unknown = [m for m in metrics if not isinstance(m, str) or definition_of(m) is None]
     if unknown:
         raise ConfigError(f"{path}: unknown metric(s) {', '.join(map(str, unknown))}; known: {', '.join(DEFINITIONS)}.")
     return tuple(metrics)
@@ -556,15 +556,6 @@ def _mean_sd(values: pd.DataFrame, metric: str) -> str:
     return f"{mean:.4g}" if pd.isna(sd) else f"{mean:.4g} \u00b1 {sd:.1g}"
 
 
-def _direction(metric: str) -> str:
-    definition = definition_of(metric)
-    if definition is None or definition.best is None:
-        return ""
-    if definition.best == 0.0:
-        return " \u2193"
-    return " \u2191" if definition.family != "variability" else f" (best {definition.best:g})"
-
-
 def write_plot(table: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str], path: Path) -> Path:
     """Bars of the model's mean +- sd per key metric: groups along the first axis, one bar per combination of
     the others; the best baseline (when the same in every cell) as a dashed line. Written atomically."""
@@ -590,7 +581,8 @@ def write_plot(table: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str],
         if best is not None:
             ax.axhline(best[1], color="k", linestyle="--", linewidth=1, label=f"best baseline ({best[0]})")
         ax.set_xticks(positions, xs, rotation=30, ha="right", fontsize=8)
-        ax.set_title(metric + _direction(metric), fontsize=10)
+        definition = definition_of(metric)
+        ax.set_title(metric + (definition.arrow if definition is not None else ""), fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     grid[0].legend(fontsize=7)

@@ -267,3 +267,20 @@ def test_every_metric_is_defined() -> None:
     families = {"pseudobulk", "de", "discrimination", "distribution", "variability"}
     for name, definition in DEFINITIONS.items():
         assert definition.definition and definition.family in families, name
+
+
+@pytest.mark.parametrize(
+    ("metric", "direction", "arrow"),
+    [
+        ("pearson_delta", "higher is better", " \u2191"),
+        ("mse", "lower is better", " \u2193"),
+        ("mmd2_rbf", "lower is better", " \u2193"),  # found through the pattern mmd2_{kernel}
+        ("variability_mmd2_energy_ratio", "closest to 1", " (best 1)"),
+        ("de_nsig_counts_pred", "", ""),
+    ],
+)
+def test_metric_directions_for_tables_and_plot_titles(metric: str, direction: str, arrow: str) -> None:
+    from perturbdiff_core.evaluation import definition_of
+
+    definition = definition_of(metric)
+    assert (definition.direction, definition.arrow) == (direction, arrow)

@@ -33,6 +33,24 @@ class MetricDefinition:
     definition: str
     cell_eval: str
 
+    @property
+    def direction(self) -> str:
+        """``higher is better``, ``lower is better``, ``closest to <best>`` (a ratio), or ``""``."""
+        if self.best is None:
+            return ""
+        if self.best == 0.0:
+            return "lower is better"
+        if self.best == 1.0 and self.family != "variability":
+            return "higher is better"
+        return f"closest to {self.best:g}"
+
+    @property
+    def arrow(self) -> str:
+        """The direction as a short suffix for plot titles: `` ↑``, `` ↓``, `` (best <best>)`` or ``""``."""
+        if self.best is None:
+            return ""
+        return {"higher is better": " \u2191", "lower is better": " \u2193"}.get(self.direction, f" (best {self.best:g})")
+
 
 def _define() -> dict[str, MetricDefinition]:
     same = "same"

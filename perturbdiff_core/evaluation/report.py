@@ -210,18 +210,6 @@ def _figure(fig: Figure, caption: str) -> str:
     )
 
 
-def _direction(metric: str) -> str:
-    """``higher is better``, ``lower is better``, ``closest to 1`` (a ratio) or ``""`` (no direction)."""
-    definition = definition_of(metric)
-    if definition is None or definition.best is None:
-        return ""
-    if definition.best == 0.0:
-        return "lower is better"
-    if definition.best == 1.0 and definition.family != "variability":
-        return "higher is better"
-    return f"closest to {definition.best:g}"
-
-
 def _class(name: str, applies: bool) -> str:
     return f" class='{name}'" if applies else ""
 
@@ -237,11 +225,11 @@ def _table(wide: pd.DataFrame, model: str) -> str:
     for metric, values in wide.iterrows():
         best = best_methods(values, str(metric))
         definition = definition_of(str(metric))
-        family = definition.family if definition is not None else ""
+        family, direction = (definition.family, definition.direction) if definition is not None else ("", "")
         cells = "".join(f"<td{_class('best', m in best)}>{_format(v)}</td>" for m, v in values.items())
         rows.append(
             f"<tr><td>{html.escape(str(metric))}</td><td class='family'>{html.escape(family)}</td>"
-            f"<td class='family'>{_direction(str(metric))}</td>{cells}</tr>"
+            f"<td class='family'>{direction}</td>{cells}</tr>"
         )
     return (
         "<p>Mean over conditions; green marks the method closest to the metric's best value.</p>"
@@ -299,9 +287,8 @@ def _bars(wide: pd.DataFrame, model: str) -> Figure | None:
     colours = _colours(methods, model)
     for ax, metric in zip(axes, metrics):
         ax.bar(methods, wide.loc[metric].to_numpy(dtype=float), color=colours)
-        direction = _direction(metric)
-        arrow = {"higher is better": " \u2191", "lower is better": " \u2193"}.get(direction, "")
-        ax.set_title(metric + arrow, fontsize=10)
+        definition = definition_of(metric)
+        ax.set_title(metric + (definition.arrow if definition is not None else ""), fontsize=10)
     if has_de:
         ax = axes[-1]
         ax.bar(methods, wide.loc["de_nsig_counts_pred"].to_numpy(dtype=float), color=colours)
