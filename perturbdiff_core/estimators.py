@@ -73,12 +73,7 @@ class QuadraticMMD(MMDEstimator):
 
     def estimate(self, x: Tensor, y: Tensor, kernel: Kernel, wx: Tensor, wy: Tensor) -> Tensor:
         if self.unbiased:
-            for name, t in (("x", x), ("y", y)):
-                if t.shape[-2] < 2:
-                    raise InputError(
-                        f"The unbiased estimator needs at least 2 cells per set, {name} has "
-                        f"{t.shape[-2]}; use estimator='biased' for single cells."
-                    )
+            require_pairs(x, y, fix="use estimator='biased' for single cells")
         kxx, kyy, kxy = self.reduction.mmd_terms(kernel, x, y, wx, wy, exclude_diagonal=self.unbiased)
         if self.unbiased:
             kxx = kxx / (1 - wx.square().sum(-1))
@@ -87,6 +82,13 @@ class QuadraticMMD(MMDEstimator):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(unbiased={self.unbiased}, reduction={type(self.reduction).__name__})"
+
+
+def require_pairs(x: Tensor, y: Tensor, *, fix: str) -> None:
+    """InputError unless both sets have at least 2 cells, as a U-statistic's within-set pairs need."""
+    for name, t in (("x", x), ("y", y)):
+        if t.shape[-2] < 2:
+            raise InputError(f"The unbiased estimator needs at least 2 cells per set, {name} has {t.shape[-2]}; {fix}.")
 
 
 def as_estimator(spec: Any, /, **params: Any) -> MMDEstimator:

@@ -39,7 +39,6 @@ from .batch import SetBatch
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import SPLIT_FILE, STATE_FILE, ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, make_loader, prepare
 from .data.loader import seed_worker
-from .data.splits import keep_training_fraction
 from .diffusion import RKHSDiffusion
 from .errors import ConfigError, PerturbDiffError
 from .io import atomic_path
@@ -243,8 +242,7 @@ class Trainer:
             self._check_resumable(checkpoint.run_config)
             self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
             self.split: Split = checkpoint.split
-            self.split.check(self.data)
-            keep_training_fraction(self.data, self.split)
+            self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)
         else:
             if self.checkpoint_file.exists():
@@ -300,8 +298,7 @@ class Trainer:
         state = json.loads((self.run_dir / STATE_FILE).read_text())
         data = PerturbationData.from_state(state, source, self.config.data)
         split = Split.load(self.run_dir / SPLIT_FILE)
-        split.check(data)
-        keep_training_fraction(data, split)
+        split.apply(data)
         return data, split
 
     def _check_resumable(self, saved: RunConfig) -> None:

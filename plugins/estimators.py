@@ -9,7 +9,7 @@ from torch import Tensor
 
 from perturbdiff_core.embeddings import EmbeddingMap
 from perturbdiff_core.errors import InputError, UnknownPluginError
-from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD
+from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD, require_pairs
 from perturbdiff_core.kernels import Kernel
 from perturbdiff_core.reductions import KernelReduction, as_reduction
 from perturbdiff_core.registry import names, resolve
@@ -196,12 +196,7 @@ class EmbeddingMMD(MMDEstimator):
                 return emb.inner(x, x, wx, wx) + emb.inner(y, y, wy, wy) - 2 * emb.inner(x, y, wx, wy)
             diff = emb.mean_embedding(x, wx) - emb.mean_embedding(y, wy)
             return diff.square().sum(-1)
-        for name, t in (("x", x), ("y", y)):
-            if t.shape[-2] < 2:
-                raise InputError(
-                    f"The unbiased estimator needs at least 2 cells per set, {name} has {t.shape[-2]}; "
-                    f"use unbiased=False for single cells."
-                )
+        require_pairs(x, y, fix="use unbiased=False for single cells")
         xx, mx = self._within(emb, kernel, x, wx)
         yy, my = self._within(emb, kernel, y, wy)
         cross = (mx * my).sum(-1) if emb.explicit else emb.inner(x, y, wx, wy)

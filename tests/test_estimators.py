@@ -162,6 +162,8 @@ def test_unbiased_embedding_estimator_is_the_u_statistic_of_its_feature_kernel()
     biased = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=64)
     biased._maps = rff._maps  # same features: the two statistics differ
     assert not torch.allclose(biased(x, y, kernel, x_weights=wx, y_weights=wy), got)
+    with pytest.raises(PerturbDiffError, match="at least 2 cells.*unbiased=False"):
+        rff(x[:, :1], y, kernel)
 
 
 @pytest.mark.parametrize("name", ["biased", "unbiased"])

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from ..configuration import read_yaml
 from ..data import STATE_FILE, SPLIT_FILE, DataConfig, PerturbationData, Split
-from ..data.splits import keep_training_fraction
 from ..errors import InputError
 from ..evaluation import ALL_CONDITIONS, compare, definition_of, summary_line
 from ..io import atomic_path
@@ -180,8 +179,7 @@ class RunFolder:
             data = PerturbationData.from_state(json.loads(state_file.read_text()), None, config)
         else:
             data = PerturbationData(None, config).fit(split.train)
-        split.check(data)
-        keep_training_fraction(data, split)  # baselines see the training cells the model saw
+        split.apply(data)  # baselines see the training cells the model saw
         return cls(path, data, split)
 
     def predict(self, name: str, *, seed: int) -> ad.AnnData:

@@ -11,7 +11,7 @@ import anndata as ad
 from ..io import atomic_write_text
 from .config import DataConfig, SplitConfig
 from .dataset import PerturbationData
-from .splits import Split, keep_training_fraction, make_split
+from .splits import Split, make_split
 
 #: File names written beside a run's outputs.
 SPLIT_FILE = "split.json"
@@ -33,7 +33,7 @@ def prepare(
     """
     data = PerturbationData(source, data_config)
     split = make_split(data, split_config)
-    keep_training_fraction(data, split)
+    split.apply(data)
     data.fit(split.train)
     data.encode(split.test)  # an unseen perturbation without a vector fails here, not after training
     if out_dir is not None:

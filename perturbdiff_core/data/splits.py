@@ -67,6 +67,21 @@ class Split:
         for label in (*self.train, *self.test):
             data.condition(label)
 
+    def apply(self, data: PerturbationData) -> None:
+        """:meth:`check` ``data``, then keep ``split.train_fraction`` of each training condition's cells:
+        ``max(1, round(f n))`` of its ``n``, drawn without replacement (seeded by the split seed and the
+        label's rank), so every user of the data (training, resuming, baselines) sees the same cells."""
+        self.check(data)
+        fraction = self.config.train_fraction
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"split.train_fraction must be in (0, 1], got {fraction}.")
+        if fraction == 1:
+            return
+        for i, label in enumerate(sorted(self.train)):
+            rows = data.cells(label)
+            keep = max(1, round(fraction * len(rows)))
+            data.restrict(label, np.random.default_rng([self.config.seed, 2, i]).choice(rows, keep, replace=False))
+
 
 def _shown(values: list[str], limit: int = 15) -> str:
     text = ", ".join(values[:limit])
@@ -116,20 +131,6 @@ def make_split(data: PerturbationData, config: SplitConfig) -> Split:
     rng = np.random.default_rng([config.seed, 1])
     val = sorted(np.array([c.label for c in train])[rng.choice(len(train), n_val, replace=False)].tolist())
     return Split(config, [c.label for c in train], val, [c.label for c in test])
-
-
-def keep_training_fraction(data: PerturbationData, split: Split) -> None:
-    """Restrict each training condition of ``data`` to ``split.config.train_fraction`` of its cells:
-    ``max(1, round(f n))`` of its ``n`` cells, drawn without replacement (seeded by the split seed and the label's rank)."""
-    fraction = split.config.train_fraction
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"split.train_fraction must be in (0, 1], got {fraction}.")
-    if fraction == 1:
-        return
-    for i, label in enumerate(sorted(split.train)):
-        rows = data.cells(label)
-        keep = max(1, round(fraction * len(rows)))
-        data.restrict(label, np.random.default_rng([split.config.seed, 2, i]).choice(rows, keep, replace=False))
 
 
 def _require_key(data: PerturbationData, config: SplitConfig, field: str) -> None:
