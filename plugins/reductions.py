@@ -26,9 +26,10 @@ from perturbdiff_core.errors import InputError
 from perturbdiff_core.kernels import Kernel, RadialKernel
 from perturbdiff_core.reductions import KernelReduction
 
-#: The Gram matrix of a set with itself is computed as a staircase of this many row blocks, each
-#: multiplied only against the columns from its own diagonal block on (10 of 16 blocks' work for
-#: 4), and mirrored: a symmetric GEMM, which torch does not offer...
+#: A set's sum with itself is split into this many row spans, each multiplied only against the
+#: columns from its own diagonal block on (10 of 16 blocks' work for 4), a symmetric GEMM, which
+#: torch does not offer: dense plans sum those blocks directly (:func:`_staircase`), a chunked
+#: plan's diagonal block is computed that way and mirrored (:func:`_sq_dists`)...
 SYMMETRIC_SPLIT = 4
 #: ...for sets of at least this many cells. Below it the saving is smaller than the cost of the
 #: extra small operations.
