@@ -93,8 +93,7 @@ class Laplace(_Matern):
     def profile_grad(self, s: Tensor) -> Tensor:
         """:math:`-e^{-\\sqrt s} / (2 \\sqrt s)`, and 0 at ``s = 0`` (the subgradient of :func:`_safe_sqrt`)."""
         root = s.sqrt()
-        grad = (-root).exp_().div_(root.mul_(-2.0))
-        return grad.masked_fill_(s <= 0, 0.0)
+        return (-root).exp_().div_(root.mul_(-2.0)).nan_to_num_(neginf=0.0)  # -1/0 at s = 0
 
 
 class Matern32(_Matern):
@@ -198,8 +197,7 @@ class Energy(RadialKernel):
         (the subgradient of :func:`_safe_sqrt`)."""
         if self.beta == 2.0:
             return torch.full_like(s, -1.0)
-        power = s.pow(0.5 * self.beta - 1.0).mul_(-0.5 * self.beta)
-        return power.masked_fill_(s <= 0, 0.0)
+        return s.pow(0.5 * self.beta - 1.0).mul_(-0.5 * self.beta).nan_to_num_(neginf=0.0)  # -inf at s = 0
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}"

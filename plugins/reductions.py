@@ -28,8 +28,9 @@ from perturbdiff_core.reductions import KernelReduction
 
 #: A set's sum with itself is split into this many row spans, each multiplied only against the
 #: columns from its own diagonal block on (10 of 16 blocks' work for 4), a symmetric GEMM, which
-#: torch does not offer: dense plans sum those blocks directly (:func:`_staircase`), a chunked
-#: plan's diagonal block is computed that way and mirrored (:func:`_sq_dists`)...
+#: torch does not offer: dense plans sum those blocks directly (:func:`_staircase`; their backward
+#: mirrors them into one matrix), a chunked plan's diagonal block is computed that way and
+#: mirrored (:func:`_sq_dists`)...
 SYMMETRIC_SPLIT = 4
 #: ...for sets of at least this many cells. Below it the saving is smaller than the cost of the
 #: extra small operations.
@@ -186,26 +187,24 @@ def _scaled_sq_dists(left: _Set, right: _Set, blk: _Block, a: Tensor, b: Tensor,
     return s
 
 
-def _matvec(k: Tensor, w: Tensor) -> Tensor:
-    return torch.bmm(k, w.unsqueeze(-1)).squeeze(-1)
+def _row_times(w: Tensor, k: Tensor) -> Tensor:
+    """``w^T k`` per batch element, ``(B, m)``: a row vector times a matrix (torch's batched
+    matrix-times-column-vector is several times slower on CPU)."""
+    return torch.bmm(w.unsqueeze(-2), k).squeeze(-2)
 
 
 class _RadialSums(torch.autograd.Function):
     """Weighted sums ``(B, terms)`` of a radial kernel, with a GEMM-based hand-written backward.
 
     Inputs have one batch dimension: ``inv_l2 (B,)``, ``x (B, N, G)``, ``wx (B, N)``,
-    ``y (B, M, G)``, ``wy (B, M)``. Dense plans (and blocked ones whose sets fit in one block)
-    keep the scaled distances for the backward; blocked plans keep only the inputs and
-    recompute each block.
+    ``y (B, M, G)``, ``wy (B, M)``. Dense plans keep the scaled distances for the backward;
+    blocked plans keep only the inputs and recompute each block.
     """
 
     @staticmethod
     def forward(ctx, kernel: RadialKernel, plan: _Plan, inv_l2: Tensor, x: Tensor, wx: Tensor, y: Tensor, wy: Tensor) -> Tensor:  # type: ignore[override]
         need_l2, need_x, need_wx, need_y, need_wy = (n and plan.record for n in ctx.needs_input_grad[2:7])
-        # Keep the scaled distances when each sum is a single block (always when dense): chunked
-        # then holds no more than it would per block anyway and skips recomputing them.
-        single_block = plan.dense or plan.block_size >= max(x.shape[1], y.shape[1])
-        keep = single_block and (need_l2 or need_x or need_y)
+        keep = plan.dense and (need_l2 or need_x or need_y)  # blocked plans recompute instead
         need_w = {"x": need_wx, "y": need_wy}
         x_norms = _sq_norms(x, None)
         centre = _centre(x, x_norms)
@@ -226,16 +225,16 @@ class _RadialSums(torch.autograd.Function):
                 s = _scaled_sq_dists(left, right, blk, a, b, inv_l2, plan)
                 if keep:
                     saved.append(s)
-                    k = kernel.profile(s)
-                else:
-                    k = kernel.profile_(s)
+                    s = s.clone()
+                k = kernel.profile_(s)
                 if blk.diagonal and term in plan.exclude:
                     k.diagonal(dim1=-2, dim2=-1).zero_()
-                kw = _matvec(k, right.weights[:, blk.cols])
-                out[:, t] += blk.factor * (left.weights[:, blk.rows] * kw).sum(-1)
+                wl, wr = left.weights[:, blk.rows], right.weights[:, blk.cols]
+                wk = _row_times(wl, k)
+                out[:, t] += blk.factor * (wk * wr).sum(-1)
                 if track_w:
-                    d_left[:, blk.rows] += blk.factor * kw
-                    d_right[:, blk.cols] += blk.factor * _matvec(k.transpose(-1, -2), left.weights[:, blk.rows])
+                    d_left[:, blk.rows] += blk.factor * _row_times(wr, k.transpose(-1, -2))
+                    d_right[:, blk.cols] += blk.factor * wk
             if track_w:
                 weight_grads.extend([d_left, d_right])
         ctx.kernel, ctx.plan, ctx.keep = kernel, plan, keep
@@ -285,6 +284,10 @@ class _RadialSums(torch.autograd.Function):
                         w_grads[name] += g[:, None] * vector
             left, right = sets[term[0]], sets[term[1]]
             need_left, need_right = need[term[0]], need[term[1]]
+            # A dense within-set term gathers its blocks' q (and their mirror images) into one
+            # symmetric matrix for a single GEMM over all rows: a block's transposed product has
+            # only the block's rows as inner dimension, a slow GEMM.
+            full_q = left.base.new_empty(left.base.shape[0], left.size, left.size) if plan.dense and term != "xy" and need_left else None
             for blk in plan.blocks(term, left.size, right.size):
                 s = next(saved) if ctx.keep else None
                 if not (need_left or need_right or need_l2):
@@ -301,12 +304,21 @@ class _RadialSums(torch.autograd.Function):
                 q.mul_(right.weights[:, None, blk.cols])
                 if g_l2 is not None:  # d s / d inv_l2 = s / inv_l2
                     g_l2 -= torch.einsum("bij,bij->b", q, s) / (2.0 * scale * inv_l2.square())
+                if full_q is not None:
+                    full_q[:, blk.rows, blk.cols] = q
+                    if not blk.diagonal:
+                        full_q[:, blk.cols, blk.rows] = q.transpose(-1, -2)
+                    continue
                 if need_left:
                     coef[term[0]][:, blk.rows] += q.sum(-1)
                     add_product(term[0], blk.rows, q, b)
                 if need_right and not symmetric_diagonal:
                     coef[term[1]][:, blk.cols] += q.sum(-2)
                     add_product(term[1], blk.cols, q.transpose(-1, -2), a)
+            if full_q is not None:
+                everything = slice(0, left.size)
+                coef[term[0]] += full_q.sum(-1)
+                add_product(term[0], everything, full_q, left.rows(everything))
         for name in ("x", "y"):  # the -(sum_j q_ij) a_i parts, one pass per set
             if grads[name] is not None:  # None: no term uses this input (y passed as x), zero gradient
                 for span in _spans(sets[name].size, 4096):
@@ -376,13 +388,17 @@ def _generic_sums(
 
 
 class _BlockReduction(KernelReduction):
-    """Shared engine of the dense (one block) and chunked (``block_size`` blocks) reductions."""
+    """Shared engine of the dense (one block) and chunked (``block_size`` blocks) reductions.
+
+    Sets that fit in one block are summed as dense: a single block holds what dense holds anyway.
+    """
 
     block_size: int | None = None
 
     def _sums(self, kernel: Kernel, terms: tuple[str, ...], x: Tensor, wx: Tensor, y: Tensor, wy: Tensor, *, same: bool, exclude: tuple[str, ...]) -> tuple[Tensor, ...]:
         engine = _radial_sums if _fast_path(kernel) else _generic_sums
-        return engine(kernel, terms, x, wx, y, wy, same=same, exclude=exclude, block_size=self.block_size)
+        fits = self.block_size is None or self.block_size >= max(x.shape[-2], y.shape[-2])
+        return engine(kernel, terms, x, wx, y, wy, same=same, exclude=exclude, block_size=None if fits else self.block_size)
 
     def weighted_sum(self, kernel: Kernel, x: Tensor, y: Tensor, wx: Tensor, wy: Tensor, *, same: bool = False, exclude_diagonal: bool = False) -> Tensor:
         terms = _terms(same, wx, wy)
@@ -399,9 +415,9 @@ class _BlockReduction(KernelReduction):
 class DenseReduction(_BlockReduction):
     """Forms the kernel matrices whole: fastest for small sets, ``O(B (N^2 + M^2 + N M))`` memory.
 
-    Radial kernels: 3 GEMMs forward (2.5 from 512 cells on: the Gram matrices of ``x`` and
-    ``y`` with themselves on 3 of 4 blocks), backward one GEMM per term and differentiated side
-    (training with only ``x`` differentiated: 2); the scaled distances are kept for the backward.
+    Radial kernels: 2.25 GEMMs forward from :data:`SYMMETRIC_SPLIT_MIN_ROWS` cells on (each set's
+    Gram with itself on 10 of 16 blocks), 3 below; backward one GEMM per term and differentiated
+    side (training with only ``x`` differentiated: 2); the scaled distances are kept for the backward.
     """
 
     def __repr__(self) -> str:
