@@ -259,6 +259,19 @@ def test_nan_and_inf_are_rejected():
             as_kernel("rbf")(bad, y)
         with pytest.raises(InputError, match="NaN or Inf"):
             as_kernel("gpytorch", class_name="RBFKernel")(x, bad)
+    bad = x.clone()
+    bad[2, 0], bad[2, 1], bad[3, 1] = -float("inf"), float("inf"), float("nan")  # their sum is NaN
+    with pytest.raises(InputError, match="NaN or Inf"):
+        mmd2(bad, y, kernel="rbf")
+
+
+def test_values_whose_sums_overflow_are_rejected_with_their_scale():
+    """Finite float32 values near the float limit would overflow the squared distances silently."""
+    x, y = data((5, 3), (4, 3))
+    huge = x.float().clone()
+    huge[:2] = 3e38
+    with pytest.raises(InputError, match="so large.*3e\\+38.*rescale"):
+        mmd2(huge, y.float(), kernel="rbf")
 
 
 def test_mismatched_genes_and_empty_sets_are_rejected():
