@@ -65,13 +65,19 @@ def _blocks(symmetric: bool, same: bool, n_left: int, n_right: int, size: int) -
             yield _Block(rows, cols, factor, a == b and (symmetric or same))
 
 
-def _staircase(n: int, size: int) -> Iterator[_Block]:
-    """The upper triangle of a symmetric ``n x n`` sum in row spans of ``size``: each span's diagonal
-    block once, and all the columns after it in one block counted twice (few, wide GEMMs; nothing mirrored)."""
+def _staircase(n: int, size: int) -> Iterator[tuple[_Block, tuple[_Block, ...]]]:
+    """The upper triangle of a symmetric ``n x n`` sum in row spans of ``size``, one GEMM per span
+    (its rows against all columns from its diagonal on; nothing mirrored). Each GEMM holds two
+    blocks: the span's diagonal block, counted once, and the columns after it, counted twice."""
     for rows in _spans(n, size):
-        yield _Block(rows, rows, 1.0, True)
-        if rows.stop < n:
-            yield _Block(rows, slice(rows.stop, n), 2.0, False)
+        head = _Block(rows, rows, 1.0, True)
+        parts = (head, _Block(rows, slice(rows.stop, n), 2.0, False)) if rows.stop < n else (head,)
+        yield _Block(rows, slice(rows.start, n), 1.0, True), parts
+
+
+def _part_of(t: Tensor, gemm: _Block, part: _Block) -> Tensor:
+    """The columns of ``part`` in ``t``, the ``(B, rows, cols)`` result of the GEMM ``gemm`` (a view)."""
+    return t[:, :, part.cols.start - gemm.cols.start : part.cols.stop - gemm.cols.start]
 
 
 def _terms(same: bool, wx: Tensor, wy: Tensor) -> tuple[str, ...]:
@@ -144,23 +150,32 @@ class _Plan:
     def dense(self) -> bool:
         return self.block_size is None
 
-    def blocks(self, term: str, n_left: int, n_right: int) -> Iterator[_Block]:
+    def gemms(self, term: str, n_left: int, n_right: int) -> Iterator[tuple[_Block, tuple[_Block, ...]]]:
+        """The GEMMs of one term's sum, each with the blocks (weights, factor) its result holds."""
         symmetric = term != "xy"
         if self.dense and symmetric and n_left >= SYMMETRIC_SPLIT_MIN_ROWS:
-            return _staircase(n_left, -(-n_left // SYMMETRIC_SPLIT))
+            yield from _staircase(n_left, -(-n_left // SYMMETRIC_SPLIT))
+            return
         size = self.block_size or max(n_left, n_right)
-        return _blocks(symmetric, self.same, n_left, n_right, size)
+        for blk in _blocks(symmetric, self.same, n_left, n_right, size):
+            yield blk, (blk,)
+
+    def blocks(self, term: str, n_left: int, n_right: int) -> Iterator[_Block]:
+        """The blocks of one term's sum, in the order :meth:`gemms` computes them."""
+        for _, parts in self.gemms(term, n_left, n_right):
+            yield from parts
 
 
 def _sq_dists(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, diagonal: bool, scale: float) -> Tensor:
     """``scale (||a_i||^2 + ||b_j||^2 - 2 a_i.b_j)`` as ``(B, n, m)`` from GEMMs.
 
-    On a diagonal block (``b`` holds the rows of ``a``) of :data:`SYMMETRIC_SPLIT_MIN_ROWS` rows or
-    more the result is symmetric: row block ``i`` of :data:`SYMMETRIC_SPLIT` is multiplied with the
-    columns from block ``i`` on, and the rest of its rows is the transpose.
+    On a square diagonal block (``b`` holds the rows of ``a``) of :data:`SYMMETRIC_SPLIT_MIN_ROWS`
+    rows or more the result is symmetric: row block ``i`` of :data:`SYMMETRIC_SPLIT` is multiplied
+    with the columns from block ``i`` on, and the rest of its rows is the transpose.
     """
     na, nb = na * scale, nb * scale
-    if not diagonal or SYMMETRIC_SPLIT == 1 or a.shape[-2] < SYMMETRIC_SPLIT_MIN_ROWS:
+    square = diagonal and a.shape[-2] == b.shape[-2]
+    if not square or SYMMETRIC_SPLIT == 1 or a.shape[-2] < SYMMETRIC_SPLIT_MIN_ROWS:
         return torch.add(na.unsqueeze(-1), nb.unsqueeze(-2)).baddbmm_(a, b.transpose(-1, -2), alpha=-2.0 * scale)
     n = a.shape[-2]
     out = a.new_empty(a.shape[0], n, n)
@@ -220,21 +235,23 @@ class _RadialSums(torch.autograd.Function):
             track_w = need_w[term[0]] or need_w[term[1]]
             if track_w:
                 d_left, d_right = torch.zeros_like(left.weights), torch.zeros_like(right.weights)
-            for blk in plan.blocks(term, left.size, right.size):
-                a, b = left.rows(blk.rows), right.rows(blk.cols)
-                s = _scaled_sq_dists(left, right, blk, a, b, inv_l2, plan)
+            for gemm, parts in plan.gemms(term, left.size, right.size):
+                a, b = left.rows(gemm.rows), right.rows(gemm.cols)
+                s = _scaled_sq_dists(left, right, gemm, a, b, inv_l2, plan)
                 if keep:
-                    saved.append(s)
+                    saved.extend(_part_of(s, gemm, blk) for blk in parts)
                     s = s.clone()
                 k = kernel.profile_(s)
-                if blk.diagonal and term in plan.exclude:
+                if gemm.diagonal and term in plan.exclude:
                     k.diagonal(dim1=-2, dim2=-1).zero_()
-                wl, wr = left.weights[:, blk.rows], right.weights[:, blk.cols]
-                wk = _row_times(wl, k)
-                out[:, t] += blk.factor * (wk * wr).sum(-1)
-                if track_w:
-                    d_left[:, blk.rows] += blk.factor * _row_times(wr, k.transpose(-1, -2))
-                    d_right[:, blk.cols] += blk.factor * wk
+                for blk in parts:
+                    kb = _part_of(k, gemm, blk)
+                    wl, wr = left.weights[:, blk.rows], right.weights[:, blk.cols]
+                    wk = _row_times(wl, kb)
+                    out[:, t] += blk.factor * (wk * wr).sum(-1)
+                    if track_w:
+                        d_left[:, blk.rows] += blk.factor * _row_times(wr, kb.transpose(-1, -2))
+                        d_right[:, blk.cols] += blk.factor * wk
             if track_w:
                 weight_grads.extend([d_left, d_right])
         ctx.kernel, ctx.plan, ctx.keep = kernel, plan, keep
