@@ -47,7 +47,6 @@ from cases import DEVICE  # noqa: E402
 from perturbdiff_core.data import DataConfig, PerturbationData, make_loader  # noqa: E402
 from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
 from perturbdiff_core.io import atomic_write_text  # noqa: E402
-from perturbdiff_core.parameterization import target, to_x0  # noqa: E402
 from perturbdiff_core.run_config import ModelConfig  # noqa: E402
 from perturbdiff_core.training import build_model  # noqa: E402
 
@@ -126,8 +125,7 @@ class Setup:
         def loss() -> None:
             noisy = model.schedule.q_sample(x0, t, noise)
             pred = prediction.clone().requires_grad_(True)  # stands for the denoiser's output
-            mse = (pred - target(model.prediction, x0, noise, ab)).square().mean(dim=(1, 2))
-            mmd = model.estimator(to_x0(pred, model.prediction, noisy, ab), x0, model.kernel)
+            mse, mmd = model.denoising_loss(pred, x0, noise, noisy, ab)
             (mse + model.mmd_weight * mmd).mean().backward()
 
         def ema() -> None:
