@@ -1,8 +1,8 @@
 """Model benchmarks: training step split into its parts, training and sampling throughput, and the
 loader against the model step.
 
-Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoiser at the ``tiny``
-and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults). Parts of a step:
+Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoiser at the ``tiny``,
+``small`` and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults). Parts of a step:
 
 * ``data``: the next SetBatch from the training DataLoader (in-memory synthetic screen, no workers);
 * ``denoiser``: one denoiser forward with gradients and its backward;
@@ -18,7 +18,7 @@ step; the loader's sets/s at least the model's consumption rate ``B / step`` (ne
 Run with pytest-benchmark (``pytest benchmarks/bench_model.py --benchmark-only``), or as a script
 printing the tables and writing them with the machine and the command::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_model.py --sizes tiny paper --output benchmarks/MODEL_RESULTS.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_model.py --sizes tiny small paper --output benchmarks/MODEL_RESULTS.md
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from perturbdiff_core.io import atomic_write_text  # noqa: E402
 from perturbdiff_core.run_config import ModelConfig  # noqa: E402
 from perturbdiff_core.training import build_model  # noqa: E402
 
-SIZES = ("tiny", "paper")
+SIZES = ("tiny", "small", "paper")
 PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")
 #: Parts that are not the denoiser (the issue's target: at most 25% of the step).
 OVERHEAD = ("data", "loss", "ema", "optimizer")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="step: step split and training throughput; sampling: DDIM steps; loader: loader vs model step")
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per step part (median; half at the paper size)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per step part (median; half at the larger sizes)")
     parser.add_argument("--loader-rounds", type=int, default=3, help=f"timed rounds of {BATCHES} batches per loader set-up")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables (markdown) here, atomically")
     args = parser.parse_args(argv)
