@@ -304,7 +304,9 @@ class _RadialSums(torch.autograd.Function):
             # A dense within-set term gathers its blocks' q (and their mirror images) into one
             # symmetric matrix for a single GEMM over all rows: a block's transposed product has
             # only the block's rows as inner dimension, a slow GEMM.
-            full_q = left.base.new_empty(left.base.shape[0], left.size, left.size) if plan.dense and term != "xy" and need_left else None
+            full_q = None
+            if plan.dense and term != "xy" and need_left:
+                full_q = left.base.new_empty(left.base.shape[0], left.size, left.size)
             for blk in plan.blocks(term, left.size, right.size):
                 s = next(saved) if ctx.keep else None
                 if not (need_left or need_right or need_l2):
