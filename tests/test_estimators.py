@@ -302,19 +302,20 @@ def test_reduction_values_and_gradients_equal_plain_autograd(kernel, params, red
 @pytest.mark.parametrize("kernel", ["energy", "matern52"])
 def test_symmetric_staircase_gram_equals_plain_autograd(monkeypatch, reduction, split: int, kernel: str) -> None:  # noqa: ANN001
     """Within-set sums over a staircase of row blocks (dense: diagonal blocks and the columns after
-    them; chunked: each diagonal block's Gram mirrored), uneven blocks too: values and gradients."""
+    them; chunked: each diagonal block's Gram mirrored), uneven blocks too: values and gradients
+    to cells and weights."""
     monkeypatch.setattr(reduction_plugins, "SYMMETRIC_SPLIT", split)
     monkeypatch.setattr(reduction_plugins, "SYMMETRIC_SPLIT_MIN_ROWS", 4)
     k = as_kernel(kernel).double()
     x, y = rand(2, 11, 4, seed=40).requires_grad_(), rand(2, 9, 4, seed=41, shift=0.3).requires_grad_()
-    wx, wy = rand_weights(2, 11, seed=42), rand_weights(2, 9, seed=43)
+    wx, wy = rand_weights(2, 11, seed=42).requires_grad_(), rand_weights(2, 9, seed=43).requires_grad_()
     mine = reduction.mmd_terms(k, x, y, wx, wy, exclude_diagonal=True)
     ref = dense_reference(k, x, y, wx, wy, True)
     for got, want in zip(mine, ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     coef = rand(3, 2, seed=44)
-    g_mine = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, mine)), (x, y))
-    g_ref = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, ref)), (x, y))
+    g_mine = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, mine)), (x, y, wx, wy))
+    g_ref = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, ref)), (x, y, wx, wy))
     for got, want in zip(g_mine, g_ref):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
