@@ -10,11 +10,9 @@ atlas and a screen's controls) on their shared genes into one file to pre-train 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -25,10 +23,9 @@ import torch
 from .batch import SetBatch
 from .data.config import DataConfig, SplitConfig
 from .data.dataset import PerturbationData
-from .data.prepare import SPLIT_FILE, STATE_FILE
+from .data.prepare import save_prepared
 from .data.splits import Split
 from .errors import ConfigError, DataError
-from .io import atomic_write_text
 
 #: obs columns of :func:`concat_unperturbed`'s output (use them as data.perturbation_key,
 #: data.cell_type_key and data.batch_key), and its perturbation value.
@@ -63,8 +60,7 @@ def prepare_marginal(
     split = marginal_split(data, split_config)
     data.fit(split.train)
     if out_dir is not None:
-        split.save(Path(out_dir) / SPLIT_FILE)
-        atomic_write_text(Path(out_dir) / STATE_FILE, json.dumps(data.to_state(), indent=1) + "\n")
+        save_prepared(data, split, out_dir)
     return data, split
 
 

@@ -37,7 +37,12 @@ def prepare(
     data.fit(split.train)
     data.encode(split.test)  # an unseen perturbation without a vector fails here, not after training
     if out_dir is not None:
-        out = Path(out_dir)
-        split.save(out / SPLIT_FILE)
-        atomic_write_text(out / STATE_FILE, json.dumps(data.to_state(), indent=1) + "\n")
+        save_prepared(data, split, out_dir)
     return data, split
+
+
+def save_prepared(data: PerturbationData, split: Split, out_dir: str | os.PathLike[str]) -> None:
+    """Write ``split.json`` and ``data_state.json`` (genes, vocabularies, encoder) atomically into ``out_dir``."""
+    out = Path(out_dir)
+    split.save(out / SPLIT_FILE)
+    atomic_write_text(out / STATE_FILE, json.dumps(data.to_state(), indent=1) + "\n")
