@@ -15,7 +15,6 @@ half cosine (Loshchilov & Hutter 2017), global gradient-norm clipping, EMA updat
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .batch import SetBatch
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
-from .data import SPLIT_FILE, STATE_FILE, ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, make_loader, prepare
+from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from .data.loader import seed_worker
 from .diffusion import RKHSDiffusion
 from .errors import ConfigError, PerturbDiffError
@@ -293,13 +292,7 @@ class Trainer:
         prepared = distributed.main_first(
             lambda: prepare_data(data_config, config.split, source, out_dir=self.run_dir)
         )
-        if prepared is not None:
-            return prepared
-        state = json.loads((self.run_dir / STATE_FILE).read_text())
-        data = PerturbationData.from_state(state, source, self.config.data)
-        split = Split.load(self.run_dir / SPLIT_FILE)
-        split.apply(data)
-        return data, split
+        return prepared if prepared is not None else load_prepared(self.run_dir, config.data, source)
 
     def _check_resumable(self, saved: RunConfig) -> None:
         changed = [

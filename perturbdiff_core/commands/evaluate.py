@@ -8,7 +8,6 @@ predict its held-out conditions, the same split as the model.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..configuration import read_yaml
-from ..data import STATE_FILE, SPLIT_FILE, DataConfig, PerturbationData, Split
+from ..data import SPLIT_FILE, STATE_FILE, DataConfig, PerturbationData, Split, load_prepared
 from ..errors import InputError
 from ..evaluation import ALL_CONDITIONS, compare, definition_of, summary_line
 from ..io import atomic_path
@@ -173,13 +172,11 @@ class RunFolder:
             )
         config = DataConfig.from_dict(read_yaml(config_file).get("data", {}))
         config.path = resolve_data_path(config.path)
-        split = Split.load(path / SPLIT_FILE)
-        state_file = path / STATE_FILE
-        if state_file.exists():
-            data = PerturbationData.from_state(json.loads(state_file.read_text()), None, config)
-        else:
-            data = PerturbationData(None, config).fit(split.train)
-        split.apply(data)  # baselines see the training cells the model saw
+        if (path / STATE_FILE).exists():
+            return cls(path, *load_prepared(path, config))  # baselines see the training cells the model saw
+        split = Split.load(path / SPLIT_FILE)  # a run folder without its data state: fit on its training conditions
+        data = PerturbationData(None, config).fit(split.train)
+        split.apply(data)
         return cls(path, data, split)
 
     def predict(self, name: str, *, seed: int) -> ad.AnnData:

@@ -12,7 +12,7 @@ from .config import SPLIT_KINDS, DataConfig, SplitConfig
 from .dataset import UNKNOWN, Condition, Context, PerturbationData
 from .loader import EpochSampler, make_loader
 from .pairing import PAIRINGS, ControlPairing, OTPairing, RandomPairing, make_pairing
-from .prepare import SPLIT_FILE, STATE_FILE, prepare
+from .prepare import SPLIT_FILE, STATE_FILE, load_prepared, prepare, save_prepared
 from .sets import ConditionSets, collate_sets, prediction_conditioning
 from .splits import Split, make_split
 
@@ -34,9 +34,11 @@ __all__ = [
     "Split",
     "SplitConfig",
     "collate_sets",
+    "load_prepared",
     "make_loader",
     "make_pairing",
     "make_split",
     "prediction_conditioning",
     "prepare",
+    "save_prepared",
 ]

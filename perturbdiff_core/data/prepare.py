@@ -46,3 +46,14 @@ def save_prepared(data: PerturbationData, split: Split, out_dir: str | os.PathLi
     out = Path(out_dir)
     split.save(out / SPLIT_FILE)
     atomic_write_text(out / STATE_FILE, json.dumps(data.to_state(), indent=1) + "\n")
+
+
+def load_prepared(
+    out_dir: str | os.PathLike[str], data_config: DataConfig, source: ad.AnnData | str | os.PathLike[str] | None = None
+) -> tuple[PerturbationData, Split]:
+    """The data and split that :func:`save_prepared` wrote into ``out_dir``, read again from ``source``."""
+    out = Path(out_dir)
+    data = PerturbationData.from_state(json.loads((out / STATE_FILE).read_text()), source, data_config)
+    split = Split.load(out / SPLIT_FILE)
+    split.apply(data)
+    return data, split
