@@ -197,13 +197,13 @@ class EmbeddingMMD(MMDEstimator):
             diff = emb.mean_embedding(x, wx) - emb.mean_embedding(y, wy)
             return diff.square().sum(-1)
         require_pairs(x, y, fix="use unbiased=False for single cells")
-        xx, mx = self._within(emb, kernel, x, wx)
-        yy, my = self._within(emb, kernel, y, wy)
+        xx, mx = self._within(emb, x, wx)
+        yy, my = self._within(emb, y, wy)
         cross = (mx * my).sum(-1) if emb.explicit else emb.inner(x, y, wx, wy)
         return xx + yy - 2 * cross
 
     @staticmethod
-    def _within(emb: EmbeddingMap, kernel: Kernel, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _within(emb: EmbeddingMap, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor | None]:
         """The U-statistic within-set term and (for explicit maps) the mean embedding."""
         w2 = w.square()
         if emb.explicit:
@@ -212,7 +212,7 @@ class EmbeddingMMD(MMDEstimator):
             off_diagonal = mean.square().sum(-1) - (w2 * phi.square().sum(-1)).sum(-1)
         else:
             mean = None
-            off_diagonal = emb.inner(x, x, w, w) - (w2 * kernel.forward(x, x, diag=True)).sum(-1)
+            off_diagonal = emb.inner(x, x, w, w) - (w2 * emb.kernel.forward(x, x, diag=True)).sum(-1)  # the fitted kernel
         return off_diagonal / (1 - w2.sum(-1)), mean
 
     def __repr__(self) -> str:
