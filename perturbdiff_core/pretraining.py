@@ -18,7 +18,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
 from .batch import SetBatch
 from .data.config import DataConfig, SplitConfig
@@ -66,7 +65,7 @@ def prepare_marginal(
 
 def marginal_batch(batch: SetBatch, perturbation_dim: int) -> SetBatch:
     """``batch`` with its perturbation encoding replaced by zeros ``(B, perturbation_dim)``."""
-    zeros = torch.zeros(batch.target.shape[0], perturbation_dim, device=batch.target.device)
+    zeros = batch.cond.perturbation.new_zeros(batch.target.shape[0], perturbation_dim)
     return replace(batch, cond=replace(batch.cond, perturbation=zeros))
 
 
