@@ -9,7 +9,7 @@ Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoi
 * ``self_cond``: the no-gradient forward of self-conditioning, which runs on half of the steps
   (``self_condition_prob=0.5``), so the table counts half of it;
 * ``loss``: the rest of the loss, forward and backward: noising, MSE and MMD^2 of a prediction;
-* ``ema``: the EMA update; ``optimizer``: AdamW step and zeroing the gradients;
+* ``ema``: the EMA update; ``optimizer``: the Trainer's AdamW step (fused) and zeroing the gradients;
 * ``step``: a whole training step as the Trainer runs it (data excluded), to check the parts add up.
 
 Targets (the issues): everything but the denoiser (data, loss, EMA, optimizer) at most 25% of the
@@ -47,8 +47,8 @@ from cases import DEVICE  # noqa: E402
 from perturbdiff_core.data import DataConfig, PerturbationData, make_loader  # noqa: E402
 from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
 from perturbdiff_core.io import atomic_write_text  # noqa: E402
-from perturbdiff_core.run_config import ModelConfig  # noqa: E402
-from perturbdiff_core.training import build_model  # noqa: E402
+from perturbdiff_core.run_config import ModelConfig, TrainConfig  # noqa: E402
+from perturbdiff_core.training import build_model, make_optimizer  # noqa: E402
 
 SIZES = ("tiny", "small", "paper")
 PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")
@@ -88,7 +88,7 @@ class Setup:
         data = screen_data()
         torch.manual_seed(0)
         model = build_model(ModelConfig(denoiser_params={"size": size}), data).to(DEVICE)
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        optimizer = make_optimizer(model.trainable_parameters(), TrainConfig())  # the Trainer's AdamW
         loader = make_loader(data, [c.label for c in data.perturbed_conditions], batch_size=B)
 
         def forever() -> Iterator:

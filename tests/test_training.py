@@ -18,7 +18,7 @@ from perturbdiff_core.data import EpochSampler
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, PerturbDiffError
 from perturbdiff_core.functional import mmd2
-from perturbdiff_core.run_config import RunConfig, load_config
+from perturbdiff_core.run_config import RunConfig, TrainConfig, load_config
 from perturbdiff_core.training import (
     LOG_COLUMNS,
     StepBatches,
@@ -27,6 +27,7 @@ from perturbdiff_core.training import (
     build_model,
     drop_context,
     lr_factor,
+    make_optimizer,
 )
 
 #: A denoiser small enough for many short trainings in the test suite.
@@ -94,6 +95,32 @@ def test_lr_rises_linearly_then_follows_a_half_cosine_to_zero() -> None:
     np.testing.assert_allclose(factors[warmup:], 0.5 * (1 + np.cos(np.pi * progress)))
     assert factors[warmup] == 1.0 and factors[warmup + 50] == pytest.approx(0.5) and factors[-1] < 1e-3
     assert lr_factor(0, 0, 5) == 1.0  # no warm-up
+
+
+def test_optimizer_is_fused_adamw_following_its_closed_form() -> None:
+    """Three steps of the Trainer's optimizer on random float64 weights and gradients against the
+    AdamW update written out (decoupled weight decay, bias-corrected moments)."""
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(11, generator=gen, dtype=torch.float64)]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    train = TrainConfig(lr=0.01, weight_decay=0.1)
+    optimizer = make_optimizer(params, train)
+    assert optimizer.defaults["fused"]
+    (b1, b2), eps = optimizer.defaults["betas"], optimizer.defaults["eps"]
+    m = [torch.zeros_like(w) for w in weights]
+    v = [torch.zeros_like(w) for w in weights]
+    for step in range(1, 4):
+        grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in weights]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, g in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            m_hat, v_hat = m[i] / (1 - b1**step), v[i] / (1 - b2**step)
+            weights[i] = weights[i] * (1 - train.lr * train.weight_decay) - train.lr * m_hat / (v_hat.sqrt() + eps)
+    for p, w in zip(params, weights):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
 
 
 def test_step_batches_walk_through_epoch_orders_from_any_step() -> None:
