@@ -2,7 +2,8 @@
 loader against the model step.
 
 Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoiser at the ``tiny``,
-``small`` and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults). Parts of a step:
+``small`` and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults); the tiny size
+also at the set size and gene count of the bundled CPU demos that train it. Parts of a step:
 
 * ``data``: the next SetBatch from the training DataLoader (in-memory synthetic screen, no workers);
 * ``denoiser``: one denoiser forward with gradients and its backward;
@@ -66,10 +67,10 @@ def sync() -> None:
 
 
 @cache
-def screen_data() -> PerturbationData:
-    """A 4,000-cell screen over 2,000 genes (8 perturbations x 2 cell types), fitted."""
-    adata = synthetic_screen(4000, G, perturbations=[f"p{i}" for i in range(8)], mean_count=0.3)
-    return PerturbationData(adata, DataConfig(cell_type_key="cell_type", set_size=S)).fit()
+def screen_data(cells: int = S, genes: int = G) -> PerturbationData:
+    """A 4,000-cell screen over ``genes`` genes (8 perturbations x 2 cell types), fitted, sets of ``cells``."""
+    adata = synthetic_screen(4000, genes, perturbations=[f"p{i}" for i in range(8)], mean_count=0.3)
+    return PerturbationData(adata, DataConfig(cell_type_key="cell_type", set_size=cells)).fit()
 
 
 @dataclass
@@ -84,8 +85,8 @@ class Setup:
     noise: torch.Tensor
 
     @classmethod
-    def make(cls, size: str) -> Setup:
-        data = screen_data()
+    def make(cls, size: str, cells: int = S, genes: int = G) -> Setup:
+        data = screen_data(cells, genes)
         torch.manual_seed(0)
         model = build_model(ModelConfig(denoiser_params={"size": size}), data).to(DEVICE)
         optimizer = make_optimizer(model.trainable_parameters(), TrainConfig())  # the Trainer's AdamW
@@ -156,8 +157,8 @@ class Setup:
 
 
 @cache
-def setup(size: str) -> Setup:
-    return Setup.make(size)
+def setup(size: str, cells: int = S, genes: int = G) -> Setup:
+    return Setup.make(size, cells, genes)
 
 
 def timed(run: Callable[[], None], rounds: int, warm_up: Callable[[], None] | None = None) -> float:
@@ -205,8 +206,12 @@ def test_sampling(benchmark, size: str, steps: int) -> None:
 
 # ---------------------------------------------------------------------------------------- script
 
-#: Report sections of the script: step split and training throughput, sampling, loader vs model.
-SECTIONS = ("step", "sampling", "loader")
+#: Report sections of the script: step split and training throughput, the tiny size at the bundled
+#: CPU demos' shapes, sampling, loader vs model.
+SECTIONS = ("step", "demos", "sampling", "loader")
+#: (cells per set, genes) of the bundled CPU demos, which train the tiny size (examples/*.yaml:
+#: ``data.set_size`` and the genes kept).
+DEMO_SHAPES = {"kang18_holdout_celltype": (128, 1000), "norman19_holdout_*": (64, 500)}
 
 
 def header(script: str, argv: list[str] | None) -> list[str]:
@@ -220,22 +225,22 @@ def header(script: str, argv: list[str] | None) -> list[str]:
 
 
 @cache
-def step_times(size: str, rounds: int) -> dict[str, float]:
+def step_times(size: str, rounds: int, cells: int = S, genes: int = G) -> dict[str, float]:
     """Median seconds of each part of a training step, ``self_cond`` already halved (it runs on half the steps)."""
-    times = {part: timed(setup(size).part(part), rounds) for part in PARTS}
+    times = {part: timed(setup(size, cells, genes).part(part), rounds) for part in PARTS}
     times["self_cond"] *= 0.5
     return times
 
 
-def step_rows(size: str, times: dict[str, float]) -> list[str]:
-    """Markdown rows of one size: each part, its share, and the share outside the denoiser against the target."""
+def step_rows(label: str, times: dict[str, float]) -> list[str]:
+    """Markdown rows of one size (and shape), named ``label``: each part, its share, and the share outside the denoiser against the target."""
     parts = [p for p in PARTS if p != "step"]
     total = sum(times[p] for p in parts)
     share = sum(times[p] for p in OVERHEAD) / total
-    rows = [f"| {size} | {p} | {times[p] * 1e3:.1f} | {times[p] / total:.1%} |" for p in parts]
-    rows.append(f"| {size} | sum of parts | {total * 1e3:.1f} | 100% |")
-    rows.append(f"| {size} | whole step (measured, without data) | {times['step'] * 1e3:.1f} | |")
-    rows.append(f"| {size} | **outside the denoiser** ({', '.join(OVERHEAD)}) | | **{share:.1%}** "
+    rows = [f"| {label} | {p} | {times[p] * 1e3:.1f} | {times[p] / total:.1%} |" for p in parts]
+    rows.append(f"| {label} | sum of parts | {total * 1e3:.1f} | 100% |")
+    rows.append(f"| {label} | whole step (measured, without data) | {times['step'] * 1e3:.1f} | |")
+    rows.append(f"| {label} | **outside the denoiser** ({', '.join(OVERHEAD)}) | | **{share:.1%}** "
                 f"({'pass' if share <= TARGET_SHARE else 'FAIL'}: target <= {TARGET_SHARE:.0%}) |")
     return rows
 
@@ -297,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
              "cells/s = B * S / step.", "",
              "| size | ms / step | steps/s | sets/s | cells/s |", "|---|---|---|---|---|")
         emit(*(throughput_row(size, step_times(size, rounds[size])) for size in args.sizes))
+    if "demos" in args.sections:
+        emit("", f"## Training step of the tiny size at the bundled CPU demos' shapes, B={B}", "",
+             "The same parts at the set size and gene count of each example config that trains the tiny size.", "",
+             "| demo (S, G) | part | ms | share |", "|---|---|---|---|")
+        for demo, (cells, genes) in DEMO_SHAPES.items():
+            emit(*step_rows(f"{demo} ({cells}, {genes})", step_times("tiny", args.rounds, cells, genes)))
     if "sampling" in args.sections:
         emit("", f"## Sampling B={B} sets of S={S} cells, DDIM", "",
              "| size | steps | s | s / step | cells/s |", "|---|---|---|---|---|")
