@@ -11,18 +11,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 
-from perturbdiff_core import ablation
-from perturbdiff_core.ablation import GridSpec, read_grid
+from perturbdiff_core.ablation import GridSpec, read_grid, runner, summary
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, PerturbDiffError
 from test_cli import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_CELL = ablation.run_cell
+RUN_CELL = runner.run_cell
 
 #: A tiny run: two cell types x (A, B, C, A+B), A+B held out, a few steps of a small net.
 BASE = {
@@ -75,12 +73,12 @@ def write_grid(folder: Path, grid: dict[str, Any], name: str = "grid.yaml") -> P
 
 
 class Calls:
-    """Replaces ``ablation.run_cell``: records each cell run, runs it, raises at the cell named ``stop_at``."""
+    """Replaces ``ablation.runner.run_cell`` (what ``run_grid`` calls): records each cell run, runs it, raises at the cell named ``stop_at``."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, stop_at: str | None = None, run: bool = True) -> None:
         self.names: list[str] = []
         self.stop_at, self.run = stop_at, run
-        monkeypatch.setattr(ablation, "run_cell", self)
+        monkeypatch.setattr(runner, "run_cell", self)
 
     def __call__(self, config: Any, folder: Path, *, progress: bool = True) -> pd.DataFrame:
         self.names.append(folder.name)
@@ -296,9 +294,9 @@ def test_summary_files_are_written_atomically(
         Path(args[0]).write_bytes(b"half a png")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ablation.Figure, "savefig", broken)
+    monkeypatch.setattr(summary.Figure, "savefig", broken)
     with pytest.raises(OSError, match="disk full"):
-        ablation.summarize_grid(spec, spec.cells(), out)
+        summary.summarize_grid(spec, spec.cells(), out)
     assert not (out / "ablation.png").exists() and not list(out.glob(".*.tmp"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "ablation.csv"), pd.read_csv(original / "ablation.csv"))
 
@@ -325,6 +323,6 @@ def test_a_failing_cell_stops_the_grid_in_one_line_naming_it(
     def diverges(config: Any, cell_folder: Path, *, progress: bool = True) -> pd.DataFrame:
         raise PerturbDiffError("The training loss became nan at step 2; lower train.lr.")
 
-    monkeypatch.setattr(ablation, "run_cell", diverges)
+    monkeypatch.setattr(runner, "run_cell", diverges)
     code = main(["ablate", str(write_grid(folder, GRID)), "--out", str(tmp_path / "out"), "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, f"Cell {NAMES[0]} failed", "train.lr", "finished cells are kept")
