@@ -7,7 +7,6 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from perturbdiff_core.checkpoint import load_checkpoint
