@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import Conditioning
@@ -116,6 +117,26 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+class SelfConditionedInput(nn.Linear):
+    r"""The input layer of a self-conditioned denoiser: :math:`W [x_t, \hat x_0] + b`, ``2 G -> hidden``,
+    a missing estimate :math:`\hat x_0` read as zeros.
+
+    Applied as one product per half of the weight, so the sets are never concatenated and, without
+    an estimate (half of the training steps), no product runs over zeros. Values and gradients
+    equal ``nn.Linear(2 * G, hidden)`` on the concatenation, and so do the parameters' names.
+    """
+
+    def __init__(self, num_genes: int, hidden: int) -> None:
+        super().__init__(2 * num_genes, hidden)
+        self.num_genes = num_genes
+
+    def forward(self, x_t: Tensor, self_cond: Tensor | None = None) -> Tensor:
+        out = F.linear(x_t, self.weight[:, : self.num_genes], self.bias)
+        if self_cond is None:
+            return out
+        return out + F.linear(self_cond, self.weight[:, self.num_genes :])
 
 
 class ConditionEmbedding(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perturbdiff_core.batch import Conditioning
-from perturbdiff_core.denoisers import ConditionEmbedding, Denoiser, resolve_size
+from perturbdiff_core.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
 from perturbdiff_core.errors import ConfigError
 
 #: Size presets; ``paper`` is the size of Yuan et al. (2026).
@@ -148,7 +148,7 @@ class CrossDiT(Denoiser):
             raise ConfigError(f"mlp_ratio must be positive, got {mlp_ratio!r}.")
         self.size, self.sizes, self.mlp_ratio = size, sizes, float(mlp_ratio)
         h = sizes["hidden"]
-        self.embed_target = nn.Linear(2 * num_genes, h)  # [x_t, self-conditioning estimate]
+        self.embed_target = SelfConditionedInput(num_genes, h)
         self.embed_control = nn.Linear(num_genes, h)
         self.condition = ConditionEmbedding(perturbation_dim, num_cell_types, num_batches, h)
         self.blocks = nn.ModuleList(
@@ -170,9 +170,7 @@ class CrossDiT(Denoiser):
         _zero(self.final.linear)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None = None) -> Tensor:
-        if self_cond is None:
-            self_cond = torch.zeros_like(x_t)
-        x = self.embed_target(torch.cat([x_t, self_cond], dim=-1))
+        x = self.embed_target(x_t, self_cond)
         y = self.embed_control(cond.control.to(x_t.dtype))
         c = self.condition(t, cond)
         for block in self.blocks:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from perturbdiff_core.batch import Conditioning
-from perturbdiff_core.denoisers import ConditionEmbedding, Denoiser, resolve_size
+from perturbdiff_core.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 64, "depth": 2},
@@ -60,7 +60,7 @@ class DeepSetsDenoiser(Denoiser):
         self.size = size
         self.sizes = resolve_size(PRESETS, size, hidden=hidden, depth=depth)
         h = self.sizes["hidden"]
-        self.embed_target = nn.Linear(2 * num_genes, h)  # [x_t, self-conditioning estimate]
+        self.embed_target = SelfConditionedInput(num_genes, h)
         self.embed_control = nn.Sequential(nn.Linear(num_genes, h), nn.SiLU(), nn.Linear(h, h))
         self.condition = ConditionEmbedding(perturbation_dim, num_cell_types, num_batches, h)
         self.layers = nn.ModuleList(EquivariantLayer(h) for _ in range(self.sizes["depth"]))
@@ -70,9 +70,7 @@ class DeepSetsDenoiser(Denoiser):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None = None) -> Tensor:
-        if self_cond is None:
-            self_cond = torch.zeros_like(x_t)
-        h = self.embed_target(torch.cat([x_t, self_cond], dim=-1))
+        h = self.embed_target(x_t, self_cond)
         control = self.embed_control(cond.control.to(x_t.dtype)).mean(1)
         c = self.condition(t, cond)
         for layer in self.layers:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perturbdiff_core.batch import Conditioning
-from perturbdiff_core.denoisers import Denoiser
+from perturbdiff_core.denoisers import Denoiser, SelfConditionedInput
 from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.registry import load, names
 
@@ -138,6 +138,37 @@ def test_gradients_reach_every_parameter_after_a_few_steps(name):
         opt.step()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reaches {missing}"
+
+
+@pytest.mark.parametrize("with_estimate", [True, False])
+def test_self_conditioned_input_is_a_linear_map_of_the_concatenation(with_estimate):
+    """Values and gradients (inputs, weight, bias) equal nn.Linear on [x_t, estimate], the
+    missing estimate as zeros; random float64 inputs and weights."""
+    gen = torch.Generator().manual_seed(5)
+    layer = SelfConditionedInput(G, 4).double()
+    reference = torch.nn.Linear(2 * G, 4).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 2 * G, generator=gen, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+    reference.load_state_dict(layer.state_dict())  # the same parameter names
+    x = torch.randn(3, 5, G, generator=gen, dtype=torch.float64, requires_grad=True)
+    estimate = torch.randn(3, 5, G, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = layer(x, estimate if with_estimate else None)
+    expected = reference(torch.cat([x, estimate if with_estimate else torch.zeros_like(x)], dim=-1))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    inputs = [x, estimate] if with_estimate else [x]
+    got = torch.autograd.grad(out, [*inputs, layer.weight, layer.bias], grad)
+    want = torch.autograd.grad(expected, [*inputs, reference.weight, reference.bias], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_no_self_condition_estimate_means_a_zero_estimate(name):
+    net = randomize(build(name))
+    x, t, cond, sc = inputs()
+    torch.testing.assert_close(net(x, t, cond), net(x, t, cond, torch.zeros_like(sc)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", DENOISERS)
