@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import gpytorch
 import numpy as np
@@ -266,13 +267,25 @@ def test_nan_and_inf_are_rejected():
         mmd2(bad, y, kernel="rbf")
 
 
-def test_values_whose_sums_overflow_are_rejected_with_their_scale():
-    """Finite float32 values near the float limit would overflow the squared distances silently."""
+def test_values_whose_squared_distances_overflow_are_rejected_with_their_scale():
+    """Finite float32 values of 1e20 square past the float32 limit: the MMD would be NaN, silently."""
     x, y = data((5, 3), (4, 3))
-    huge = x.float().clone()
-    huge[:2] = 3e38
-    with pytest.raises(InputError, match="so large.*3e\\+38.*rescale"):
-        mmd2(huge, y.float(), kernel="rbf")
+    for scale in (1e20, 3e38):
+        huge = x.float().clone()
+        huge[:2] = scale
+        with pytest.raises(InputError, match=re.escape(f"so large (largest magnitude {scale:.3g})") + ".*overflow.*rescale"):
+            mmd2(huge, y.float(), kernel="rbf")
+    assert torch.isfinite(mmd2(x.float() * 1e6, y.float(), kernel="rbf")).all()  # large but fine
+
+
+def test_the_overflow_bound_looks_at_each_cells_squared_norm():
+    """float16 (max 65504): the bound 4 G m^2 flags a cell (100, 0, 0, 0), whose squared norm 1e4 is
+    fine (4e4 < 65504); a cell (100, 100, 0, 0) is not (8e4)."""
+    fine = torch.tensor([[100.0, 0, 0, 0], [0, 1, 2, 3]], dtype=torch.float16)
+    check_sets(fine, fine)  # no error
+    too_large = torch.tensor([[100.0, 100, 0, 0], [0, 1, 2, 3]], dtype=torch.float16)
+    with pytest.raises(InputError, match="so large.*float16"):
+        check_sets(too_large, fine)
 
 
 def test_mismatched_genes_and_empty_sets_are_rejected():
