@@ -13,10 +13,8 @@ process count). The Markdown table names the machine, the date, the commit and t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -31,6 +29,9 @@ from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.io import atomic_write_text
 from perturbdiff_core.run_config import load_config
 from perturbdiff_core.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_record import machine_line  # noqa: E402
 
 
 def run_config(screen: Path, args: argparse.Namespace) -> list[str]:
@@ -72,20 +73,6 @@ def measure(processes: int, screen: Path, folder: Path, args: argparse.Namespace
     return json.loads(result.read_text())["seconds"]
 
 
-def machine() -> str:
-    """CPU model, cores, torch version, date and git commit, as one Markdown line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{datetime.date.today().isoformat()}, commit {commit}")
-
-
 def report(rows: list[tuple[int, float]], args: argparse.Namespace, command: str) -> str:
     """The Markdown table: processes, seconds per step, cells/s and speed-up over the first row."""
     cells = args.steps * args.batch_size * args.set_size
@@ -94,7 +81,7 @@ def report(rows: list[tuple[int, float]], args: argparse.Namespace, command: str
         f"# Data-parallel training throughput (gloo, CPU, tiny denoiser, B={args.batch_size}, "
         f"S={args.set_size}, G={args.genes})",
         "",
-        f"Machine: {machine()}. One thread per process. Command: `{command}`",
+        f"Machine: {machine_line()}. One thread per process. Command: `{command}`",
         "",
         "| processes | s/step | cells/s | speed-up |",
         "|---:|---:|---:|---:|",

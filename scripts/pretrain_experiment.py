@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +21,9 @@ import pandas as pd
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.io import atomic_path, atomic_write_text
 from perturbdiff_core.pretraining import UnperturbedSource, concat_unperturbed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from machine_record import machine_line  # noqa: E402  (the benchmarks' machine record)
 
 PRETRAIN_CONFIG = "examples/pretrain_pbmc.yaml"
 FINETUNE_CONFIG = "examples/kang18_holdout_celltype.yaml"
@@ -96,17 +96,6 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def machine() -> str:
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={threads}, "
-            f"torch {torch.__version__}, {platform.python_version()}, commit {commit or 'unknown'}{' (with uncommitted changes)' if dirty else ''}, "
-            f"{date.today().isoformat()}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/pretrain_experiment"))
@@ -138,7 +127,7 @@ def main() -> int:
         "",
         f"Command: `OMP_NUM_THREADS=1 python scripts/pretrain_experiment.py --pretrain-steps {args.pretrain_steps} "
         f"--finetune-steps {args.finetune_steps}`",
-        f"Machine: {machine()}. Total wall time {time.perf_counter() - started:.0f} s "
+        f"Machine: {machine_line()}. Total wall time {time.perf_counter() - started:.0f} s "
         f"(pre-training {seconds.get('pre-training', float('nan')):.0f} s; runs done earlier show nan).",
         "",
         f"Pre-training: {PRETRAIN_CONFIG}, {args.pretrain_steps} steps on the control cells of kang18 and "
