@@ -336,6 +336,6 @@ def test_energy_beta_outside_range_is_rejected(beta):
 
 
 def test_half_precision_sets_whose_float16_sum_would_overflow_are_accepted():
-    """The finiteness check sums in float32: 70,000 ones overflow a float16 sum but are fine data."""
+    """70,000 float16 ones are fine data (every squared distance 0), though their float16 sum overflows."""
     x = torch.ones(70_000, 1, dtype=torch.float16)
     check_sets(x, x)  # no error
