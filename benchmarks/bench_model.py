@@ -219,7 +219,7 @@ DEMO_SHAPES = {"kang18_holdout_celltype": (128, 1000), "norman19_holdout_*": (64
 
 
 def header(script: str, argv: list[str] | None) -> list[str]:
-    """Markdown bullets: the machine (conftest's record), the load average now and the exact command."""
+    """Markdown bullets: the machine record (:mod:`machine_record`), the load average now and the exact command."""
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = f"{threads}python benchmarks/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     info = {**machine(), "load_average_1_5_15_min": os.getloadavg(), "reproduce": command}
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
-                        help="step: step split and training throughput; sampling: DDIM steps; loader: loader vs model step")
+                        help="step: step split and training throughput; demos: the tiny size at the bundled CPU demos' shapes; "
+                             "sampling: DDIM steps; loader: loader vs model step")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per step part (median; half at the larger sizes)")
     parser.add_argument("--loader-rounds", type=int, default=3, help=f"timed rounds of {BATCHES} batches per loader set-up")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables (markdown) here, atomically")
