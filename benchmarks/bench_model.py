@@ -5,7 +5,11 @@ Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoi
 ``small`` and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults); the tiny size
 also at the set size and gene count of the bundled CPU demos that train it. Parts of a step:
 
-* ``data``: the next SetBatch from the training DataLoader (in-memory synthetic screen, no workers);
+* ``data``: how long the training loop waits for its next SetBatch on the device: the Trainer's
+  loader (:func:`~perturbdiff_core.training.training_loader`, ``train.num_workers: auto``: no
+  workers on a CPU, worker processes and pinned memory on a GPU) over an in-memory synthetic screen,
+  with a whole training step run (untimed) before each fetch, as in training, so workers build
+  batches while steps run;
 * ``denoiser``: the denoiser's forward with gradients and its backward, once without and once with
   a self-conditioning estimate (each is half of the steps, ``self_condition_prob=0.5``), so the
   table counts half of the two;
@@ -48,11 +52,11 @@ from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_
 from cases import DEVICE  # noqa: E402
 from machine_record import machine  # noqa: E402
 
-from perturbdiff_core.data import DataConfig, PerturbationData, make_loader  # noqa: E402
+from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData  # noqa: E402
 from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
 from perturbdiff_core.io import atomic_write_text  # noqa: E402
 from perturbdiff_core.run_config import ModelConfig, TrainConfig  # noqa: E402
-from perturbdiff_core.training import build_model, make_optimizer  # noqa: E402
+from perturbdiff_core.training import build_model, make_optimizer, resolve_workers, training_loader  # noqa: E402
 
 SIZES = ("tiny", "small", "paper")
 PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")
@@ -78,11 +82,12 @@ def screen_data(cells: int = S, genes: int = G) -> PerturbationData:
 
 @dataclass
 class Setup:
-    """A model, its optimizer, a batch on the device and fixed draws, for timing the parts."""
+    """A model, its optimizer, the Trainer's batches, a batch on the device and fixed draws, for timing the parts."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batches: Iterator
+    workers: int
     batch: object
     t: torch.Tensor
     noise: torch.Tensor
@@ -92,19 +97,15 @@ class Setup:
         data = screen_data(cells, genes)
         torch.manual_seed(0)
         model = build_model(ModelConfig(denoiser_params={"size": size}), data).to(DEVICE)
-        optimizer = make_optimizer(model.trainable_parameters(), TrainConfig())  # the Trainer's AdamW
-        loader = make_loader(data, [c.label for c in data.perturbed_conditions], batch_size=B)
-
-        def forever() -> Iterator:
-            while True:
-                yield from loader
-
-        batches = forever()
+        train = TrainConfig(batch_size=B)  # the defaults: AdamW, train.num_workers auto
+        optimizer = make_optimizer(model.trainable_parameters(), train)
+        sets = ConditionSets(data, [c.label for c in data.perturbed_conditions])
+        batches = iter(training_loader(sets, train, seed=0, start=0, stop=10**9, device=DEVICE))
         batch = next(batches).to(DEVICE)
         gen = torch.Generator().manual_seed(1)
         t = torch.randint(1, model.schedule.num_steps + 1, (B,), generator=gen).to(DEVICE)
         noise = torch.randn(batch.target.shape, generator=gen).to(DEVICE)
-        return cls(model, optimizer, batches, batch, t, noise)
+        return cls(model, optimizer, batches, resolve_workers(train.num_workers, DEVICE), batch, t, noise)
 
     def part(self, name: str) -> Callable[[], None]:
         """The callable timing part ``name`` (see the module docstring)."""
@@ -117,7 +118,7 @@ class Setup:
         prediction = x0 + 0.1 * torch.randn_like(x0)
 
         def data() -> None:
-            next(self.batches).to(DEVICE)
+            next(self.batches).to(DEVICE, non_blocking=True)  # as Trainer._train_step
 
         def denoiser() -> None:
             net(x_t, t, batch.cond).backward(grad_out)
@@ -154,6 +155,16 @@ class Setup:
         return {"data": data, "denoiser": denoiser, "self_cond": self_cond, "loss": loss, "ema": ema,
                 "optimizer": optimizer, "step": step}[name]
 
+    def before(self, name: str) -> Callable[[], None] | None:
+        """What runs untimed before each timed call of part ``name``: a whole step before ``data``,
+        so the loader's workers build batches while a step runs, as in training."""
+        return self.part("step") if name == "data" else None
+
+    def warm_up_calls(self, name: str) -> int:
+        """Untimed calls before timing part ``name``: for ``data``, enough for the workers' first
+        batches (``prefetch_factor`` 2 each) to be used up, so the timed fetches are the steady state."""
+        return 2 * self.workers + 1 if name == "data" else 1
+
     def sampler(self, steps: int) -> Callable[[], None]:
         """Sampling ``B`` sets of ``S`` cells in ``steps`` DDIM steps."""
         self.model.update_ema()
@@ -165,17 +176,32 @@ def setup(size: str, cells: int = S, genes: int = G) -> Setup:
     return Setup.make(size, cells, genes)
 
 
-def timed(run: Callable[[], None], rounds: int, warm_up: Callable[[], None] | None = None) -> float:
-    """Median seconds of ``rounds`` calls after one warm-up call (of ``warm_up``, default ``run``)."""
-    (warm_up or run)()
-    sync()
+def timed(
+    run: Callable[[], None],
+    rounds: int,
+    warm_up: Callable[[], None] | None = None,
+    *,
+    before: Callable[[], None] | None = None,
+    warm_up_calls: int = 1,
+) -> float:
+    """Median seconds of ``rounds`` calls after ``warm_up_calls`` warm-up calls (of ``warm_up``,
+    default ``run``); ``before`` runs untimed before each call, warm-up calls included."""
     times = []
-    for _ in range(rounds):
+    for call in range(warm_up_calls + rounds):
+        if before is not None:
+            before()
+            sync()
         start = time.perf_counter()
-        run()
+        (warm_up or run)() if call < warm_up_calls else run()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times[warm_up_calls:])
+
+
+def part_time(size: str, part: str, rounds: int, cells: int = S, genes: int = G) -> float:
+    """Median seconds of one part of a training step (see the module docstring)."""
+    bench = setup(size, cells, genes)
+    return timed(bench.part(part), rounds, before=bench.before(part), warm_up_calls=bench.warm_up_calls(part))
 
 
 # ------------------------------------------------------------------------------ pytest-benchmark
@@ -184,16 +210,24 @@ def timed(run: Callable[[], None], rounds: int, warm_up: Callable[[], None] | No
 @pytest.mark.parametrize("part", PARTS)
 @pytest.mark.parametrize("size", SIZES)
 def test_step_part(benchmark, size: str, part: str) -> None:
-    run = setup(size).part(part)
+    bench = setup(size)
+    run, before = bench.part(part), bench.before(part)
 
     def call() -> None:
         run()
         sync()
 
-    call()
+    def untimed() -> None:
+        if before is not None:
+            before()
+            sync()
+
+    for _ in range(bench.warm_up_calls(part)):
+        untimed()
+        call()
     benchmark.group = f"model step B{B}-S{S}-G{G} {size}"
-    benchmark.extra_info.update(size=size, part=part, batch=B, cells=S, genes=G, device=DEVICE.type)
-    benchmark.pedantic(call, rounds=3 if size == "paper" else 10, iterations=1)
+    benchmark.extra_info.update(size=size, part=part, batch=B, cells=S, genes=G, device=DEVICE.type, workers=bench.workers)
+    benchmark.pedantic(call, setup=untimed, rounds=3 if size == "paper" else 10, iterations=1)
 
 
 @pytest.mark.parametrize("steps", SAMPLING_STEPS)
@@ -229,10 +263,17 @@ def header(script: str, argv: list[str] | None) -> list[str]:
 @cache
 def step_times(size: str, rounds: int, cells: int = S, genes: int = G) -> dict[str, float]:
     """Median seconds of each part of a training step, ``denoiser`` and ``self_cond`` already halved (see the module docstring)."""
-    times = {part: timed(setup(size, cells, genes).part(part), rounds) for part in PARTS}
+    times = {part: part_time(size, part, rounds, cells, genes) for part in PARTS}
     times["denoiser"] *= 0.5
     times["self_cond"] *= 0.5
     return times
+
+
+def loader_note() -> str:
+    """How the ``data`` part gets its batches here (the Trainer's loader at the default ``train.num_workers``)."""
+    workers = resolve_workers(TrainConfig().num_workers, DEVICE)
+    return (f"data: the wait for the next batch from the Trainer's loader (train.num_workers auto: {workers} "
+            f"worker{'s' * (workers != 1)}{', pinned memory' if DEVICE.type == 'cuda' else ''}), a whole step running before each fetch.")
 
 
 def step_rows(label: str, times: dict[str, float]) -> list[str]:
@@ -249,7 +290,7 @@ def step_rows(label: str, times: dict[str, float]) -> list[str]:
 
 
 def throughput_row(size: str, times: dict[str, float]) -> str:
-    """Training throughput of one size: ``cells/s = B * S / (step + data)`` (in-process loader, no workers)."""
+    """Training throughput of one size: ``cells/s = B * S / (step + data)`` (data: the wait for the Trainer's loader)."""
     seconds = times["step"] + times["data"]
     return f"| {size} | {seconds * 1e3:.1f} | {1 / seconds:.2f} | {B / seconds:.2f} | {B * S / seconds:.0f} |"
 
@@ -298,12 +339,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds = {size: args.rounds if size == "tiny" else max(1, args.rounds // 2) for size in args.sizes}
     if "step" in args.sections:
-        emit("", f"## Training step, B={B}, S={S}, G={G}", "", "| size | part | ms | share |", "|---|---|---|---|")
+        emit("", f"## Training step, B={B}, S={S}, G={G}", "", loader_note(), "", "| size | part | ms | share |", "|---|---|---|---|")
         for size in args.sizes:
             emit(*step_rows(size, step_times(size, rounds[size])))
         emit("", f"## Training throughput, B={B}, S={S}, G={G}", "",
-             "A step here is the whole step plus the next batch from an in-process loader (no workers); "
-             "cells/s = B * S / step.", "",
+             "A step here is the whole step plus the data wait (the data part above); cells/s = B * S / step.", "",
              "| size | ms / step | steps/s | sets/s | cells/s |", "|---|---|---|---|---|")
         emit(*(throughput_row(size, step_times(size, rounds[size])) for size in args.sizes))
     if "demos" in args.sections:

@@ -29,9 +29,13 @@ class Conditioning:
     cell_type: Tensor
     batch: Tensor
 
-    def to(self, device: torch.device | str) -> Conditioning:
-        """A copy with every tensor on ``device``."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Conditioning:
+        """A copy with every tensor on ``device`` (``non_blocking``: asynchronous from pinned memory)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> Conditioning:
+        """A copy in page-locked memory, so a later ``to(cuda, non_blocking=True)`` overlaps compute (DataLoader ``pin_memory``)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
 @dataclass
@@ -48,6 +52,12 @@ class SetBatch:
     cond: Conditioning
     condition: list[str] = field(default_factory=list)
 
-    def to(self, device: torch.device | str) -> SetBatch:
-        """A copy with every tensor on ``device``."""
-        return replace(self, target=self.target.to(device), cond=self.cond.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SetBatch:
+        """A copy with every tensor on ``device`` (``non_blocking``: asynchronous from pinned memory)."""
+        return replace(
+            self, target=self.target.to(device, non_blocking=non_blocking), cond=self.cond.to(device, non_blocking=non_blocking)
+        )
+
+    def pin_memory(self) -> SetBatch:
+        """A copy in page-locked memory (called by a DataLoader with ``pin_memory=True``)."""
+        return replace(self, target=self.target.pin_memory(), cond=self.cond.pin_memory())

@@ -21,6 +21,14 @@ T = TypeVar("T")
 
 
 def _type_name(tp: Any) -> str:
+    """``tp`` as a user reads it: ``int or 'auto'``, ``float or null``, ``list[str]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -69,7 +69,8 @@ class TrainConfig:
         context_drop_prob: probability that a training set's cell type (and, independently, its
             batch) is replaced by ``<unknown>``, the index a held-out cell type or batch gets, so
             the model learns to predict unseen contexts from their control cells.
-        num_workers: DataLoader worker processes (batches are identical for any number).
+        num_workers: DataLoader worker processes (batches are identical for any number); ``auto``:
+            none on a CPU, up to 4 per process on a GPU (see :func:`~perturbdiff_core.training.resolve_workers`).
         val_every: steps between validation MMDs on the split's validation conditions (0: never).
         val_sets: fixed sets per validation condition; ``val_sampling_steps`` DDIM steps each.
         checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
@@ -90,7 +91,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float | None = 1.0
     context_drop_prob: float = 0.0
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
     val_every: int = 500
     val_sets: int = 1
     val_sampling_steps: int = 20
@@ -171,10 +172,11 @@ def check(config: RunConfig) -> None:
     }
     non_negative = {
         "train.warmup_steps": config.train.warmup_steps,
-        "train.num_workers": config.train.num_workers,
         "train.val_every": config.train.val_every,
         "train.weight_decay": config.train.weight_decay,
     }
+    if config.train.num_workers != "auto":
+        non_negative["train.num_workers"] = config.train.num_workers
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}.")

@@ -185,6 +185,45 @@ def _worker_init(worker_id: int) -> None:
     seed_worker(worker_id)
 
 
+#: Most DataLoader workers ``train.num_workers: auto`` starts per process when the model is on a GPU.
+MAX_AUTO_WORKERS = 4
+
+
+def resolve_workers(num_workers: int | str, device: torch.device) -> int:
+    """``train.num_workers`` as a number: ``auto`` is 0 when the model trains on the CPU (its
+    threads use the cores) and otherwise up to :data:`MAX_AUTO_WORKERS` per process, one core
+    kept for the process itself: next to a GPU step, building sets in the training process stalls every step."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes on this node
+    return max(0, min(MAX_AUTO_WORKERS, per_process - 1))
+
+
+def training_loader(
+    sets: ConditionSets,
+    train: TrainConfig,
+    *,
+    seed: int,
+    start: int,
+    stop: int,
+    device: torch.device,
+    shard: tuple[int, int] = (0, 1),
+) -> DataLoader:
+    """The batches of steps ``start .. stop - 1`` (this process's part of each, see :class:`StepBatches`),
+    built by :func:`resolve_workers` workers, in pinned memory when ``device`` is a GPU so the copy overlaps compute."""
+    return DataLoader(
+        sets,
+        batch_sampler=StepBatches(len(sets), train.batch_size, seed=seed, start=start, stop=stop, shard=shard),
+        collate_fn=collate_sets,
+        num_workers=resolve_workers(train.num_workers, device),
+        worker_init_fn=_worker_init,
+        pin_memory=device.type == "cuda",
+    )
+
+
 @contextmanager
 def deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """Within the block a first Ctrl-C only sets a flag (read between steps); a second one stops at once."""
@@ -331,14 +370,8 @@ class Trainer:
             if self.step == 0:  # train.steps 0 (zero-shot from train.init_from): still a checkpoint to predict from
                 self.save()
             return self.log()
-        loader = DataLoader(
-            self.train_sets,
-            batch_sampler=StepBatches(
-                len(self.train_sets), train.batch_size, seed=self.config.seed, start=self.step, stop=stop, shard=self.part
-            ),
-            collate_fn=collate_sets,
-            num_workers=train.num_workers,
-            worker_init_fn=_worker_init,
+        loader = training_loader(
+            self.train_sets, train, seed=self.config.seed, start=self.step, stop=stop, shard=self.part, device=self.device
         )
         bar = tqdm(total=stop, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
         with deferred_interrupt() as interrupted, bar:
@@ -360,7 +393,7 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(seed)
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        batch = self._conditioned(batch.to(self.device))
+        batch = self._conditioned(batch.to(self.device, non_blocking=True))  # asynchronous from pinned memory on a GPU
         if self.config.train.context_drop_prob > 0:
             batch = drop_context(batch, self.config.train.context_drop_prob, generator, self.part)
         terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)

@@ -80,7 +80,7 @@ def dense_sum(kernel: Kernel, x: Tensor, y: Tensor, wx: Tensor, wy: Tensor, *, s
 def values_and_grads(fn, inputs: list[Tensor], seed: int) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``fn()`` and the gradients of ``<fn(), c>`` for a random cotangent ``c``."""
     out = fn()
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
     return out.detach(), torch.autograd.grad((out * cotangent).sum(), inputs)
 
 
@@ -166,6 +166,24 @@ def test_float32_agrees_with_float64_dense(keops):
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (KeOps' main target)")
+@pytest.mark.parametrize(("name", "params"), [("rbf", {"lengthscale": 1.3}), ("energy", {})])
+def test_gpu_float32_agrees_with_float64_dense(keops, name, params):
+    x64, y64 = cells(2, 300, G, seed=40).requires_grad_(True), cells(2, 250, G, seed=41, shift=0.2)
+    wx, wy = weights(2, 300, seed=42), weights(2, 250, seed=43)
+    x = x64.detach().float().cuda().requires_grad_(True)
+    kernel = as_kernel(name, **params)
+    ours, (ours_grad,) = values_and_grads(
+        lambda: keops.weighted_sum(kernel.cuda(), x, y64.float().cuda(), wx.float().cuda(), wy.float().cuda()), [x], 44
+    )
+    ref, (ref_grad,) = values_and_grads(
+        lambda: dense_sum(kernel.cpu(), x64, y64, wx, wy, same=False, exclude_diagonal=False), [x64], 44
+    )
+    assert ours.is_cuda and ours_grad.is_cuda
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_gradients_reach_weights_and_trainable_lengthscale(keops):

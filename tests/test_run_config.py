@@ -47,6 +47,7 @@ def test_defaults_follow_the_issue() -> None:
     )
     assert (config.sample.sampler, config.sample.steps, config.sample.eta, config.sample.guidance) == ("ddim", 50, 0.0, 1.0)
     assert config.evaluate.baselines == ["control", "context_mean", "linear", "random_train"]
+    assert config.train.num_workers == "auto" and load_config(None, ["train.num_workers=2"]).train.num_workers == 2
 
 
 def test_yaml_then_overrides_win_and_name_defaults_to_file_stem(tmp_path: Path) -> None:
@@ -76,6 +77,9 @@ def test_set_takes_several_pairs_per_flag_and_repeats(tmp_path: Path) -> None:
         (["train.steps=0"], ["train.steps", "at least 1"]),
         (["model.prediction=noise"], ["model.prediction", "x0"]),
         (["train.grad_clip=-1.0"], ["train.grad_clip"]),
+        (["train.grad_clip=abc"], ["train.grad_clip", "float or null"]),
+        (["train.num_workers=many"], ["train.num_workers", "int or 'auto'"]),
+        (["train.num_workers=-1"], ["train.num_workers", ">= 0"]),
         (["split.kind=sideways"], ["split.kind", "holdout_cell_type"]),
         (["seed"], ["key=value"]),
     ],

@@ -21,6 +21,7 @@ from perturbdiff_core.functional import mmd2
 from perturbdiff_core.run_config import RunConfig, TrainConfig, load_config
 from perturbdiff_core.training import (
     LOG_COLUMNS,
+    MAX_AUTO_WORKERS,
     StepBatches,
     Trainer,
     TrainingInterrupted,
@@ -28,6 +29,8 @@ from perturbdiff_core.training import (
     drop_context,
     lr_factor,
     make_optimizer,
+    resolve_workers,
+    training_loader,
 )
 
 #: A denoiser small enough for many short trainings in the test suite.
@@ -243,6 +246,53 @@ def test_resume_equals_uninterrupted_training(uninterrupted: Trainer, screen_pat
     assert resumed.step == stop_at
     resumed.fit()
     assert_same_run(uninterrupted, resumed)
+
+
+def test_workers_train_the_same_run(uninterrupted: Trainer, screen_path: Path, tmp_path: Path) -> None:
+    assert resolve_workers(uninterrupted.config.train.num_workers, uninterrupted.device) == 0  # auto on a CPU
+    with_workers = Trainer(tiny_config(screen_path, "train.num_workers=2"), tmp_path / "run", progress=False)
+    with_workers.fit()
+    assert_same_run(uninterrupted, with_workers)
+
+
+def test_auto_workers_are_none_on_a_cpu_and_a_few_per_gpu_process(monkeypatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_workers("auto", cpu) == 0 and resolve_workers(3, cpu) == 3 and resolve_workers(3, gpu) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_workers("auto", gpu) == MAX_AUTO_WORKERS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes share the 16 cores
+    assert resolve_workers("auto", gpu) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert resolve_workers("auto", gpu) == 0  # one core: the training process builds the batches
+
+
+def test_training_loader_pins_batches_for_a_gpu(uninterrupted: Trainer) -> None:
+    train = TrainConfig(batch_size=3, num_workers=0)
+    for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
+        loader = training_loader(uninterrupted.train_sets, train, seed=0, start=0, stop=2, device=device)
+        assert loader.pin_memory is pinned and loader.num_workers == 0 and len(loader) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, asynchronous copies)")
+def test_pinned_batches_reach_the_gpu_unchanged(uninterrupted: Trainer) -> None:
+    train = TrainConfig(batch_size=3, num_workers=1)
+    batch = next(iter(training_loader(uninterrupted.train_sets, train, seed=0, start=0, stop=1, device=torch.device("cuda"))))
+    tensors = [batch.target, batch.cond.control, batch.cond.perturbation, batch.cond.cell_type, batch.cond.batch]
+    assert all(t.is_pinned() for t in tensors)
+    moved = batch.to("cuda", non_blocking=True)
+    moved_tensors = [moved.target, moved.cond.control, moved.cond.perturbation, moved.cond.cell_type, moved.cond.batch]
+    assert all(t.is_cuda and torch.equal(t.cpu(), s) for t, s in zip(moved_tensors, tensors))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_a_gpu_with_auto_workers(screen_path: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(screen_path, "train.device=cuda"), tmp_path / "run", progress=False)
+    assert trainer.device.type == "cuda" and trainer.config.train.num_workers == "auto"
+    trainer.fit()
+    assert len(trainer.history) == 8 and all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert load_checkpoint(checkpoint_path(tmp_path / "run")).step == 8
 
 
 def test_ctrl_c_saves_the_last_step_and_resumes_exactly(uninterrupted: Trainer, screen_path: Path, tmp_path: Path) -> None:
