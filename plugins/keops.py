@@ -5,11 +5,17 @@ The kernel matrix is a ``pykeops`` ``LazyTensor``: KeOps compiles the formula
 cells, so memory is ``O((N + M) G)`` and an MMD over 10^5 cells fits anywhere. Gradients to
 ``x``, ``y``, the weights and a trainable lengthscale come from KeOps' symbolic autodiff. The
 first call of each new formula (kernel, gene count, dtype) compiles C++ for ~10 s; the binary
-is cached on disk (``pykeops.get_build_folder()``) for later runs.
+is cached on disk (``pykeops.get_build_folder()``) for later runs. Before its first use in a
+process, a child process compiles and checks a small formula: a KeOps build that crashes on this
+machine (a segmentation fault in its CUDA runtime compiler, say) then makes the backend unavailable,
+with the reason, and ``auto`` falls back to ``chunked``, instead of killing the training process.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from functools import cache
 from typing import Any
 
@@ -26,9 +32,46 @@ _INSTALL_HINT = (
 )
 
 
+#: A Gaussian kernel sum that KeOps compiles and checks against torch, in a child process.
+_PROBE = """
+import sys, torch
+from pykeops.torch import LazyTensor
+x = torch.randn(5, 3, dtype=torch.float64, device=sys.argv[1])
+y = torch.randn(4, 3, dtype=torch.float64, device=sys.argv[1])
+ours = (-((LazyTensor(x[:, None]) - LazyTensor(y[None])) ** 2).sum(-1)).exp().sum(1)
+ref = torch.exp(-torch.cdist(x, y) ** 2).sum(1, keepdim=True)
+sys.exit(0 if torch.allclose(ours, ref) else 3)
+"""
+#: Seconds the probe may take: a first KeOps run on a machine also builds its compiler engine.
+_PROBE_TIMEOUT_S = 600
+
+
+def _probe_crash(device_type: str) -> str | None:
+    """Why KeOps fails a small formula on ``device_type`` in a child process, or None when it passes.
+
+    A KeOps build that does not match the machine (its CUDA runtime compiler, say) can kill the
+    process with a segmentation fault, which no ``except`` catches; the child takes that risk.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, device_type], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return f"a probe formula did not compile within {_PROBE_TIMEOUT_S} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        how = f"crashed ({signal.Signals(-done.returncode).name})"
+    elif done.returncode == 3:
+        how = "gave a wrong result"
+    else:
+        how = f"failed ({(done.stderr.strip().splitlines() or ['no message'])[-1]})"
+    return f"pykeops {how} on a probe formula on {device_type}"
+
+
 @cache
 def _keops_problem(device_type: str) -> str | None:
-    """Why KeOps cannot run on ``device_type`` here, or None when it can (checked once)."""
+    """Why KeOps cannot run on ``device_type`` here, or None when it can (checked once per process)."""
     try:
         import pykeops.config
     except ImportError as err:
@@ -39,7 +82,7 @@ def _keops_problem(device_type: str) -> str | None:
         return "pykeops runs in CPU-only mode (it found no CUDA toolkit) but the tensors are on a GPU"
     if device_type not in ("cpu", "cuda"):
         return f"pykeops supports CPU and CUDA tensors, not {device_type!r}"
-    return None
+    return _probe_crash(device_type)
 
 
 def _lazy_tensor(device_type: str) -> Any:

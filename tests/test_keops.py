@@ -8,6 +8,7 @@ KeOps cannot compile here.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -253,6 +254,36 @@ def test_missing_compiler_says_what_to_install(monkeypatch, fresh_probe):
     assert not reduction.supports(as_kernel("rbf"), "cpu")
     x, w = cells(1, 4, G, seed=72), weights(1, 4, seed=73)
     with pytest.raises(PluginLoadError, match="no C\\+\\+ compiler.*g\\+\\+"):
+        reduction.weighted_sum(as_kernel("rbf"), x, x, w, w, same=True)
+
+
+@pytest.mark.parametrize(
+    ("probe", "reason"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", r"crashed \(SIGSEGV\)"),
+        ("import sys; sys.exit(3)", "gave a wrong result"),
+        ("raise RuntimeError('nvrtc: no such architecture')", r"failed \(RuntimeError: nvrtc: no such architecture\)"),
+    ],
+    ids=["segfault", "wrong-result", "error"],
+)
+def test_probe_reports_how_keops_failed_in_its_child_process(monkeypatch, probe, reason):
+    monkeypatch.setattr(keops_module, "_PROBE", probe)
+    assert re.fullmatch(f"pykeops {reason} on a probe formula on cpu", keops_module._probe_crash("cpu") or "")
+
+
+def test_probe_passes_where_keops_works(keops):
+    assert keops_module._probe_crash("cpu") is None
+
+
+def test_a_crashing_keops_is_unsupported_with_a_clear_error(monkeypatch, fresh_probe):
+    config = pytest.importorskip("pykeops.config")
+    if not config.pykeops_base.get_cxx_compiler():
+        pytest.skip("pykeops found no C++ compiler here; the probe only runs after that check")
+    monkeypatch.setattr(keops_module, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    reduction = KeOpsReduction()
+    assert not reduction.supports(as_kernel("rbf"), "cpu")
+    x, w = cells(1, 4, G, seed=74), weights(1, 4, seed=75)
+    with pytest.raises(PluginLoadError, match=r"crashed \(SIGSEGV\).*backend='chunked'"):
         reduction.weighted_sum(as_kernel("rbf"), x, x, w, w, same=True)
 
 
