@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_screen, take, training_loader  # noqa: E402
 from cases import DEVICE  # noqa: E402
-from machine_record import machine  # noqa: E402
+from machine_record import env_prefix, machine  # noqa: E402
 
 from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData  # noqa: E402
 from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
@@ -254,8 +254,7 @@ DEMO_SHAPES = {"kang18_holdout_celltype": (128, 1000), "norman19_holdout_*": (64
 
 def header(script: str, argv: list[str] | None) -> list[str]:
     """Markdown bullets: the machine record (:mod:`machine_record`), the load average now and the exact command."""
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = f"{env_prefix()}python benchmarks/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     info = {**machine(), "load_average_1_5_15_min": os.getloadavg(), "reproduce": command}
     return [f"- {key}: {value}" for key, value in info.items()]
 

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench files import cases, timing
 
 from cases import REPRODUCE  # noqa: E402
-from machine_record import machine  # noqa: E402
+from machine_record import env_prefix, machine  # noqa: E402
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
@@ -37,10 +37,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
-    threads = os.environ.get("OMP_NUM_THREADS")
     invoked = " ".join(["pytest", *config.invocation_params.args])
     machine_info["perturbdiff"] = {
         **record(),
-        "invoked_as": (f"OMP_NUM_THREADS={threads} " if threads else "") + invoked,
+        "invoked_as": env_prefix() + invoked,
         "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
     }

@@ -40,6 +40,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+#: Environment variables that change what a benchmark measures, so its reproducing command names them.
+COMMAND_ENV = ("OMP_NUM_THREADS", "PERTURBDIFF_BENCH_DEVICE")
+
+
+def env_prefix() -> str:
+    """The :data:`COMMAND_ENV` variables set now, as a command's prefix (``"OMP_NUM_THREADS=1 "``), or ``""``."""
+    return "".join(f"{name}={os.environ[name]} " for name in COMMAND_ENV if name in os.environ)
+
+
 def machine_line() -> str:
     """:func:`machine` as one line, ``key: value; ...``, for a table's caption."""
     return "; ".join(f"{key}: {value}" for key, value in machine().items())
