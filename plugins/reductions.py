@@ -32,12 +32,19 @@ from perturbdiff_core.reductions import KernelReduction
 #: mirrors them into one matrix), a chunked plan's diagonal block is computed that way and
 #: mirrored (:func:`_sq_dists`)...
 SYMMETRIC_SPLIT = 4
-#: ...for sets of at least this many cells. Below it the saving is smaller than the cost of the
-#: extra small operations.
+#: ...for sets of at least this many cells, on a CPU. Below it, and on GPUs, the saving is smaller
+#: than the cost of the extra small operations.
 SYMMETRIC_SPLIT_MIN_ROWS = 256
 
 _TERMS = ("xx", "yy", "xy")
 _CENTRE_CELLS = 64
+
+
+def _launch_bound(device: torch.device) -> bool:
+    """True on GPUs: there these sums' small GEMMs cost their kernel launches more than their
+    arithmetic, and a host sync stalls the queue, so a call uses one GEMM per term (no
+    :data:`SYMMETRIC_SPLIT`), always centres and keeps the lengthscale on the device."""
+    return device.type != "cpu"
 
 
 @dataclass(frozen=True)
@@ -98,12 +105,14 @@ def _centre(x: Tensor, sq_norms: Tensor) -> Tensor | None:
     ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` loses ``eps (||a||^2 + ||b||^2)`` to rounding;
     shifting by a point inside the cloud (the mean of the first :data:`_CENTRE_CELLS` cells)
     keeps that near ``eps`` times the spread. Data already near the origin (log-normalised
-    counts, PCA scores) skip the shift and its copy.
+    counts, PCA scores) skip the shift and its copy on a CPU; a GPU always shifts (the copy is
+    cheap there, the host sync that deciding takes is not).
     """
     centre = x[:, :_CENTRE_CELLS].mean(-2, keepdim=True)
+    if _launch_bound(x.device):
+        return centre
     offset = centre.square().sum(-1)  # (B, 1)
     spread = sq_norms[:, :_CENTRE_CELLS].mean(-1, keepdim=True)
-    # One host sync per call (on a GPU); the copy it can save dominates on CPU.
     return centre if bool((2.0 * offset > spread).any()) else None
 
 
@@ -145,6 +154,7 @@ class _Plan:
     block_size: int | None  # rows per block; None: dense (whole sets, symmetric sums split)
     record: bool  # autograd is recording (under torch.no_grad nothing is kept for a backward)
     shared_inv_l2: float | None  # 1 / l^2 when one lengthscale serves the whole batch
+    split: int  # row spans of a symmetric sum (SYMMETRIC_SPLIT on CPU, 1 where launch-bound)
 
     @property
     def dense(self) -> bool:
@@ -153,8 +163,8 @@ class _Plan:
     def gemms(self, term: str, n_left: int, n_right: int) -> Iterator[tuple[_Block, tuple[_Block, ...]]]:
         """The GEMMs of one term's sum, each with the blocks (weights, factor) its result holds."""
         symmetric = term != "xy"
-        if self.dense and symmetric and n_left >= SYMMETRIC_SPLIT_MIN_ROWS:
-            yield from _staircase(n_left, -(-n_left // SYMMETRIC_SPLIT))
+        if self.dense and symmetric and self.split > 1 and n_left >= SYMMETRIC_SPLIT_MIN_ROWS:
+            yield from _staircase(n_left, -(-n_left // self.split))
             return
         size = self.block_size or max(n_left, n_right)
         for blk in _blocks(symmetric, self.same, n_left, n_right, size):
@@ -166,20 +176,20 @@ class _Plan:
             yield from parts
 
 
-def _sq_dists(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, diagonal: bool, scale: float) -> Tensor:
+def _sq_dists(a: Tensor, b: Tensor, na: Tensor, nb: Tensor, diagonal: bool, scale: float, split: int) -> Tensor:
     """``scale (||a_i||^2 + ||b_j||^2 - 2 a_i.b_j)`` as ``(B, n, m)`` from GEMMs.
 
     On a square diagonal block (``b`` holds the rows of ``a``) of :data:`SYMMETRIC_SPLIT_MIN_ROWS`
-    rows or more the result is symmetric: row block ``i`` of :data:`SYMMETRIC_SPLIT` is multiplied
+    rows or more the result is symmetric: row block ``i`` of ``split`` is multiplied
     with the columns from block ``i`` on, and the rest of its rows is the transpose.
     """
     na, nb = na * scale, nb * scale
     square = diagonal and a.shape[-2] == b.shape[-2]
-    if not square or SYMMETRIC_SPLIT == 1 or a.shape[-2] < SYMMETRIC_SPLIT_MIN_ROWS:
+    if not square or split == 1 or a.shape[-2] < SYMMETRIC_SPLIT_MIN_ROWS:
         return torch.add(na.unsqueeze(-1), nb.unsqueeze(-2)).baddbmm_(a, b.transpose(-1, -2), alpha=-2.0 * scale)
     n = a.shape[-2]
     out = a.new_empty(a.shape[0], n, n)
-    for rows in _spans(n, -(-n // SYMMETRIC_SPLIT)):
+    for rows in _spans(n, -(-n // split)):
         rest = slice(rows.start, n)
         block = torch.baddbmm(na[:, rows, None], a[:, rows], a[:, rest].transpose(-1, -2), alpha=-2.0 * scale)
         out[:, rows, rest] = block.add_(na[:, None, rest])
@@ -193,7 +203,7 @@ def _scaled_sq_dists(left: _Set, right: _Set, blk: _Block, a: Tensor, b: Tensor,
     A lengthscale shared by the whole batch is folded into the GEMM (one pass fewer).
     """
     shared = plan.shared_inv_l2
-    s = _sq_dists(a, b, left.sq_norms[:, blk.rows], right.sq_norms[:, blk.cols], blk.diagonal, shared or 1.0)
+    s = _sq_dists(a, b, left.sq_norms[:, blk.rows], right.sq_norms[:, blk.cols], blk.diagonal, shared or 1.0, plan.split)
     s.clamp_min_(0.0)
     if shared is None:
         s.mul_(inv_l2[:, None, None])
@@ -365,8 +375,9 @@ def _radial_sums(
     if inv_l2.dim() >= 2:  # median heuristic: one lengthscale per set pair, (..., 1, 1)
         inv_l2 = inv_l2[..., 0, 0]
     batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], wx.shape[:-1], wy.shape[:-1], inv_l2.shape)
-    shared = float(inv_l2.detach()) if inv_l2.dim() == 0 else None  # a host sync on GPUs
-    plan = _Plan(terms, same, exclude, block_size, torch.is_grad_enabled(), shared)
+    launch_bound = _launch_bound(x.device)
+    shared = float(inv_l2.detach()) if inv_l2.dim() == 0 and not launch_bound else None  # float(): a host sync
+    plan = _Plan(terms, same, exclude, block_size, torch.is_grad_enabled(), shared, 1 if launch_bound else SYMMETRIC_SPLIT)
     out = _RadialSums.apply(
         kernel, plan, _flatten(inv_l2, batch, 0), _flatten(x, batch, 2), _flatten(wx, batch, 1), _flatten(y, batch, 2), _flatten(wy, batch, 1)
     )
@@ -434,8 +445,8 @@ class _BlockReduction(KernelReduction):
 class DenseReduction(_BlockReduction):
     """Forms the kernel matrices whole: fastest for small sets, ``O(B (N^2 + M^2 + N M))`` memory.
 
-    Radial kernels: 2.25 GEMMs forward from :data:`SYMMETRIC_SPLIT_MIN_ROWS` cells on (each set's
-    Gram with itself on 10 of 16 blocks), 3 below; backward one GEMM per term and differentiated
+    Radial kernels: on a CPU 2.25 GEMMs forward from :data:`SYMMETRIC_SPLIT_MIN_ROWS` cells on (each
+    set's Gram with itself on 10 of 16 blocks), 3 below and on GPUs (see :func:`_launch_bound`); backward one GEMM per term and differentiated
     side (training with only ``x`` differentiated: 2); the scaled distances are kept for the backward.
     """
 

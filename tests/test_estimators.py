@@ -320,6 +320,61 @@ def test_symmetric_staircase_gram_equals_plain_autograd(monkeypatch, reduction, 
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(8)], ids=["dense", "chunked8"])
+@pytest.mark.parametrize("kernel", ["energy", "rbf"])
+@pytest.mark.parametrize("shift", [0.0, 40.0], ids=["near-origin", "far-from-origin"])
+def test_launch_bound_plan_equals_plain_autograd(monkeypatch, reduction, kernel: str, shift: float) -> None:  # noqa: ANN001
+    """The plan of GPUs, forced here on the CPU: one GEMM per term (no staircase even where the CPU
+    plan splits), always centred, the lengthscale kept as a tensor; values and gradients."""
+    centres = []
+
+    def recording_centre(x, sq_norms):  # noqa: ANN001, ANN202
+        centres.append(original_centre(x, sq_norms))
+        return centres[-1]
+
+    def no_staircase(*args):  # noqa: ANN002, ANN202
+        raise AssertionError("a launch-bound plan must not split a symmetric sum")
+
+    original_centre = reduction_plugins._centre
+    monkeypatch.setattr(reduction_plugins, "_launch_bound", lambda device: True)
+    monkeypatch.setattr(reduction_plugins, "SYMMETRIC_SPLIT_MIN_ROWS", 4)  # the CPU plan would split these sets
+    monkeypatch.setattr(reduction_plugins, "_staircase", no_staircase)
+    monkeypatch.setattr(reduction_plugins, "_centre", recording_centre)
+    k = as_kernel(kernel).double()
+    x = rand(2, 11, 4, seed=50, shift=shift).requires_grad_()
+    y = rand(2, 9, 4, seed=51, shift=shift + 0.3).requires_grad_()
+    wx, wy = rand_weights(2, 11, seed=52).requires_grad_(), rand_weights(2, 9, seed=53).requires_grad_()
+    mine = reduction.mmd_terms(k, x, y, wx, wy, exclude_diagonal=True)
+    ref = dense_reference(k, x, y, wx, wy, True)
+    assert centres and all(c is not None for c in centres)
+    for got, want in zip(mine, ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    coef = rand(3, 2, seed=54)
+    g_mine = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, mine)), (x, y, wx, wy))
+    g_ref = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, ref)), (x, y, wx, wy))
+    for got, want in zip(g_mine, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the launch-bound plan on its own device)")
+@pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(128)], ids=["dense", "chunked128"])
+@pytest.mark.parametrize("kernel", ["energy", "rbf"])
+def test_gpu_float32_agrees_with_cpu_float64(reduction, kernel: str) -> None:  # noqa: ANN001
+    x64 = rand(2, 300, 20, seed=60, shift=3.0).requires_grad_()  # enough cells for the CPU plan's staircase
+    y64 = rand(2, 260, 20, seed=61, shift=3.2)
+    wx, wy = rand_weights(2, 300, seed=62), rand_weights(2, 260, seed=63)
+    x = x64.detach().float().cuda().requires_grad_()
+    on_gpu = (y64.float().cuda(), wx.float().cuda(), wy.float().cuda())
+    mine = reduction.mmd_terms(as_kernel(kernel).cuda(), x, *on_gpu, exclude_diagonal=True)
+    ref = reduction.mmd_terms(as_kernel(kernel).double(), x64, y64, wx, wy, exclude_diagonal=True)
+    coef = rand(3, 2, seed=64)
+    (g_mine,) = torch.autograd.grad(sum((c.float().cuda() * t).sum() for c, t in zip(coef, mine)), (x,))
+    (g_ref,) = torch.autograd.grad(sum((c * t).sum() for c, t in zip(coef, ref)), (x64,))
+    for got, want in zip(mine, ref):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_mine.double().cpu(), g_ref, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "reduction", [DenseReduction(), ChunkedReduction(3), ChunkedReduction(64)], ids=["dense", "chunked3", "chunked-one-block"]
 )
