@@ -38,7 +38,7 @@ def make_screen(folder: Path) -> tuple[ad.AnnData, Path]:
     return adata, path
 
 
-def training_loader(adata: ad.AnnData, path: Path, *, backed: bool, pairing: str, workers: int) -> DataLoader:
+def screen_loader(adata: ad.AnnData, path: Path, *, backed: bool, pairing: str, workers: int) -> DataLoader:
     """The training DataLoader of every perturbed condition, read in memory (``adata``) or backed (``path``)."""
     config = DataConfig(cell_type_key="cell_type", backed=backed, set_size=S, control_pairing=pairing)
     data = PerturbationData(path if backed else adata, config).fit()
@@ -69,7 +69,7 @@ def screen(tmp_path_factory):
 
 @pytest.mark.parametrize(("backed", "pairing", "workers"), CASES)
 def test_loader_sets_per_second(benchmark, screen, backed, pairing, workers):
-    stream = endless(training_loader(*screen, backed=backed, pairing=pairing, workers=workers))
+    stream = endless(screen_loader(*screen, backed=backed, pairing=pairing, workers=workers))
     benchmark.pedantic(take, args=(stream,), rounds=5, warmup_rounds=1)
     stream.close()
     if benchmark.stats is None:  # --benchmark-disable: run once, not timed

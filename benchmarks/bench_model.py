@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_screen, take, training_loader  # noqa: E402
+from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_screen, screen_loader, take  # noqa: E402
 from cases import DEVICE  # noqa: E402
 from machine_record import env_prefix, machine  # noqa: E402
 
@@ -304,7 +304,7 @@ def loader_rate(adata: ad.AnnData, path: Path, case: tuple[bool, str, int], roun
     """Sets/s of one loader set-up of ``bench_loader.CASES``: median of ``rounds`` rounds of
     ``BATCHES`` batches, after one warm-up round (which starts the workers)."""
     backed, pairing, workers = case
-    stream = endless(training_loader(adata, path, backed=backed, pairing=pairing, workers=workers))
+    stream = endless(screen_loader(adata, path, backed=backed, pairing=pairing, workers=workers))
     seconds = timed(lambda: take(stream), rounds)
     stream.close()  # frees the loader and stops its workers
     return B * BATCHES / seconds
