@@ -63,6 +63,8 @@ PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")
 #: Parts that are not the denoiser (the issue's target: at most 25% of the step).
 OVERHEAD = ("data", "loss", "ema", "optimizer")
 TARGET_SHARE = 0.25
+#: Worker processes of the Trainer's loader at the default ``train.num_workers: auto`` on DEVICE.
+WORKERS = resolve_workers(TrainConfig().num_workers, DEVICE)
 SAMPLING_STEPS = (5, 10, 20, 50)
 #: Sampling at the paper size on a CPU is linear in the steps and slow: only the first two there.
 PAPER_CPU_STEPS = (5, 10)
@@ -87,7 +89,6 @@ class Setup:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     batches: Iterator
-    workers: int
     batch: object
     t: torch.Tensor
     noise: torch.Tensor
@@ -105,7 +106,7 @@ class Setup:
         gen = torch.Generator().manual_seed(1)
         t = torch.randint(1, model.schedule.num_steps + 1, (B,), generator=gen).to(DEVICE)
         noise = torch.randn(batch.target.shape, generator=gen).to(DEVICE)
-        return cls(model, optimizer, batches, resolve_workers(train.num_workers, DEVICE), batch, t, noise)
+        return cls(model, optimizer, batches, batch, t, noise)
 
     def part(self, name: str) -> Callable[[], None]:
         """The callable timing part ``name`` (see the module docstring)."""
@@ -163,7 +164,7 @@ class Setup:
     def warm_up_calls(self, name: str) -> int:
         """Untimed calls before timing part ``name``: for ``data``, enough for the workers' first
         batches (``prefetch_factor`` 2 each) to be used up, so the timed fetches are the steady state."""
-        return 2 * self.workers + 1 if name == "data" else 1
+        return 2 * WORKERS + 1 if name == "data" else 1
 
     def sampler(self, steps: int) -> Callable[[], None]:
         """Sampling ``B`` sets of ``S`` cells in ``steps`` DDIM steps."""
@@ -226,7 +227,7 @@ def test_step_part(benchmark, size: str, part: str) -> None:
         untimed()
         call()
     benchmark.group = f"model step B{B}-S{S}-G{G} {size}"
-    benchmark.extra_info.update(size=size, part=part, batch=B, cells=S, genes=G, device=DEVICE.type, workers=bench.workers)
+    benchmark.extra_info.update(size=size, part=part, batch=B, cells=S, genes=G, device=DEVICE.type, workers=WORKERS)
     benchmark.pedantic(call, setup=untimed, rounds=3 if size == "paper" else 10, iterations=1)
 
 
@@ -270,9 +271,8 @@ def step_times(size: str, rounds: int, cells: int = S, genes: int = G) -> dict[s
 
 def loader_note() -> str:
     """How the ``data`` part gets its batches here (the Trainer's loader at the default ``train.num_workers``)."""
-    workers = resolve_workers(TrainConfig().num_workers, DEVICE)
-    return (f"data: the wait for the next batch from the Trainer's loader (train.num_workers auto: {workers} "
-            f"worker{'s' * (workers != 1)}{', pinned memory' if DEVICE.type == 'cuda' else ''}), a whole step running before each fetch.")
+    return (f"data: the wait for the next batch from the Trainer's loader (train.num_workers auto: {WORKERS} "
+            f"worker{'s' * (WORKERS != 1)}{', pinned memory' if DEVICE.type == 'cuda' else ''}), a whole step running before each fetch.")
 
 
 def step_rows(label: str, times: dict[str, float]) -> list[str]:

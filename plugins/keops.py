@@ -46,7 +46,7 @@ sys.exit(0 if torch.allclose(ours, ref) else 3)
 _PROBE_TIMEOUT_S = 600
 
 
-def _probe_crash(device_type: str) -> str | None:
+def _probe_failure(device_type: str) -> str | None:
     """Why KeOps fails a small formula on ``device_type`` in a child process, or None when it passes.
 
     A KeOps build that does not match the machine (its CUDA runtime compiler, say) can kill the
@@ -82,7 +82,7 @@ def _keops_problem(device_type: str) -> str | None:
         return "pykeops runs in CPU-only mode (it found no CUDA toolkit) but the tensors are on a GPU"
     if device_type not in ("cpu", "cuda"):
         return f"pykeops supports CPU and CUDA tensors, not {device_type!r}"
-    return _probe_crash(device_type)
+    return _probe_failure(device_type)
 
 
 def _lazy_tensor(device_type: str) -> Any:

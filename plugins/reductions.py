@@ -99,17 +99,17 @@ def _sq_norms(points: Tensor, shift: Tensor | None) -> Tensor:
     return torch.cat([torch.linalg.vector_norm(p, dim=-1).square() for p in parts], -1)
 
 
-def _centre(x: Tensor, sq_norms: Tensor) -> Tensor | None:
+def _centre(x: Tensor, sq_norms: Tensor, *, always: bool) -> Tensor | None:
     """A centre for ``x`` when the cells lie farther from the origin than they spread, else None.
 
     ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b`` loses ``eps (||a||^2 + ||b||^2)`` to rounding;
     shifting by a point inside the cloud (the mean of the first :data:`_CENTRE_CELLS` cells)
     keeps that near ``eps`` times the spread. Data already near the origin (log-normalised
-    counts, PCA scores) skip the shift and its copy on a CPU; a GPU always shifts (the copy is
-    cheap there, the host sync that deciding takes is not).
+    counts, PCA scores) skip the shift and its copy unless ``always`` (launch-bound devices: the
+    copy is cheap there, the host sync that deciding takes is not).
     """
     centre = x[:, :_CENTRE_CELLS].mean(-2, keepdim=True)
-    if _launch_bound(x.device):
+    if always:
         return centre
     offset = centre.square().sum(-1)  # (B, 1)
     spread = sq_norms[:, :_CENTRE_CELLS].mean(-1, keepdim=True)
@@ -154,11 +154,16 @@ class _Plan:
     block_size: int | None  # rows per block; None: dense (whole sets, symmetric sums split)
     record: bool  # autograd is recording (under torch.no_grad nothing is kept for a backward)
     shared_inv_l2: float | None  # 1 / l^2 when one lengthscale serves the whole batch
-    split: int  # row spans of a symmetric sum (SYMMETRIC_SPLIT on CPU, 1 where launch-bound)
+    launch_bound: bool  # on a device where launches and host syncs cost more than arithmetic (GPUs)
 
     @property
     def dense(self) -> bool:
         return self.block_size is None
+
+    @property
+    def split(self) -> int:
+        """Row spans of a symmetric sum: :data:`SYMMETRIC_SPLIT`, or 1 where launch-bound."""
+        return 1 if self.launch_bound else SYMMETRIC_SPLIT
 
     def gemms(self, term: str, n_left: int, n_right: int) -> Iterator[tuple[_Block, tuple[_Block, ...]]]:
         """The GEMMs of one term's sum, each with the blocks (weights, factor) its result holds."""
@@ -232,7 +237,7 @@ class _RadialSums(torch.autograd.Function):
         keep = plan.dense and (need_l2 or need_x or need_y)  # blocked plans recompute instead
         need_w = {"x": need_wx, "y": need_wy}
         x_norms = _sq_norms(x, None)
-        centre = _centre(x, x_norms)
+        centre = _centre(x, x_norms, always=plan.launch_bound)
         sets = {
             "x": _Set.build(x, wx, centre, copy=plan.dense, sq_norms=x_norms),
             "y": _Set.build(y, wy, centre, copy=plan.dense),
@@ -377,7 +382,7 @@ def _radial_sums(
     batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], wx.shape[:-1], wy.shape[:-1], inv_l2.shape)
     launch_bound = _launch_bound(x.device)
     shared = float(inv_l2.detach()) if inv_l2.dim() == 0 and not launch_bound else None  # float(): a host sync
-    plan = _Plan(terms, same, exclude, block_size, torch.is_grad_enabled(), shared, 1 if launch_bound else SYMMETRIC_SPLIT)
+    plan = _Plan(terms, same, exclude, block_size, torch.is_grad_enabled(), shared, launch_bound)
     out = _RadialSums.apply(
         kernel, plan, _flatten(inv_l2, batch, 0), _flatten(x, batch, 2), _flatten(wx, batch, 1), _flatten(y, batch, 2), _flatten(wy, batch, 1)
     )
@@ -445,9 +450,10 @@ class _BlockReduction(KernelReduction):
 class DenseReduction(_BlockReduction):
     """Forms the kernel matrices whole: fastest for small sets, ``O(B (N^2 + M^2 + N M))`` memory.
 
-    Radial kernels: on a CPU 2.25 GEMMs forward from :data:`SYMMETRIC_SPLIT_MIN_ROWS` cells on (each
-    set's Gram with itself on 10 of 16 blocks), 3 below and on GPUs (see :func:`_launch_bound`); backward one GEMM per term and differentiated
-    side (training with only ``x`` differentiated: 2); the scaled distances are kept for the backward.
+    Radial kernels: on a CPU 2.25 GEMMs forward from :data:`SYMMETRIC_SPLIT_MIN_ROWS` cells on
+    (each set's Gram with itself on 10 of 16 blocks), 3 below and on GPUs (see :func:`_launch_bound`);
+    backward one GEMM per term and differentiated side (training with only ``x`` differentiated: 2);
+    the scaled distances are kept for the backward.
     """
 
     def __repr__(self) -> str:

@@ -326,8 +326,8 @@ def test_launch_bound_plan_equals_plain_autograd(monkeypatch, reduction, kernel:
     plan splits), always centred, the lengthscale kept as a tensor; values and gradients."""
     centres = []
 
-    def recording_centre(x, sq_norms):  # noqa: ANN001, ANN202
-        centres.append(original_centre(x, sq_norms))
+    def recording_centre(x, sq_norms, *, always):  # noqa: ANN001, ANN202
+        centres.append(original_centre(x, sq_norms, always=always))
         return centres[-1]
 
     def no_staircase(*args):  # noqa: ANN002, ANN202
