@@ -3,7 +3,7 @@ loader against the model step.
 
 Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoiser at the ``tiny``,
 ``small`` and ``paper`` sizes, energy kernel, unbiased MMD, x0 prediction (the defaults); the tiny size
-also at the set size and gene count of the bundled CPU demos that train it. Parts of a step:
+also at the set size and gene count of the bundled CPU demos that train it, and made wider. Parts of a step:
 
 * ``data``: how long the training loop waits for its next SetBatch on the device: the Trainer's
   loader (:func:`~perturbdiff_core.training.training_loader`, ``train.num_workers: auto``: no
@@ -94,10 +94,12 @@ class Setup:
     noise: torch.Tensor
 
     @classmethod
-    def make(cls, size: str, cells: int = S, genes: int = G) -> Setup:
+    def make(cls, size: str, cells: int = S, genes: int = G, hidden: int | None = None) -> Setup:
+        """The denoiser at preset ``size``, ``hidden`` wide if given, over a screen of sets of ``cells`` cells and ``genes`` genes."""
         data = screen_data(cells, genes)
         torch.manual_seed(0)
-        model = build_model(ModelConfig(denoiser_params={"size": size}), data).to(DEVICE)
+        params = {"size": size} if hidden is None else {"size": size, "hidden": hidden}
+        model = build_model(ModelConfig(denoiser_params=params), data).to(DEVICE)
         train = TrainConfig(batch_size=B)  # the defaults: AdamW, train.num_workers auto
         optimizer = make_optimizer(model.trainable_parameters(), train)
         sets = ConditionSets(data, [c.label for c in data.perturbed_conditions])
@@ -173,8 +175,8 @@ class Setup:
 
 
 @cache
-def setup(size: str, cells: int = S, genes: int = G) -> Setup:
-    return Setup.make(size, cells, genes)
+def setup(size: str, cells: int = S, genes: int = G, hidden: int | None = None) -> Setup:
+    return Setup.make(size, cells, genes, hidden)
 
 
 def timed(
@@ -199,9 +201,9 @@ def timed(
     return statistics.median(times[warm_up_calls:])
 
 
-def part_time(size: str, part: str, rounds: int, cells: int = S, genes: int = G) -> float:
+def part_time(size: str, part: str, rounds: int, cells: int = S, genes: int = G, hidden: int | None = None) -> float:
     """Median seconds of one part of a training step (see the module docstring)."""
-    bench = setup(size, cells, genes)
+    bench = setup(size, cells, genes, hidden)
     return timed(bench.part(part), rounds, before=bench.before(part), warm_up_calls=bench.warm_up_calls(part))
 
 
@@ -246,8 +248,12 @@ def test_sampling(benchmark, size: str, steps: int) -> None:
 # ---------------------------------------------------------------------------------------- script
 
 #: Report sections of the script: step split and training throughput, the tiny size at the bundled
-#: CPU demos' shapes, sampling, loader vs model.
-SECTIONS = ("step", "demos", "sampling", "loader")
+#: CPU demos' shapes, the tiny size made wider, sampling, loader vs model.
+SECTIONS = ("step", "demos", "widths", "sampling", "loader")
+#: Widths (``hidden``) the ``widths`` section gives the tiny preset (depth and heads unchanged), to
+#: show where the step split would meet the target; examples/ablation_tiny_width.yaml shows what the
+#: kang18 demo pays for them.
+TINY_WIDTHS = (128, 192)
 #: (cells per set, genes) of the bundled CPU demos, which train the tiny size (examples/*.yaml:
 #: ``data.set_size`` and the genes kept).
 DEMO_SHAPES = {"kang18_holdout_celltype": (128, 1000), "norman19_holdout_*": (64, 500)}
@@ -261,9 +267,9 @@ def header(script: str, argv: list[str] | None) -> list[str]:
 
 
 @cache
-def step_times(size: str, rounds: int, cells: int = S, genes: int = G) -> dict[str, float]:
+def step_times(size: str, rounds: int, cells: int = S, genes: int = G, hidden: int | None = None) -> dict[str, float]:
     """Median seconds of each part of a training step, ``denoiser`` and ``self_cond`` already halved (see the module docstring)."""
-    times = {part: part_time(size, part, rounds, cells, genes) for part in PARTS}
+    times = {part: part_time(size, part, rounds, cells, genes, hidden) for part in PARTS}
     times["denoiser"] *= 0.5
     times["self_cond"] *= 0.5
     return times
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="step: step split and training throughput; demos: the tiny size at the bundled CPU demos' shapes; "
-                             "sampling: DDIM steps; loader: loader vs model step")
+                             f"widths: the tiny size at hidden {TINY_WIDTHS}; sampling: DDIM steps; loader: loader vs model step")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per step part (median; half at the larger sizes)")
     parser.add_argument("--loader-rounds", type=int, default=3, help=f"timed rounds of {BATCHES} batches per loader set-up")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables (markdown) here, atomically")
@@ -351,6 +357,14 @@ def main(argv: list[str] | None = None) -> int:
              "| demo (S, G) | part | ms | share |", "|---|---|---|---|")
         for demo, (cells, genes) in DEMO_SHAPES.items():
             emit(*step_rows(f"{demo} ({cells}, {genes})", step_times("tiny", args.rounds, cells, genes)))
+    if "widths" in args.sections:
+        emit("", f"## Training step of the tiny size made wider, B={B}, S={S}, G={G}", "",
+             "The tiny preset (depth and heads unchanged) at other widths: the loss costs the same at every width, "
+             "the denoiser grows with it. What the kang18 demo pays for a wider tiny: examples/ablation_tiny_width.yaml.", "",
+             "| size | part | ms | share |", "|---|---|---|---|")
+        emit(*step_rows("tiny (preset)", step_times("tiny", args.rounds)))
+        for hidden in TINY_WIDTHS:
+            emit(*step_rows(f"tiny, hidden {hidden}", step_times("tiny", args.rounds, hidden=hidden)))
     if "sampling" in args.sections:
         emit("", f"## Sampling B={B} sets of S={S} cells, DDIM", "",
              "| size | steps | s | s / step | cells/s |", "|---|---|---|---|---|")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from perturbdiff_core.ablation import GridSpec, read_grid, runner, summary
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, PerturbDiffError
+from perturbdiff_core.run_config import load_config
 from test_cli import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,6 +317,22 @@ def test_bundled_kang18_grid_expands_to_30_valid_cells(kang18_path: Path) -> Non
         if rff:
             assert model.kernel == "rbf" and model.kernel_params == {"lengthscale": "median"}
     assert {c.config.split.holdout[0] for c in cells} == {"CD14+Mono"}
+
+
+def test_bundled_tiny_width_grid_widens_only_the_tiny_denoiser_of_the_kang18_demo(kang18_path: Path) -> None:
+    demo = load_config(REPO / "examples" / "kang18_holdout_celltype.yaml")
+    cells = read_grid(REPO / "examples" / "ablation_tiny_width.yaml").cells()
+    assert [(c.labels["hidden"], c.labels["seed"]) for c in cells] == [
+        (h, s) for h in ("64", "128", "192") for s in ("0", "1", "2")
+    ]
+    for cell in cells:
+        hidden, seed = int(cell.labels["hidden"]), int(cell.labels["seed"])
+        assert cell.config.model.denoiser_params == {"size": "tiny", "hidden": hidden}
+        assert cell.config.seed == seed
+        assert Path(cell.config.data.path).name == Path(demo.data.path).name  # the grid resolves the path
+        as_demo = replace(cell.config, name=demo.name, seed=demo.seed, data=replace(cell.config.data, path=demo.data.path),
+                          model=replace(cell.config.model, denoiser_params=demo.model.denoiser_params))
+        assert as_demo == demo  # nothing else differs from the demo
 
 
 def test_a_failing_cell_stops_the_grid_in_one_line_naming_it(
