@@ -6,6 +6,7 @@ Shapes: ``B`` sets per batch, ``S`` cells per set, ``G`` genes, ``P`` perturbati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -29,13 +30,13 @@ class Conditioning:
     cell_type: Tensor
     batch: Tensor
 
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        """A copy with ``fn`` applied to every tensor."""
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Conditioning:
         """A copy with every tensor on ``device`` (``non_blocking``: asynchronous from pinned memory)."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
-
-    def pin_memory(self) -> Conditioning:
-        """A copy in page-locked memory, so a later ``to(cuda, non_blocking=True)`` overlaps compute (DataLoader ``pin_memory``)."""
-        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -52,12 +53,15 @@ class SetBatch:
     cond: Conditioning
     condition: list[str] = field(default_factory=list)
 
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> SetBatch:
+        """A copy with ``fn`` applied to every tensor (the target and the conditioning's)."""
+        return replace(self, target=fn(self.target), cond=self.cond.map_tensors(fn))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SetBatch:
         """A copy with every tensor on ``device`` (``non_blocking``: asynchronous from pinned memory)."""
-        return replace(
-            self, target=self.target.to(device, non_blocking=non_blocking), cond=self.cond.to(device, non_blocking=non_blocking)
-        )
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> SetBatch:
-        """A copy in page-locked memory (called by a DataLoader with ``pin_memory=True``)."""
-        return replace(self, target=self.target.pin_memory(), cond=self.cond.pin_memory())
+        """A copy in page-locked memory, so a later ``to(cuda, non_blocking=True)`` overlaps compute
+        (called by a DataLoader with ``pin_memory=True``)."""
+        return self.map_tensors(Tensor.pin_memory)

@@ -9,7 +9,6 @@ variability metrics need.
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from .run_config import SampleConfig
 
 def _sets(cond: Conditioning, part: slice) -> Conditioning:
     """The sets ``part`` of a conditioning."""
-    return replace(cond, **{f.name: getattr(cond, f.name)[part] for f in fields(cond)})
+    return cond.map_tensors(lambda t: t[part])
 
 
 class DiffusionPredictor(Predictor):

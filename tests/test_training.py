@@ -147,6 +147,18 @@ def test_build_model_sizes_the_denoiser_for_the_data(screen_path: Path, tmp_path
         build_model(config.model, trainer.data)
 
 
+def test_a_batch_maps_every_tensor_and_keeps_its_labels() -> None:
+    gen = torch.Generator().manual_seed(2)
+    cond = Conditioning(torch.randn(2, 3, 4, generator=gen), torch.randn(2, 5, generator=gen), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    batch = SetBatch(torch.randn(2, 3, 4, generator=gen), cond, ["a", "b"])
+    tensors = [batch.target, cond.control, cond.perturbation, cond.cell_type, cond.batch]
+    doubled = batch.map_tensors(lambda t: 2 * t)
+    mapped = [doubled.target, doubled.cond.control, doubled.cond.perturbation, doubled.cond.cell_type, doubled.cond.batch]
+    assert all(torch.equal(m, 2 * t) for m, t in zip(mapped, tensors)) and doubled.condition == ["a", "b"]
+    first = cond.map_tensors(lambda t: t[:1])  # e.g. the predictor's chunks of sets
+    assert [t.shape[0] for t in (first.control, first.perturbation, first.cell_type, first.batch)] == [1, 1, 1, 1]
+
+
 def test_drop_context_sets_unknown_indices_at_the_given_rate() -> None:
     n = 20_000
     cond = Conditioning(torch.zeros(n, 1, 2), torch.zeros(n, 3), torch.randint(1, 5, (n,)), torch.randint(1, 3, (n,)))
