@@ -4,7 +4,8 @@ The CrossDiT predicts x0 through a linear head over its hidden tokens, ``X = H W
 ``(B, S, h)`` and ``W`` ``(G, h)``. Every squared distance that the energy MMD^2 and the MSE need
 then comes from ``H``, ``W^T W``, ``Y W`` and ``Y Y^T`` (``Y`` the true sets): the ``(S, G)``
 prediction is never formed and the head's GEMMs over the genes disappear from the denoiser. This
-script measures that formulation before anyone builds it, at B=8, S=256, G=2000, tiny size:
+script measures that formulation before anyone builds it, at B=8, S=256, G=2000, tiny size, on
+the CPU:
 
 * it first checks, in float64 on random inputs, that it equals the library's loss
   (``RKHSDiffusion.denoising_loss``: energy kernel, unbiased MMD^2, x0 prediction, the defaults),
@@ -35,6 +36,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_model import OVERHEAD, TARGET_SHARE, B, G, S, header, setup, step_times, sync
+from cases import DEVICE
 from perturbdiff_plugins.estimators import UnbiasedMMD
 from perturbdiff_plugins.kernels import Energy
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="also write the tables (markdown) here, atomically")
     args = parser.parse_args(argv)
 
+    if DEVICE.type != "cpu":
+        raise SystemExit("This measures the CPU step (on a GPU the tiny step is bound by kernel launches); unset PERTURBDIFF_BENCH_DEVICE.")
     bench = setup("tiny")
     model = bench.model
     if not (isinstance(model.kernel, Energy) and isinstance(model.estimator, UnbiasedMMD) and model.prediction == "x0"):
@@ -133,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for a, c in ((top, top), (top, bottom), (bottom, bottom)):
                 a @ c.transpose(-1, -2)
-        _, w, _ = leaves()
-        (y @ w).backward(torch.ones(B, S, hidden))
+        (y @ w0.clone().requires_grad_()).backward(torch.ones(B, S, hidden))
 
     losses = round_robin({"library loss": bench.part("loss"), "head": head_pass, "factored loss": factored,
                           "factored loss floor": factored_floor}, args.rounds)
