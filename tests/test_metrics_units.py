@@ -264,7 +264,7 @@ def test_population_variability_against_pairwise_reference() -> None:
 
 
 def test_every_metric_is_defined() -> None:
-    families = {"pseudobulk", "de", "discrimination", "distribution", "variability"}
+    families = {"pseudobulk", "de", "discrimination", "distribution", "variability", "realism"}
     for name, definition in DEFINITIONS.items():
         assert definition.definition and definition.family in families, name
 
@@ -277,6 +277,8 @@ def test_every_metric_is_defined() -> None:
         ("mmd2_rbf", "lower is better", " \u2193"),  # found through the pattern mmd2_{kernel}
         ("variability_mmd2_energy_ratio", "closest to 1", " (best 1)"),
         ("de_nsig_counts_pred", "", ""),
+        ("detected_genes_ratio", "closest to 1", " (best 1)"),
+        ("zero_fraction_mae", "lower is better", " \u2193"),
     ],
 )
 def test_metric_directions_for_tables_and_plot_titles(metric: str, direction: str, arrow: str) -> None:
@@ -284,3 +286,26 @@ def test_metric_directions_for_tables_and_plot_titles(metric: str, direction: st
 
     definition = definition_of(metric)
     assert (definition.direction, definition.arrow) == (direction, arrow)
+
+
+def test_realism_metrics_against_an_explicit_reference() -> None:
+    from perturbdiff_core.evaluation import realism_metrics
+
+    rng = np.random.default_rng(3)
+    real = rng.poisson(0.3, size=(40, 25)).astype(float) * rng.uniform(0.5, 2.0, size=(40, 1))
+    pred = rng.poisson(0.6, size=(30, 25)).astype(float) * rng.uniform(0.5, 2.0, size=(30, 1))
+    values = realism_metrics(np.log1p(pred), np.log1p(real))
+
+    zero_gap = [abs(np.mean(pred[:, g] == 0) - np.mean(real[:, g] == 0)) for g in range(25)]
+    assert values["zero_fraction_mae"] == pytest.approx(sum(zero_gap) / 25)
+    detected = lambda x: sorted(int((row > 0).sum()) for row in x)  # noqa: E731
+    median = lambda v: (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2  # noqa: E731
+    assert values["detected_genes_ratio"] == pytest.approx(median(detected(pred)) / median(detected(real)))
+    sums_p, sums_r = np.log1p(pred).sum(1), np.log1p(real).sum(1)
+    grid = np.concatenate([sums_p, sums_r])
+    ecdf_gap = max(abs(np.mean(sums_p <= v) - np.mean(sums_r <= v)) for v in grid)
+    assert values["library_size_ks"] == pytest.approx(ecdf_gap)
+    assert values["detected_genes_ratio"] > 1.2  # twice the rate: more genes detected per cell
+
+    same = realism_metrics(np.log1p(real), np.log1p(real))
+    assert same == {"zero_fraction_mae": 0.0, "detected_genes_ratio": 1.0, "library_size_ks": 0.0}

@@ -1,9 +1,10 @@
 """Metrics of predicted against real perturbation responses, per condition and aggregated.
 
 Families: pseudobulk (means and deltas), differential expression (Wilcoxon, BH FDR),
-perturbation discrimination, distribution (kernel MMD) and population variability. Metric
-names follow cell-eval where the definitions match; :data:`DEFINITIONS` documents each one and
-every difference from cell-eval. :func:`compare` evaluates the model and its baselines into one
+perturbation discrimination, distribution (kernel MMD), population variability and realism
+(sparsity, detected genes and library size of the predicted cells). Metric names follow
+cell-eval where the definitions match; :data:`DEFINITIONS` documents each one and every
+difference from cell-eval. :func:`compare` evaluates the model and its baselines into one
 table; :func:`~perturbdiff_core.evaluation.report.write_report` (imported from its module, it
 needs matplotlib) draws it as ``report.html``.
 """
@@ -18,6 +19,7 @@ from .distribution import population_variability
 from .pipeline import ALL_CONDITIONS, COLUMNS, evaluate
 from .pairing import Condition, PairedData, pair_anndata
 from .pseudobulk import log2_fold_change, pseudobulk_metrics
+from .realism import realism_metrics
 
 __all__ = [
     "ALL_CONDITIONS",
@@ -38,6 +40,7 @@ __all__ = [
     "pair_anndata",
     "population_variability",
     "pseudobulk_metrics",
+    "realism_metrics",
     "summary_line",
     "versus_best_baseline",
     "wilcoxon_de",

@@ -26,12 +26,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MetricDefinition:
-    """One metric: its family, the best value (``None``: no direction), its definition, cell-eval."""
+    """One metric: its family, the best value (``None``: no direction), its definition, cell-eval.
+
+    ``target`` marks a metric whose best value lies inside its range (a ratio best at 1), so
+    "better" means closer to ``best`` from either side.
+    """
 
     family: str
     best: float | None
     definition: str
     cell_eval: str
+    target: bool = False
 
     @property
     def direction(self) -> str:
@@ -40,9 +45,9 @@ class MetricDefinition:
             return ""
         if self.best == 0.0:
             return "lower is better"
-        if self.best == 1.0 and self.family != "variability":
-            return "higher is better"
-        return f"closest to {self.best:g}"
+        if self.target:
+            return f"closest to {self.best:g}"
+        return "higher is better"
 
     @property
     def arrow(self) -> str:
@@ -160,6 +165,27 @@ def _define() -> dict[str, MetricDefinition]:
             1.0,
             "pred / real of the two above: near 0 means one population every time, far above 1 more "
             "scattered than reality; NaN (with a note) with fewer than two populations on a side.",
+            "",
+            target=True,
+        ),
+        "zero_fraction_mae": MetricDefinition(
+            "realism",
+            0.0,
+            "Mean over genes of |predicted - real fraction of cells in which the gene is 0|.",
+            "",
+        ),
+        "detected_genes_ratio": MetricDefinition(
+            "realism",
+            1.0,
+            "Median number of non-zero genes per predicted cell over the same median of the real cells.",
+            "",
+            target=True,
+        ),
+        "library_size_ks": MetricDefinition(
+            "realism",
+            0.0,
+            "Kolmogorov-Smirnov statistic between the predicted and real distributions of total expression "
+            "per cell (row sums of the input-space values).",
             "",
         ),
     }

@@ -24,6 +24,7 @@ from .discrimination import DISTANCES, discrimination_scores
 from .distribution import population_mmd2, population_variability, subsample
 from .pairing import Condition, PairedData, pair_anndata
 from .pseudobulk import correlation, pseudobulk_metrics
+from .realism import realism_metrics
 
 #: The ``condition`` of the aggregate rows.
 ALL_CONDITIONS = "__all__"
@@ -137,6 +138,7 @@ class _Evaluation:
             deltas[c] = (means[0] - means[2], means[1] - means[3])
             values |= self._de(c, wilcoxon_de(real_cells, real_ctrl), wilcoxon_de(pred_cells, pred_ctrl))
             nsig[i] = values["de_nsig_counts_real"], values["de_nsig_counts_pred"]
+            values |= realism_metrics(pred_cells, real_cells)
             pred_sample, real_sample = self._sample(pred_cells), self._sample(real_cells)
             values[f"mmd2_{self.kernel_name}"] = self.mmd(pred_sample, real_sample)
             pred_ctrl_sample, real_ctrl_sample = self.control_samples[c.cell_type]

@@ -49,6 +49,9 @@ KEY_METRICS = (
     "pearson_edistance",
     "mmd2_{kernel}",
     "variability_mmd2_{kernel}_ratio",
+    "zero_fraction_mae",
+    "detected_genes_ratio",
+    "library_size_ks",
 )
 
 #: Colour of the model; baselines take the following ones.
