@@ -17,6 +17,7 @@ from .batch import Conditioning
 from .checkpoint import Checkpoint
 from .data import prediction_conditioning
 from .data.dataset import Condition, PerturbationData
+from .data.output_space import decode_cells, resolve_output_space
 from .diffusion import RKHSDiffusion
 from .predictors import Predictor
 from .run_config import SampleConfig
@@ -32,7 +33,8 @@ class DiffusionPredictor(Predictor):
 
     Args:
         model: the trained model.
-        sample: sampler, steps, eta, guidance, ``chunk_sets`` and ``nonnegative`` (see :class:`SampleConfig`).
+        sample: sampler, steps, eta, guidance, ``chunk_sets``, ``output_space`` and ``nonnegative``
+            (see :class:`SampleConfig`).
         device: where sampling runs (the model is moved there).
 
     Example:
@@ -63,20 +65,20 @@ class DiffusionPredictor(Predictor):
         )
         generator = torch.Generator(self.device).manual_seed(seed)
         cfg = self.sample
+        space = resolve_output_space(cfg.output_space, cond.control)
         chunks = []
         for start in range(0, n_sets, cfg.chunk_sets):
             part = _sets(cond, slice(start, start + cfg.chunk_sets)).to(self.device)
-            chunks.append(
-                self.model.sample(
-                    part,
-                    sampler=cfg.sampler,
-                    steps=cfg.steps,
-                    eta=cfg.eta if cfg.sampler == "ddim" else None,
-                    guidance=cfg.guidance,
-                    generator=generator,
-                ).cpu()
-            )
+            sampled = self.model.sample(
+                part,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                eta=cfg.eta if cfg.sampler == "ddim" else None,
+                guidance=cfg.guidance,
+                generator=generator,
+            ).cpu()
+            chunks.append(decode_cells(sampled, part.control.cpu()) if space == "counts" else sampled)
         cells = torch.cat(chunks).reshape(-1, data.n_genes)[:n_cells]
-        if cfg.nonnegative:
+        if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)

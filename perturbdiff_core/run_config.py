@@ -110,7 +110,11 @@ class SampleConfig:
     ``eta`` is DDIM's stochasticity in [0, 1] (ignored by ``ddpm``); ``guidance`` 1 means none
     (see :meth:`RKHSDiffusion.predict_x0`). ``n_cells`` ``None`` samples as many cells as the real condition has. ``chunk_sets`` bounds
     memory: at most that many sets of ``data.set_size`` cells are denoised at once.
-    ``nonnegative`` clips predicted expression at 0 (log1p values are never negative).
+    ``output_space`` is where predicted cells are written (see
+    :mod:`~perturbdiff_core.data.output_space`): ``counts`` moves each cell to the nearest point
+    of a real cell's count lattice (exact zeros, real detection rates), ``continuous`` keeps the
+    sampled values, ``auto`` picks ``counts`` when the context's control cells lie on a lattice.
+    ``nonnegative`` clips continuous predictions at 0 (log1p values are never negative).
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -119,6 +123,7 @@ class SampleConfig:
     guidance: float = 1.0
     n_cells: int | None = None
     chunk_sets: int = 16
+    output_space: Literal["auto", "counts", "continuous"] = "auto"
     nonnegative: bool = True
 
 

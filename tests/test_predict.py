@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -14,6 +16,7 @@ import torch
 from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.commands.predict import predictions, resolve_conditions
 from perturbdiff_core.data import PerturbationData
+from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError
 from perturbdiff_core.model_predictor import DiffusionPredictor
@@ -55,14 +58,32 @@ def dense(x) -> np.ndarray:
 def test_predictor_samples_n_cells_deterministically(trained: Trainer) -> None:
     data = trained.data
     condition = data.condition("A+B|t1")
-    predictor = DiffusionPredictor(trained.model, SampleConfig(steps=4, chunk_sets=2), device="cpu")
+    continuous = SampleConfig(steps=4, chunk_sets=2, output_space="continuous")  # an untrained model decodes to zeros
+    predictor = DiffusionPredictor(trained.model, continuous, device="cpu")
     cells = predictor.predict(data, condition, 29, seed=1)  # 3 sets of 12, the last one cut
     assert cells.shape == (29, data.n_genes) and cells.dtype == np.float32
     assert (cells >= 0).all() and np.isfinite(cells).all()
     np.testing.assert_array_equal(cells, predictor.predict(data, condition, 29, seed=1))
     assert not np.array_equal(cells, predictor.predict(data, condition, 29, seed=2))
-    raw = DiffusionPredictor(trained.model, SampleConfig(steps=4, chunk_sets=2, nonnegative=False)).predict(data, condition, 29, seed=1)
+    raw = DiffusionPredictor(trained.model, replace(continuous, nonnegative=False)).predict(data, condition, 29, seed=1)
     np.testing.assert_array_equal(cells, np.maximum(raw, 0.0))
+    assert (raw < 0).any()
+
+
+def test_predicted_cells_lie_on_the_count_lattice_of_the_controls(trained: Trainer) -> None:
+    """The synthetic screen is log1p(counts / total * 1e4): ``auto`` decodes onto that lattice."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    model = copy.deepcopy(trained.model)
+    with torch.no_grad():  # an output layer that predicts 0 to 8 across the genes: some decode to 0, some not
+        for net in (model.denoiser, model.ema.module):
+            net.final.linear.bias.copy_(torch.linspace(0.0, 8.0, data.n_genes))
+    cells = DiffusionPredictor(model, SampleConfig(steps=4)).predict(data, condition, 40, seed=0)
+    assert 0 < (cells > 0).mean() < 1 and on_lattice(torch.from_numpy(cells))
+    control_steps = cell_units(torch.from_numpy(data.read(data.control_cells(condition.context)))).numpy()
+    for cell in cells:  # the lattice of one of the context's control cells: integral counts at its step
+        counts = np.expm1(cell[cell > 0].astype(np.float64))[None] / control_steps[:, None]
+        assert (np.abs(counts - counts.round()) < 0.01).all(axis=1).any()
 
 
 def test_predictor_uses_one_random_control_set_per_generated_set(trained: Trainer, monkeypatch) -> None:

@@ -1,0 +1,88 @@
+r"""The space predicted cells are written in: the input's count lattice, or plain continuous values.
+
+Log-normalised single-cell data are :math:`x_{cg} = \log(1 + k_{cg} u_c)` with :math:`k_{cg}` an
+integer count and :math:`u_c` the cell's size factor (``target_sum / library size``), so every
+cell lies on a lattice of its own whose first step, :math:`\log(1 + u_c)`, is its smallest
+non-zero value. A diffusion model samples continuous values: without a decoder its cells carry
+small positive values where real cells have zeros, detect several times too many genes and make
+every gene look differentially expressed. :func:`decode_cells` maps each sampled cell to the
+nearest point of a real cell's lattice (:math:`k = \mathrm{round}(\mathrm{expm1}(x) / u)`): the
+values a cell of that depth could have had. The lattice step of each predicted cell is taken from
+a *donor*, the control cell at the same place of the control set it was sampled from, so only
+the target context's control cells inform it, never the real perturbed cells.
+
+Raw counts are the lattice with :math:`u = 1` once ``log1p`` is applied; data that are not on a
+lattice (scaled, imputed, integrated) keep their continuous values (see :data:`OUTPUT_SPACES`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+
+OutputSpace = Literal["auto", "counts", "continuous"]
+#: ``auto``: ``counts`` when the control cells lie on a count lattice, else ``continuous``;
+#: ``counts``: decode onto the donors' lattices; ``continuous``: the sampled values as they are.
+OUTPUT_SPACES: tuple[str, ...] = get_args(OutputSpace)
+
+#: Largest distance of ``expm1(x) / u`` from an integer for a value to count as on the lattice
+#: (float32 storage of ``log1p`` values of counts up to a few thousand stays well within it).
+LATTICE_TOLERANCE = 0.02
+#: Share of a context's non-zero control values that must lie on their cells' lattices.
+LATTICE_SHARE = 0.98
+
+
+def cell_units(cells: Tensor) -> Tensor:
+    r"""Each cell's lattice step :math:`u_c = \mathrm{expm1}(\min_{g: x_{cg} > 0} x_{cg})`, ``(..., S)``; NaN for a cell without a non-zero value."""
+    smallest = torch.where(cells > 0, cells, torch.full_like(cells, float("inf"))).amin(dim=-1)
+    return torch.where(torch.isinf(smallest), torch.full_like(smallest, float("nan")), torch.expm1(smallest.double()))
+
+
+def on_lattice(cells: Tensor) -> bool:
+    """Whether at least :data:`LATTICE_SHARE` of the non-zero values of ``cells`` ``(..., S, G)`` are
+    ``log1p(k u)`` for an integer ``k`` and their cell's step ``u``."""
+    units = cell_units(cells).unsqueeze(-1)
+    positive = cells > 0
+    if not bool(positive.any()):
+        return False
+    counts = torch.expm1(cells.double()) / units
+    close = (counts - counts.round()).abs() <= LATTICE_TOLERANCE
+    return float(close[positive].double().mean()) >= LATTICE_SHARE
+
+
+def resolve_output_space(space: str, control: Tensor) -> Literal["counts", "continuous"]:
+    """``counts`` or ``continuous`` for ``space`` given the control cells ``(..., S, G)`` of the context."""
+    if space not in OUTPUT_SPACES:
+        raise ConfigError(f"sample.output_space must be one of {', '.join(OUTPUT_SPACES)}, got {space!r}.")
+    if space == "continuous":
+        return "continuous"
+    lattice = on_lattice(control)
+    if space == "counts" and not lattice:
+        raise DataError(
+            "sample.output_space is 'counts' but the control cells do not lie on a count lattice "
+            "(log1p of counts times a size factor per cell); use output_space auto or continuous."
+        )
+    return "counts" if lattice else "continuous"
+
+
+def decode_cells(cells: Tensor, donors: Tensor) -> Tensor:
+    r"""Each cell of ``cells`` ``(..., S, G)`` moved to the nearest point of its donor's count lattice.
+
+    ``donors`` ``(..., S, G)`` are real cells of the same shape (the control set a sampled set
+    came from); cell ``i`` takes the step :math:`u` of donor ``i`` (the median step of its set when
+    the donor has no non-zero value). Values below :math:`\log(1 + u/2)`, including negative
+    ones, become exactly 0.
+    """
+    if cells.shape != donors.shape:
+        raise DataError(f"decode_cells needs one donor per cell: cells {tuple(cells.shape)}, donors {tuple(donors.shape)}.")
+    units = cell_units(donors)
+    fallback = units.nanmedian(dim=-1, keepdim=True).values.expand_as(units)
+    units = torch.where(torch.isnan(units), fallback, units).unsqueeze(-1)
+    if bool(torch.isnan(units).any()):
+        raise DataError("Cannot decode onto a count lattice: a control set has no non-zero value at all.")
+    counts = torch.floor(torch.expm1(cells.double().clamp_min(0.0)) / units + 0.5)
+    return torch.log1p(counts * units).to(cells.dtype)

@@ -1,0 +1,69 @@
+"""The count-lattice decoder: each predicted cell moved onto a real cell's lattice log1p(k u)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perturbdiff_core.data.output_space import cell_units, decode_cells, on_lattice, resolve_output_space
+from perturbdiff_core.errors import ConfigError, DataError
+
+
+def lattice_cells(n: int, genes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log1p(k u), u)`` for Poisson counts ``k`` (every cell has a count of 1) and random steps ``u``."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.poisson(torch.full((n, genes), 0.4), generator=g)
+    counts[:, 0] = 1.0
+    units = torch.rand(n, 1, generator=g, dtype=torch.float64) * 2.0 + 0.1
+    return torch.log1p(counts.double() * units).float(), units.squeeze(1)
+
+
+def test_cell_units_are_the_expm1_of_the_smallest_positive_value() -> None:
+    cells, units = lattice_cells(30, 50, seed=0)
+    torch.testing.assert_close(cell_units(cells), units, rtol=1e-6, atol=0)
+    assert torch.isnan(cell_units(torch.zeros(2, 5))).all()
+
+
+def test_on_lattice_tells_lattice_data_from_continuous_data() -> None:
+    cells, _ = lattice_cells(40, 60, seed=1)
+    assert on_lattice(cells)
+    noisy = cells + 0.05 * torch.rand(cells.shape, generator=torch.Generator().manual_seed(2)) * (cells > 0)
+    assert not on_lattice(noisy)
+    assert not on_lattice(torch.zeros(3, 4))
+
+
+def test_decode_recovers_lattice_values_from_small_errors_and_zeroes_the_rest() -> None:
+    donors, units = lattice_cells(20, 40, seed=3)
+    g = torch.Generator().manual_seed(4)
+    counts = torch.poisson(torch.full((20, 40), 1.5), generator=g).double()
+    exact = torch.log1p(counts * units.unsqueeze(1)).float()  # cells on their donors' lattices
+    gap = (torch.log1p((counts + 1) * units.unsqueeze(1)) - torch.log1p(counts * units.unsqueeze(1))).float()
+    jitter = (torch.rand(exact.shape, generator=g) - 0.5) * 0.4 * gap  # well within half a lattice step
+    decoded = decode_cells(exact + jitter, donors)
+    torch.testing.assert_close(decoded, exact, rtol=1e-6, atol=1e-6)
+    below = (torch.log1p(units / 2) * 0.9).float().unsqueeze(1).expand(20, 40).contiguous()
+    assert (decode_cells(below, donors) == 0).all()
+    assert (decode_cells(-torch.ones(20, 40), donors) == 0).all()
+
+
+def test_decode_borrows_the_median_step_for_a_donor_without_counts() -> None:
+    donors, units = lattice_cells(5, 10, seed=6)
+    donors[2] = 0.0
+    median_step = units[[0, 1, 3, 4]].sort().values[1]  # torch's median of 4 values is the lower middle one
+    value = torch.log1p(3 * median_step).float()
+    decoded = decode_cells(torch.full((5, 10), float(value)), donors)
+    torch.testing.assert_close(decoded[2], torch.full((10,), float(value)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match="one donor per cell"):
+        decode_cells(torch.zeros(4, 10), donors)
+
+
+def test_resolve_output_space() -> None:
+    cells, _ = lattice_cells(10, 20, seed=7)
+    assert resolve_output_space("auto", cells) == "counts"
+    assert resolve_output_space("continuous", cells) == "continuous"
+    dense = torch.rand(10, 20) + 0.5
+    assert resolve_output_space("auto", dense) == "continuous"
+    with pytest.raises(DataError, match="do not lie on a count lattice"):
+        resolve_output_space("counts", dense)
+    with pytest.raises(ConfigError, match="output_space must be one of"):
+        resolve_output_space("lattice", cells)
