@@ -23,16 +23,20 @@ class Conditioning:
             marginal pre-training and the null condition of classifier-free guidance).
         cell_type: ``(B,)`` long index of the cell type (``0`` when the data has none).
         batch: ``(B,)`` long index of the experimental batch (``0`` when the data has none).
+        shift: ``(B, G)`` an anchor's predicted change of each set's mean expression from its
+            control cells' mean (``model.anchor``), or ``None`` without an anchor.
     """
 
     control: Tensor
     perturbation: Tensor
     cell_type: Tensor
     batch: Tensor
+    shift: Tensor | None = None
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
-        """A copy with ``fn`` applied to every tensor."""
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        """A copy with ``fn`` applied to every tensor (``shift`` stays ``None`` when it is)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: None if value is None else fn(value) for name, value in values.items()})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Conditioning:
         """A copy with every tensor on ``device`` (``non_blocking``: asynchronous from pinned memory)."""

@@ -66,8 +66,9 @@ def _plugin_name(group: str, obj: Any) -> str:
 
 
 def _cat_conditions(a: Conditioning, b: Conditioning) -> Conditioning:
-    """Two conditionings stacked along the set dimension."""
-    return Conditioning(**{f.name: torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in fields(Conditioning)})
+    """Two conditionings stacked along the set dimension (fields that are ``None`` in both stay ``None``)."""
+    pairs = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in fields(Conditioning)}
+    return Conditioning(**{k: None if x is None and y is None else torch.cat([x, y]) for k, (x, y) in pairs.items()})
 
 
 def null_condition(cond: Conditioning, drop: Tensor | None = None) -> Conditioning:
@@ -93,9 +94,10 @@ class RKHSDiffusion(nn.Module):
             self-conditioning, in training and sampling.
         cond_drop_prob: probability that a set's perturbation encoding is zeroed in training, so
             the same network also learns the null condition used by classifier-free guidance.
-        relative_to_control: diffuse each set relative to the mean of its control set: the target
-            and the control set are shifted by that mean before noising and the samples shifted
-            back, so the model learns the change from the control population rather than the
+        relative_to_control: diffuse each set relative to an origin, the mean of its control set
+            plus the anchor shift the conditioning carries (``cond.shift``, ``model.anchor``; none
+            means 0): the target and the control set are shifted by that origin before noising and
+            the samples shifted back, so the model learns what the anchor misses rather than the
             expression level of a context (a held-out cell line, say). Radial kernels and the
             MSE are translation invariant, so the loss terms keep their values.
         ema_decay: decay of the exponential moving average of the denoiser weights
@@ -363,8 +365,11 @@ class RKHSDiffusion(nn.Module):
     # ----------------------------------------------------------------- helpers
     @staticmethod
     def _relative(cond: Conditioning) -> tuple[Conditioning, Tensor]:
-        """``cond`` with its control sets centred, and their means ``(B, 1, G)``, the origin of each set."""
+        """``cond`` with its control sets moved by the origin of each set, ``(B, 1, G)``: the control
+        mean plus the anchor shift (when ``cond.shift`` is given); returns both."""
         origin = cond.control.mean(dim=-2, keepdim=True)
+        if cond.shift is not None:
+            origin = origin + cond.shift.unsqueeze(-2).to(origin.dtype)
         return replace(cond, control=cond.control - origin), origin
 
     @staticmethod

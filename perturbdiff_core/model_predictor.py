@@ -36,23 +36,38 @@ class DiffusionPredictor(Predictor):
         sample: sampler, steps, eta, guidance, ``chunk_sets``, ``output_space`` and ``nonnegative``
             (see :class:`SampleConfig`).
         device: where sampling runs (the model is moved there).
+        anchor: the fitted ``model.anchor`` predictor of a model trained with one (see
+            :mod:`~perturbdiff_core.anchor`); ``None`` for a model without.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
         >>> cells = predictor.predict(data, data.condition("stimulated|CD14+Mono"), 300, seed=0)  # doctest: +SKIP
     """
 
-    def __init__(self, model: RKHSDiffusion, sample: SampleConfig | None = None, *, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        model: RKHSDiffusion,
+        sample: SampleConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        anchor: Predictor | None = None,
+    ) -> None:
         self.sample = SampleConfig() if sample is None else sample
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.anchor = anchor
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: Checkpoint, sample: SampleConfig | None = None, *, device: torch.device | str = "cpu"
+        cls,
+        checkpoint: Checkpoint,
+        sample: SampleConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        anchor: Predictor | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config)."""
-        return cls(checkpoint.build_model(device), sample or checkpoint.run_config.sample, device=device)
+        return cls(checkpoint.build_model(device), sample or checkpoint.run_config.sample, device=device, anchor=anchor)
 
     @torch.no_grad()
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
@@ -60,8 +75,9 @@ class DiffusionPredictor(Predictor):
         size = data.config.set_size
         n_sets = math.ceil(n_cells / size)
         doses = [condition.dose or 0.0] * n_sets if data.config.dose_key is not None else None
+        shift = None if self.anchor is None else self.anchor.shift(data, condition)
         cond = prediction_conditioning(
-            data, [condition.perturbation] * n_sets, condition.context, set_size=size, doses=doses, seed=seed
+            data, [condition.perturbation] * n_sets, condition.context, set_size=size, doses=doses, seed=seed, shift=shift
         )
         generator = torch.Generator(self.device).manual_seed(seed)
         cfg = self.sample

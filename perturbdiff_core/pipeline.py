@@ -47,7 +47,7 @@ def predict_all(
     config, data, test = trainer.config, trainer.data, trainer.split.test
     baselines = evaluation_plugins(config) if baselines is None else baselines
     n_cells, seed = config.sample.n_cells, config.seed
-    model = DiffusionPredictor(trainer.model, config.sample, device=trainer.device)
+    model = DiffusionPredictor(trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor)
     predictions = {MODEL: predict_anndata(model, data, test, n_cells=n_cells, seed=seed, progress=trainer.progress)}
     write_predictions(predictions[MODEL], trainer.run_dir / PREDICTIONS_FILE)
     for name, baseline in baselines.items():

@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 
 from .data.dataset import Condition, Context, PerturbationData
 
+#: Cells predicted to estimate a predictor's mean shift when it does not model the shift itself.
+SHIFT_CELLS = 512
+
 
 class Predictor(ABC):
     """Predicts the cells of a perturbed condition in its context."""
@@ -33,6 +36,16 @@ class Predictor(ABC):
         The predictor may use the control cells of ``condition.context`` and anything it
         learnt in :meth:`fit`, never the real cells of ``condition`` itself.
         """
+
+    def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        """``(G,)`` predicted change of ``condition``'s mean expression from its context's control mean.
+
+        What ``model.anchor`` adds to each control set's mean. By default the mean of
+        :data:`SHIFT_CELLS` predicted cells minus the control mean; predictors that model the
+        shift itself override this with it.
+        """
+        control = data.read(data.control_cells(condition.context)).mean(0, dtype=np.float64)
+        return self.predict(data, condition, SHIFT_CELLS, seed=0).mean(0, dtype=np.float64) - control
 
 
 def as_predictor(spec: Any, /, **params: Any) -> Predictor:

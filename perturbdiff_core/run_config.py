@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .anchor import NO_ANCHOR, check_anchor
 from .configuration import from_mapping, merge, parse_overrides, read_yaml, to_mapping
 from .data.anndata_io import DATA_ENV, shared_data_dir
 from .data.config import DataConfig, SplitConfig
@@ -39,8 +40,11 @@ class ModelConfig:
 
     ``denoiser_params`` are the denoiser's size parameters (``size``, ``hidden``, ``depth``, ...);
     the data dimensions are filled in from the data. ``mmd_weight`` is the paper's lambda.
-    ``relative_to_control`` diffuses each set relative to its control set's mean (see
-    :class:`~perturbdiff_core.diffusion.RKHSDiffusion`).
+    ``anchor`` names a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
+    ``linear``, ...) or ``none``: the model then diffuses each set relative to its control set's
+    mean plus the anchor's predicted shift, and adds it back when sampling (see
+    :mod:`~perturbdiff_core.anchor`). ``relative_to_control: true`` is the older spelling of
+    ``anchor: control`` (used when ``anchor`` is ``none``).
     """
 
     denoiser: str = "cross_dit"
@@ -57,6 +61,12 @@ class ModelConfig:
     cond_drop_prob: float = 0.1
     ema_decay: float | None = 0.999
     relative_to_control: bool = False
+    anchor: str = "none"
+
+    @property
+    def anchor_name(self) -> str:
+        """The anchor in effect: ``anchor``, or ``control`` for ``relative_to_control: true`` without one."""
+        return "control" if self.anchor == NO_ANCHOR and self.relative_to_control else self.anchor
 
 
 @dataclass
@@ -194,6 +204,12 @@ def check(config: RunConfig) -> None:
         raise ConfigError(f"train.context_drop_prob must lie in [0, 1], got {config.train.context_drop_prob}.")
     if config.train.grad_clip is not None and not config.train.grad_clip > 0:
         raise ConfigError(f"train.grad_clip must be positive or null (no clipping), got {config.train.grad_clip}.")
+    check_anchor(config.model.anchor)
+    if config.model.anchor_name not in (NO_ANCHOR, "control") and config.train.objective == "marginal":
+        raise ConfigError(
+            f"model.anchor = {config.model.anchor_name} needs perturbed training conditions; marginal pre-training "
+            f"(train.objective: marginal) has none. Set model.anchor: none for pre-training."
+        )
     if config.sample.n_cells is not None and config.sample.n_cells < 1:
         raise ConfigError(f"sample.n_cells must be a positive integer or null, got {config.sample.n_cells}.")
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import distributed
+from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
 from .batch import SetBatch
 from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
@@ -117,7 +118,7 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
         self_condition_prob=config.self_condition_prob,
         cond_drop_prob=config.cond_drop_prob,
         ema_decay=config.ema_decay,
-        relative_to_control=config.relative_to_control,
+        relative_to_control=config.anchor_name != NO_ANCHOR,
     )
 
 
@@ -320,10 +321,12 @@ class Trainer:
             self.step, self.history, self.validation = checkpoint.step, checkpoint.history, checkpoint.validation
         if distributed.is_main():
             write_config(config, self.run_dir)
-        self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed)
+        self.anchor = fit_anchor(config.model.anchor_name, self.data, self.split.train)
+        shifts = anchor_shifts(self.anchor, self.data, [*self.split.train, *self.split.val])
+        self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed, shifts=shifts)
         self.val_loader = (
             make_loader(self.data, self.split.val, train=False, batch_size=train.batch_size, seed=config.seed,
-                        samples_per_condition=train.val_sets)
+                        samples_per_condition=train.val_sets, shifts=shifts)
             if self.split.val and train.val_every and distributed.is_main()
             else None
         )

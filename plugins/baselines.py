@@ -100,6 +100,10 @@ class ControlBaseline(Predictor):
         rng = np.random.default_rng(seed)
         return data.read(sample_rows(data.control_cells(condition.context), n_cells, rng))
 
+    def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        """No change: zeros."""
+        return np.zeros(data.n_genes)
+
 
 class _ShiftBaseline(_Fitted):
     """Sampled control cells of the context plus a predicted mean shift, clipped at 0 (log1p data).

@@ -388,3 +388,22 @@ def test_tiny_model_learns_a_two_condition_problem(one_thread):
     assert b["model"] < 0.6 * b["mean_shift"], scores
     assert b["model"] < 0.4 * b["control"], scores
     assert math.isfinite(a["model"]) and math.isfinite(b["model"])
+
+
+def test_an_anchor_shift_moves_the_origin_of_a_relative_model():
+    """With ``cond.shift`` the origin is the control mean plus the shift: the relative model is the plain
+    model on target and control cells moved by minus the origin, and its samples are moved back."""
+    relative = randomized(RKHSDiffusion(denoiser(), self_condition_prob=0.0, ema_decay=None, relative_to_control=True)).eval()
+    plain = randomized(RKHSDiffusion(denoiser(), self_condition_prob=0.0, ema_decay=None)).eval()
+    batch = make_batch()
+    shift = torch.randn(batch.target.shape[0], G, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    anchored = SetBatch(batch.target, Conditioning(**{**vars(batch.cond), "shift": shift}))
+    origin = batch.cond.control.mean(dim=1, keepdim=True) + shift.unsqueeze(1)
+    moved = SetBatch(batch.target - origin, Conditioning(**{**vars(batch.cond), "control": batch.cond.control - origin}))
+    t, noise = fixed_draws(batch)
+    torch.testing.assert_close(relative.loss(anchored, t=t, noise=noise)["loss"], plain.loss(moved, t=t, noise=noise)["loss"],
+                               rtol=1e-9, atol=1e-12)
+    draw = relative.sample(anchored.cond, steps=5, generator=torch.Generator().manual_seed(2))
+    expected = plain.sample(moved.cond, steps=5, generator=torch.Generator().manual_seed(2)) + origin
+    torch.testing.assert_close(draw, expected, rtol=1e-9, atol=1e-9)
+    assert relative.sample(anchored.cond, steps=5, guidance=2.0).shape == draw.shape  # guidance keeps the shift

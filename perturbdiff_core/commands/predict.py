@@ -10,12 +10,13 @@ from pathlib import Path
 
 import anndata as ad
 
+from ..anchor import NO_ANCHOR, fit_anchor
 from ..checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..errors import DataError, InputError
 from ..model_predictor import DiffusionPredictor
 from ..pipeline import PREDICTIONS_FILE, write_predictions
-from ..predictors import predict_anndata
+from ..predictors import Predictor, predict_anndata
 from ..training import resolve_device
 
 
@@ -132,9 +133,21 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
             f"Condition(s) {', '.join(empty[:5])} have no cells in the data, so the number of cells to predict is "
             f"unknown; pass --n-cells N."
         )
-    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=resolve_device(args.device))
+    anchor = run_anchor(checkpoint, data if args.data is None else None)
+    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=resolve_device(args.device), anchor=anchor)
     seed = checkpoint.run_config.seed if args.seed is None else args.seed
     return predict_anndata(predictor, data, conditions, n_cells=n_cells, seed=seed)
+
+
+def run_anchor(checkpoint: Checkpoint, data: PerturbationData | None) -> Predictor | None:
+    """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's
+    own data, or else of the run's data file); ``None`` for a run without an anchor."""
+    name = checkpoint.run_config.model.anchor_name
+    if name == NO_ANCHOR:
+        return None
+    train_data = open_data(checkpoint, None) if data is None else data
+    checkpoint.split.apply(train_data)
+    return fit_anchor(name, train_data, checkpoint.split.train)
 
 
 def run(args: argparse.Namespace) -> int:

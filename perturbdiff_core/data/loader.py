@@ -8,7 +8,7 @@ the batches are the same for any ``num_workers`` and persistent workers still se
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,12 +70,14 @@ def make_loader(
     samples_per_condition: int = 1,
     pairing: str | ControlPairing | None = None,
     drop_last: bool = False,
+    shifts: Mapping[str, np.ndarray] | None = None,
 ) -> DataLoader:
     """A DataLoader of :class:`~perturbdiff_core.batch.SetBatch` over ``conditions``.
 
     ``train=True``: shuffled, new sets each epoch, controls paired by ``data.config.control_pairing``.
     ``train=False`` (validation, test): fixed order and the same sets every pass, random controls
-    (a pairing that looks at the target is not available at prediction time).
+    (a pairing that looks at the target is not available at prediction time). ``shifts``: the
+    anchor shift of each condition (see :class:`ConditionSets`).
     """
     dataset = ConditionSets(
         data,
@@ -84,6 +86,7 @@ def make_loader(
         seed=seed,
         pairing=pairing if pairing is not None else (None if train else "random"),
         samples_per_condition=samples_per_condition,
+        shifts=shifts,
     )
     return DataLoader(
         dataset,

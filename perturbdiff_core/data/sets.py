@@ -7,7 +7,7 @@ control cells of its context chosen by the control pairing. The draw depends onl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,9 +30,12 @@ class ConditionSets(Dataset):
         seed: base seed; item ``(epoch, i)`` draws from ``default_rng([seed, epoch, i])``.
         pairing: ``random``, ``ot`` or a :class:`ControlPairing` (default ``data.config.control_pairing``).
         samples_per_condition: sets per condition per epoch.
+        shifts: condition label -> ``(G,)`` anchor shift (``model.anchor``, see
+            :mod:`~perturbdiff_core.anchor`), added to every item as ``shift``; ``None``: no anchor.
 
     Items are dicts: ``target`` and ``control`` ``(S, G)`` float32, ``perturbation`` ``(P,)``,
-    ``cell_type`` and ``batch`` long scalars, ``condition`` the label; keys are ``i`` or ``(epoch, i)``.
+    ``cell_type`` and ``batch`` long scalars, ``condition`` the label (and ``shift`` ``(G,)``
+    with ``shifts``); keys are ``i`` or ``(epoch, i)``.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class ConditionSets(Dataset):
         seed: int = 0,
         pairing: str | ControlPairing | None = None,
         samples_per_condition: int = 1,
+        shifts: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.data = data
         self.conditions = [data.condition(c) for c in conditions]
@@ -59,6 +63,7 @@ class ConditionSets(Dataset):
         self.pairing = make_pairing(data.config.control_pairing if pairing is None else pairing).fit(data)
         self.perturbation = data.encode(self.conditions)
         self.context_index = torch.tensor([data.context_indices(c.context) for c in self.conditions], dtype=torch.long)
+        self.shift = None if shifts is None else condition_shifts(shifts, self.conditions, data.n_genes)
 
     def __len__(self) -> int:
         return len(self.conditions) * self.samples_per_condition
@@ -79,7 +84,7 @@ class ConditionSets(Dataset):
             control_rows = self.pairing.pair(data, condition.context, None, size, rng)
             both = data.read(np.concatenate([target_rows, control_rows]))
             target, control = both[:size], both[size:]
-        return {
+        item = {
             "target": torch.from_numpy(np.ascontiguousarray(target)),
             "control": torch.from_numpy(np.ascontiguousarray(control)),
             "perturbation": self.perturbation[i],
@@ -87,6 +92,20 @@ class ConditionSets(Dataset):
             "batch": self.context_index[i, 1],
             "condition": condition.label,
         }
+        if self.shift is not None:
+            item["shift"] = self.shift[i]
+        return item
+
+
+def condition_shifts(shifts: Mapping[str, np.ndarray], conditions: Sequence[Condition], n_genes: int) -> torch.Tensor:
+    """``(len(conditions), G)`` float32 anchor shifts in condition order; DataError for a missing or misshapen one."""
+    missing = [c.label for c in conditions if c.label not in shifts]
+    if missing:
+        raise DataError(f"No anchor shift for condition(s) {', '.join(missing[:5])}; compute shifts for every condition.")
+    rows = [np.asarray(shifts[c.label], dtype=np.float32) for c in conditions]
+    if any(r.shape != (n_genes,) for r in rows):
+        raise DataError(f"Anchor shifts must have one value per gene ({n_genes}).")
+    return torch.from_numpy(np.stack(rows))
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -101,6 +120,7 @@ def collate_sets(items: list[dict[str, Any]]) -> SetBatch:
         perturbation=torch.stack([it["perturbation"] for it in items]),
         cell_type=torch.stack([it["cell_type"] for it in items]),
         batch=torch.stack([it["batch"] for it in items]),
+        shift=torch.stack([it["shift"] for it in items]) if "shift" in items[0] else None,
     )
     return SetBatch(
         target=_stack([it["target"] for it in items]), cond=cond, condition=[it["condition"] for it in items]
@@ -115,11 +135,13 @@ def prediction_conditioning(
     set_size: int | None = None,
     doses: Sequence[float] | None = None,
     seed: int = 0,
+    shift: np.ndarray | None = None,
 ) -> Conditioning:
     """Conditioning to predict ``perturbations`` (seen or, with a lookup encoder, unseen) in ``context``.
 
     Controls are drawn at random from the context (set ``b`` from ``default_rng([seed, b])``),
-    whatever pairing was used in training: the perturbed cells are unknown here.
+    whatever pairing was used in training: the perturbed cells are unknown here. ``shift``
+    ``(G,)`` is the anchor's shift of the condition, given to every set (``model.anchor``).
     """
     if not perturbations:
         raise DataError("No perturbations to predict; give at least one perturbation name.")
@@ -135,4 +157,5 @@ def prediction_conditioning(
         perturbation=data.encoder.encode(list(perturbations), doses),
         cell_type=torch.full((n,), cell_type, dtype=torch.long),
         batch=torch.full((n,), batch, dtype=torch.long),
+        shift=None if shift is None else torch.as_tensor(shift, dtype=torch.float32).expand(n, data.n_genes).clone(),
     )
