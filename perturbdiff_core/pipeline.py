@@ -16,7 +16,7 @@ from .evaluation.report import write_report
 from .io import atomic_path
 from .kernels import as_kernel
 from .model_predictor import DiffusionPredictor
-from .predictors import Predictor, as_predictor, predict_anndata, real_anndata
+from .predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
 from .run_config import RunConfig
 from .training import Trainer
 
@@ -43,13 +43,18 @@ def evaluation_plugins(config: RunConfig) -> dict[str, Predictor]:
 def predict_all(
     trainer: Trainer, baselines: dict[str, Predictor] | None = None
 ) -> tuple[dict[str, ad.AnnData], ad.AnnData]:
-    """Predictions of the test conditions by the model and every baseline (default: ``evaluate.baselines``), and the real cells."""
+    """Predictions of the test conditions by the model (``sample.populations`` of them per condition; the
+    first is written to ``predictions.h5ad``) and every baseline (default: ``evaluate.baselines``), and the real cells."""
     config, data, test = trainer.config, trainer.data, trainer.split.test
     baselines = evaluation_plugins(config) if baselines is None else baselines
     n_cells, seed = config.sample.n_cells, config.seed
     model = DiffusionPredictor(trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor)
-    predictions = {MODEL: predict_anndata(model, data, test, n_cells=n_cells, seed=seed, progress=trainer.progress)}
-    write_predictions(predictions[MODEL], trainer.run_dir / PREDICTIONS_FILE)
+    predictions = {
+        MODEL: predict_anndata(
+            model, data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations, progress=trainer.progress
+        )
+    }
+    write_predictions(first_population(predictions[MODEL]), trainer.run_dir / PREDICTIONS_FILE)
     for name, baseline in baselines.items():
         baseline.fit(data, trainer.split.train)
         predictions[name] = predict_anndata(baseline, data, test, n_cells=n_cells, seed=seed, progress=False)

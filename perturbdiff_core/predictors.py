@@ -17,9 +17,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .data.dataset import Condition, Context, PerturbationData
+from .errors import InputError
 
 #: Cells predicted to estimate a predictor's mean shift when it does not model the shift itself.
 SHIFT_CELLS = 512
+#: obs column of a prediction with several independently sampled populations per condition (``0``, ``1``, ...).
+POPULATION_KEY = "population"
 
 
 class Predictor(ABC):
@@ -97,17 +100,46 @@ def predict_anndata(
     *,
     n_cells: int | None = None,
     seed: int = 0,
+    populations: int = 1,
     progress: bool = True,
 ) -> ad.AnnData:
     """Predicted cells of ``conditions`` (as many as the real condition has, or ``n_cells``) and
-    the real control cells of their contexts, ready for ``perturbdiff evaluate`` or cell-eval."""
+    the real control cells of their contexts, ready for ``perturbdiff evaluate`` or cell-eval.
+
+    ``populations > 1`` draws that many independent populations per condition, labelled ``0``,
+    ``1``, ... in obs :data:`POPULATION_KEY`; population ``0`` is the single-population prediction.
+    """
+    if not isinstance(populations, int) or populations < 1:
+        raise InputError(f"populations must be a positive integer, got {populations!r}.")
     chosen = [c if isinstance(c, Condition) else data.condition(c) for c in conditions]
     blocks = []
     for i, condition in enumerate(tqdm(chosen, desc=f"predict ({type(predictor).__name__})", disable=not progress)):
         n = condition.n_cells if n_cells is None else n_cells
-        cells = predictor.predict(data, condition, n, seed=seed + i)
-        blocks.append((cells, _obs_for(data, condition.perturbation, condition.context, condition.dose, n)))
-    return _assemble(data, blocks + control_blocks(data, chosen))
+        for k in range(populations):
+            cells = predictor.predict(data, condition, n, seed=population_seed(seed, i, k))
+            obs = _obs_for(data, condition.perturbation, condition.context, condition.dose, n)
+            blocks.append((cells, obs.assign(**{POPULATION_KEY: str(k)}) if populations > 1 else obs))
+    controls = control_blocks(data, chosen)
+    if populations > 1:  # control cells are real: one population, the first
+        controls = [(x, obs.assign(**{POPULATION_KEY: "0"})) for x, obs in controls]
+    return _assemble(data, blocks + controls)
+
+
+def population_seed(seed: int, condition: int, population: int) -> int:
+    """Sampling seed of population ``population`` of the ``condition``-th condition (``seed + condition`` for the first)."""
+    if population == 0:
+        return seed + condition
+    return int(np.random.SeedSequence([seed, condition, population]).generate_state(1)[0])
+
+
+def first_population(adata: ad.AnnData) -> ad.AnnData:
+    """``adata`` without its :data:`POPULATION_KEY` column, keeping only population ``0`` (cell-eval's layout)."""
+    if POPULATION_KEY not in adata.obs:
+        return adata
+    keep = (adata.obs[POPULATION_KEY].astype(str) == "0").to_numpy()
+    first = adata[keep].copy()
+    del first.obs[POPULATION_KEY]
+    return first
 
 
 def real_anndata(data: PerturbationData, conditions: Sequence[str | Condition]) -> ad.AnnData:

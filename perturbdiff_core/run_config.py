@@ -125,6 +125,9 @@ class SampleConfig:
     of a real cell's count lattice (exact zeros, real detection rates), ``continuous`` keeps the
     sampled values, ``auto`` picks ``counts`` when the context's control cells lie on a lattice.
     ``nonnegative`` clips continuous predictions at 0 (log1p values are never negative).
+    ``populations`` independent populations are drawn per test condition by ``perturbdiff run``:
+    the first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
+    population falls among the predicted ones; at least 10 for ``population_coverage``).
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -135,6 +138,7 @@ class SampleConfig:
     chunk_sets: int = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     nonnegative: bool = True
+    populations: int = 10
 
 
 @dataclass
@@ -183,6 +187,7 @@ def check(config: RunConfig) -> None:
         "train.log_every": config.train.log_every,
         "sample.steps": config.sample.steps,
         "sample.chunk_sets": config.sample.chunk_sets,
+        "sample.populations": config.sample.populations,
         "evaluate.max_cells": config.evaluate.max_cells,
     }
     non_negative = {

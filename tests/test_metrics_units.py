@@ -264,7 +264,7 @@ def test_population_variability_against_pairwise_reference() -> None:
 
 
 def test_every_metric_is_defined() -> None:
-    families = {"pseudobulk", "de", "discrimination", "distribution", "variability", "realism"}
+    families = {"pseudobulk", "de", "discrimination", "distribution", "variability", "realism", "calibration"}
     for name, definition in DEFINITIONS.items():
         assert definition.definition and definition.family in families, name
 
@@ -309,3 +309,32 @@ def test_realism_metrics_against_an_explicit_reference() -> None:
 
     same = realism_metrics(np.log1p(real), np.log1p(real))
     assert same == {"zero_fraction_mae": 0.0, "detected_genes_ratio": 1.0, "library_size_ks": 0.0}
+
+
+def _populations(rng: np.random.Generator, k: int, spread: float, n: int = 40, genes: int = 6) -> list[np.ndarray]:
+    """``k`` populations of ``n`` cells, each a normal cloud moved by its own random offset of scale ``spread``."""
+    return [rng.normal(size=(n, genes)) + spread * rng.normal(size=(1, genes)) for _ in range(k)]
+
+
+def test_population_calibration_is_uniform_for_exchangeable_populations_and_small_outside() -> None:
+    from perturbdiff_core.evaluation.distribution import population_calibration
+
+    kernel, estimator = load("perturbdiff.kernels", "energy"), load("perturbdiff.estimators", "unbiased")
+    rng = np.random.default_rng(0)
+    k = 9
+    exchangeable = []
+    for _ in range(40):  # the real population is one more draw of the same distribution over populations
+        pops = _populations(rng, k + 1, spread=1.0)
+        exchangeable.append(population_calibration(pops[:k], pops[k], kernel, estimator, rng))
+    values = np.array(exchangeable)
+    assert set(np.round(values * (k + 1)).astype(int)) <= set(range(1, k + 2))  # (1 + count) / (K + 1)
+    assert 0.35 < values.mean() < 0.65 and (values > 0.1).mean() > 0.75
+
+    overconfident = []  # predictions all alike, the real population moved like reality's donors are
+    for _ in range(10):
+        pops = _populations(rng, k, spread=0.0)
+        real = _populations(rng, 1, spread=1.5)[0]
+        overconfident.append(population_calibration(pops, real, kernel, estimator, rng))
+    assert np.mean(overconfident) < 0.2
+    far = population_calibration(_populations(rng, k, spread=0.3), rng.normal(size=(40, 6)) + 10.0, kernel, estimator, rng)
+    assert far == pytest.approx(1 / (k + 1))

@@ -20,6 +20,7 @@ from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError
 from perturbdiff_core.model_predictor import DiffusionPredictor
+from perturbdiff_core.predictors import POPULATION_KEY, first_population
 from perturbdiff_core.run_config import SampleConfig
 from perturbdiff_core.training import Trainer
 from test_training import tiny_config
@@ -47,7 +48,7 @@ def trained(screen: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> Tra
 
 def args(run: Path, **values) -> argparse.Namespace:
     defaults = {"run": str(run), "checkpoint": None, "data": None, "conditions": None, "n_cells": None, "seed": None,
-                "device": "cpu", "out": None}
+                "device": "cpu", "out": None, "populations": 1}
     return argparse.Namespace(**{**defaults, **values})
 
 
@@ -181,3 +182,18 @@ def test_resolve_conditions_expands_a_perturbation_name(trained: Trainer) -> Non
     assert labels == ["B|t1", "B|t2", "A+B|t2"]
     with pytest.raises(InputError, match="control"):
         resolve_conditions(data, ["control|t1"])
+
+
+def test_populations_are_independent_draws_whose_first_is_the_plain_prediction(trained: Trainer) -> None:
+    checkpoint = load_checkpoint(checkpoint_path(trained.run_dir))
+    checkpoint.run_config.sample.output_space = "continuous"  # the barely trained model decodes to zeros
+    one = predictions(checkpoint, args(trained.run_dir, seed=4))
+    many = predictions(checkpoint, args(trained.run_dir, seed=4, populations=3))
+    assert POPULATION_KEY not in one.obs and sorted(many.obs[POPULATION_KEY].unique()) == ["0", "1", "2"]
+    first = first_population(many)
+    np.testing.assert_array_equal(dense(first.X), dense(one.X))
+    assert list(first.obs.columns) == list(one.obs.columns)
+    perturbed = (many.obs.perturbation != "control").to_numpy()
+    by_population = [dense(many[(many.obs[POPULATION_KEY] == k).to_numpy() & perturbed].X) for k in "012"]
+    assert all(p.shape == by_population[0].shape for p in by_population)
+    assert not np.array_equal(by_population[0], by_population[1])  # other control draws and noise

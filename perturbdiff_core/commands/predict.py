@@ -16,7 +16,7 @@ from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..errors import DataError, InputError
 from ..model_predictor import DiffusionPredictor
 from ..pipeline import PREDICTIONS_FILE, write_predictions
-from ..predictors import Predictor, predict_anndata
+from ..predictors import POPULATION_KEY, Predictor, predict_anndata
 from ..training import resolve_device
 
 
@@ -31,7 +31,10 @@ without cells in the data). With --data, genes are aligned to the model's by nam
 genes are read as zeros and reported (at most data.max_missing_genes of them).
 The output ({PREDICTIONS_FILE}, written atomically) holds the predicted cells with the input's
 obs keys and the model's genes, plus the real control cells of their contexts unchanged,
-ready for perturbdiff evaluate or cell-eval.
+ready for perturbdiff evaluate or cell-eval. With --populations K every condition gets K
+independent populations (other control draws and noise), labelled in obs '{POPULATION_KEY}':
+perturbdiff evaluate then reports where the real population falls among them
+(calibration_pvalue, population_coverage); for cell-eval keep population '0'.
 """
 
 
@@ -50,6 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--conditions", nargs="+", metavar="LABEL", default=None, help="perturbations or condition labels to predict")
     parser.add_argument("--n-cells", type=int, default=None, metavar="N", help="cells per condition (default: as many as the real condition)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
+    parser.add_argument(
+        "--populations", type=int, default=1, metavar="K",
+        help=f"independent populations per condition, labelled 0..K-1 in obs '{POPULATION_KEY}' (default: %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="torch device for sampling (default: %(default)s)")
     parser.add_argument("--out", metavar="FILE", default=None, help=f"output .h5ad (default: DIR/{PREDICTIONS_FILE})")
     parser.set_defaults(func=run)
@@ -136,7 +143,9 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
     anchor = run_anchor(checkpoint, data if args.data is None else None)
     predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=resolve_device(args.device), anchor=anchor)
     seed = checkpoint.run_config.seed if args.seed is None else args.seed
-    return predict_anndata(predictor, data, conditions, n_cells=n_cells, seed=seed)
+    if args.populations < 1:
+        raise InputError(f"--populations must be a positive integer, got {args.populations}.")
+    return predict_anndata(predictor, data, conditions, n_cells=n_cells, seed=seed, populations=args.populations)
 
 
 def run_anchor(checkpoint: Checkpoint, data: PerturbationData | None) -> Predictor | None:

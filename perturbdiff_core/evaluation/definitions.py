@@ -168,6 +168,25 @@ def _define() -> dict[str, MetricDefinition]:
             "",
             target=True,
         ),
+        "calibration_pvalue": MetricDefinition(
+            "calibration",
+            0.5,
+            "Conformal p-value of the real population among K sampled predicted populations: (1 + number of "
+            "predicted populations at least as far from the centre of the others as the real one) / (K + 1), "
+            "distances MMD^2 under the evaluation kernel. Uniform (mean 0.5) when the real population is one "
+            "more draw of the model's distribution over populations; near 0 when it lies outside their spread.",
+            "",
+            target=True,
+        ),
+        "population_coverage": MetricDefinition(
+            "calibration",
+            0.9,
+            "Share of real populations (replicates, or the whole condition) whose calibration p-value exceeds "
+            "0.1: 0.9 for a calibrated model, lower when it is overconfident; needs at least 10 predicted "
+            "populations (perturbdiff predict --populations K).",
+            "",
+            target=True,
+        ),
         "zero_fraction_mae": MetricDefinition(
             "realism",
             0.0,

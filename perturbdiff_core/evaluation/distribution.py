@@ -67,3 +67,30 @@ def population_variability(
             "ratio NaN, the real replicates are indistinguishable (MMD^2 <= 0)"
         )
     return {"pred": between_pred, "real": between_real, "ratio": between_pred / between_real}, None
+
+
+def population_calibration(
+    pred_populations: list[np.ndarray],
+    real_population: np.ndarray,
+    kernel: Kernel,
+    estimator: MMDEstimator,
+    rng: np.random.Generator,
+) -> float:
+    r"""Conformal p-value of a real population among ``K`` predicted ones of the same condition.
+
+    Each population is compared with the centre of the predictions it is not part of: predicted
+    population :math:`k` with the pool of the other :math:`K-1`, :math:`d_k = \mathrm{MMD}^2(P_k,
+    \bar P_{-k})`, and the real one with each of those pools, :math:`d = \mathrm{mean}_k\,
+    \mathrm{MMD}^2(R, \bar P_{-k})`. Every predicted population is first cut to the real one's size
+    (pools to the same size) so all distances have the same sampling noise. The p-value is
+    :math:`(1 + \#\{k: d_k \ge d\}) / (K + 1)`: uniform when the real population is one more draw
+    of the model's distribution over populations, small when it lies outside their spread.
+    """
+    if len(pred_populations) < 2:
+        raise ValueError("population_calibration needs at least two predicted populations.")
+    size = real_population.shape[0]
+    pops = [subsample(p, size, rng) for p in pred_populations]
+    pools = [subsample(np.concatenate(pops[:k] + pops[k + 1:]), size, rng) for k in range(len(pops))]
+    spread = np.array([population_mmd2(p, pool, kernel, estimator) for p, pool in zip(pops, pools)])
+    real = float(np.mean([population_mmd2(real_population, pool, kernel, estimator) for pool in pools]))
+    return float((1 + np.sum(spread >= real)) / (len(pops) + 1))

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from ..data.anndata_io import CellMatrix, require_label, require_obs_key, require_unique_genes, summarize_values
 from ..errors import DataError
+from ..predictors import POPULATION_KEY
 
 #: Largest value accepted as log1p expression (log1p(5e8) is about 20).
 MAX_LOG1P = 20.0
@@ -40,12 +42,19 @@ class Condition:
 
 @dataclass(frozen=True)
 class Side:
-    """One AnnData reduced to what the metrics read: the matrix and row indices per population."""
+    """One AnnData reduced to what the metrics read: the matrix and row indices per population.
+
+    ``rows`` are the cells the metrics compare (of a prediction with several sampled populations,
+    the first one); ``populations`` the row indices of each population of a condition (replicates
+    of the real data, sampled populations of a prediction), empty without them; ``sampled`` says
+    they are independent draws of a prediction (its :data:`POPULATION_KEY` column).
+    """
 
     matrix: np.ndarray | sp.csr_matrix
     rows: dict[Condition, np.ndarray]
     control_rows: dict[str | None, np.ndarray]
-    replicates: np.ndarray | None
+    populations: dict[Condition, list[np.ndarray]]
+    sampled: bool = False
 
     def cells(self, condition: Condition) -> np.ndarray:
         """Dense float64 ``(cells, genes)`` expression of ``condition``."""
@@ -56,12 +65,8 @@ class Side:
         return _dense(self.matrix[self.control_rows[cell_type]])
 
     def replicate_populations(self, condition: Condition) -> list[np.ndarray]:
-        """The cells of ``condition`` split by replicate label (sorted by label); ``[]`` without a key."""
-        if self.replicates is None:
-            return []
-        rows = self.rows[condition]
-        labels = self.replicates[rows]
-        return [_dense(self.matrix[rows[labels == lab]]) for lab in np.unique(labels)]
+        """The cells of ``condition`` split by population (sorted by label); ``[]`` without populations."""
+        return [_dense(self.matrix[rows]) for rows in self.populations.get(condition, [])]
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,13 @@ def pair_anndata(
     cell_type_key: str | None = None,
     replicate_key: str | None = None,
 ) -> PairedData:
-    """Check ``pred`` and ``real`` against the input rules and index their populations."""
+    """Check ``pred`` and ``real`` against the input rules and index their populations.
+
+    Populations: the real data's by ``replicate_key``; the prediction's by its ``population``
+    column (:data:`~perturbdiff_core.predictors.POPULATION_KEY`, written by ``predict
+    --populations K``) when it has one, else by ``replicate_key``. The metrics other than
+    population variability and calibration read the prediction's first population.
+    """
     for which, adata in (("prediction", pred), ("real data", real)):
         require_obs_key(adata, perturbation_key, f"perturbation key, in the {which}")
         if cell_type_key is not None:
@@ -103,6 +114,10 @@ def pair_anndata(
     ):
         matrix = _matrix(adata, which, cols)
         rows = {c: np.flatnonzero((labels[0] == c.perturbation) & (labels[1] == _str(c.cell_type))) for c in conditions}
+        key = POPULATION_KEY if which == "prediction" and POPULATION_KEY in adata.obs else replicate_key
+        populations = {} if key is None else _populations(adata.obs[key], rows)
+        if key == POPULATION_KEY:
+            rows = {c: pops[0] for c, pops in populations.items()}
         control_rows = {}
         for cell_type in cell_types:
             found = np.flatnonzero((labels[0] == control_label) & (labels[1] == _str(cell_type)))
@@ -112,9 +127,18 @@ def pair_anndata(
                     f"type with a condition needs its control cells in both files."
                 )
             control_rows[cell_type] = found
-        replicates = None if replicate_key is None else adata.obs[replicate_key].astype(str).to_numpy()
-        sides.append(Side(matrix, rows, control_rows, replicates))
+        sides.append(Side(matrix, rows, control_rows, populations, sampled=key == POPULATION_KEY))
     return PairedData(real.var_names.to_numpy(dtype=str), conditions, sides[0], sides[1])
+
+
+def _populations(column: pd.Series, rows: dict[Condition, np.ndarray]) -> dict[Condition, list[np.ndarray]]:
+    """The rows of each condition split by the labels of ``column``, labels in natural order (``2`` before ``10``)."""
+    labels = column.astype(str).to_numpy()
+    out = {}
+    for condition, found in rows.items():
+        values = sorted(np.unique(labels[found]), key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+        out[condition] = [found[labels[found] == v] for v in values]
+    return out
 
 
 def _str(cell_type: str | None) -> str:

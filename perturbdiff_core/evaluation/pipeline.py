@@ -21,7 +21,7 @@ from ..estimators import MMDEstimator, as_estimator
 from ..kernels import Kernel, as_kernel
 from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de
 from .discrimination import DISTANCES, discrimination_scores
-from .distribution import population_mmd2, population_variability, subsample
+from .distribution import population_calibration, population_mmd2, population_variability, subsample
 from .pairing import Condition, PairedData, pair_anndata
 from .pseudobulk import correlation, pseudobulk_metrics
 from .realism import realism_metrics
@@ -30,6 +30,10 @@ from .realism import realism_metrics
 ALL_CONDITIONS = "__all__"
 #: Columns of the metrics table, in order.
 COLUMNS = ("condition", "metric", "method", "value")
+#: A real population is covered by the predicted ones when its calibration p-value exceeds this.
+COVERAGE_LEVEL = 0.1
+#: Fewest predicted populations whose smallest possible p-value, 1 / (K + 1), is below :data:`COVERAGE_LEVEL`.
+MIN_CALIBRATION_POPULATIONS = 10
 
 
 def evaluate(
@@ -148,6 +152,7 @@ class _Evaluation:
             )
             if with_variability:
                 values |= self._variability(c)
+            values |= self._calibration(c)
             per_condition[c] = values
         for c, scores in self._discrimination(deltas).items():
             per_condition[c] |= scores
@@ -177,6 +182,32 @@ class _Evaluation:
         if reason is not None:
             self.notes.setdefault(f"{stem}: {reason}", []).append(condition.name)
         return {f"{stem}_{k}": v for k, v in values.items()}
+
+    def _calibration(self, condition: Condition) -> dict[str, float]:
+        """Where the real population(s) fall among the prediction's sampled populations (none: no metric).
+
+        Real populations are the condition's replicates (batches, donors) when the real data has
+        a replicate key, else all its cells; see :func:`population_calibration`.
+        """
+        if not self.data.pred.sampled:
+            return {}
+        predicted = self.data.pred.replicate_populations(condition)
+        if len(predicted) < 2:
+            return {}
+        if len(predicted) < MIN_CALIBRATION_POPULATIONS:
+            reason = (
+                f"population_coverage NaN, {len(predicted)} predicted populations: a p-value above "
+                f"{COVERAGE_LEVEL} needs at least {MIN_CALIBRATION_POPULATIONS} (predict --populations)"
+            )
+            self.notes.setdefault(reason, []).append(condition.name)
+        reals = [p for p in self.data.real.replicate_populations(condition) if p.shape[0] >= 2]
+        reals = reals or [self.data.real.cells(condition)]
+        pvalues = [population_calibration(predicted, r, self.mmd.kernel, self.mmd.estimator, self.rng) for r in reals]
+        enough = len(predicted) >= MIN_CALIBRATION_POPULATIONS
+        return {
+            "calibration_pvalue": float(np.mean(pvalues)),
+            "population_coverage": float(np.mean(np.array(pvalues) > COVERAGE_LEVEL)) if enough else float("nan"),
+        }
 
     def _discrimination(
         self, deltas: dict[Condition, tuple[np.ndarray, np.ndarray]]

@@ -52,6 +52,7 @@ KEY_METRICS = (
     "zero_fraction_mae",
     "detected_genes_ratio",
     "library_size_ks",
+    "population_coverage",
 )
 
 #: Colour of the model; baselines take the following ones.
