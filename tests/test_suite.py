@@ -310,10 +310,13 @@ SYNTHETIC = [
     ("T2", "mse_delta", "context_mean", [0.2, 0.2]),
     ("T2", "roc_auc", "model", [NAN, NAN]),
     ("T2", "roc_auc", "control", [NAN, NAN]),
+    ("T2", "overlap_at_N", "model", [0.0, 0.0]),  # 0 by convention without real DE genes: skipped, not a tie
+    ("T2", "overlap_at_N", "control", [0.0, 0.0]),
     ("T2", "de_nsig_counts_real", "model", [0.0, 0.0]),
     ("T2", "de_nsig_counts_real", "control", [0.0, 0.0]),
 ]
-HEADLINE = ["pearson_delta", "mse_delta", "mmd2_energy", "roc_auc", "zero_fraction_mae", "made_up_score"]
+HEADLINE = ["pearson_delta", "mse_delta", "mmd2_energy", "roc_auc", "overlap_at_N", "zero_fraction_mae",
+            "made_up_score"]
 
 
 def test_versus_best_baseline_on_means_over_seeds() -> None:
@@ -338,16 +341,18 @@ def test_versus_best_baseline_on_means_over_seeds() -> None:
     skipped = got[got.outcome == SKIPPED].note.to_dict()
     assert skipped == {
         ("T1", "roc_auc"): "undefined: NaN for the model and every baseline",
+        ("T1", "overlap_at_N"): "not in metrics.csv",
         ("T1", "zero_fraction_mae"): "not in metrics.csv",
         ("T1", "made_up_score"): "no definition in this version, so no best value to compare with",
         ("T2", "mmd2_energy"): "not in metrics.csv",
         ("T2", "roc_auc"): "undefined: the real data has no DE genes",
+        ("T2", "overlap_at_N"): "undefined: the real data has no DE genes",
         ("T2", "zero_fraction_mae"): "not in metrics.csv",
         ("T2", "made_up_score"): "not in metrics.csv",
     }
     assert headline(summary) == (
         "The model beats the best baseline on 1 of 5 (task, metric) pairs; it ties on 1 and loses on 3. "
-        "7 pair(s) skipped (undefined, not measured, or without a best value)."
+        "9 pair(s) skipped (undefined, not measured, or without a best value)."
     )
 
 
@@ -371,7 +376,7 @@ def test_markdown_report_tables_each_task_and_says_what_was_skipped() -> None:
     assert f"| pearson_delta \u2191 | 0.85 \u00b1 {sd:.1g} | 0.1 | 0.8 | context_mean | beats |" in t1
     assert "| mse_delta \u2193 | 0.03 \u00b1 0.01 | 0.05 | 0.01 | context_mean | loses |" in t1
     assert "roc_auc |" not in t1
-    assert "skipped: roc_auc (undefined: NaN for the model and every baseline), zero_fraction_mae (not in " in t1
+    assert "skipped: roc_auc (undefined: NaN for the model and every baseline), overlap_at_N (not in " in t1
     overall = text[text.index("## Overall"):]
     assert headline(summary) in overall and control_line(means) in overall
 

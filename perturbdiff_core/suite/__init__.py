@@ -19,8 +19,9 @@ keys, types, plug-ins, the data path, the split against its data (held-out value
 combinations with their parts trained on), no two tasks with the same configuration, no folder
 holding another configuration. A headline metric this version does not define (one a newer
 evaluation or a plug-in writes) is kept with a note: summarised where the runs write it, never
-compared. A headline metric a task's runs do not write, or NaN for a task (a DE metric without
-real DE genes), is skipped for that task with the reason.
+compared. A headline metric a task's runs do not write, NaN for the model or every baseline, or
+a DE metric of a task without real DE genes (NaN, or 0 by convention), is skipped for that task
+with the reason.
 
 Output folder: ``tasks/<task>/seed=<s>/`` is a run folder (as ``perturbdiff run``); one with
 ``metrics.csv`` is done and skipped, one with a checkpoint resumes. ``suite.csv`` holds every row

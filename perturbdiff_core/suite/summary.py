@@ -41,6 +41,9 @@ SKIPPED = "skipped"
 CONTROL = "control"
 CONTROL_METRICS = ("mse_delta", "mmd2_{kernel}")
 
+#: The number of real DE genes per condition: DE metrics of a task where it is 0 everywhere are skipped.
+REAL_DE_COUNT = "de_nsig_counts_real"
+
 #: Markers of the baselines in the plot, in the order they appear.
 _MARKERS = ("s", "^", "v", "D", "P", "X", "*", "<", ">")
 
@@ -99,11 +102,12 @@ def versus_baselines(means: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
             for metric in present:
                 mine = tuple(model.loc[metric, ["mean", "std", "n_seeds"]]) if metric in model.index else (
                     math.nan, math.nan, 0)
-                if metric in verdicts.index:
+                why = _why_skipped(table, metric, verdicts)
+                if why:
+                    rows.append((task, metric, *mine, None, math.nan, SKIPPED, why))
+                else:
                     best = verdicts.loc[metric]
                     rows.append((task, metric, *mine, best.baseline, best.baseline_value, best.outcome, ""))
-                else:
-                    rows.append((task, metric, *mine, None, math.nan, SKIPPED, _why_skipped(table, metric)))
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
@@ -115,20 +119,23 @@ def _verdicts(table: pd.DataFrame) -> pd.DataFrame:
     return versus_best_baseline(frame, MODEL).set_index("metric")
 
 
-def _why_skipped(table: pd.DataFrame, metric: str) -> str:
-    """Why a metric present in a task's means is not compared: no best value, or NaN on one side."""
+def _why_skipped(table: pd.DataFrame, metric: str, verdicts: pd.DataFrame) -> str:
+    """Why a metric of a task's means is not compared (``""`` if it is): no best value, a DE metric without real
+    DE genes (NaN, or a convention such as overlap 0), or NaN on one side."""
     definition = definition_of(metric)
     if definition is None:
         return "no definition in this version, so no best value to compare with"
     if definition.best is None:
         return "a count, without a best value"
+    real = table[(table.metric == REAL_DE_COUNT)]["mean"]
+    if definition.family == "de" and len(real) and bool((real == 0).all()):
+        return "undefined: the real data has no DE genes"
+    if metric in verdicts.index:
+        return ""
     values = table[table.metric == metric].set_index("method")["mean"]
     baselines = values.drop(MODEL, errors="ignore")
     if baselines.empty:
         return "no baseline was run"
-    real = table[(table.metric == "de_nsig_counts_real")]["mean"]
-    if definition.family == "de" and len(real) and bool((real == 0).all()):
-        return "undefined: the real data has no DE genes"
     model_nan = MODEL not in values.index or pd.isna(values[MODEL])
     if model_nan and baselines.isna().all():
         return "undefined: NaN for the model and every baseline"
