@@ -144,6 +144,38 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def assign(tree: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``tree`` with the dotted ``key`` replaced by ``value`` (sections made as needed)."""
+    head, _, rest = key.partition(".")
+    out = dict(tree)
+    if not rest:
+        out[head] = value
+        return out
+    child = out.get(head, {})
+    if not isinstance(child, Mapping):
+        raise ConfigError(f"Cannot set {key}: {head} holds the value {child!r}, not a section of keys.")
+    out[head] = assign(child, rest, value)
+    return out
+
+
+def nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.steps": 3}`` -> ``{"train": {"steps": 3}}`` (nested mappings pass through)."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        tree = merge(tree, assign({}, str(key), value))
+    return tree
+
+
+def dotted_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of every leaf and section of a nested mapping."""
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, Mapping):
+            keys += dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` with clear errors for a missing file or bad syntax."""
     path = Path(path)

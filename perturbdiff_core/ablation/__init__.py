@@ -50,7 +50,7 @@ from .grid import (
     check_plugins,
     read_grid,
 )
-from .runner import cell_status, check_folders, run_cell, run_grid
+from .runner import Job, cell_status, check_folder, check_folders, run_cell, run_folders, run_grid
 from .summary import (
     CELLS_FILE,
     MARKDOWN_FILE,
@@ -60,6 +60,7 @@ from .summary import (
     collect,
     key_metrics,
     markdown,
+    mean_sd,
     overview,
     summarize,
     summarize_grid,
@@ -75,6 +76,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "GRID_KEYS",
     "GridSpec",
+    "Job",
     "MARKDOWN_FILE",
     "PLOT_FILE",
     "SEED",
@@ -83,14 +85,17 @@ __all__ = [
     "cell_dir",
     "cell_name",
     "cell_status",
+    "check_folder",
     "check_folders",
     "check_plugins",
     "collect",
     "key_metrics",
     "markdown",
+    "mean_sd",
     "overview",
     "read_grid",
     "run_cell",
+    "run_folders",
     "run_grid",
     "summarize",
     "summarize_grid",

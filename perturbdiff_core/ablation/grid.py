@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration import merge, parse_overrides, read_yaml
+from ..configuration import assign, dotted_keys, merge, nested, parse_overrides, read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
 from ..registry import load, names
@@ -110,11 +110,11 @@ class GridSpec:
             values = self.base
             for value in combo:
                 for key, item in value.sets.items():
-                    values = _assign(values, key, item)
+                    values = assign(values, key, item)
             for value in combo:
                 for key, item in value.extra.items():
-                    values = _assign(values, key, item)
-            values = _assign(values, "name", name)
+                    values = assign(values, key, item)
+            values = assign(values, "name", name)
             try:
                 config = resolved(config_from_dict(values))
                 check_plugins(config)
@@ -147,7 +147,7 @@ def read_grid(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Gr
     if not isinstance(shared, Mapping):
         raise ConfigError(f"{path}: set: must be a mapping of config keys to values, e.g. {{train.steps: 300}}.")
     cli = parse_overrides(overrides)
-    base = merge(merge(read_yaml(base_path), _nested(shared)), cli)
+    base = merge(merge(read_yaml(base_path), nested(shared)), cli)
     if not isinstance(raw["grid"], Mapping) or not raw["grid"]:
         raise ConfigError(f"{path}: grid: must map config keys to lists of values, e.g. {{seed: [0, 1, 2]}}.")
     keys = [str(k) for k in raw["grid"]]
@@ -155,7 +155,7 @@ def read_grid(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Gr
         Axis(key, name, _parse_values(key, raw["grid"][key], base, path)) for key, name in zip(keys, _axis_names(keys))
     )
     owned = {key for axis in axes for value in axis.values for key in value.sets}
-    for key in (*_dotted(_nested(shared)), *_dotted(cli)):
+    for key in (*dotted_keys(nested(shared)), *dotted_keys(cli)):
         if key in owned or key.startswith(tuple(f"{k}." for k in owned)):
             raise ConfigError(f"{key} is set by an axis of {path}; change its values in grid:, not with set: or --set.")
     return GridSpec(
@@ -280,41 +280,6 @@ def check_plugins(config: RunConfig) -> None:
 def cell_dir(out: str | os.PathLike[str], cell: Cell) -> Path:
     """``out/cells/<cell name>``."""
     return Path(out) / CELLS_DIR / cell.name
-
-
-# ------------------------------------------------------------------------------------- dotted keys
-
-
-def _assign(tree: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of ``tree`` with the dotted ``key`` replaced by ``value`` (sections made as needed)."""
-    head, _, rest = key.partition(".")
-    out = dict(tree)
-    if not rest:
-        out[head] = value
-        return out
-    child = out.get(head, {})
-    if not isinstance(child, Mapping):
-        raise ConfigError(f"Cannot set {key}: {head} holds the value {child!r}, not a section of keys.")
-    out[head] = _assign(child, rest, value)
-    return out
-
-
-def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"train.steps": 3}`` -> ``{"train": {"steps": 3}}`` (nested mappings pass through)."""
-    tree: dict[str, Any] = {}
-    for key, value in dotted.items():
-        tree = merge(tree, _assign({}, str(key), value))
-    return tree
-
-
-def _dotted(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys of every leaf and section of a nested mapping."""
-    keys = []
-    for key, value in tree.items():
-        keys.append(prefix + str(key))
-        if isinstance(value, Mapping):
-            keys += _dotted(value, f"{prefix}{key}.")
-    return keys
 
 
 def _has_key(tree: Mapping[str, Any], key: str) -> bool:

@@ -1,4 +1,7 @@
-"""Running an ablation grid: every unfinished cell trained, predicted and evaluated in its own resumable run folder."""
+"""Running an ablation grid: every unfinished cell trained, predicted and evaluated in its own resumable run folder.
+
+:func:`run_folders` and :func:`check_folder` serve any list of run folders (``perturbdiff suite`` too).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -33,19 +37,22 @@ def cell_status(folder: Path) -> str:
 def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
     """ConfigError when a cell's folder holds a run of another configuration (its results would be stale)."""
     for cell in cells:
-        saved_file = cell_dir(out, cell) / CONFIG_FILE
-        if not saved_file.is_file():
-            continue
-        changed = [
-            key
-            for key in differences(read_yaml(saved_file), cell.config.to_dict())
-            if not key.startswith(IGNORED_ON_RESUME)
-        ]
-        if changed:
-            raise ConfigError(
-                f"{saved_file.parent} was run with another configuration ({', '.join(changed)} differ); run the grid "
-                f"into another --out folder, or delete that cell's folder to run it again."
-            )
+        check_folder(cell_dir(out, cell), cell.config)
+
+
+def check_folder(folder: Path, config: RunConfig) -> None:
+    """ConfigError when ``folder`` holds a run of another configuration than ``config`` (its results would be stale)."""
+    saved_file = folder / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    changed = [
+        key for key in differences(read_yaml(saved_file), config.to_dict()) if not key.startswith(IGNORED_ON_RESUME)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{folder} was run with another configuration ({', '.join(changed)} differ); run into another --out "
+            f"folder, or delete {folder} to run it again."
+        )
 
 
 def run_cell(config: RunConfig, folder: Path, *, progress: bool = True) -> pd.DataFrame:
@@ -57,6 +64,47 @@ def run_cell(config: RunConfig, folder: Path, *, progress: bool = True) -> pd.Da
     trainer.fit()
     predictions, real = predict_all(trainer)
     return evaluate_run(trainer, predictions, real)
+
+
+class Job(NamedTuple):
+    """One run to do: its name in progress lines and errors, its checked config, its run folder."""
+
+    name: str
+    config: RunConfig
+    folder: Path
+
+
+def run_folders(
+    jobs: Sequence[Job],
+    metrics: Sequence[str],
+    *,
+    progress: bool = True,
+    report: Callable[[str], None] = print,
+    noun: str = "cell",
+    whole: str = "grid",
+) -> None:
+    """Run every unfinished job in order (a finished folder is skipped, one with a checkpoint resumes).
+
+    ``report`` gets one line per job with the model's ``metrics``. A failing job stops the others with
+    its name (``noun`` and ``whole`` word the message: a cell of the grid); finished folders are kept.
+    """
+    width = len(str(len(jobs)))
+    for i, job in enumerate(jobs, 1):
+        status = cell_status(job.folder)
+        prefix = f"[{i:>{width}}/{len(jobs)}] {job.name}"
+        if status == "done":
+            report(f"{prefix}: done before, skipped")
+            continue
+        start = time.perf_counter()
+        try:
+            table = run_cell(job.config, job.folder, progress=progress)
+        except PerturbDiffError as err:
+            raise PerturbDiffError(
+                f"{noun.capitalize()} {job.name} failed: {err} Fix it and run the {whole} again: finished {noun}s "
+                f"are kept."
+            ) from err
+        verb = "resumed and finished" if status == "resume" else "finished"
+        report(f"{prefix}: {verb} in {_duration(time.perf_counter() - start)}; {_headline(table, metrics)}")
 
 
 def run_grid(
@@ -73,23 +121,8 @@ def run_grid(
     """
     cells = spec.cells()
     check_folders(cells, out)
-    width = len(str(len(cells)))
-    for i, cell in enumerate(cells, 1):
-        folder = cell_dir(out, cell)
-        status = cell_status(folder)
-        prefix = f"[{i:>{width}}/{len(cells)}] {cell.name}"
-        if status == "done":
-            report(f"{prefix}: done before, skipped")
-            continue
-        start = time.perf_counter()
-        try:
-            metrics = run_cell(cell.config, folder, progress=progress)
-        except PerturbDiffError as err:
-            raise PerturbDiffError(
-                f"Cell {cell.name} failed: {err} Fix it and run the grid again: finished cells are kept."
-            ) from err
-        verb = "resumed and finished" if status == "resume" else "finished"
-        report(f"{prefix}: {verb} in {_duration(time.perf_counter() - start)}; {_headline(metrics, spec.metrics)}")
+    run_folders([Job(cell.name, cell.config, cell_dir(out, cell)) for cell in cells], spec.metrics,
+                progress=progress, report=report)
     return summarize_grid(spec, cells, out)
 
 

@@ -124,7 +124,11 @@ def markdown(model: pd.DataFrame, baselines: pd.DataFrame) -> str:
 def _mean_sd(values: pd.DataFrame, metric: str) -> str:
     if metric not in values.index:
         return ""
-    mean, sd = values.at[metric, "mean"], values.at[metric, "std"]
+    return mean_sd(values.at[metric, "mean"], values.at[metric, "std"])
+
+
+def mean_sd(mean: float, sd: float) -> str:
+    """``mean \u00b1 sd`` as the tables print it (4 and 1 significant digits); the mean alone without a sd."""
     return f"{mean:.4g}" if pd.isna(sd) else f"{mean:.4g} \u00b1 {sd:.1g}"
 
 

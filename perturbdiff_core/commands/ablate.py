@@ -28,6 +28,7 @@ from ..ablation import (
 )
 from ..pipeline import MODEL
 from ..run_config import RUNS_DIR
+from ._resumable import interrupted, list_statuses, screen
 
 _EPILOG = f"""\
 GRID.yaml:
@@ -95,13 +96,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         table = run_grid(spec, out, progress=not args.quiet, report=lambda line: console.print(escape(line)))
     except KeyboardInterrupt as stop:  # training saved a checkpoint first (TrainingInterrupted says where)
-        where = f": {stop}" if str(stop) else ""
-        console.print(f"perturbdiff: interrupted{escape(where)}; run the same command again to continue the grid.")
-        return 130
-    screen = Console(highlight=False)
-    if not screen.is_terminal:  # a file or pipe: one line per row, however wide
-        screen.width = 200
-    screen.print(summary_table(table, spec))
+        return interrupted(stop, console, "grid")
+    screen().print(summary_table(table, spec))
     console.print(f"Wrote {TABLE_FILE}, {MARKDOWN_FILE}, {PLOT_FILE} and {CELLS_FILE} to {out}")
     return 0
 
@@ -110,11 +106,7 @@ def dry_run(spec: GridSpec, out: Path, console: Console) -> int:
     """List the cells with their status (new, resume, done) after checking all of them."""
     cells = spec.cells()
     check_folders(cells, out)
-    statuses = [cell_status(cell_dir(out, cell)) for cell in cells]
-    for cell, status in zip(cells, statuses):
-        console.print(f"{status:>6}  {escape(cell.name)}")
-    counts = ", ".join(f"{statuses.count(s)} {s}" for s in ("new", "resume", "done") if statuses.count(s))
-    console.print(f"{len(cells)} cells ({counts}) into {out / CELLS_DIR}; all configurations are valid.")
+    list_statuses([(cell.name, cell_status(cell_dir(out, cell))) for cell in cells], console, "cell", out / CELLS_DIR)
     return 0
 
 
