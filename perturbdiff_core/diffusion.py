@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .batch import Conditioning, SetBatch
 from .denoisers import Denoiser
 from .errors import ConfigError, InputError
-from .parameterization import Parameterization, check_parameterization, target, to_x0
+from .parameterization import DataScale, Parameterization, check_parameterization, target, to_x0
 from .registry import list_plugins, load, resolve
 from .samplers import DDIMStep, DDPMStep, SamplerStep, sample, timestep_grid
 from .schedules import NoiseSchedule
@@ -88,7 +88,9 @@ class RKHSDiffusion(nn.Module):
             "median"}``, or instance); ``"energy"`` by default, as in the paper.
         estimator: MMD estimator (``"unbiased"`` by default; ``"biased"``, ...).
         mmd_weight: :math:`\lambda`; 0 trains on the squared error alone (and skips the MMD).
-        prediction: what the denoiser outputs: ``"x0"`` (paper), ``"eps"`` or ``"v"``.
+        prediction: what the denoiser outputs: ``"x0"`` (paper), ``"eps"``, ``"v"`` or ``"edm"`` (x0
+            preconditioned by the per-gene data scale, see :mod:`~perturbdiff_core.parameterization`;
+            set the scale with :meth:`fit_data_scale` before training).
         self_condition_prob: probability that a training step feeds the network its own
             (detached) x0 estimate (Chen et al. 2022 use 0.5, drawn once per batch); 0 disables
             self-conditioning, in training and sampling.
@@ -100,6 +102,11 @@ class RKHSDiffusion(nn.Module):
             the samples shifted back, so the model learns what the anchor misses rather than the
             expression level of a context (a held-out cell line, say). Radial kernels and the
             MSE are translation invariant, so the loss terms keep their values.
+        origin: with ``relative_to_control``, ``"set"`` (one origin per set, as above) or ``"cell"``:
+            each target cell's origin is the control cell at the same place of the control set plus
+            the anchor shift, so a sampled cell is a real control cell plus a learned change and
+            keeps that cell's gene-level detail (its zeros and counts) wherever the change is small.
+            Needs target and control sets of the same size.
         ema_decay: decay of the exponential moving average of the denoiser weights
             (``torch.optim.swa_utils``); ``None`` keeps no average.
 
@@ -121,6 +128,7 @@ class RKHSDiffusion(nn.Module):
         cond_drop_prob: float = 0.1,
         ema_decay: float | None = 0.999,
         relative_to_control: bool = False,
+        origin: str = "set",
     ) -> None:
         super().__init__()
         for name, value in (("self_condition_prob", self_condition_prob), ("cond_drop_prob", cond_drop_prob)):
@@ -142,6 +150,12 @@ class RKHSDiffusion(nn.Module):
         self.cond_drop_prob = float(cond_drop_prob)
         self.ema_decay = ema_decay
         self.relative_to_control = bool(relative_to_control)
+        if origin not in ("set", "cell"):
+            raise ConfigError(f"origin must be 'set' or 'cell', got {origin!r}.")
+        self.origin = origin
+        genes = self.denoiser.num_genes
+        self.register_buffer("data_mean", torch.zeros(genes))  # the edm preconditioning's per-gene mean and scale
+        self.register_buffer("data_scale", torch.ones(genes))
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
             self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -175,6 +189,7 @@ class RKHSDiffusion(nn.Module):
             "cond_drop_prob": self.cond_drop_prob,
             "ema_decay": self.ema_decay,
             "relative_to_control": self.relative_to_control,
+            "origin": self.origin,
         }
 
     @classmethod
@@ -232,7 +247,7 @@ class RKHSDiffusion(nn.Module):
                 cond = null_condition(cond, torch.rand(total, generator=generator, device=device)[part] < self.cond_drop_prob)
             if self.self_condition_prob > 0 and torch.rand((), generator=generator, device=device) < self.self_condition_prob:
                 with torch.no_grad():
-                    self_cond = to_x0(self.denoiser(x_t, t, cond), self.prediction, x_t, ab)
+                    self_cond = self._to_x0(self.denoiser(x_t, t, cond), x_t, ab)
         pred = self.denoiser(x_t, t, cond, self_cond)
         mse, mmd = self.denoising_loss(pred, x0, noise, x_t, ab)
         per_set = mse if mmd is None else mse + self.mmd_weight * mmd
@@ -245,10 +260,29 @@ class RKHSDiffusion(nn.Module):
         """Per-set squared error of the denoiser's output ``pred`` and MMD^2 of the clean sets it
         implies against ``x0`` (None when ``mmd_weight`` is 0), each ``(B,)``."""
         # One fused kernel forward and backward (a difference and a square would each write a set-sized tensor).
-        mse = F.mse_loss(pred, target(self.prediction, x0, noise, alpha_bar), reduction="none").mean(dim=(1, 2))
+        goal = target(self.prediction, x0, noise, alpha_bar, self._data())
+        mse = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2))
         if self.mmd_weight == 0:
             return mse, None
-        return mse, self.estimator(to_x0(pred, self.prediction, x_t, alpha_bar), x0, self.kernel)
+        return mse, self.estimator(self._to_x0(pred, x_t, alpha_bar), x0, self.kernel)
+
+    @torch.no_grad()
+    def fit_data_scale(self, x0: Tensor, floor: float = 1e-2) -> None:
+        """Set the ``edm`` preconditioning's per-gene mean and scale from clean sets ``(B, S, G)``
+        (in the frame the model diffuses: pass sets through :meth:`frame`); scales below ``floor`` are raised to it."""
+        cells = x0.reshape(-1, x0.shape[-1]).to(self.data_mean.dtype)
+        self.data_mean.copy_(cells.mean(0))
+        self.data_scale.copy_(cells.std(0).clamp_min(floor))
+
+    def frame(self, x0: Tensor, cond: Conditioning) -> Tensor:
+        """Clean sets ``x0`` as the model diffuses them: minus each set's origin when ``relative_to_control``."""
+        return x0 - self._relative(cond)[1] if self.relative_to_control else x0
+
+    def _data(self) -> DataScale | None:
+        return DataScale(self.data_mean, self.data_scale) if self.prediction == "edm" else None
+
+    def _to_x0(self, pred: Tensor, x_t: Tensor, alpha_bar: Tensor) -> Tensor:
+        return to_x0(pred, self.prediction, x_t, alpha_bar, self._data())
 
     def update_ema(self) -> None:
         r"""Move the averaged weights towards the current ones: :math:`\bar w \leftarrow d\,\bar w + (1 - d)\,w` (call after each optimizer step)."""
@@ -278,14 +312,14 @@ class RKHSDiffusion(nn.Module):
         net = self.denoiser if denoiser is None else denoiser
         ab = self.schedule.alpha_bar(t)
         if guidance == 1.0:
-            return to_x0(net(x_t, t, cond, self_cond), self.prediction, x_t, ab)
+            return self._to_x0(net(x_t, t, cond, self_cond), x_t, ab)
         both = net(
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
             _cat_conditions(cond, null_condition(cond)),
             None if self_cond is None else torch.cat([self_cond, self_cond]),
         )
-        x0_cond, x0_uncond = to_x0(both, self.prediction, torch.cat([x_t, x_t]), torch.cat([ab, ab])).chunk(2)
+        x0_cond, x0_uncond = self._to_x0(both, torch.cat([x_t, x_t]), torch.cat([ab, ab])).chunk(2)
         return x0_uncond + guidance * (x0_cond - x0_uncond)
 
     def sampling_denoiser(self, use_ema: bool | None = None) -> Denoiser:
@@ -344,6 +378,11 @@ class RKHSDiffusion(nn.Module):
         num_cells = num_control if num_cells is None else num_cells
         if not isinstance(num_cells, int) or num_cells < 1:
             raise InputError(f"num_cells must be a positive integer, got {num_cells!r}.")
+        if self.relative_to_control and self.origin == "cell" and num_cells != num_control:
+            raise InputError(
+                f"a model with per-cell origins samples one cell per control cell ({num_control}), not {num_cells}; "
+                f"pass control sets of the size wanted."
+            )
         use_self_cond = self.self_condition_prob > 0
 
         def model_fn(x_t: Tensor, t: Tensor, prev_x0: Tensor | None) -> Tensor:
@@ -363,14 +402,14 @@ class RKHSDiffusion(nn.Module):
         )
 
     # ----------------------------------------------------------------- helpers
-    @staticmethod
-    def _relative(cond: Conditioning) -> tuple[Conditioning, Tensor]:
+    def _relative(self, cond: Conditioning) -> tuple[Conditioning, Tensor]:
         """``cond`` with its control sets moved by the origin of each set, ``(B, 1, G)``: the control
-        mean plus the anchor shift (when ``cond.shift`` is given); returns both."""
-        origin = cond.control.mean(dim=-2, keepdim=True)
-        if cond.shift is not None:
-            origin = origin + cond.shift.unsqueeze(-2).to(origin.dtype)
-        return replace(cond, control=cond.control - origin), origin
+        mean plus the anchor shift (when ``cond.shift`` is given), and the origin of every target
+        cell: that one, or with ``origin="cell"`` each control cell plus the shift, ``(B, S, G)``."""
+        shift = 0.0 if cond.shift is None else cond.shift.unsqueeze(-2).to(cond.control.dtype)
+        centre = cond.control.mean(dim=-2, keepdim=True) + shift
+        origin = cond.control + shift if self.origin == "cell" else centre
+        return replace(cond, control=cond.control - centre), origin
 
     @staticmethod
     def _make_step(sampler: str, eta: float | None) -> SamplerStep:

@@ -93,7 +93,10 @@ class DiffusionPredictor(Predictor):
                 guidance=cfg.guidance,
                 generator=generator,
             ).cpu()
-            chunks.append(decode_cells(sampled, part.control.cpu()) if space == "counts" else sampled)
+            if space == "counts":
+                rounding = torch.Generator().manual_seed(seed + start) if cfg.rounding == "stochastic" else None
+                sampled = decode_cells(sampled, part.control.cpu(), rounding)
+            chunks.append(sampled)
         cells = torch.cat(chunks).reshape(-1, data.n_genes)[:n_cells]
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)

@@ -56,12 +56,13 @@ class ModelConfig:
     estimator: str = "unbiased"
     estimator_params: dict[str, Any] = field(default_factory=dict)
     mmd_weight: float = 1.0
-    prediction: Literal["x0", "eps", "v"] = "x0"
+    prediction: Literal["x0", "eps", "v", "edm"] = "x0"
     self_condition_prob: float = 0.5
     cond_drop_prob: float = 0.1
     ema_decay: float | None = 0.999
     relative_to_control: bool = False
     anchor: str = "none"
+    origin: Literal["set", "cell"] = "set"
 
     @property
     def anchor_name(self) -> str:
@@ -124,6 +125,8 @@ class SampleConfig:
     :mod:`~perturbdiff_core.data.output_space`): ``counts`` moves each cell to the nearest point
     of a real cell's count lattice (exact zeros, real detection rates), ``continuous`` keeps the
     sampled values, ``auto`` picks ``counts`` when the context's control cells lie on a lattice.
+    ``rounding`` onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
+    probabilities that keep each value's mean; see :func:`~perturbdiff_core.data.output_space.decode_cells`).
     ``nonnegative`` clips continuous predictions at 0 (log1p values are never negative).
     ``populations`` independent populations are drawn per test condition by ``perturbdiff run``:
     the first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
@@ -137,6 +140,7 @@ class SampleConfig:
     n_cells: int | None = None
     chunk_sets: int = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
+    rounding: Literal["nearest", "stochastic"] = "nearest"
     nonnegative: bool = True
     populations: int = 10
 

@@ -119,7 +119,20 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
         cond_drop_prob=config.cond_drop_prob,
         ema_decay=config.ema_decay,
         relative_to_control=config.anchor_name != NO_ANCHOR,
+        origin=config.origin,
     )
+
+
+#: Training sets drawn to estimate the per-gene data scale of the ``edm`` preconditioning.
+DATA_SCALE_SETS = 64
+
+
+def fit_data_scale(model: RKHSDiffusion, sets: ConditionSets, device: torch.device) -> None:
+    """Set ``model``'s per-gene data mean and scale from :data:`DATA_SCALE_SETS` training sets (the
+    first epoch's draws, so the same on every rank and on a rerun), in the frame it diffuses."""
+    items = [sets[(0, i % len(sets))] for i in range(DATA_SCALE_SETS)]
+    batch = collate_sets(items).to(device)
+    model.fit_data_scale(model.frame(batch.target.to(model.data_mean.dtype), batch.cond))
 
 
 #: Devices where torch's fused AdamW kernel runs (one pass over all weights instead of a loop of per-tensor ops).
@@ -324,6 +337,8 @@ class Trainer:
         self.anchor = fit_anchor(config.model.anchor_name, self.data, self.split.train)
         shifts = anchor_shifts(self.anchor, self.data, [*self.split.train, *self.split.val])
         self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed, shifts=shifts)
+        if not resume and self.model.prediction == "edm":
+            fit_data_scale(self.model, self.train_sets, self.device)
         self.val_loader = (
             make_loader(self.data, self.split.val, train=False, batch_size=train.batch_size, seed=config.seed,
                         samples_per_condition=train.val_sets, shifts=shifts)

@@ -220,7 +220,7 @@ def test_relative_to_control_makes_loss_and_samples_translation_equivariant(rela
         # samples live around the control mean, not around the origin
         origin = batch.cond.control.mean(dim=1, keepdim=True)
         plain = randomized(RKHSDiffusion(denoiser(), self_condition_prob=0.0, ema_decay=None)).eval()
-        centred = plain.sample(SetBatch(batch.target, RKHSDiffusion._relative(batch.cond)[0]).cond, steps=6,
+        centred = plain.sample(SetBatch(batch.target, model._relative(batch.cond)[0]).cond, steps=6,
                                generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(draw[0], centred + origin, rtol=1e-9, atol=1e-9)
     else:

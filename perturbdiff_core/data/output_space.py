@@ -69,13 +69,16 @@ def resolve_output_space(space: str, control: Tensor) -> Literal["counts", "cont
     return "counts" if lattice else "continuous"
 
 
-def decode_cells(cells: Tensor, donors: Tensor) -> Tensor:
-    r"""Each cell of ``cells`` ``(..., S, G)`` moved to the nearest point of its donor's count lattice.
+def decode_cells(cells: Tensor, donors: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    r"""Each cell of ``cells`` ``(..., S, G)`` moved to a point of its donor's count lattice.
 
     ``donors`` ``(..., S, G)`` are real cells of the same shape (the control set a sampled set
     came from); cell ``i`` takes the step :math:`u` of donor ``i`` (the median step of its set when
-    the donor has no non-zero value). Values below :math:`\log(1 + u/2)`, including negative
-    ones, become exactly 0.
+    the donor has no non-zero value). Without ``generator`` each value goes to the nearest count
+    (values below :math:`\log(1 + u/2)`, negative ones included, become exactly 0). With one, a
+    value between the lattice points :math:`L_k = \log(1 + k u)` and :math:`L_{k+1}` goes up with
+    probability :math:`(x - L_k) / (L_{k+1} - L_k)`: the decoded value is :math:`x` on average, so
+    means over cells (pseudobulk) are kept, small changes included.
     """
     if cells.shape != donors.shape:
         raise DataError(f"decode_cells needs one donor per cell: cells {tuple(cells.shape)}, donors {tuple(donors.shape)}.")
@@ -84,5 +87,12 @@ def decode_cells(cells: Tensor, donors: Tensor) -> Tensor:
     units = torch.where(torch.isnan(units), fallback, units).unsqueeze(-1)
     if bool(torch.isnan(units).any()):
         raise DataError("Cannot decode onto a count lattice: a control set has no non-zero value at all.")
-    counts = torch.floor(torch.expm1(cells.double().clamp_min(0.0)) / units + 0.5)
+    values = cells.double().clamp_min(0.0)
+    if generator is None:
+        counts = torch.floor(torch.expm1(values) / units + 0.5)
+    else:
+        below = torch.floor(torch.expm1(values) / units)
+        low, high = torch.log1p(below * units), torch.log1p((below + 1) * units)
+        up = ((values - low) / (high - low)).clamp(0.0, 1.0)
+        counts = below + (torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device) < up)
     return torch.log1p(counts * units).to(cells.dtype)
