@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class PerturbDiffError(ValueError):
     """Base class of every user-facing error; the command line prints it as one line."""
@@ -25,3 +28,21 @@ class DataError(PerturbDiffError):
 
 class ConfigError(PerturbDiffError):
     """A configuration key that is unknown or of the wrong type."""
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, prefix: str = "") -> str:
+    """`` (did you mean 'train'?)`` when one of ``choices`` is close to a misspelt ``word``, else ``""``.
+
+    Closeness is :func:`difflib.get_close_matches`'s (ratio >= 0.6): ``trian`` finds ``train``,
+    ``ratqaud`` finds ``ratquad``; a word close to nothing gets no guess rather than a wrong one.
+    ``prefix`` is shown before the guess (``train.`` for a key of the ``train`` section).
+    """
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most ``limit`` characters; ``(no message)`` when it
+    has none (an empty message must not break the handler that reports it)."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else "(no message)"
