@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import InputError
 from .estimators import MMDEstimator, QuadraticMMD, as_estimator
 from .kernels import Kernel, as_kernel
-from .validation import check_sets
+from .validation import at_least_float32, check_sets
 
 #: Largest pooled set (cells) whose kernel matrix is formed once for the permutation fast
 #: path: 4096 cells is 128 MiB in float64. Larger pools call the estimator per permutation.
@@ -87,6 +87,7 @@ def _permutation_statistics(
     Permuted statistics within ``tie`` of the observed one count as ``>=``: rounding must not
     turn a tie (e.g. swapping two identical cells) into a smaller p-value.
     """
+    x, y = at_least_float32(x), at_least_float32(y)
     check_sets(x, y)
     if x.dim() != 2 or y.dim() != 2:
         raise InputError(

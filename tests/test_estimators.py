@@ -497,6 +497,11 @@ def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
         (lambda: mmd2(torch.tensor([[0.0, float("nan")]]), torch.zeros(2, 2)), "NaN"),
         (lambda: mmd2(torch.zeros(3, 4), torch.zeros(3, 5)), "genes"),
         (lambda: mmd2(torch.zeros(0, 4), torch.zeros(3, 4)), "empty"),
+        (lambda: mmd2(torch.zeros(3, 0), torch.zeros(3, 0)), "0 genes"),
+        (lambda: mmd2(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)), r"torch.int64; .*\.float\(\)"),
+        (lambda: mmd2(torch.ones(3, 4, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)), r"torch.bool; .*\.float\(\)"),
+        (lambda: mmd2(torch.ones(3, 4, dtype=torch.complex64), torch.ones(3, 4, dtype=torch.complex64)), "complex"),
+        (lambda: mmd2(torch.ones(3, 4, device="meta"), torch.ones(3, 4, device="meta")), "meta device"),
         (lambda: mmd2(torch.zeros(1, 4), torch.randn(3, 4), estimator="unbiased"), "at least 2 cells"),
         (lambda: mmd2(torch.zeros(1, 4), torch.randn(3, 4), estimator="linear"), "at least 2 cells"),
         (lambda: mmd2(torch.randn(3, 4), torch.randn(3, 4), x_weights=torch.ones(4)), "one weight per cell"),
@@ -521,3 +526,18 @@ def test_unknown_names_are_lookup_errors_listing_known_ones() -> None:
         as_estimator("nope")
     with pytest.raises(UnknownPluginError, match="keops"):
         as_estimator("unbiased", backend="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("kernel", "params"), [("energy", {}), ("rbf", {"lengthscale": "median"}), ("laplace", {"lengthscale": 40.0})])
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_half_precision_sets_are_summed_in_float32(dtype: torch.dtype, kernel: str, params: dict, estimator: str) -> None:
+    """256-cell sets over 2000 genes: summed in float16 the energy MMD^2 came out 0.25 (bfloat16: 0.0)
+    for a float64 value of 0.30. In float32 it must match float64 on the same (rounded) values."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2000, generator=gen, dtype=torch.float64).to(dtype)
+    y = (torch.randn(256, 2000, generator=gen, dtype=torch.float64) + 0.1).to(dtype)
+    got = mmd2(x, y, kernel, estimator, **params)
+    expected = mmd2(x.double(), y.double(), kernel, estimator, **params)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-3, abs=1e-6)
