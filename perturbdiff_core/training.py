@@ -78,14 +78,37 @@ def drop_context(batch: SetBatch, prob: float, generator: torch.Generator, shard
     return replace(batch, cond=cond)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other name as torch spells it."""
+def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; any other name as torch spells it, checked to exist here.
+
+    ``option`` names the setting in the error (``--device`` for ``perturbdiff predict``).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise ConfigError(f"train.device = {name!r} is not a torch device ({err}); use auto, cpu or cuda.") from None
+        raise ConfigError(f"{option} = {name!r} is not a torch device ({err}); use auto, cpu or cuda.") from None
+    problem = _unavailable(device)
+    if problem:
+        raise ConfigError(f"{option} = {name!r}, but {problem}; use {option}=auto (the GPU when there is one) or cpu.")
+    return device
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why ``device`` cannot hold tensors in this process, or None (CPU always can)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else "torch finds no CUDA GPU here"
+            return build
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "torch finds no Apple MPS device here"
+    elif device.type == "meta":
+        return "the meta device holds no values to train or sample with"
+    return None
 
 
 def _spec(name: str, params: dict[str, Any]) -> str | dict[str, Any]:

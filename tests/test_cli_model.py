@@ -85,6 +85,8 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
         (["train", "{config}", "--out", "{tmp}/fresh", "--resume"], ["No checkpoint"]),
         (["predict", "--run", "{tmp}/nothing"], ["No run folder"]),
         (["predict", "--run", "{tmp}", "--device", "cpu"], ["No checkpoint"]),
+        (["predict", "--run", "{tmp}", "--device", "cuda:99"], ["--device = 'cuda:99'", "cpu"]),
+        (["train", "{config}", "--set", "train.device=cuda:99"], ["train.device = 'cuda:99'", "auto"]),
         (["run", "{config}", "--set", "split.holdout=[Q+R]"], ["Q+R"]),
     ],
 )

@@ -29,6 +29,7 @@ from perturbdiff_core.training import (
     drop_context,
     lr_factor,
     make_optimizer,
+    resolve_device,
     resolve_workers,
     training_loader,
 )
@@ -220,6 +221,16 @@ def test_fresh_training_refuses_a_trained_folder(screen_path: Path, tmp_path: Pa
     Trainer(tiny_config(screen_path), tmp_path / "run", progress=False).fit(stop_at=1)
     with pytest.raises(ConfigError, match="--resume"):
         Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+
+
+def test_a_device_this_torch_lacks_is_a_config_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"train.device = 'cuda', but this torch is a CPU-only build; use train.device=auto"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"--device = 'cuda:1', but this torch"):
+        resolve_device("cuda:1", option="--device")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error(screen_path: Path, tmp_path: Path, monkeypatch) -> None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
+import torch
 
 from ..checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
@@ -112,8 +113,8 @@ def resolve_conditions(data: PerturbationData, requested: list[str]) -> list[Con
     return chosen
 
 
-def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
-    """The predicted AnnData of ``args`` (conditions, cells, seed, device) from ``checkpoint``."""
+def predictions(checkpoint: Checkpoint, args: argparse.Namespace, device: torch.device) -> ad.AnnData:
+    """The predicted AnnData of ``args`` (conditions, cells, seed) from ``checkpoint``, sampled on ``device``."""
     data = open_data(checkpoint, args.data)
     if args.conditions:
         conditions = resolve_conditions(data, args.conditions)
@@ -132,7 +133,7 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
             f"Condition(s) {', '.join(empty[:5])} have no cells in the data, so the number of cells to predict is "
             f"unknown; pass --n-cells N."
         )
-    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=resolve_device(args.device))
+    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device)
     seed = checkpoint.run_config.seed if args.seed is None else args.seed
     return predict_anndata(predictor, data, conditions, n_cells=n_cells, seed=seed)
 
@@ -142,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise InputError(f"No run folder {run_dir}; give the --out folder of perturbdiff train or run.")
+    device = resolve_device(args.device, option="--device")
     checkpoint = load_checkpoint(args.checkpoint or checkpoint_path(run_dir))
-    adata = predictions(checkpoint, args)
+    adata = predictions(checkpoint, args, device)
     out = write_predictions(adata, args.out or run_dir / PREDICTIONS_FILE)
     control = checkpoint.run_config.data.control_label
     is_control = adata.obs[checkpoint.run_config.data.perturbation_key].astype(str) == control
