@@ -22,6 +22,14 @@ class InputError(PerturbDiffError):
     """Tensors or arrays that break a documented contract (shape, NaN, empty set)."""
 
 
+class NonFiniteError(InputError):
+    """Tensors holding NaN or Inf, or values whose squared distances overflow their dtype.
+
+    A class of its own so a caller that knows its inputs were finite (the trainer, whose data were
+    checked when read) can tell a diverging model from bad input.
+    """
+
+
 class DataError(PerturbDiffError):
     """An AnnData file or object that cannot be used as given (missing key, bad values)."""
 

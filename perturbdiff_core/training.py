@@ -39,7 +39,7 @@ from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_check
 from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from .data.loader import seed_worker
 from .diffusion import RKHSDiffusion
-from .errors import ConfigError, PerturbDiffError
+from .errors import ConfigError, NonFiniteError, PerturbDiffError
 from .io import atomic_path
 from .pretraining import marginal_batch, prepare_marginal
 from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
@@ -419,13 +419,17 @@ class Trainer:
         batch = self._conditioned(batch.to(self.device, non_blocking=True))  # asynchronous from pinned memory on a GPU
         if self.config.train.context_drop_prob > 0:
             batch = drop_context(batch, self.config.train.context_drop_prob, generator, self.part)
-        terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)
+        try:
+            terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)
+        except NonFiniteError:  # the data were checked when read: NaN or Inf now comes from a diverging model
+            terms = {"loss": torch.tensor(math.nan, device=self.device)}  # every rank then stops below
         nan = terms["loss"].new_tensor(math.nan)  # for a term the model does not report
         loss, mse, mmd = distributed.mean(torch.stack([terms["loss"].detach(), terms.get("mse", nan), terms.get("mmd", nan)])).tolist()
         if not math.isfinite(loss):
             raise PerturbDiffError(
-                f"The training loss became {loss} at step {self.step + 1}; lower train.lr or set "
-                f"train.grad_clip, and resume from the last checkpoint ({self.checkpoint_file}) or start again."
+                f"The training loss became {loss} at step {self.step + 1} (the model diverged); lower train.lr "
+                f"(now {self.config.train.lr:g}) or set train.grad_clip, and resume from the last checkpoint "
+                f"({self.checkpoint_file}) or start again."
             )
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
 
 def _finiteness_problem(t: Tensor, name: str) -> str | None:
@@ -65,7 +65,7 @@ def check_sets(x: Tensor, y: Tensor, *, name_x: str = "x", name_y: str = "y") ->
             raise InputError(f"{name} has 0 genes; give cells measured on at least one gene.")
         problem = _finiteness_problem(t, name)
         if problem:
-            raise InputError(problem)
+            raise NonFiniteError(problem)
     if x.shape[-1] != y.shape[-1]:
         raise InputError(
             f"{name_x} has {x.shape[-1]} genes but {name_y} has {y.shape[-1]}; both sets must be "

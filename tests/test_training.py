@@ -240,6 +240,17 @@ def test_a_non_finite_loss_stops_with_a_clear_error(screen_path: Path, tmp_path:
         trainer.fit()
 
 
+def test_a_diverging_run_is_blamed_on_the_learning_rate_not_on_the_data(screen_path: Path, tmp_path: Path) -> None:
+    """At lr 1e30 the weights blow up after one step and the model predicts NaN or Inf: the estimator's
+    check of its input must not surface as "x contains NaN ... remove or impute them"."""
+    trainer = Trainer(tiny_config(screen_path, "train.lr=1e30", "train.val_every=0"), tmp_path / "run", progress=False)
+    with pytest.raises(PerturbDiffError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "The training loss became nan" in message and "lower train.lr (now 1e+30)" in message
+    assert "impute" not in message
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 
