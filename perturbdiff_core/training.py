@@ -426,11 +426,7 @@ class Trainer:
         nan = terms["loss"].new_tensor(math.nan)  # for a term the model does not report
         loss, mse, mmd = distributed.mean(torch.stack([terms["loss"].detach(), terms.get("mse", nan), terms.get("mmd", nan)])).tolist()
         if not math.isfinite(loss):
-            raise PerturbDiffError(
-                f"The training loss became {loss} at step {self.step + 1} (the model diverged); lower train.lr "
-                f"(now {self.config.train.lr:g}) or set train.grad_clip, and resume from the last checkpoint "
-                f"({self.checkpoint_file}) or start again."
-            )
+            raise self._diverged(f"the training loss became {loss} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.config.train.grad_clip is not None:
@@ -440,6 +436,13 @@ class Trainer:
         if self.model.ema is not None:
             self.model.update_ema()
         return {"loss": loss, "mse": mse, "mmd": mmd, "lr": lr}
+
+    def _diverged(self, what: str) -> PerturbDiffError:
+        """The error of a diverging model: ``what`` happened, and the fix (the data were checked when read)."""
+        return PerturbDiffError(
+            f"{what[0].upper()}{what[1:]} (the model diverged); lower train.lr (now {self.config.train.lr:g}) or set "
+            f"train.grad_clip, and resume from the last checkpoint ({self.checkpoint_file}) or start again."
+        )
 
     def _conditioned(self, batch: SetBatch) -> SetBatch:
         """``batch`` as the model sees it: perturbation zeroed for ``train.objective: marginal``."""
@@ -473,7 +476,10 @@ class Trainer:
         for batch in self.val_loader:
             batch = self._conditioned(batch.to(self.device))
             sampled = self.model.sample(batch.cond, steps=self.config.train.val_sampling_steps, generator=generator)
-            values.append(self.model.estimator(sampled, batch.target.to(sampled.dtype), self.model.kernel))
+            try:
+                values.append(self.model.estimator(sampled, batch.target.to(sampled.dtype), self.model.kernel))
+            except NonFiniteError:
+                raise self._diverged(f"the validation samples became NaN or Inf after step {self.step}") from None
         return torch.cat(values).mean().item()
 
     # ---------------------------------------------------------------------------- output
