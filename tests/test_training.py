@@ -251,6 +251,13 @@ def test_a_diverging_run_is_blamed_on_the_learning_rate_not_on_the_data(screen_p
     assert "impute" not in message
 
 
+def test_validation_samples_that_overflow_are_a_diverged_model(screen_path: Path, tmp_path: Path, monkeypatch) -> None:
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    monkeypatch.setattr(trainer.model, "sample", lambda cond, **kw: torch.full_like(cond.control, math.inf))
+    with pytest.raises(PerturbDiffError, match="validation samples became NaN or Inf.*diverged.*train.lr"):
+        trainer.validate()
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 
