@@ -12,10 +12,13 @@ import importlib
 import os
 import pkgutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from . import __version__, commands
-from .errors import PerturbDiffError
+from .errors import PerturbDiffError, PerturbDiffNote, PerturbDiffWarning
 
 #: Set to 1 to get the full traceback of a user error instead of the one-line message.
 DEBUG_ENV = "PERTURBDIFF_DEBUG"
@@ -47,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with one_line_warnings():
+            return int(args.func(args) or 0)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     except PerturbDiffError as err:
@@ -58,6 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         return _fail("interrupted", 130)
+
+
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within the block perturbdiff's own warnings print as ``perturbdiff: warning: ...`` (notes as
+    ``perturbdiff: note: ...``), one line each, without the source line Python shows by default."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if not issubclass(category, PerturbDiffWarning):
+                return shown(message, category, *args, **kwargs)
+            kind = "note" if issubclass(category, PerturbDiffNote) else "warning"
+            print(f"perturbdiff: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", PerturbDiffWarning)  # each one matters, even when repeated
+        yield
 
 
 def _fail(message: str, status: int) -> int:

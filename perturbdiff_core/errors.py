@@ -38,6 +38,16 @@ class ConfigError(PerturbDiffError):
     """A configuration key that is unknown or of the wrong type."""
 
 
+class PerturbDiffWarning(UserWarning):
+    """Something users should know that does not stop the command (data left out, ...);
+    the command line prints it as one line ``perturbdiff: warning: ...``."""
+
+
+class PerturbDiffNote(PerturbDiffWarning):
+    """What perturbdiff did on the user's behalf (a stale lock taken over, a fallback used);
+    printed as one line ``perturbdiff: note: ...``."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], *, prefix: str = "") -> str:
     """`` (did you mean 'train'?)`` when one of ``choices`` is close to a misspelt ``word``, else ``""``.
 

@@ -169,6 +169,7 @@ def check(config: RunConfig) -> None:
         "sample.steps": config.sample.steps,
         "sample.chunk_sets": config.sample.chunk_sets,
         "evaluate.max_cells": config.evaluate.max_cells,
+        "data.min_cells_per_condition": config.data.min_cells_per_condition,
     }
     non_negative = {
         "train.warmup_steps": config.train.warmup_steps,

@@ -32,7 +32,15 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from ..data.anndata_io import read_anndata, require_finite, require_label, require_obs_key
+from ..data.anndata_io import (
+    read_anndata,
+    require_cells,
+    require_finite,
+    require_genes,
+    require_label,
+    require_matrix,
+    require_obs_key,
+)
 from ..configuration import parse_overrides
 from ..errors import ConfigError, DataError
 from ..estimators import MMDEstimator, as_estimator
@@ -163,6 +171,9 @@ def etest(
     progress: Callable[[Iterable[Comparison]], Iterable[Comparison]] = iter,
 ) -> tuple[pd.DataFrame, list[str]]:
     """The result table (columns :data:`COLUMNS`, one row per test) and the warnings of skipped tests."""
+    require_cells(adata)
+    require_matrix(adata)
+    require_genes(adata.var_names)
     require_obs_key(adata, perturbation_key, "perturbation key")
     if group_by is not None:
         require_obs_key(adata, group_by, "group-by key")
