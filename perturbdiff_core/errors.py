@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
 
 
@@ -34,8 +35,37 @@ class DataError(PerturbDiffError):
     """An AnnData file or object that cannot be used as given (missing key, bad values)."""
 
 
+class OutputError(PerturbDiffError):
+    """A file or folder that cannot be written: read-only, full disk, no permission, a file in the way."""
+
+
 class ConfigError(PerturbDiffError):
     """A configuration key that is unknown or of the wrong type."""
+
+
+#: Signals that stop a command the way Ctrl-C does: a run saves a checkpoint and says how to resume.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C's SIGINT, or SIGTERM from ``kill``, a scheduler or a container stop).
+
+    ``status`` is the exit status a shell reports for it, 128 + the signal number (130, 143).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def status(self) -> int:
+        """128 + the signal number."""
+        return 128 + self.signum
+
+
+def exit_status(stop: KeyboardInterrupt) -> int:
+    """The exit status of a stop: 128 + its signal number (130 for a plain Ctrl-C)."""
+    return stop.status if isinstance(stop, Interrupted) else 128 + signal.SIGINT
 
 
 class PerturbDiffWarning(UserWarning):

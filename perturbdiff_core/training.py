@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .batch import SetBatch
-from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from . import registry
+from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from .data.loader import seed_worker
 from .diffusion import RKHSDiffusion
-from .errors import ConfigError, NonFiniteError, PerturbDiffError
+from .errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from .io import atomic_path
 from .pretraining import marginal_batch, prepare_marginal
 from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
@@ -56,11 +57,12 @@ FIXED_ON_RESUME = ("seed", "data.", "split.", "model.", "train.batch_size", "tra
                    "train.init_from", "train.init_genes")
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: a checkpoint of the last completed step was saved first."""
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM during training: a checkpoint of the last completed step was saved first."""
 
-    def __init__(self, step: int, path: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT) -> None:
+        verb = "terminated" if signum == signal.SIGTERM else "interrupted"
+        super().__init__(signum, f"{verb} at step {step}; checkpoint saved to {path}")
         self.step, self.path = step, path
 
 
@@ -117,19 +119,34 @@ def _spec(name: str, params: dict[str, Any]) -> str | dict[str, Any]:
 
 def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
     """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies)."""
-    reserved = {"num_genes", "perturbation_dim", "num_cell_types", "num_batches", "name"} & set(config.denoiser_params)
-    if reserved:
-        raise ConfigError(
-            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data; remove them."
-        )
-    denoiser = {
-        "name": config.denoiser,
+    sizes = {
         "num_genes": data.n_genes,
         "perturbation_dim": max(1, data.encoder.dim),  # a marginal model's one-hot encoder is empty; it gets zeros
         "num_cell_types": len(data.vocabularies["cell_type"]),
         "num_batches": len(data.vocabularies["batch"]),
-        **config.denoiser_params,
     }
+    return _model(config, sizes)
+
+
+#: Data sizes a model is built with before the data are read, only to check its plug-ins (:func:`check_plugins`).
+PLACEHOLDER_SIZES = {"num_genes": 8, "perturbation_dim": 2, "num_cell_types": 2, "num_batches": 2}
+
+
+def check_plugins(config: RunConfig) -> None:
+    """Build every plug-in a run names (the model at placeholder data sizes, the perturbation encoder),
+    so a misspelt name or a bad parameter fails in a second, before the data are read."""
+    _model(config.model, PLACEHOLDER_SIZES)
+    registry.load("perturbdiff.encoders", config.data.encoder, **config.data.encoder_params)
+
+
+def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
+    """The model of ``config`` with a denoiser of the given data sizes."""
+    reserved = {*sizes, "name"} & set(config.denoiser_params)
+    if reserved:
+        raise ConfigError(
+            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data; remove them."
+        )
+    denoiser = {"name": config.denoiser, **sizes, **config.denoiser_params}
     return RKHSDiffusion(
         denoiser,
         _spec(config.schedule, config.schedule_params),
@@ -203,8 +220,9 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
 
 
 def _worker_init(worker_id: int) -> None:
-    """Workers ignore Ctrl-C (the main process saves a checkpoint and stops them) and seed numpy."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Workers ignore Ctrl-C and SIGTERM (the main process saves a checkpoint and stops them) and seed numpy."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     seed_worker(worker_id)
 
 
@@ -248,23 +266,25 @@ def training_loader(
 
 
 @contextmanager
-def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Within the block a first Ctrl-C only sets a flag (read between steps); a second one stops at once."""
+def deferred_interrupt() -> Iterator[Callable[[], int]]:
+    """Within the block a first Ctrl-C or SIGTERM only records the signal (read between steps: the
+    function yielded returns its number, 0 before); a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
     hits: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         if hits:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         hits.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield lambda: bool(hits)
+        yield lambda: hits[0] if hits else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 class Trainer:
@@ -310,18 +330,19 @@ class Trainer:
         self.step = 0
         self.transfer: TransferReport | None = None  # what train.init_from loaded
         if resume:
-            checkpoint = load_checkpoint(self.checkpoint_file)
+            checkpoint = load_run_checkpoint(self.run_dir)  # previous.pt, with a note, when last.pt is damaged
             self._check_resumable(checkpoint.run_config)
             self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
             self.split: Split = checkpoint.split
             self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)
         else:
-            if self.checkpoint_file.exists():
+            if has_checkpoint(self.run_dir):
                 raise ConfigError(
-                    f"{self.run_dir} already holds a trained run ({self.checkpoint_file}); pass --resume to "
+                    f"{self.run_dir} already holds a trained run ({self.checkpoint_file.parent}); pass --resume to "
                     f"continue it, or --out to start a new run in another folder."
                 )
+            check_plugins(config)  # a typo fails now, not after the data are read
             init = load_init(config.train.init_from) if config.train.init_from else None
             self.data, self.split = self._prepare(source, init)
             torch.manual_seed(config.seed)
@@ -403,9 +424,10 @@ class Trainer:
                 self.step += 1
                 self._periodic(bar, stop)
                 bar.update(1)
-                if distributed.any_rank(interrupted(), self.device):  # every rank stops at the same step
+                signum = distributed.any_rank(interrupted(), self.device)  # every rank stops at the same step
+                if signum:
                     self.save()
-                    raise TrainingInterrupted(self.step, self.checkpoint_file)
+                    raise TrainingInterrupted(self.step, self.checkpoint_file, signum)
         self.save()
         return self.log()
 
@@ -530,7 +552,7 @@ class Trainer:
             validation=self.validation,
         )
         self.write_log()
-        path = save_checkpoint(self.checkpoint_file, checkpoint)
+        path = save_checkpoint(self.checkpoint_file, checkpoint, previous=previous_path(self.run_dir))
         distributed.barrier()
         return path
 

@@ -6,6 +6,7 @@ scperturb's E-distance on a synthetic screen (always) and on the real data (when
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from pathlib import Path
@@ -221,15 +222,18 @@ def test_command_writes_csv_atomically(screen_file: Path, tmp_path: Path, capsys
     assert stdout.index("shift") < stdout.index("none")  # sorted by MMD^2, largest first
 
 
-def test_command_leaves_no_file_when_writing_fails(screen_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_leaves_no_file_when_writing_fails(
+    screen_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def broken_to_csv(self, path, **kwargs):
         Path(path).write_text("perturbation,gro")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken_to_csv)
     out = tmp_path / "out" / "results.csv"
-    with pytest.raises(OSError, match="disk full"):
-        main(["etest", str(screen_file), "--kernel", "energy", "--permutations", "9", "--out", str(out)])
+    code = main(["etest", str(screen_file), "--kernel", "energy", "--permutations", "9", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"perturbdiff: error: Cannot write {out}: No space left on device; free space on that disk (or write elsewhere) and run again."
     assert os.listdir(out.parent) == []
 
 

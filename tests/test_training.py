@@ -13,10 +13,17 @@ import pytest
 import torch
 
 from perturbdiff_core.batch import Conditioning, SetBatch
-from perturbdiff_core.checkpoint import CHECKPOINT_FORMAT, CheckpointError, checkpoint_path, load_checkpoint
+from perturbdiff_core.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    load_run_checkpoint,
+    previous_path,
+)
 from perturbdiff_core.data import EpochSampler
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import ConfigError, PerturbDiffError
+from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
 from perturbdiff_core.functional import mmd2
 from perturbdiff_core.run_config import RunConfig, TrainConfig, load_config
 from perturbdiff_core.training import (
@@ -357,6 +364,28 @@ def test_ctrl_c_saves_the_last_step_and_resumes_exactly(uninterrupted: Trainer, 
     assert_same_run(uninterrupted, resumed)
 
 
+def test_sigterm_saves_the_last_step_like_ctrl_c(uninterrupted: Trainer, screen_path: Path, tmp_path: Path) -> None:
+    config = tiny_config(screen_path)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    step = trainer._train_step
+
+    def terminated_step(batch):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(batch)
+
+    trainer._train_step = terminated_step
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="terminated at step 3") as stop:
+        trainer.fit()
+    assert stop.value.signum == signal.SIGTERM and stop.value.status == 143
+    assert load_checkpoint(stop.value.path).step == 3
+    assert signal.getsignal(signal.SIGTERM) is before
+    resumed = Trainer(config, tmp_path / "run", resume=True, progress=False)
+    resumed.fit()
+    assert_same_run(uninterrupted, resumed)
+
+
 def test_resume_refuses_a_changed_training_stream_but_allows_more_steps(screen_path: Path, tmp_path: Path) -> None:
     Trainer(tiny_config(screen_path), tmp_path / "run", progress=False).fit(stop_at=2)
     with pytest.raises(ConfigError, match="model.mmd_weight"):
@@ -401,6 +430,52 @@ def test_checkpoint_errors_are_clear(screen_path: Path, tmp_path: Path) -> None:
     torch.save({k: v for k, v in payload.items() if k != "optimizer_state"}, partial)
     with pytest.raises(CheckpointError, match="optimizer_state"):
         load_checkpoint(partial)
+
+
+def test_the_previous_checkpoint_is_kept_and_used_when_the_last_is_damaged(
+    uninterrupted: Trainer, screen_path: Path, tmp_path: Path
+) -> None:
+    """A truncated or zero-byte last.pt (a disk error, a copy cut short) must not be the end of a run."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(screen_path), run, progress=False).fit(stop_at=6)  # checkpoints at steps 4 and 6
+    assert load_checkpoint(checkpoint_path(run)).step == 6 and load_checkpoint(previous_path(run)).step == 4
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b""):
+        good = checkpoint_path(run).read_bytes()
+        checkpoint_path(run).write_bytes(damage(good))
+        with pytest.raises(CheckpointError, match="corrupt, truncated"):  # the strict reader: one line, no IndexError
+            load_checkpoint(checkpoint_path(run))
+        with pytest.warns(PerturbDiffNote, match=r"last.pt cannot be used .*previous.pt \(step 4\)"):
+            assert load_run_checkpoint(run).step == 4
+        checkpoint_path(run).write_bytes(good)
+    checkpoint_path(run).write_bytes(b"")
+    with pytest.warns(PerturbDiffNote):
+        resumed = Trainer(tiny_config(screen_path), run, resume=True, progress=False)
+    assert resumed.step == 4
+    resumed.fit()
+    assert_same_run(uninterrupted, resumed)  # nothing lost but the steps after the previous checkpoint
+    assert load_checkpoint(previous_path(run)).step == 4  # the damaged file was not rotated over it
+    with pytest.raises(ConfigError, match="--resume"):
+        checkpoint_path(run).unlink()
+        Trainer(tiny_config(screen_path), run, progress=False)  # previous.pt alone is a trained run too
+
+
+def test_a_failed_checkpoint_write_keeps_both_checkpoints(screen_path: Path, tmp_path: Path, monkeypatch) -> None:
+    """torch's writer reports a full disk as RuntimeError [enforce fail at inline_container.cc]: one line
+    naming the file and "free space", and the checkpoints already on disk unchanged."""
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(screen_path), run, progress=False)
+    trainer.fit(stop_at=6)
+    before = {p.name: p.read_bytes() for p in (checkpoint_path(run), previous_path(run))}
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError, match=rf"Cannot write {checkpoint_path(run)}: .*inline_container.*free space"):
+        trainer.fit()
+    assert {p.name: p.read_bytes() for p in (checkpoint_path(run), previous_path(run))} == before
+    assert not list(run.rglob("*.tmp"))
 
 
 def test_checkpoint_rebuilds_the_trained_model(screen_path: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from ..ablation import (
     read_grid,
     run_grid,
 )
+from ..errors import exit_status
 from ..pipeline import MODEL
 from ..run_config import RUNS_DIR
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:  # training saved a checkpoint first (TrainingInterrupted says where)
         where = f": {stop}" if str(stop) else ""
         console.print(f"perturbdiff: interrupted{escape(where)}; run the same command again to continue the grid.")
-        return 130
+        return exit_status(stop)
     screen = Console(highlight=False)
     if not screen.is_terminal:  # a file or pipe: one line per row, however wide
         screen.width = 200

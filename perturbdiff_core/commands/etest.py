@@ -44,7 +44,7 @@ from ..data.anndata_io import (
 from ..configuration import parse_overrides
 from ..errors import ConfigError, DataError
 from ..estimators import MMDEstimator, as_estimator
-from ..io import atomic_path
+from ..io import atomic_path, check_output_file
 from ..kernels import Kernel, as_kernel
 from ..two_sample import fdr_bh, permutation_test
 
@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
     if args.permutations < 1:
         raise ConfigError(f"--permutations must be a positive integer, got {args.permutations}.")
+    if args.out is not None:
+        check_output_file(args.out)  # a folder or an unwritable place fails now, not after the tests
     kernel_params = parse_overrides(args.kernel_param, flag="--kernel-param")
     kernel = build_kernel(args.kernel, kernel_params)
     estimator = as_estimator(args.estimator, **parse_overrides(args.estimator_param, flag="--estimator-param"))
