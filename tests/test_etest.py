@@ -121,6 +121,42 @@ def test_statistic_and_null_match_numpy(unbiased: bool) -> None:
     np.testing.assert_allclose(null_distribution(x, y, "energy", estimator, permutations=5, seed=4).numpy(), expected, rtol=1e-10)
 
 
+def recorded_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of permutations in each chunk the null is computed on (both paths)."""
+    sizes: list[int] = []
+    for name in ("_quadratic_statistics", "_estimator_statistics"):
+        original = getattr(two_sample, name)
+
+        def spy(*args, original=original, **kwargs):
+            sizes.append(args[2].shape[0])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(two_sample, name, spy)
+    return sizes
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "linear"])  # the fast (Gram) path and the estimator path
+def test_permutations_are_streamed_in_chunks_with_the_unchunked_result(estimator: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--permutations 1e9 tried to build all permutations at once (1.6 TB); chunks give the same answer."""
+    x, y = sets(4, n=9, m=7, shift=0.4)
+    whole = permutation_test(x, y, "energy", estimator, permutations=301, seed=6)
+    whole_null = null_distribution(x, y, "energy", estimator, permutations=301, seed=6)
+    sizes = recorded_chunks(monkeypatch)
+    monkeypatch.setattr(two_sample, "_BATCH_ELEMENTS", 16 * 5 * (4 if estimator == "linear" else 1))  # 5 per chunk
+    assert permutation_test(x, y, "energy", estimator, permutations=301, seed=6) == whole
+    assert max(sizes) == 5 and sum(sizes) == 301 + (estimator == "unbiased")  # + the observed labelling
+    chunked = null_distribution(x, y, "energy", estimator, permutations=301, seed=6)
+    torch.testing.assert_close(chunked, whole_null, rtol=1e-12, atol=1e-14)  # GEMMs of another batch size round differently
+
+
+def test_a_million_permutations_run_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = sets(5, n=6, m=4, shift=3.0)
+    sizes = recorded_chunks(monkeypatch)
+    statistic, pvalue = permutation_test(x, y, "energy", "unbiased", permutations=1_000_000, seed=1)
+    assert sum(sizes) == 1_000_001 and max(sizes) <= two_sample._BATCH_ELEMENTS // 10  # rows of 10 pooled cells
+    assert pvalue == pytest.approx(1 / 210, rel=0.05)  # the observed split is the most extreme of C(10, 4) = 210
+
+
 def test_ties_count_as_at_least_observed() -> None:
     # Same multiset of cells in both sets: the observed biased MMD^2 is the smallest possible.
     base = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
