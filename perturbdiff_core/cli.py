@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__, commands
 from .errors import Interrupted, PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, exit_status
-from .io import output_error
+from .io import os_error_line
 
 #: Set to 1 to get the full traceback of a user error instead of the one-line message.
 DEBUG_ENV = "PERTURBDIFF_DEBUG"
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a file system refusal no command turned into a PerturbDiffError
         if debug:
             raise
-        return _fail(str(output_error(err.filename or "a file", err)), 2)
+        return _fail(os_error_line(err), 2)
     except KeyboardInterrupt as stop:
         if debug:
             raise

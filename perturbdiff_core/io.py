@@ -34,11 +34,21 @@ def output_error(
     """One line for a failed write of ``path``: the system's reason (or ``reason``) and what to do
     (by ``errno``, or ``fix``)."""
     code = getattr(err, "errno", None)
-    if reason is None and code in _FIXES:  # the system's own words: h5py puts a page of diagnostics in its strerror
-        reason = os.strerror(code)
-    elif reason is None:
-        reason = (err.strerror if isinstance(err, OSError) and err.strerror else None) or first_line(err)
-    return OutputError(f"Cannot write {path}: {reason}; {fix or _FIXES.get(code, _GENERIC_FIX)}.")
+    return OutputError(f"Cannot write {path}: {reason or _reason(err)}; {fix or _FIXES.get(code, _GENERIC_FIX)}.")
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a file system error that no command turned into a PerturbDiffError (the CLI's last resort)."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{_reason(err)}; {_FIXES.get(err.errno, _GENERIC_FIX)}."
+
+
+def _reason(err: BaseException) -> str:
+    """The system's reason for ``err``: its short errno text (h5py puts a page of diagnostics in strerror)."""
+    code = getattr(err, "errno", None)
+    if code in _FIXES:
+        return os.strerror(code)
+    return (err.strerror if isinstance(err, OSError) and err.strerror else None) or first_line(err)
 
 
 def _umask() -> int:

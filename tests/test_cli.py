@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -119,6 +121,26 @@ def test_perturbdiff_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch,
         "perturbdiff: warning: 3 conditions are left out: A, B, C.",
         "perturbdiff: note: took over a stale lock.",
     ]
+
+
+def test_a_file_system_error_no_command_caught_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(args):
+        raise OSError(errno.ENOSPC, "Unable to write (errno = 28, time = ..., buf = ...)", "/data/out.h5ad")
+
+    monkeypatch.setattr(plugins, "run", fails)
+    assert_one_line_error(main(["plugins"]), capsys.readouterr().err, "/data/out.h5ad: No space left on device; free space")
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_with_status_143(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(plugins, "run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["plugins"]) == 143
+    assert capsys.readouterr().err.strip() == "perturbdiff: error: terminated"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_debug_env_reraises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
 from perturbdiff_core.functional import mmd2
 from perturbdiff_core.run_config import RunConfig, TrainConfig, load_config
+from perturbdiff_core.transfer import load_init
 from perturbdiff_core.training import (
     LOG_COLUMNS,
     MAX_AUTO_WORKERS,
@@ -446,6 +447,8 @@ def test_the_previous_checkpoint_is_kept_and_used_when_the_last_is_damaged(
             load_checkpoint(checkpoint_path(run))
         with pytest.warns(PerturbDiffNote, match=r"last.pt cannot be used .*previous.pt \(step 4\)"):
             assert load_run_checkpoint(run).step == 4
+        with pytest.warns(PerturbDiffNote):
+            assert load_init(run).step == 4  # --init-from a run folder falls back too
         checkpoint_path(run).write_bytes(good)
     checkpoint_path(run).write_bytes(b"")
     with pytest.warns(PerturbDiffNote):
