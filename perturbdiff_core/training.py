@@ -33,9 +33,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, registry
 from .batch import SetBatch
-from . import registry
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from .data.loader import seed_worker
@@ -101,8 +100,7 @@ def _unavailable(device: torch.device) -> str | None:
     """Why ``device`` cannot hold tensors in this process, or None (CPU always can)."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = "this torch is a CPU-only build" if torch.version.cuda is None else "torch finds no CUDA GPU here"
-            return build
+            return "this torch is a CPU-only build" if torch.version.cuda is None else "torch finds no CUDA GPU here"
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             return f"this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})"
@@ -290,10 +288,12 @@ def deferred_interrupt() -> Iterator[Callable[[], int]]:
 class Trainer:
     """Trains the model of a :class:`RunConfig` into ``run_dir``, or resumes it from ``run_dir/checkpoints/last.pt``.
 
-    A fresh run prepares the data (writing ``split.json`` and ``data_state.json``), writes the
-    resolved ``config.yaml`` and refuses a folder that already holds a checkpoint; a resumed run
-    rebuilds everything from the checkpoint and refuses a config that changes the training
-    stream (:data:`FIXED_ON_RESUME`).
+    A fresh run builds its plug-ins (:func:`check_plugins`), then prepares the data (writing
+    ``split.json`` and ``data_state.json``), writes the resolved ``config.yaml`` and refuses a
+    folder that already holds a checkpoint; a resumed run rebuilds everything from the checkpoint
+    (``previous.pt`` when ``last.pt`` is damaged) and refuses a config that changes the training
+    stream (:data:`FIXED_ON_RESUME`). The commands hold the folder with a
+    :class:`~perturbdiff_core.run_folder.RunFolder` while a trainer works in it.
 
     Args:
         config: the run configuration (``data.path`` already resolved).
@@ -406,7 +406,7 @@ class Trainer:
         """Train up to ``train.steps`` (or ``stop_at``), then save a checkpoint; returns :meth:`log`.
 
         Raises:
-            TrainingInterrupted: on Ctrl-C, after saving the last completed step.
+            TrainingInterrupted: on Ctrl-C or SIGTERM, after saving the last completed step.
         """
         train = self.config.train
         stop = train.steps if stop_at is None else min(stop_at, train.steps)

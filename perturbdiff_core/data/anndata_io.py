@@ -59,9 +59,10 @@ def _existing_file(source: str | os.PathLike[str]) -> Path:
 def unreadable(path: Path, err: BaseException) -> DataError:
     """The error for a file h5py or anndata failed on: HDF5 without AnnData's layout, or a damaged file."""
     if not _is_anndata(path):
+        what = "an HDF5 file without AnnData's obs and var" if h5py.is_hdf5(path) else "not an HDF5 file at all"
         return DataError(
-            f"{path} is not an AnnData file (.h5ad): it has no obs and var {'groups' if h5py.is_hdf5(path) else 'HDF5 layout'}. "
-            f"Write the data with anndata (adata.write_h5ad) and pass that file."
+            f"{path} is not an AnnData file (.h5ad): it is {what}. Write the data with anndata "
+            f"(adata.write_h5ad) and pass that file."
         )
     return DataError(
         f"Cannot read {path} as AnnData (.h5ad) ({type(err).__name__}: {first_line(err)}); the file is damaged or "
@@ -221,9 +222,10 @@ class CellMatrix:
 
 @dataclass(frozen=True)
 class ValueSummary:
-    """What a scan of X found: finiteness, range, whether every value is an integer, and signs of a
-    damaged file: the longest run of consecutive cells without any non-zero value (``empty_run``:
-    first row and length) and sparse entries stored twice for one cell and gene (``duplicates``)."""
+    """What a scan of X found: finiteness, range, whether every value is an integer, the number of
+    genes (columns), and signs of a damaged file: the longest run of consecutive cells without any
+    non-zero value (``empty_run``: first row and length) and sparse entries stored twice for one
+    cell and gene (``duplicates``)."""
 
     finite: bool
     minimum: float
