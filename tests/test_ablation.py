@@ -354,3 +354,18 @@ def test_a_cell_another_run_holds_is_refused_naming_it(folder: Path, tmp_path: P
     with RunFolder(cell_dir(out, read_grid(write_grid(folder, GRID)).cells()[0])):
         code = main(["ablate", str(write_grid(folder, GRID)), "--out", str(out), "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, f"Cell {NAMES[0]} failed", "in use by another perturbdiff run", f"pid {os.getpid()}")
+
+
+def test_a_cell_folder_written_before_a_config_key_existed_still_resumes(finished: tuple[Path, Path, list[str], str]) -> None:
+    """A finished grid must not be refused because perturbdiff has since gained a config key (with its default)."""
+    grid, out, _, _ = finished
+    spec = read_grid(grid)
+    saved = cell_dir(out, spec.cells()[0]) / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["data"]["min_cells_per_condition"]
+    original = saved.read_text()
+    try:
+        saved.write_text(yaml.safe_dump(older))
+        runner.check_folders(spec.cells(), out)  # no error
+    finally:
+        saved.write_text(original)

@@ -14,7 +14,7 @@ from ..configuration import read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import ALL_CONDITIONS
 from ..pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
-from ..run_config import CONFIG_FILE, RunConfig, differences
+from ..run_config import CONFIG_FILE, RunConfig, config_from_dict, differences
 from ..run_folder import RunFolder
 from ..training import Trainer
 from .grid import Cell, GridSpec, cell_dir
@@ -37,11 +37,8 @@ def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
         saved_file = cell_dir(out, cell) / CONFIG_FILE
         if not saved_file.is_file():
             continue
-        changed = [
-            key
-            for key in differences(read_yaml(saved_file), cell.config.to_dict())
-            if not key.startswith(IGNORED_ON_RESUME)
-        ]
+        saved = config_from_dict(read_yaml(saved_file)).to_dict()  # keys added since it was written take their defaults
+        changed = [key for key in differences(saved, cell.config.to_dict()) if not key.startswith(IGNORED_ON_RESUME)]
         if changed:
             raise ConfigError(
                 f"{saved_file.parent} was run with another configuration ({', '.join(changed)} differ); run the grid "
