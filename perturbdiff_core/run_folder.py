@@ -15,6 +15,7 @@ hosts, so that run could still be alive); the message says how to take it over.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -99,15 +100,13 @@ class RunFolder:
         if not self.lock:
             return self
         check_output_folder(self.path)
-        self.created = not self.path.exists()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise output_error(self.path, err) from None
+        self.created = _make(self.path)
         try:
             self._fd = _acquire(self.path / LOCK_FILE)
         except BaseException:
-            self._discard()
+            if self.created:  # empty unless a concurrent run took it first: then it is that run's
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
             raise
         _remove_orphans(self.path)
         return self
@@ -125,9 +124,21 @@ class RunFolder:
             self._fd = None
 
     def _discard(self) -> None:
-        """Remove the folder if this claim created it (nothing else can have written there under the lock)."""
-        if self.created:
+        """Remove the folder if this claim created it (held: nobody else can have written there)."""
+        if self.created and self._fd is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _make(path: Path) -> bool:
+    """Create the folder ``path`` (and its parents); whether this call created it (of two processes
+    starting at once, exactly one did)."""
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise output_error(path, err) from None
+    return True
 
 
 def _acquire(path: Path) -> int:

@@ -107,3 +107,16 @@ def test_other_ranks_claim_nothing(tmp_path: Path) -> None:
     with RunFolder(tmp_path / "run", lock=False) as folder:
         folder.keep()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_claim_that_loses_the_race_for_a_new_folder_leaves_it_to_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs start into one new folder: the one that created it may still lose the lock, and must
+    then not remove the folder the other now holds."""
+    from perturbdiff_core import run_folder
+
+    with RunFolder(tmp_path / "run") as winner:
+        (winner.path / "split.json").write_text("{}")
+        monkeypatch.setattr(run_folder, "_make", lambda path: True)  # as if this claim had created it
+        with pytest.raises(RunFolderBusy):
+            RunFolder(tmp_path / "run").__enter__()
+        assert (winner.path / "split.json").exists() and (winner.path / LOCK_FILE).exists()
