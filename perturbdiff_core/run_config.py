@@ -172,6 +172,8 @@ def check(config: RunConfig) -> None:
         "data.min_cells_per_condition": config.data.min_cells_per_condition,
     }
     non_negative = {
+        "seed": config.seed,  # seeds feed numpy's SeedSequence, which takes no negative numbers
+        "split.seed": config.split.seed,
         "train.warmup_steps": config.train.warmup_steps,
         "train.val_every": config.train.val_every,
         "train.weight_decay": config.train.weight_decay,

@@ -72,6 +72,7 @@ def test_plugins_lists_groups_and_distributions(capsys: pytest.CaptureFixture[st
         (["--kernel", "energy", "--kernel-param", "gamma=2"], ["does not accept", "beta"]),
         (["--kernel-param", "beta"], ["--kernel-param expects key=value"]),
         (["--max-cells", "1"], ["--max-cells must be at least 2"]),
+        (["--seed", "-1"], ["--seed must be a non-negative integer"]),
     ],
 )
 def test_bad_input_is_one_line(screen_file: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,6 +57,9 @@ def test_train_then_predict(config_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert set(adata.obs.perturbation) == {"A+B", "control"}
     assert f"to {run / 'predictions_1.h5ad'}" in err
 
+    code = main(["predict", "--run", str(run), "--device", "cpu", "--seed", "-1"])
+    assert_one_line_error(code, capsys.readouterr().err, "--seed must be a non-negative integer, got -1")
+
     out = tmp_path / "other.h5ad"
     assert main(["predict", "--run", str(run), "--conditions", "C|t2", "--n-cells", "5", "--out", str(out), "--device", "cpu"]) == 0
     assert (ad.read_h5ad(out).obs.perturbation == "C").sum() == 5
@@ -88,6 +91,7 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
         (["predict", "--run", "{tmp}/nothing"], ["No run folder"]),
         (["predict", "--run", "{tmp}", "--device", "cpu"], ["No checkpoint"]),
         (["predict", "--run", "{tmp}", "--device", "cuda:99"], ["--device = 'cuda:99'", "cpu"]),
+        (["train", "{config}", "--set", "seed=-1"], ["seed must be >= 0"]),
         (["train", "{config}", "--set", "train.device=cuda:99"], ["train.device = 'cuda:99'", "auto"]),
         (["run", "{config}", "--set", "split.holdout=[Q+R]"], ["Q+R"]),
     ],

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
     if args.permutations < 1:
         raise ConfigError(f"--permutations must be a positive integer, got {args.permutations}.")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {args.seed}.")
     if args.out is not None:
         check_output_file(args.out)  # a folder or an unwritable place fails now, not after the tests
     kernel_params = parse_overrides(args.kernel_param, flag="--kernel-param")

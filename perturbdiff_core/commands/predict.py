@@ -130,6 +130,8 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace, device: torch.
     """The predicted AnnData of ``args`` (conditions, cells, seed) from ``checkpoint``, sampled on ``device``
     (default: ``args.device``)."""
     device = resolve_device(args.device, option="--device") if device is None else device
+    if args.seed is not None and args.seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {args.seed}.")
     data = open_data(checkpoint, args.data)
     if args.conditions:
         conditions = resolve_conditions(data, args.conditions)
