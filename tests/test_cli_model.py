@@ -132,7 +132,7 @@ def test_predict_never_replaces_the_runs_own_outputs(config_file: Path, tmp_path
         code = main(["predict", "--run", str(run), "--device", "cpu", "--out", str(run / name)])
         assert_one_line_error(code, capsys.readouterr().err, f"would replace the run's own {name}")
     code = main(["predict", "--run", str(run), "--device", "cpu", "--out", str(run / "checkpoints" / "x.h5ad")])
-    assert_one_line_error(code, capsys.readouterr().err, "the run's own")
+    assert_one_line_error(code, capsys.readouterr().err, "lies in the run's own checkpoints folder")
     code = main(["predict", "--run", str(run), "--device", "cpu", "--out", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, "is a folder; give the name of a file")
     assert {name: (run / name).read_bytes() for name in own} == own

@@ -162,13 +162,16 @@ def check_out(out: str | None, run_dir: Path) -> Path | None:
         check_output_folder(run_dir)
         return None
     path = check_output_file(out)
-    own = path.resolve().parent == run_dir.resolve() and path.name in RUN_FILES
-    if own or run_dir.resolve() / CHECKPOINT_DIR in path.resolve().parents:
-        raise InputError(
-            f"--out {out} would replace the run's own {path.name}; give another file name, or leave out --out "
-            f"to write a new {NEW_PREDICTIONS}_<n>.h5ad in the run folder."
-        )
-    return path
+    if path.resolve().parent == run_dir.resolve() and path.name in RUN_FILES:
+        clash = f"would replace the run's own {path.name}"
+    elif run_dir.resolve() / CHECKPOINT_DIR in path.resolve().parents:
+        clash = "lies in the run's own checkpoints folder"
+    else:
+        return path
+    raise InputError(
+        f"--out {out} {clash}; give another file name, or leave out --out to write a new "
+        f"{NEW_PREDICTIONS}_<n>.h5ad in the run folder."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
