@@ -6,11 +6,18 @@ vocabularies, fitted perturbation encoder), the split, the per-step training his
 perturbdiff version and a format tag. It is written with ``torch.save`` to a temporary file
 renamed into place, and read with ``torch.load(weights_only=True)``, which runs no code from
 the file. Every way loading can fail gives one :class:`CheckpointError` saying what to do.
+
+A run keeps two: ``last.pt`` and ``previous.pt``, the checkpoint before it (rotated by a hard link
+just before the new one is renamed into place, so ``last.pt`` never goes missing). When
+``last.pt`` cannot be read, :func:`load_run_checkpoint` falls back to ``previous.pt`` with a note.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,16 +28,17 @@ from . import __version__
 from .data.config import SplitConfig
 from .data.splits import Split
 from .diffusion import RKHSDiffusion
-from .errors import PerturbDiffError
-from .io import atomic_path
+from .errors import PerturbDiffError, PerturbDiffNote, first_line
+from .io import atomic_path, output_error
 from .run_config import RunConfig, config_from_dict
 
 #: Marks a perturbdiff checkpoint and the version of its layout; a reader accepts only its own.
 CHECKPOINT_FORMAT = "perturbdiff.checkpoint/1"
 
-#: Folder of checkpoints inside a run folder, and the latest checkpoint's file name.
+#: Folder of checkpoints inside a run folder, the latest checkpoint's file name and the one before it.
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
+PREVIOUS = "previous.pt"
 
 
 class CheckpointError(PerturbDiffError):
@@ -69,7 +77,7 @@ class Checkpoint:
             model.load_state_dict(self.model_state)
         except RuntimeError as err:
             raise CheckpointError(
-                f"The checkpoint's weights do not fit its model configuration ({str(err).splitlines()[0]}); "
+                f"The checkpoint's weights do not fit its model configuration ({first_line(err)}); "
                 f"the file was altered or written by an incompatible plug-in version."
             ) from None
         return model.to(device)
@@ -80,15 +88,65 @@ def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST
 
 
-def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (a reader never sees a partial file)."""
+def previous_path(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir/checkpoints/previous.pt``, the checkpoint before ``last.pt``."""
+    return Path(run_dir) / CHECKPOINT_DIR / PREVIOUS
+
+
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether the run folder holds a checkpoint to resume from (``last.pt`` or ``previous.pt``)."""
+    return checkpoint_path(run_dir).is_file() or previous_path(run_dir).is_file()
+
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint, *, previous: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically (a reader never sees a partial file).
+
+    With ``previous``, a complete file already at ``path`` becomes ``previous`` (atomically, just
+    before the new one replaces it), so one damaged or unwanted checkpoint never leaves a run
+    without a way back. A failed write (a full disk, ...) leaves both files as they were and
+    raises :class:`~perturbdiff_core.errors.OutputError` naming the path.
+    """
     payload: dict[str, Any] = {f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)}
     payload["run_config"] = checkpoint.run_config.to_dict()
     payload["split"] = {"config": asdict(checkpoint.split.config), **{k: getattr(checkpoint.split, k) for k in ("train", "val", "test")}}
     payload["format"] = CHECKPOINT_FORMAT
+    path = Path(path)
     with atomic_path(path) as tmp:
+        _torch_save(payload, tmp, path)
+        if previous is not None and _complete(path):
+            _keep_as(path, Path(previous))
+    return path
+
+
+def _torch_save(payload: dict[str, Any], tmp: Path, path: Path) -> None:
+    """``torch.save``, whose file writer reports a failed write (a full disk) as a RuntimeError without errno."""
+    try:
         torch.save(payload, tmp)
-    return Path(path)
+    except RuntimeError as err:
+        if "inline_container" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
+        reason = f"torch's file writer stopped ({first_line(err, 120)})"
+        raise output_error(path, err, reason=reason, fix="free space on that disk (the usual cause) or write elsewhere, then resume") from None
+
+
+def _complete(path: Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` file: a zip archive whose directory, at its end, reads
+    (a cheap test: truncated and zero-byte files fail it)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _keep_as(path: Path, kept: Path) -> None:
+    """Make ``kept`` a copy of ``path`` atomically: a hard link (no data copied) where the file system has them."""
+    with atomic_path(kept) as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: torch.device | str = "cpu") -> Checkpoint:
@@ -103,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: torch.device | s
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged file fails anywhere inside torch.load's unpickler
         raise CheckpointError(
-            f"Cannot read {path} as a perturbdiff checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"Cannot read {path} as a perturbdiff checkpoint ({type(err).__name__}: {first_line(err, 200)}); "
             f"the file is corrupt, truncated or not a checkpoint. Use another checkpoint or train again."
         ) from None
     if not isinstance(payload, dict) or "format" not in payload:
@@ -126,3 +184,24 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: torch.device | s
     values["split"] = Split(SplitConfig.from_dict(split["config"]), list(split["train"]), list(split["val"]), list(split["test"]))
     values["validation"] = {int(k): float(v) for k, v in payload["validation"].items()}
     return Checkpoint(**values)
+
+
+def load_run_checkpoint(run_dir: str | os.PathLike[str], map_location: torch.device | str = "cpu") -> Checkpoint:
+    """The run folder's latest readable checkpoint: ``last.pt``, or ``previous.pt`` with a note when
+    ``last.pt`` is missing or unreadable (a truncated file, a disk error); ``last.pt``'s error when neither reads."""
+    try:
+        return load_checkpoint(checkpoint_path(run_dir), map_location)
+    except CheckpointError as err:
+        if not previous_path(run_dir).is_file():
+            raise
+        try:
+            checkpoint = load_checkpoint(previous_path(run_dir), map_location)
+        except CheckpointError:
+            raise err from None
+        warnings.warn(
+            f"{checkpoint_path(run_dir)} cannot be used ({first_line(err, 120)}); using the checkpoint before it, "
+            f"{previous_path(run_dir)} (step {checkpoint.step}).",
+            PerturbDiffNote,
+            stacklevel=2,
+        )
+        return checkpoint

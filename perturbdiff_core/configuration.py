@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -91,9 +91,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        named = ", ".join(f"{prefix}{k}{did_you_mean(k, fields, prefix=prefix)}" for k in unknown)
         raise ConfigError(
-            f"Unknown config key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(prefix + k for k in unknown)}; valid keys here: "
+            f"Unknown config key{'s' if len(unknown) > 1 else ''} {named}; valid keys here: "
             f"{', '.join(prefix + k for k in fields)}."
         )
     hints = typing.get_type_hints(cls)
@@ -181,10 +181,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"No such config file: {path}.")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file; give the path of a YAML file inside it.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Cannot read {path} as a YAML config ({err}); give a readable text file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys at the top level.")
     return data

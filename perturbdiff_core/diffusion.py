@@ -249,22 +249,30 @@ class RKHSDiffusion(nn.Module):
                 with torch.no_grad():
                     self_cond = self._to_x0(self.denoiser(x_t, t, cond), x_t, ab)
         pred = self.denoiser(x_t, t, cond, self_cond)
-        mse, mmd = self.denoising_loss(pred, x0, noise, x_t, ab)
+        cell_origin = origin if self.relative_to_control and self.origin == "cell" else None
+        mse, mmd = self.denoising_loss(pred, x0, noise, x_t, ab, cell_origin)
         per_set = mse if mmd is None else mse + self.mmd_weight * mmd
         terms = {"mse": mse.mean().detach(), "loss": per_set.mean()}
         if mmd is not None:
             terms["mmd"] = mmd.mean().detach()
         return terms
 
-    def denoising_loss(self, pred: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor, alpha_bar: Tensor) -> tuple[Tensor, Tensor | None]:
+    def denoising_loss(
+        self, pred: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor, alpha_bar: Tensor, cell_origin: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Per-set squared error of the denoiser's output ``pred`` and MMD^2 of the clean sets it
-        implies against ``x0`` (None when ``mmd_weight`` is 0), each ``(B,)``."""
+        implies against ``x0`` (None when ``mmd_weight`` is 0), each ``(B,)``. With per-cell origins
+        ``cell_origin`` ``(B, S, G)`` (``origin="cell"``) the MMD compares the populations with their
+        origins added back: a population is not moved by one vector there, so the MMD of the residuals would differ."""
         # One fused kernel forward and backward (a difference and a square would each write a set-sized tensor).
         goal = target(self.prediction, x0, noise, alpha_bar, self._data())
         mse = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2))
         if self.mmd_weight == 0:
             return mse, None
-        return mse, self.estimator(self._to_x0(pred, x_t, alpha_bar), x0, self.kernel)
+        estimate = self._to_x0(pred, x_t, alpha_bar)
+        if cell_origin is not None:
+            estimate, x0 = estimate + cell_origin, x0 + cell_origin
+        return mse, self.estimator(estimate, x0, self.kernel)
 
     @torch.no_grad()
     def fit_data_scale(self, x0: Tensor, floor: float = 1e-2) -> None:

@@ -156,13 +156,14 @@ def mean(values: Tensor) -> Tensor:
     return total / world_size()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank: one decision every rank takes at the same step (e.g. stop on Ctrl-C)."""
+def any_rank(flag: int, device: torch.device) -> int:
+    """The largest ``flag`` over the ranks (non-zero when it is set on any rank): one decision every rank
+    takes at the same step (e.g. stop on Ctrl-C or SIGTERM, with that signal's number)."""
     if not active():
-        return flag
+        return int(flag)
     value = torch.tensor(int(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item())
 
 
 def barrier() -> None:

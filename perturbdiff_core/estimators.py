@@ -5,7 +5,8 @@ r"""MMD estimator interface, and the quadratic-time estimators written once over
     = \|\mu_P - \mu_Q\|_{\mathcal H}^2
 
 Every estimator takes batches of sets ``(..., N, G)`` and ``(..., M, G)``, optional per-cell
-weights ``(..., N)`` and ``(..., M)``, and returns a differentiable ``(...)`` tensor.
+weights ``(..., N)`` and ``(..., M)``, and returns a differentiable ``(...)`` tensor; float16 and
+bfloat16 sets are computed (and returned) in float32.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from .errors import InputError
 from .kernels import Kernel
 from .reductions import KernelReduction
-from .validation import check_sets, normalized_weights
+from .validation import at_least_float32, check_sets, normalized_weights
 
 
 class MMDEstimator(ABC):
@@ -39,6 +40,7 @@ class MMDEstimator(ABC):
         x_weights: Tensor | None = None,
         y_weights: Tensor | None = None,
     ) -> Tensor:
+        x, y = at_least_float32(x), at_least_float32(y)  # half precision cannot hold the sums (see at_least_float32)
         check_sets(x, y)
         if x.dtype != y.dtype:
             raise InputError(f"x is {x.dtype} but y is {y.dtype}; cast both to one dtype.")

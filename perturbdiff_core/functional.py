@@ -32,7 +32,12 @@ def mmd2(
         **kernel_params: parameters of the named kernel, e.g. ``lengthscale="median"``.
 
     Returns:
-        A differentiable ``(...)`` tensor.
+        A differentiable ``(...)`` tensor; float32 for float16 or bfloat16 sets, whose own
+        precision cannot hold the sums (they are computed in float32).
+
+    Raises:
+        InputError: for sets that are not real floating-point tensors with cells and genes
+            (integer, boolean, complex, meta-device, 0 genes), or hold NaN or Inf.
 
     Example:
         >>> import torch

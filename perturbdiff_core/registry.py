@@ -15,7 +15,7 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .errors import PluginLoadError, UnknownPluginError
+from .errors import PerturbDiffError, PluginLoadError, UnknownPluginError, did_you_mean, first_line
 
 #: Entry-point group -> dotted path of the interface its plug-ins must implement.
 GROUPS: dict[str, str] = {
@@ -52,7 +52,7 @@ class PluginInfo:
 def _check_group(group: str) -> None:
     if group not in GROUPS:
         raise UnknownPluginError(
-            f"Unknown plug-in group {group!r}; the groups are: {', '.join(GROUPS)}."
+            f"Unknown plug-in group {group!r}{did_you_mean(group, GROUPS)}; the groups are: {', '.join(GROUPS)}."
         )
 
 
@@ -90,6 +90,12 @@ def _interface(group: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
+def _distribution(group: str, name: str) -> str:
+    """The distribution that registers plug-in ``name`` of ``group`` (as users ``pip install`` it)."""
+    dist = _entry_points(group)[name].dist
+    return dist.name if dist is not None else "unknown distribution"
+
+
 @cache
 def _load_entry_point(group: str, name: str) -> Any:
     _check_group(group)
@@ -97,11 +103,11 @@ def _load_entry_point(group: str, name: str) -> Any:
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none installed"
         raise UnknownPluginError(
-            f"No plug-in named {name!r} in group {group!r}; known names: {known}. "
+            f"No plug-in named {name!r} in group {group!r}{did_you_mean(name, eps)}; known names: {known}. "
             f"Check the spelling or install the package that provides it."
         )
     ep = eps[name]
-    dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+    dist = _distribution(group, name)
     try:
         obj = ep.load()
     except Exception as err:  # a broken plug-in must not break the registry
@@ -131,7 +137,7 @@ def load(group: str, name: str, /, **params: Any) -> Any:
             f"Plug-in {name!r} ({group}) does not accept these parameters: {err}. "
             f"Its signature is {name}{inspect.signature(factory)}."
         ) from None
-    obj = factory(**params)
+    obj = _build(group, name, factory, params)
     interface = _interface(group)
     if not isinstance(obj, interface):
         raise PluginLoadError(
@@ -139,6 +145,22 @@ def load(group: str, name: str, /, **params: Any) -> Any:
             f"{interface.__name__}; fix the plug-in."
         )
     return obj
+
+
+def _build(group: str, name: str, factory: Any, params: dict[str, Any]) -> Any:
+    """``factory(**params)``; a failure that is not a user error becomes a PluginLoadError naming the
+    plug-in and its distribution (the traceback of a third party's constructor names neither)."""
+    try:
+        return factory(**params)
+    except PerturbDiffError:  # the plug-in's own message about its parameters
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure inside foreign code
+        dist = _distribution(group, name)
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "no parameters"
+        raise PluginLoadError(
+            f"Plug-in {name!r} ({group}) from {dist} failed to build with {shown}: {type(err).__name__}: "
+            f"{first_line(err)}. Check its parameters, or report the failure to the maintainers of {dist}."
+        ) from err
 
 
 def resolve(group: str, spec: Any, /, **params: Any) -> Any:

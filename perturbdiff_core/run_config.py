@@ -193,8 +193,11 @@ def check(config: RunConfig) -> None:
         "sample.chunk_sets": config.sample.chunk_sets,
         "sample.populations": config.sample.populations,
         "evaluate.max_cells": config.evaluate.max_cells,
+        "data.min_cells_per_condition": config.data.min_cells_per_condition,
     }
     non_negative = {
+        "seed": config.seed,  # seeds feed numpy's SeedSequence, which takes no negative numbers
+        "split.seed": config.split.seed,
         "train.warmup_steps": config.train.warmup_steps,
         "train.val_every": config.train.val_every,
         "train.weight_decay": config.train.weight_decay,
@@ -209,8 +212,14 @@ def check(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}.")
     if not config.train.lr > 0:
         raise ConfigError(f"train.lr must be positive, got {config.train.lr}.")
-    if not 0.0 <= config.train.context_drop_prob <= 1.0:
-        raise ConfigError(f"train.context_drop_prob must lie in [0, 1], got {config.train.context_drop_prob}.")
+    unit = {  # checked here so a run fails before training, not when it samples or reads new data
+        "train.context_drop_prob": config.train.context_drop_prob,
+        "sample.eta": config.sample.eta,
+        "data.max_missing_genes": config.data.max_missing_genes,
+    }
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {value}.")
     if config.train.grad_clip is not None and not config.train.grad_clip > 0:
         raise ConfigError(f"train.grad_clip must be positive or null (no clipping), got {config.train.grad_clip}.")
     check_anchor(config.model.anchor)

@@ -33,14 +33,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, registry
 from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
 from .batch import SetBatch
-from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from .data.loader import seed_worker
 from .diffusion import RKHSDiffusion
-from .errors import ConfigError, PerturbDiffError
+from .errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from .io import atomic_path
 from .pretraining import marginal_batch, prepare_marginal
 from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
@@ -57,11 +57,12 @@ FIXED_ON_RESUME = ("seed", "data.", "split.", "model.", "train.batch_size", "tra
                    "train.init_from", "train.init_genes")
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: a checkpoint of the last completed step was saved first."""
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM during training: a checkpoint of the last completed step was saved first."""
 
-    def __init__(self, step: int, path: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT) -> None:
+        verb = "terminated" if signum == signal.SIGTERM else "interrupted"
+        super().__init__(signum, f"{verb} at step {step}; checkpoint saved to {path}")
         self.step, self.path = step, path
 
 
@@ -79,14 +80,36 @@ def drop_context(batch: SetBatch, prob: float, generator: torch.Generator, shard
     return replace(batch, cond=cond)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other name as torch spells it."""
+def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; any other name as torch spells it, checked to exist here.
+
+    ``option`` names the setting in the error (``--device`` for ``perturbdiff predict``).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise ConfigError(f"train.device = {name!r} is not a torch device ({err}); use auto, cpu or cuda.") from None
+        raise ConfigError(f"{option} = {name!r} is not a torch device ({err}); use auto, cpu or cuda.") from None
+    problem = _unavailable(device)
+    if problem:
+        raise ConfigError(f"{option} = {name!r}, but {problem}; use {option}=auto (the GPU when there is one) or cpu.")
+    return device
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why ``device`` cannot hold tensors in this process, or None (CPU always can)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this torch is a CPU-only build" if torch.version.cuda is None else "torch finds no CUDA GPU here"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "torch finds no Apple MPS device here"
+    elif device.type == "meta":
+        return "the meta device holds no values to train or sample with"
+    return None
 
 
 def _spec(name: str, params: dict[str, Any]) -> str | dict[str, Any]:
@@ -95,19 +118,34 @@ def _spec(name: str, params: dict[str, Any]) -> str | dict[str, Any]:
 
 def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
     """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies)."""
-    reserved = {"num_genes", "perturbation_dim", "num_cell_types", "num_batches", "name"} & set(config.denoiser_params)
-    if reserved:
-        raise ConfigError(
-            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data; remove them."
-        )
-    denoiser = {
-        "name": config.denoiser,
+    sizes = {
         "num_genes": data.n_genes,
         "perturbation_dim": max(1, data.encoder.dim),  # a marginal model's one-hot encoder is empty; it gets zeros
         "num_cell_types": len(data.vocabularies["cell_type"]),
         "num_batches": len(data.vocabularies["batch"]),
-        **config.denoiser_params,
     }
+    return _model(config, sizes)
+
+
+#: Data sizes a model is built with before the data are read, only to check its plug-ins (:func:`check_plugins`).
+PLACEHOLDER_SIZES = {"num_genes": 8, "perturbation_dim": 2, "num_cell_types": 2, "num_batches": 2}
+
+
+def check_plugins(config: RunConfig) -> None:
+    """Build every plug-in a run names (the model at placeholder data sizes, the perturbation encoder),
+    so a misspelt name or a bad parameter fails in a second, before the data are read."""
+    _model(config.model, PLACEHOLDER_SIZES)
+    registry.load("perturbdiff.encoders", config.data.encoder, **config.data.encoder_params)
+
+
+def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
+    """The model of ``config`` with a denoiser of the given data sizes."""
+    reserved = {*sizes, "name"} & set(config.denoiser_params)
+    if reserved:
+        raise ConfigError(
+            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data; remove them."
+        )
+    denoiser = {"name": config.denoiser, **sizes, **config.denoiser_params}
     return RKHSDiffusion(
         denoiser,
         _spec(config.schedule, config.schedule_params),
@@ -118,7 +156,7 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
         self_condition_prob=config.self_condition_prob,
         cond_drop_prob=config.cond_drop_prob,
         ema_decay=config.ema_decay,
-        relative_to_control=config.anchor_name != NO_ANCHOR,
+        relative_to_control=config.anchor_name != NO_ANCHOR or config.origin == "cell",
         origin=config.origin,
     )
 
@@ -194,8 +232,9 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
 
 
 def _worker_init(worker_id: int) -> None:
-    """Workers ignore Ctrl-C (the main process saves a checkpoint and stops them) and seed numpy."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Workers ignore Ctrl-C and SIGTERM (the main process saves a checkpoint and stops them) and seed numpy."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     seed_worker(worker_id)
 
 
@@ -239,32 +278,36 @@ def training_loader(
 
 
 @contextmanager
-def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Within the block a first Ctrl-C only sets a flag (read between steps); a second one stops at once."""
+def deferred_interrupt() -> Iterator[Callable[[], int]]:
+    """Within the block a first Ctrl-C or SIGTERM only records the signal (read between steps: the
+    function yielded returns its number, 0 before); a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
     hits: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         if hits:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         hits.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
-        yield lambda: bool(hits)
+        yield lambda: hits[0] if hits else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 class Trainer:
     """Trains the model of a :class:`RunConfig` into ``run_dir``, or resumes it from ``run_dir/checkpoints/last.pt``.
 
-    A fresh run prepares the data (writing ``split.json`` and ``data_state.json``), writes the
-    resolved ``config.yaml`` and refuses a folder that already holds a checkpoint; a resumed run
-    rebuilds everything from the checkpoint and refuses a config that changes the training
-    stream (:data:`FIXED_ON_RESUME`).
+    A fresh run builds its plug-ins (:func:`check_plugins`), then prepares the data (writing
+    ``split.json`` and ``data_state.json``), writes the resolved ``config.yaml`` and refuses a
+    folder that already holds a checkpoint; a resumed run rebuilds everything from the checkpoint
+    (``previous.pt`` when ``last.pt`` is damaged) and refuses a config that changes the training
+    stream (:data:`FIXED_ON_RESUME`). The commands hold the folder with a
+    :class:`~perturbdiff_core.run_folder.RunFolder` while a trainer works in it.
 
     Args:
         config: the run configuration (``data.path`` already resolved).
@@ -301,18 +344,19 @@ class Trainer:
         self.step = 0
         self.transfer: TransferReport | None = None  # what train.init_from loaded
         if resume:
-            checkpoint = load_checkpoint(self.checkpoint_file)
+            checkpoint = load_run_checkpoint(self.run_dir)  # previous.pt, with a note, when last.pt is damaged
             self._check_resumable(checkpoint.run_config)
             self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
             self.split: Split = checkpoint.split
             self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)
         else:
-            if self.checkpoint_file.exists():
+            if has_checkpoint(self.run_dir):
                 raise ConfigError(
-                    f"{self.run_dir} already holds a trained run ({self.checkpoint_file}); pass --resume to "
+                    f"{self.run_dir} already holds a trained run ({self.checkpoint_file.parent}); pass --resume to "
                     f"continue it, or --out to start a new run in another folder."
                 )
+            check_plugins(config)  # a typo fails now, not after the data are read
             init = load_init(config.train.init_from) if config.train.init_from else None
             self.data, self.split = self._prepare(source, init)
             torch.manual_seed(config.seed)
@@ -380,7 +424,7 @@ class Trainer:
         """Train up to ``train.steps`` (or ``stop_at``), then save a checkpoint; returns :meth:`log`.
 
         Raises:
-            TrainingInterrupted: on Ctrl-C, after saving the last completed step.
+            TrainingInterrupted: on Ctrl-C or SIGTERM, after saving the last completed step.
         """
         train = self.config.train
         stop = train.steps if stop_at is None else min(stop_at, train.steps)
@@ -398,9 +442,10 @@ class Trainer:
                 self.step += 1
                 self._periodic(bar, stop)
                 bar.update(1)
-                if distributed.any_rank(interrupted(), self.device):  # every rank stops at the same step
+                signum = distributed.any_rank(interrupted(), self.device)  # every rank stops at the same step
+                if signum:
                     self.save()
-                    raise TrainingInterrupted(self.step, self.checkpoint_file)
+                    raise TrainingInterrupted(self.step, self.checkpoint_file, signum)
         self.save()
         return self.log()
 
@@ -414,14 +459,14 @@ class Trainer:
         batch = self._conditioned(batch.to(self.device, non_blocking=True))  # asynchronous from pinned memory on a GPU
         if self.config.train.context_drop_prob > 0:
             batch = drop_context(batch, self.config.train.context_drop_prob, generator, self.part)
-        terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)
+        try:
+            terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)
+        except NonFiniteError:  # the data were checked when read: NaN or Inf now comes from a diverging model
+            terms = {"loss": torch.tensor(math.nan, device=self.device)}  # every rank then stops below
         nan = terms["loss"].new_tensor(math.nan)  # for a term the model does not report
         loss, mse, mmd = distributed.mean(torch.stack([terms["loss"].detach(), terms.get("mse", nan), terms.get("mmd", nan)])).tolist()
         if not math.isfinite(loss):
-            raise PerturbDiffError(
-                f"The training loss became {loss} at step {self.step + 1}; lower train.lr or set "
-                f"train.grad_clip, and resume from the last checkpoint ({self.checkpoint_file}) or start again."
-            )
+            raise self._diverged(f"the training loss became {loss} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.config.train.grad_clip is not None:
@@ -431,6 +476,13 @@ class Trainer:
         if self.model.ema is not None:
             self.model.update_ema()
         return {"loss": loss, "mse": mse, "mmd": mmd, "lr": lr}
+
+    def _diverged(self, what: str) -> PerturbDiffError:
+        """The error of a diverging model: ``what`` happened, and the fix (the data were checked when read)."""
+        return PerturbDiffError(
+            f"{what[0].upper()}{what[1:]} (the model diverged); lower train.lr (now {self.config.train.lr:g}) or set "
+            f"train.grad_clip, and resume from the last checkpoint ({self.checkpoint_file}) or start again."
+        )
 
     def _conditioned(self, batch: SetBatch) -> SetBatch:
         """``batch`` as the model sees it: perturbation zeroed for ``train.objective: marginal``."""
@@ -464,7 +516,10 @@ class Trainer:
         for batch in self.val_loader:
             batch = self._conditioned(batch.to(self.device))
             sampled = self.model.sample(batch.cond, steps=self.config.train.val_sampling_steps, generator=generator)
-            values.append(self.model.estimator(sampled, batch.target.to(sampled.dtype), self.model.kernel))
+            try:
+                values.append(self.model.estimator(sampled, batch.target.to(sampled.dtype), self.model.kernel))
+            except NonFiniteError:
+                raise self._diverged(f"the validation samples became NaN or Inf after step {self.step}") from None
         return torch.cat(values).mean().item()
 
     # ---------------------------------------------------------------------------- output
@@ -515,7 +570,7 @@ class Trainer:
             validation=self.validation,
         )
         self.write_log()
-        path = save_checkpoint(self.checkpoint_file, checkpoint)
+        path = save_checkpoint(self.checkpoint_file, checkpoint, previous=previous_path(self.run_dir))
         distributed.barrier()
         return path
 

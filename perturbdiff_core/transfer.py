@@ -25,7 +25,7 @@ from typing import Any, Literal
 import anndata as ad
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_path, load_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, checkpoint_path, has_checkpoint, load_checkpoint, load_run_checkpoint
 from .data.config import DataConfig
 from .data.dataset import PerturbationData
 from .diffusion import RKHSDiffusion
@@ -54,8 +54,11 @@ def resolve_checkpoint(init_from: str | os.PathLike[str]) -> Path:
 
 
 def load_init(init_from: str | os.PathLike[str]) -> Checkpoint:
-    """The checkpoint to start from (CheckpointError naming the path for a missing or invalid one)."""
+    """The checkpoint to start from (CheckpointError naming the path for a missing or invalid one); a run
+    folder's ``previous.pt`` (with a note) when its ``last.pt`` is damaged."""
     path = resolve_checkpoint(init_from)
+    if Path(init_from).expanduser().is_dir() and has_checkpoint(Path(init_from).expanduser()):
+        return load_run_checkpoint(Path(init_from).expanduser())
     if not path.is_file():
         raise CheckpointError(
             f"train.init_from = {init_from}: no checkpoint at {path}. Give a run folder of a finished "

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
 
 def _finiteness_problem(t: Tensor, name: str) -> str | None:
@@ -33,8 +33,21 @@ def _finiteness_problem(t: Tensor, name: str) -> str | None:
     )
 
 
+def _storage_problem(t: Tensor, name: str) -> str | None:
+    """Why ``t`` holds no real numbers a kernel can use, or None: the meta device (shapes only),
+    or an integer, boolean or complex dtype (distances between such values are not what is meant)."""
+    if t.device.type == "meta":
+        return f"{name} is on the meta device, which holds shapes but no values; create it on cpu or cuda."
+    if t.is_complex():
+        return f"{name} is complex ({t.dtype}); kernels compare real expression values: pass {name}.real or {name}.abs()."
+    if not t.is_floating_point():
+        return f"{name} is {t.dtype}; kernels need floating-point values: pass {name}.float() (or .double())."
+    return None
+
+
 def check_sets(x: Tensor, y: Tensor, *, name_x: str = "x", name_y: str = "y") -> None:
-    """Two batches of cell sets ``(..., N, G)`` and ``(..., M, G)``: same genes, non-empty, finite."""
+    """Two batches of cell sets ``(..., N, G)`` and ``(..., M, G)``: real floating point on a real
+    device, at least one cell and one gene, same genes, finite."""
     for name, t in ((name_x, x), (name_y, y)):
         if not isinstance(t, Tensor):
             raise InputError(f"{name} must be a torch.Tensor of shape (..., cells, genes), got {type(t).__name__}.")
@@ -43,11 +56,16 @@ def check_sets(x: Tensor, y: Tensor, *, name_x: str = "x", name_y: str = "y") ->
                 f"{name} has shape {tuple(t.shape)}; expected (..., cells, genes). "
                 f"Add a cell dimension with {name}[None] or {name}.unsqueeze(-1)."
             )
-        if t.shape[-2] == 0:
-            raise InputError(f"{name} is an empty set (0 cells); every set needs at least one cell.")
-        problem = _finiteness_problem(t, name)
+        problem = _storage_problem(t, name)
         if problem:
             raise InputError(problem)
+        if t.shape[-2] == 0:
+            raise InputError(f"{name} is an empty set (0 cells); every set needs at least one cell.")
+        if t.shape[-1] == 0:
+            raise InputError(f"{name} has 0 genes; give cells measured on at least one gene.")
+        problem = _finiteness_problem(t, name)
+        if problem:
+            raise NonFiniteError(problem)
     if x.shape[-1] != y.shape[-1]:
         raise InputError(
             f"{name_x} has {x.shape[-1]} genes but {name_y} has {y.shape[-1]}; both sets must be "
@@ -80,3 +98,17 @@ def normalized_weights(weights: Tensor | None, cells: Tensor, *, name: str) -> T
     if (total <= 0).any():
         raise InputError(f"{name} sums to zero for some set; give at least one cell a positive weight.")
     return (weights / total).to(cells.dtype).expand(cells.shape[:-1])
+
+
+#: Dtypes too coarse to sum kernel matrices in (float16: 11 bits, bfloat16: 8 bits of mantissa).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is float16 or bfloat16, else unchanged.
+
+    An MMD is a small difference of large sums over all pairs of cells: accumulated in half
+    precision it is wrong in the first digit (the energy MMD^2 0.30 of two 256-cell sets over 2000
+    genes came out 0.25 in float16 and 0.0 in bfloat16), so estimators work in float32 at least.
+    """
+    return t.float() if isinstance(t, Tensor) and t.dtype in HALF_DTYPES else t

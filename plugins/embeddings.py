@@ -59,6 +59,11 @@ class _KernelEmbedding(EmbeddingMap):
         return self.kernel
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A "median" lengthscale fixed by fit is saved with the (..., 1, 1) shape of adapt (a constructor's is
+        # 0-dim): the fresh map takes it as fixed too, before its kernel loads the value.
+        saved = state_dict.get(prefix + "kernel.raw_lengthscale")
+        if isinstance(self.kernel, RadialKernel) and self.kernel.adaptive and saved is not None and saved.dim() >= 2:
+            self.kernel = self.kernel.fixed_at(saved)
         # Buffers made by fit are None in a fresh map: give them the saved shapes before loading.
         for name, value in self._buffers.items():
             if value is None and prefix + name in state_dict:

@@ -1,4 +1,4 @@
-"""Built-in radial kernels (GPyTorch conventions, ``r = ||x - y||``, ``s = r^2 / l^2``)."""
+"""Built-in radial kernels (GPyTorch conventions, ``r = ||x - y||``, ``s = r^2 / l^2``); their lengthscale defaults to the median heuristic."""
 
 from __future__ import annotations
 
@@ -209,8 +209,9 @@ class Mixture(RadialKernel):
     :math:`k(x, x)` is the number of bandwidths (the terms are not averaged).
 
     Args:
-        base: name of a radial kernel plug-in (``"rbf"``, ``"laplace"``, ``"matern32"``, ...);
-            its own lengthscale is replaced by the mixture's, so an instance must keep the default 1.
+        base: name of a radial kernel plug-in (``"rbf"``, ``"laplace"``, ``"matern32"``, ...) or
+            an instance; its own lengthscale is not used (the mixture's replaces it), so an
+            instance must keep the default (``"median"``) or 1.
         lengthscales: the bandwidths :math:`l_i`.
         relative: :math:`l` is the median-heuristic lengthscale of each pair of sets; otherwise
             :math:`l = 1` and ``lengthscales`` are absolute.
@@ -226,10 +227,10 @@ class Mixture(RadialKernel):
         self.base = as_kernel(base)
         if not isinstance(self.base, RadialKernel):
             raise InputError(f"mixture needs a radial base kernel, {base!r} is {type(self.base).__name__}.")
-        if self.base.median or self.base.raw_lengthscale.item() != 0.0:
+        if not self.base.median and self.base.raw_lengthscale.item() != 0.0:
             raise InputError(
                 "mixture sets the bandwidths itself; build the base kernel with the default "
-                "lengthscale 1 and put the bandwidths in `lengthscales`."
+                "lengthscale and put the bandwidths in `lengthscales`."
             )
         valid = [
             isinstance(l, (int, float)) and not isinstance(l, bool) and math.isfinite(l) and l > 0

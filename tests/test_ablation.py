@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from perturbdiff_core.ablation import GridSpec, read_grid, runner, summary
+from perturbdiff_core.ablation import GridSpec, cell_dir, read_grid, runner, summary
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import ConfigError, PerturbDiffError
+from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError
 from perturbdiff_core.run_config import load_config
+from perturbdiff_core.run_folder import RunFolder
 from test_cli import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +299,7 @@ def test_summary_files_are_written_atomically(
         raise OSError("disk full")
 
     monkeypatch.setattr(summary.Figure, "savefig", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"Cannot write .*ablation.png: disk full"):  # one line, naming the file
         summary.summarize_grid(spec, spec.cells(), out)
     assert not (out / "ablation.png").exists() and not list(out.glob(".*.tmp"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "ablation.csv"), pd.read_csv(original / "ablation.csv"))
@@ -344,3 +346,26 @@ def test_a_failing_cell_stops_the_grid_in_one_line_naming_it(
     monkeypatch.setattr(runner, "run_cell", diverges)
     code = main(["ablate", str(write_grid(folder, GRID)), "--out", str(tmp_path / "out"), "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, f"Cell {NAMES[0]} failed", "train.lr", "finished cells are kept")
+
+
+def test_a_cell_another_run_holds_is_refused_naming_it(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two grids (or a grid and a suite) into one folder must not train the same cell at once."""
+    out = tmp_path / "out"
+    with RunFolder(cell_dir(out, read_grid(write_grid(folder, GRID)).cells()[0])):
+        code = main(["ablate", str(write_grid(folder, GRID)), "--out", str(out), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, f"Cell {NAMES[0]} failed", "in use by another perturbdiff run", f"pid {os.getpid()}")
+
+
+def test_a_cell_folder_written_before_a_config_key_existed_still_resumes(finished: tuple[Path, Path, list[str], str]) -> None:
+    """A finished grid must not be refused because perturbdiff has since gained a config key (with its default)."""
+    grid, out, _, _ = finished
+    spec = read_grid(grid)
+    saved = cell_dir(out, spec.cells()[0]) / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["data"]["min_cells_per_condition"]
+    original = saved.read_text()
+    try:
+        saved.write_text(yaml.safe_dump(older))
+        runner.check_folders(spec.cells(), out)  # no error
+    finally:
+        saved.write_text(original)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import anndata as ad
 import pytest
 
 from perturbdiff_core import __version__
 from perturbdiff_core.cli import DEBUG_ENV, main
 from perturbdiff_core.commands import plugins
-from perturbdiff_core.errors import DataError
+from perturbdiff_core.errors import DataError, PerturbDiffNote, PerturbDiffWarning
 from test_etest import make_screen
 
 
@@ -68,6 +72,7 @@ def test_plugins_lists_groups_and_distributions(capsys: pytest.CaptureFixture[st
         (["--kernel", "energy", "--kernel-param", "gamma=2"], ["does not accept", "beta"]),
         (["--kernel-param", "beta"], ["--kernel-param expects key=value"]),
         (["--max-cells", "1"], ["--max-cells must be at least 2"]),
+        (["--seed", "-1"], ["--seed must be a non-negative integer"]),
     ],
 )
 def test_bad_input_is_one_line(screen_file: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,6 +83,65 @@ def test_bad_input_is_one_line(screen_file: Path, args: list[str], fragments: li
 def test_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["etest", str(tmp_path / "missing.h5ad")])
     assert_one_line_error(code, capsys.readouterr().err, "No such file", "missing.h5ad", "Give the path")
+
+
+def _not_anndata(path: Path) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["a"] = [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("make", "fragments"),
+    [
+        (_not_anndata, ["is not an AnnData file", "write_h5ad"]),
+        (lambda p: ad.AnnData(obs=make_screen().obs, var=make_screen().var).write_h5ad(p), ["no X matrix"]),
+        (lambda p: make_screen()[:, :0].copy().write_h5ad(p), ["no genes"]),
+        (lambda p: make_screen()[:0].copy().write_h5ad(p), ["no cells"]),
+        (lambda p: p.mkdir(), ["is a folder, not an .h5ad file"]),
+    ],
+    ids=["hdf5-not-anndata", "no-x", "no-genes", "no-cells", "folder"],
+)
+def test_unusable_files_are_one_line(tmp_path: Path, make, fragments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "data.h5ad"
+    make(path)
+    code = main(["etest", str(path), "--permutations", "9"])
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)
+
+
+def test_perturbdiff_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def warns(args):
+        warnings.warn("3 conditions are left out:\n A, B, C.", PerturbDiffWarning)
+        warnings.warn("took over a stale lock.", PerturbDiffNote)
+        return 0
+
+    monkeypatch.setattr(plugins, "run", warns)
+    assert main(["plugins"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "perturbdiff: warning: 3 conditions are left out: A, B, C.",
+        "perturbdiff: note: took over a stale lock.",
+    ]
+
+
+def test_a_file_system_error_no_command_caught_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(args):
+        raise OSError(errno.ENOSPC, "Unable to write (errno = 28, time = ..., buf = ...)", "/data/out.h5ad")
+
+    monkeypatch.setattr(plugins, "run", fails)
+    assert_one_line_error(main(["plugins"]), capsys.readouterr().err, "/data/out.h5ad: No space left on device; free space")
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_with_status_143(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(plugins, "run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["plugins"]) == 143
+    assert capsys.readouterr().err.strip() == "perturbdiff: error: terminated"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_debug_env_reraises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

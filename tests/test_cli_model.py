@@ -53,9 +53,12 @@ def test_train_then_predict(config_file: Path, tmp_path: Path, capsys: pytest.Ca
 
     assert main(["predict", "--run", str(run), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    adata = ad.read_h5ad(run / "predictions.h5ad")
+    adata = ad.read_h5ad(run / "predictions_1.h5ad")  # a new file: never the run's own predictions.h5ad
     assert set(adata.obs.perturbation) == {"A+B", "control"}
-    assert f"to {run / 'predictions.h5ad'}" in err
+    assert f"to {run / 'predictions_1.h5ad'}" in err
+
+    code = main(["predict", "--run", str(run), "--device", "cpu", "--seed", "-1"])
+    assert_one_line_error(code, capsys.readouterr().err, "--seed must be a non-negative integer, got -1")
 
     out = tmp_path / "other.h5ad"
     assert main(["predict", "--run", str(run), "--conditions", "C|t2", "--n-cells", "5", "--out", str(out), "--device", "cpu"]) == 0
@@ -67,6 +70,7 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET]) == 0
     for name in ("config.yaml", "split.json", "checkpoints/last.pt", "train_log.csv", "predictions.h5ad", "metrics.csv", "report.html"):
         assert (run / name).is_file(), name
+    assert not (run / ".perturbdiff.lock").exists()  # released at the end
     metrics = pd.read_csv(run / "metrics.csv")
     assert set(metrics.method) == {"model", *BASELINES}
     assert set(metrics.condition) == {"t1/A+B", "t2/A+B", "__all__"}
@@ -79,12 +83,16 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
     ("argv", "fragments"),
     [
         (["train", "{config}", "--set", "train.stepz=3"], ["train.stepz", "train.steps"]),
+        (["train", "{config}", "--set", "trian.steps=3"], ["Unknown config key trian (did you mean 'train'?)"]),
         (["train", "{tmp}/absent.yaml"], ["No such config file"]),
         (["train", "{config}", "--set", "data.path=/nonexistent/x.h5ad"], ["No such file"]),
         (["train", "{config}", "--set", "train.steps=0"], ["train.steps"]),
         (["train", "{config}", "--out", "{tmp}/fresh", "--resume"], ["No checkpoint"]),
         (["predict", "--run", "{tmp}/nothing"], ["No run folder"]),
         (["predict", "--run", "{tmp}", "--device", "cpu"], ["No checkpoint"]),
+        (["predict", "--run", "{tmp}", "--device", "cuda:99"], ["--device = 'cuda:99'", "cpu"]),
+        (["train", "{config}", "--set", "seed=-1"], ["seed must be >= 0"]),
+        (["train", "{config}", "--set", "train.device=cuda:99"], ["train.device = 'cuda:99'", "auto"]),
         (["run", "{config}", "--set", "split.holdout=[Q+R]"], ["Q+R"]),
     ],
 )
@@ -110,6 +118,74 @@ def test_corrupt_checkpoint_and_existing_run_are_one_line(config_file: Path, tmp
     )
     (run / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
     assert_one_line_error(main(["predict", "--run", str(run), "--device", "cpu"]), capsys.readouterr().err, "corrupt")
+
+
+def test_predict_never_replaces_the_runs_own_outputs(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["run", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET, "train.steps=1"]) == 0
+    own = {name: (run / name).read_bytes() for name in ("predictions.h5ad", "metrics.csv", "report.html")}
+    capsys.readouterr()
+    for n in (1, 2):
+        assert main(["predict", "--run", str(run), "--device", "cpu", "--seed", str(n)]) == 0
+        assert f"to {run / f'predictions_{n}.h5ad'}" in capsys.readouterr().err
+    for name in ("predictions.h5ad", "metrics.csv", "config.yaml"):
+        code = main(["predict", "--run", str(run), "--device", "cpu", "--out", str(run / name)])
+        assert_one_line_error(code, capsys.readouterr().err, f"would replace the run's own {name}")
+    code = main(["predict", "--run", str(run), "--device", "cpu", "--out", str(run / "checkpoints" / "x.h5ad")])
+    assert_one_line_error(code, capsys.readouterr().err, "lies in the run's own checkpoints folder")
+    code = main(["predict", "--run", str(run), "--device", "cpu", "--out", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "is a folder; give the name of a file")
+    assert {name: (run / name).read_bytes() for name in own} == own
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["train", "{config}", "--out", "{file}"], ["{file} is a file, not a folder"]),
+        (["run", "{config}", "--out", "{file}/run"], ["Cannot write {file}/run: {file} is a file, not a folder"]),
+        (["train", "{tmp}"], ["{tmp} is a folder, not a config file"]),
+        (["etest", "{data}", "--permutations", "9", "--out", "{tmp}"], ["{tmp} is a folder; give the name of a file"]),
+        (["etest", "{data}", "--permutations", "9", "--out", "{file}/r.csv"], ["{file} is a file, not a folder"]),
+    ],
+)
+def test_paths_that_cannot_be_written_are_one_line(
+    argv: list[str], fragments: list[str], config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = {"config": config_file, "tmp": tmp_path, "file": tmp_path / "afile", "data": config_file.parent / "screen.h5ad"}
+    (tmp_path / "afile").write_text("not a folder")
+    code = main([a.format(**names) for a in argv] + (["--quiet"] if argv[0] in ("train", "run") else []))
+    assert_one_line_error(code, capsys.readouterr().err, *(f.format(**names) for f in fragments))
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.kernel=rbf", "model.kernel_params={lengthscale: -1}"], "lengthscale must be a positive"),
+        (["model.denoiser_params={size: huge}"], "huge"),
+        (["data.encoder=onehto"], "did you mean 'onehot'"),
+        (["model.schedule=cosin"], "did you mean 'cosine'"),
+        (["split.holdout=[Q+R]"], "Q+R"),
+        (["--resume"], "No checkpoint"),
+    ],
+)
+def test_a_refused_run_leaves_no_folder_behind(
+    overrides: list[str], fragment: str, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "new" / "run"
+    flags = [o for o in overrides if o.startswith("--")]
+    sets = [o for o in overrides if not o.startswith("--")]
+    code = main(["train", str(config_file), "--out", str(run), "--quiet", *flags, *(["--set", *sets] if sets else [])])
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert not run.exists()
+
+
+def test_plugins_are_checked_before_the_data_is_read(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_anndata = tmp_path / "plain.h5ad"
+    not_anndata.write_bytes(b"not even HDF5")
+    code = main(["train", str(config_file), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", f"data.path={not_anndata}", "model.kernel=rbff"])
+    assert_one_line_error(code, capsys.readouterr().err, "No plug-in named 'rbff'", "did you mean 'rbf'")
 
 
 def test_a_misspelt_baseline_fails_before_training(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,3 +62,24 @@ def test_read_yaml_errors(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         read_yaml(bad)
+
+
+@pytest.mark.parametrize(
+    ("data", "guess"),
+    [({"trian": {"steps": 5}}, "(did you mean 'train'?)"), ({"train": {"stpes": 5}}, "(did you mean 'train.steps'?)")],
+)
+def test_a_misspelt_key_gets_a_guess(data, guess):
+    with pytest.raises(ConfigError) as err:
+        from_mapping(Outer, data)
+    assert guess in str(err.value)
+
+
+def test_a_key_close_to_nothing_gets_no_guess():
+    with pytest.raises(ConfigError) as err:
+        from_mapping(Outer, {"zzzz": 1})
+    assert "did you mean" not in str(err.value)
+
+
+def test_a_config_path_that_is_a_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        read_yaml(tmp_path)

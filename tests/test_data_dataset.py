@@ -46,7 +46,8 @@ def test_conditions_and_controls_match_pandas(adata):
 
 def test_dose_and_covariates_split_conditions(adata):
     adata.obs["time"] = np.random.default_rng(1).choice(["d1", "d2"], adata.n_obs)
-    data = PerturbationData(adata, DataConfig(cell_type_key="cell_type", dose_key="dose", covariate_keys=["time"]))
+    config = DataConfig(cell_type_key="cell_type", dose_key="dose", covariate_keys=["time"], min_cells_per_condition=1)
+    data = PerturbationData(adata, config)  # every condition kept, however small: this checks the indexing
     obs = adata.obs
     for condition in data.perturbed_conditions:
         mask = (obs["perturbation"] == condition.perturbation) & (obs["dose"] == condition.dose)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ import scipy.sparse as sp
 
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, prepare
 from perturbdiff_core.data.anndata_io import TARGET_SUM
-from perturbdiff_core.errors import ConfigError, DataError, PerturbDiffError
+from perturbdiff_core.errors import ConfigError, DataError, PerturbDiffError, PerturbDiffWarning
 
 CFG = {"cell_type_key": "cell_type"}
 
@@ -154,3 +156,106 @@ def test_obs_names_need_not_be_unique(make_adata):
     expected = np.flatnonzero(((adata.obs["perturbation"] == "control") & (adata.obs["cell_type"] == "t1")).to_numpy())
     np.testing.assert_array_equal(control, expected)
     pd.testing.assert_index_equal(adata.obs_names, pd.Index(["same"] * adata.n_obs))  # not modified
+
+
+def test_whole_number_counts_with_a_small_maximum_are_counts(make_adata):
+    """A shallow screen's counts can all be <= 20: integrality, not the maximum, tells counts from log1p."""
+    counts = make_adata(counts=True)
+    counts.X = counts.X.minimum(3)
+    assert counts.X.max() <= 3
+    _error(counts, r"raw counts \(every value is a whole number, up to 3\).*data.normalize: true")
+    prepare(DataConfig(**CFG, normalize=True), SplitConfig(), counts)  # normalising them is accepted
+
+
+def test_all_zero_expression_is_refused(make_adata):
+    _error(_with_x(make_adata(), lambda x: x.__setitem__(slice(None), 0.0)), "X is all zeros")
+
+
+def test_no_cells_and_no_genes_are_named(make_adata):
+    adata = make_adata()
+    _error(adata[:0].copy(), r"The data has no cells \(obs has 0 rows\)")
+    _error(adata[:, :0].copy(), r"The data has no genes \(var has 0 rows")
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_zeroed_block_of_cells_is_refused_as_damage(make_adata, sparse):
+    """A zeroed region of a file shows as a run of consecutive cells without expression (stored zeros too)."""
+    adata = make_adata(n_cells=600, n_genes=200, sparse=False)
+    if sparse:  # a zeroed data array leaves its entries stored, as zeros
+        x = sp.csr_matrix(adata.X)
+        x.data[x.indptr[300]:x.indptr[400]] = 0.0
+    else:
+        x = adata.X.copy()
+        x[300:400] = 0.0
+    _error(ad.AnnData(x, obs=adata.obs, var=adata.var), r"X has 100 consecutive cells without any expression \(rows 300-399\).*zeroed or damaged")
+    few = adata.X.copy()
+    few[300:302] = 0.0  # two empty cells of 200 genes: biology, not damage
+    prepare(DataConfig(**CFG), SplitConfig(), ad.AnnData(few, obs=adata.obs, var=adata.var))
+
+
+def test_sparse_entries_stored_twice_are_refused_as_damage(make_adata):
+    adata = make_adata()
+    x = adata.X.tocsr()
+    x.indices[x.indptr[10]:x.indptr[10] + 3] = x.indices[x.indptr[10]]  # a zeroed index array repeats a gene
+    _error(ad.AnnData(x, obs=adata.obs, var=adata.var), r"stores \d+ entries twice for the same cell and gene")
+
+
+def test_a_file_with_a_zeroed_middle_is_refused(make_adata, tmp_path):
+    """200 KB zeroed in the middle of an uncompressed .h5ad: a read error or a zeroed block, either one line."""
+    for sparse in (True, False):
+        path = tmp_path / f"screen_{sparse}.h5ad"
+        make_adata(n_cells=3000, n_genes=200, sparse=sparse, seed=1).write_h5ad(path)
+        size = path.stat().st_size
+        with path.open("r+b") as f:
+            f.seek(size // 2 - 100 * 1024)
+            f.write(bytes(200 * 1024))
+        for backed in (False, True):
+            with pytest.raises(DataError, match="damaged|zeroed") as info:
+                prepare(DataConfig(**CFG, backed=backed), SplitConfig(), str(path))
+            assert "\n" not in str(info.value)
+
+
+def test_hdf5_that_is_not_anndata_is_named(tmp_path):
+    import h5py
+
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = np.arange(3)
+    _error(str(path), "is not an AnnData file.*write_h5ad")
+
+
+def test_small_conditions_are_left_out_with_a_warning(make_adata):
+    adata = make_adata()
+    obs = adata.obs
+    a_t1 = np.flatnonzero(((obs.perturbation == "A") & (obs.cell_type == "t1")).to_numpy())
+    b_t2 = np.flatnonzero(((obs.perturbation == "B") & (obs.cell_type == "t2")).to_numpy())
+    keep = np.setdiff1d(np.arange(adata.n_obs), np.concatenate([a_t1[1:], b_t2[3:]]))  # A|t1: 1 cell, B|t2: 3
+    small = adata[keep].copy()
+    with pytest.warns(PerturbDiffWarning, match=r"2 condition\(s\) with fewer than data.min_cells_per_condition = 5 cells.*A\|t1 \(1 cell\), B\|t2 \(3 cells\)"):
+        data = PerturbationData(small, DataConfig(**CFG))
+    assert {c.label for c in data.perturbed_conditions} == {"A|t2", "B|t1", "C|t1", "C|t2", "A+B|t1", "A+B|t2"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = PerturbationData(small, DataConfig(**CFG, min_cells_per_condition=1))
+    assert {"A|t1", "B|t2"} <= {c.label for c in kept.perturbed_conditions}
+
+
+def test_a_context_with_too_few_controls_is_left_out_with_its_conditions(make_adata):
+    adata = make_adata()
+    obs = adata.obs
+    controls_t2 = np.flatnonzero(((obs.perturbation == "control") & (obs.cell_type == "t2")).to_numpy())
+    small = adata[np.setdiff1d(np.arange(adata.n_obs), controls_t2[1:])].copy()
+    with pytest.warns(PerturbDiffWarning, match=r"control\|t2 \(1 cell\); and with their too few controls, A\|t2"):
+        data = PerturbationData(small, DataConfig(**CFG))
+    assert {c.cell_type for c in data.conditions} == {"t1"}
+    with pytest.raises(DataError, match="Every perturbed condition has fewer than data.min_cells_per_condition = 1000"):
+        PerturbationData(small, DataConfig(**CFG, min_cells_per_condition=1000))
+
+
+def test_runs_of_empty_cells_are_joined_across_scan_blocks():
+    from perturbdiff_core.data.anndata_io import _EmptyRuns
+
+    runs = _EmptyRuns()
+    for block in ([False, True, True], [True, True, False, True], [True], [False]):
+        runs.add(np.array(block))
+    assert runs.longest == (1, 4)

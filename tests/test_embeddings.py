@@ -113,9 +113,10 @@ def test_rff_inner_products_approximate_kernel(name):
 
 def test_rff_is_seeded_batched_and_differentiable():
     x = cells(7, batch=(3,), seed=12).requires_grad_(True)
-    a = as_embedding("rff", kernel="matern52", num_features=64, seed=5)
-    b = as_embedding("rff", kernel="matern52", num_features=64, seed=5)
-    c = as_embedding("rff", kernel="matern52", num_features=64, seed=6)
+    kernel = as_kernel("matern52", lengthscale=1.3)  # a fixed lengthscale: no fit needed
+    a = as_embedding("rff", kernel=kernel, num_features=64, seed=5)
+    b = as_embedding("rff", kernel=kernel, num_features=64, seed=5)
+    c = as_embedding("rff", kernel=kernel, num_features=64, seed=6)
     phi = a.features(x)
     assert phi.shape == (3, 7, 64)
     torch.testing.assert_close(phi, b.features(x), rtol=0, atol=0)
@@ -226,6 +227,19 @@ def test_nystrom_state_dict_round_trip_and_median():
     torch.testing.assert_close(fresh.features(x), fitted.features(x))
     median = as_embedding("nystrom", kernel=as_kernel("rbf", lengthscale="median"), num_landmarks=30).fit(x)
     assert median.kernel.lengthscale.item() == pytest.approx(np.median(pdist(x.numpy())), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["exact", "rff", "nystrom"])
+def test_a_fitted_median_lengthscale_survives_a_state_dict_round_trip(name):
+    x = cells(30, seed=21)
+    params = {"nystrom": {"num_landmarks": 10}, "rff": {"num_features": 64}}.get(name, {})
+    fitted = as_embedding(name, kernel="rbf", **params).fit(x)  # rbf's default lengthscale: median
+    fresh = as_embedding(name, kernel="rbf", **params)
+    fresh.load_state_dict(fitted.state_dict())
+    assert not fresh.kernel.adaptive
+    assert fresh.kernel.lengthscale.item() == pytest.approx(np.median(pdist(x.numpy())), rel=1e-12)
+    y = cells(20, seed=22)
+    torch.testing.assert_close(fresh.inner(x, y, None, None), fitted.inner(x, y, None, None))
 
 
 def test_nystrom_bad_use():

@@ -6,6 +6,7 @@ scperturb's E-distance on a synthetic screen (always) and on the real data (when
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from pathlib import Path
@@ -120,6 +121,42 @@ def test_statistic_and_null_match_numpy(unbiased: bool) -> None:
     np.testing.assert_allclose(null_distribution(x, y, "energy", estimator, permutations=5, seed=4).numpy(), expected, rtol=1e-10)
 
 
+def recorded_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of permutations in each chunk the null is computed on (both paths)."""
+    sizes: list[int] = []
+    for name in ("_quadratic_statistics", "_estimator_statistics"):
+        original = getattr(two_sample, name)
+
+        def spy(*args, original=original, **kwargs):
+            sizes.append(args[2].shape[0])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(two_sample, name, spy)
+    return sizes
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "linear"])  # the fast (Gram) path and the estimator path
+def test_permutations_are_streamed_in_chunks_with_the_unchunked_result(estimator: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--permutations 1e9 tried to build all permutations at once (1.6 TB); chunks give the same answer."""
+    x, y = sets(4, n=9, m=7, shift=0.4)
+    whole = permutation_test(x, y, "energy", estimator, permutations=301, seed=6)
+    whole_null = null_distribution(x, y, "energy", estimator, permutations=301, seed=6)
+    sizes = recorded_chunks(monkeypatch)
+    monkeypatch.setattr(two_sample, "_BATCH_ELEMENTS", 16 * 5 * (4 if estimator == "linear" else 1))  # 5 per chunk
+    assert permutation_test(x, y, "energy", estimator, permutations=301, seed=6) == whole
+    assert max(sizes) == 5 and sum(sizes) == 301 + (estimator == "unbiased")  # + the observed labelling
+    chunked = null_distribution(x, y, "energy", estimator, permutations=301, seed=6)
+    torch.testing.assert_close(chunked, whole_null, rtol=1e-12, atol=1e-14)  # GEMMs of another batch size round differently
+
+
+def test_a_million_permutations_run_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = sets(5, n=6, m=4, shift=3.0)
+    sizes = recorded_chunks(monkeypatch)
+    statistic, pvalue = permutation_test(x, y, "energy", "unbiased", permutations=1_000_000, seed=1)
+    assert sum(sizes) == 1_000_001 and max(sizes) <= two_sample._BATCH_ELEMENTS // 10  # rows of 10 pooled cells
+    assert pvalue == pytest.approx(1 / 210, rel=0.05)  # the observed split is the most extreme of C(10, 4) = 210
+
+
 def test_ties_count_as_at_least_observed() -> None:
     # Same multiset of cells in both sets: the observed biased MMD^2 is the smallest possible.
     base = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -221,15 +258,18 @@ def test_command_writes_csv_atomically(screen_file: Path, tmp_path: Path, capsys
     assert stdout.index("shift") < stdout.index("none")  # sorted by MMD^2, largest first
 
 
-def test_command_leaves_no_file_when_writing_fails(screen_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_leaves_no_file_when_writing_fails(
+    screen_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def broken_to_csv(self, path, **kwargs):
         Path(path).write_text("perturbation,gro")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken_to_csv)
     out = tmp_path / "out" / "results.csv"
-    with pytest.raises(OSError, match="disk full"):
-        main(["etest", str(screen_file), "--kernel", "energy", "--permutations", "9", "--out", str(out)])
+    code = main(["etest", str(screen_file), "--kernel", "energy", "--permutations", "9", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"perturbdiff: error: Cannot write {out}: No space left on device; free space on that disk (or write elsewhere) and run again."
     assert os.listdir(out.parent) == []
 
 

@@ -51,7 +51,7 @@ def keops() -> KeOpsReduction:
     x = torch.randn(1, 4, G, dtype=torch.float64)
     w = torch.full((1, 4), 0.25, dtype=torch.float64)
     try:
-        reduction.weighted_sum(as_kernel("rbf"), x, x, w, w, same=True)
+        reduction.weighted_sum(as_kernel("rbf", lengthscale=1.0), x, x, w, w, same=True)
     except PluginLoadError as err:
         pytest.skip(f"KeOps cannot compile on this machine: {err}")
     return reduction
@@ -219,7 +219,7 @@ class _Linear(Kernel):
         return (x * y).sum(-1) if diag else x @ y.transpose(-1, -2)
 
 
-@pytest.mark.parametrize("kernel", [_Linear(), _Linear() + as_kernel("rbf")], ids=["linear", "linear+rbf"])
+@pytest.mark.parametrize("kernel", [_Linear(), _Linear() + as_kernel("rbf", lengthscale=1.0)], ids=["linear", "linear+rbf"])
 def test_non_radial_kernel_is_refused_clearly(kernel):
     reduction = KeOpsReduction()
     assert not reduction.supports(kernel, "cpu")
@@ -241,20 +241,20 @@ def test_missing_pykeops_says_what_to_install(monkeypatch, fresh_probe):
     for module in ("pykeops", "pykeops.config", "pykeops.torch"):
         monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     reduction = load("perturbdiff.backends", "keops")  # building it needs no pykeops
-    assert not reduction.supports(as_kernel("rbf"), "cpu")
+    assert not reduction.supports(as_kernel("rbf", lengthscale=1.0), "cpu")
     x, w = cells(1, 4, G, seed=70), weights(1, 4, seed=71)
     with pytest.raises(PluginLoadError, match="pykeops is not importable.*pip install pykeops"):
-        reduction.weighted_sum(as_kernel("rbf"), x, x, w, w, same=True)
+        reduction.weighted_sum(as_kernel("rbf", lengthscale=1.0), x, x, w, w, same=True)
 
 
 def test_missing_compiler_says_what_to_install(monkeypatch, fresh_probe):
     config = pytest.importorskip("pykeops.config")
     monkeypatch.setattr(config.pykeops_base, "cxx_compiler", None)
     reduction = KeOpsReduction()
-    assert not reduction.supports(as_kernel("rbf"), "cpu")
+    assert not reduction.supports(as_kernel("rbf", lengthscale=1.0), "cpu")
     x, w = cells(1, 4, G, seed=72), weights(1, 4, seed=73)
     with pytest.raises(PluginLoadError, match="no C\\+\\+ compiler.*g\\+\\+"):
-        reduction.weighted_sum(as_kernel("rbf"), x, x, w, w, same=True)
+        reduction.weighted_sum(as_kernel("rbf", lengthscale=1.0), x, x, w, w, same=True)
 
 
 @pytest.mark.parametrize(
@@ -281,10 +281,10 @@ def test_a_crashing_keops_is_unsupported_with_a_clear_error(monkeypatch, fresh_p
         pytest.skip("pykeops found no C++ compiler here; the probe only runs after that check")
     monkeypatch.setattr(keops_module, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     reduction = KeOpsReduction()
-    assert not reduction.supports(as_kernel("rbf"), "cpu")
+    assert not reduction.supports(as_kernel("rbf", lengthscale=1.0), "cpu")
     x, w = cells(1, 4, G, seed=74), weights(1, 4, seed=75)
     with pytest.raises(PluginLoadError, match=r"crashed \(SIGSEGV\).*backend='chunked'"):
-        reduction.weighted_sum(as_kernel("rbf"), x, x, w, w, same=True)
+        reduction.weighted_sum(as_kernel("rbf", lengthscale=1.0), x, x, w, w, same=True)
 
 
 def test_listed_and_importable_without_pykeops():

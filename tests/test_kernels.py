@@ -176,6 +176,30 @@ def test_median_heuristic_per_batch_element(shapes):
     assert rel_err(kernel(x, y), ref) <= 1e-10
 
 
+RADIAL = ("rbf", "laplace", "matern12", "matern32", "matern52", "imq")
+
+
+@pytest.mark.parametrize("name", RADIAL)
+def test_radial_kernels_default_to_the_median_heuristic(name):
+    """At l = 1 the Gaussian kernel between cells of many genes is ~1e-12 and the MMD sees nothing:
+    the default is the median heuristic, and explicit numbers still fix the lengthscale."""
+    x, y = data((2, 17, 5), (2, 11, 5), seed=8)
+    default, median = as_kernel(name), as_kernel(name, lengthscale="median")
+    assert default.adaptive
+    torch.testing.assert_close(default(x, y), median(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(mmd2(x, y, name, "biased"), mmd2(x, y, name, "biased", lengthscale="median"), rtol=0, atol=0)
+    fixed = as_kernel(name, lengthscale=2.0)
+    assert not fixed.adaptive and fixed.lengthscale.item() == pytest.approx(2.0)
+
+
+def test_a_median_lengthscale_cannot_be_read_before_it_is_fixed():
+    """Code that forgets to adapt a median kernel must fail, not compute with a placeholder of 1."""
+    x, y = data((13, 4), (9, 4), seed=9)
+    with pytest.raises(InputError, match="'median' lengthscale.*adapt"):
+        as_kernel("rbf").lengthscale
+    assert as_kernel("rbf").adapt(x, y).lengthscale.item() == pytest.approx(np.median(pdist(torch.cat([x, y]).numpy())), rel=1e-12)
+
+
 def test_relative_mixture_uses_median_bandwidths():
     x, y = data((2, 15, 4), (2, 12, 4), seed=7)
     got = as_kernel("mixture", base="matern32", lengthscales=[0.5, 2.0])(x, y)

@@ -14,7 +14,7 @@ import pytest
 
 from perturbdiff_core import registry
 from perturbdiff_core.cli import main
-from perturbdiff_core.errors import PluginLoadError, UnknownPluginError
+from perturbdiff_core.errors import PerturbDiffError, PluginLoadError, UnknownPluginError
 from perturbdiff_core.kernels import Kernel
 
 KERNELS = "perturbdiff.kernels"
@@ -66,6 +66,26 @@ def test_unknown_name_lists_known_names() -> None:
         registry.load(KERNELS, "rbff")
     message = str(err.value)
     assert "'rbff'" in message and "rbf" in message and "energy" in message and "install" in message
+
+
+def test_a_misspelt_name_gets_a_guess(install_fake: InstallFake) -> None:
+    install_fake("perturbdiff-ratquad", {"ratquad": "perturbdiff_plugins.kernels:RBF"})
+    with pytest.raises(UnknownPluginError, match=r"'ratqaud' in group 'perturbdiff.kernels' \(did you mean 'ratquad'\?\)"):
+        registry.load(KERNELS, "ratqaud")
+    with pytest.raises(UnknownPluginError) as err:
+        registry.load(KERNELS, "zzzzzz")
+    assert "did you mean" not in str(err.value)
+
+
+def test_a_failing_constructor_names_the_plugin_and_its_distribution(install_fake: InstallFake) -> None:
+    source = "from perturbdiff_plugins.kernels import RBF\nclass Bad(RBF):\n    def __init__(self, width=1.0):\n        raise ZeroDivisionError('oops')\n"
+    install_fake("perturbdiff-bad-ctor", {"bad_ctor": "perturbdiff_bad_ctor:Bad"}, modules={"perturbdiff_bad_ctor": source})
+    with pytest.raises(PluginLoadError) as err:
+        registry.load(KERNELS, "bad_ctor", width=2.0)
+    message = str(err.value)
+    assert "'bad_ctor' (perturbdiff.kernels) from perturbdiff-bad-ctor" in message
+    assert "width=2.0" in message and "ZeroDivisionError: oops" in message
+    assert isinstance(err.value, PerturbDiffError)
 
 
 def test_unknown_group_lists_groups() -> None:

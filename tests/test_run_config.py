@@ -81,6 +81,11 @@ def test_set_takes_several_pairs_per_flag_and_repeats(tmp_path: Path) -> None:
         (["train.num_workers=many"], ["train.num_workers", "int or 'auto'"]),
         (["train.num_workers=-1"], ["train.num_workers", ">= 0"]),
         (["split.kind=sideways"], ["split.kind", "holdout_cell_type"]),
+        (["sample.eta=3"], ["sample.eta must lie in [0, 1], got 3.0"]),
+        (["seed=-1"], ["seed must be >= 0, got -1"]),
+        (["split.seed=-2"], ["split.seed must be >= 0, got -2"]),  # found before training, not when sampling
+        (["data.max_missing_genes=2"], ["data.max_missing_genes must lie in [0, 1]"]),
+        (["data.min_cells_per_condition=0"], ["data.min_cells_per_condition must be at least 1"]),
         (["seed"], ["key=value"]),
     ],
 )

@@ -13,12 +13,20 @@ import pytest
 import torch
 
 from perturbdiff_core.batch import Conditioning, SetBatch
-from perturbdiff_core.checkpoint import CHECKPOINT_FORMAT, CheckpointError, checkpoint_path, load_checkpoint
+from perturbdiff_core.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    load_run_checkpoint,
+    previous_path,
+)
 from perturbdiff_core.data import EpochSampler
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import ConfigError, PerturbDiffError
+from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
 from perturbdiff_core.functional import mmd2
 from perturbdiff_core.run_config import RunConfig, TrainConfig, load_config
+from perturbdiff_core.transfer import load_init
 from perturbdiff_core.training import (
     LOG_COLUMNS,
     MAX_AUTO_WORKERS,
@@ -29,6 +37,7 @@ from perturbdiff_core.training import (
     drop_context,
     lr_factor,
     make_optimizer,
+    resolve_device,
     resolve_workers,
     training_loader,
 )
@@ -222,11 +231,39 @@ def test_fresh_training_refuses_a_trained_folder(screen_path: Path, tmp_path: Pa
         Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
 
 
+def test_a_device_this_torch_lacks_is_a_config_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"train.device = 'cuda', but this torch is a CPU-only build; use train.device=auto"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"--device = 'cuda:1', but this torch"):
+        resolve_device("cuda:1", option="--device")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+
+
 def test_a_non_finite_loss_stops_with_a_clear_error(screen_path: Path, tmp_path: Path, monkeypatch) -> None:
     trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
     monkeypatch.setattr(trainer.model, "loss", lambda batch, generator: {"loss": torch.tensor(math.nan)})
     with pytest.raises(PerturbDiffError, match="train.lr"):
         trainer.fit()
+
+
+def test_a_diverging_run_is_blamed_on_the_learning_rate_not_on_the_data(screen_path: Path, tmp_path: Path) -> None:
+    """At lr 1e30 the weights blow up after one step and the model predicts NaN or Inf: the estimator's
+    check of its input must not surface as "x contains NaN ... remove or impute them"."""
+    trainer = Trainer(tiny_config(screen_path, "train.lr=1e30", "train.val_every=0"), tmp_path / "run", progress=False)
+    with pytest.raises(PerturbDiffError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "The training loss became nan" in message and "lower train.lr (now 1e+30)" in message
+    assert "impute" not in message
+
+
+def test_validation_samples_that_overflow_are_a_diverged_model(screen_path: Path, tmp_path: Path, monkeypatch) -> None:
+    trainer = Trainer(tiny_config(screen_path), tmp_path / "run", progress=False)
+    monkeypatch.setattr(trainer.model, "sample", lambda cond, **kw: torch.full_like(cond.control, math.inf))
+    with pytest.raises(PerturbDiffError, match="validation samples became NaN or Inf.*diverged.*train.lr"):
+        trainer.validate()
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -328,6 +365,28 @@ def test_ctrl_c_saves_the_last_step_and_resumes_exactly(uninterrupted: Trainer, 
     assert_same_run(uninterrupted, resumed)
 
 
+def test_sigterm_saves_the_last_step_like_ctrl_c(uninterrupted: Trainer, screen_path: Path, tmp_path: Path) -> None:
+    config = tiny_config(screen_path)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    step = trainer._train_step
+
+    def terminated_step(batch):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(batch)
+
+    trainer._train_step = terminated_step
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="terminated at step 3") as stop:
+        trainer.fit()
+    assert stop.value.signum == signal.SIGTERM and stop.value.status == 143
+    assert load_checkpoint(stop.value.path).step == 3
+    assert signal.getsignal(signal.SIGTERM) is before
+    resumed = Trainer(config, tmp_path / "run", resume=True, progress=False)
+    resumed.fit()
+    assert_same_run(uninterrupted, resumed)
+
+
 def test_resume_refuses_a_changed_training_stream_but_allows_more_steps(screen_path: Path, tmp_path: Path) -> None:
     Trainer(tiny_config(screen_path), tmp_path / "run", progress=False).fit(stop_at=2)
     with pytest.raises(ConfigError, match="model.mmd_weight"):
@@ -372,6 +431,54 @@ def test_checkpoint_errors_are_clear(screen_path: Path, tmp_path: Path) -> None:
     torch.save({k: v for k, v in payload.items() if k != "optimizer_state"}, partial)
     with pytest.raises(CheckpointError, match="optimizer_state"):
         load_checkpoint(partial)
+
+
+def test_the_previous_checkpoint_is_kept_and_used_when_the_last_is_damaged(
+    uninterrupted: Trainer, screen_path: Path, tmp_path: Path
+) -> None:
+    """A truncated or zero-byte last.pt (a disk error, a copy cut short) must not be the end of a run."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(screen_path), run, progress=False).fit(stop_at=6)  # checkpoints at steps 4 and 6
+    assert load_checkpoint(checkpoint_path(run)).step == 6 and load_checkpoint(previous_path(run)).step == 4
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b""):
+        good = checkpoint_path(run).read_bytes()
+        checkpoint_path(run).write_bytes(damage(good))
+        with pytest.raises(CheckpointError, match="corrupt, truncated"):  # the strict reader: one line, no IndexError
+            load_checkpoint(checkpoint_path(run))
+        with pytest.warns(PerturbDiffNote, match=r"last.pt cannot be used .*previous.pt \(step 4\)"):
+            assert load_run_checkpoint(run).step == 4
+        with pytest.warns(PerturbDiffNote):
+            assert load_init(run).step == 4  # --init-from a run folder falls back too
+        checkpoint_path(run).write_bytes(good)
+    checkpoint_path(run).write_bytes(b"")
+    with pytest.warns(PerturbDiffNote):
+        resumed = Trainer(tiny_config(screen_path), run, resume=True, progress=False)
+    assert resumed.step == 4
+    resumed.fit()
+    assert_same_run(uninterrupted, resumed)  # nothing lost but the steps after the previous checkpoint
+    assert load_checkpoint(previous_path(run)).step == 4  # the damaged file was not rotated over it
+    with pytest.raises(ConfigError, match="--resume"):
+        checkpoint_path(run).unlink()
+        Trainer(tiny_config(screen_path), run, progress=False)  # previous.pt alone is a trained run too
+
+
+def test_a_failed_checkpoint_write_keeps_both_checkpoints(screen_path: Path, tmp_path: Path, monkeypatch) -> None:
+    """torch's writer reports a full disk as RuntimeError [enforce fail at inline_container.cc]: one line
+    naming the file and "free space", and the checkpoints already on disk unchanged."""
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(screen_path), run, progress=False)
+    trainer.fit(stop_at=6)
+    before = {p.name: p.read_bytes() for p in (checkpoint_path(run), previous_path(run))}
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError, match=rf"Cannot write {checkpoint_path(run)}: .*inline_container.*free space"):
+        trainer.fit()
+    assert {p.name: p.read_bytes() for p in (checkpoint_path(run), previous_path(run))} == before
+    assert not list(run.rglob("*.tmp"))
 
 
 def test_checkpoint_rebuilds_the_trained_model(screen_path: Path, tmp_path: Path) -> None:

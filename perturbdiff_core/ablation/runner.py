@@ -13,12 +13,13 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from ..checkpoint import checkpoint_path
+from ..checkpoint import has_checkpoint
 from ..configuration import read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import ALL_CONDITIONS
 from ..pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
-from ..run_config import CONFIG_FILE, RunConfig, differences
+from ..run_config import CONFIG_FILE, RunConfig, config_from_dict, differences
+from ..run_folder import RunFolder
 from ..training import Trainer
 from .grid import Cell, GridSpec, cell_dir
 from .summary import key_metrics, summarize_grid
@@ -31,7 +32,7 @@ def cell_status(folder: Path) -> str:
     """``done`` (metrics written), ``resume`` (a checkpoint) or ``new``."""
     if (folder / METRICS_FILE).is_file():
         return "done"
-    return "resume" if checkpoint_path(folder).is_file() else "new"
+    return "resume" if has_checkpoint(folder) else "new"
 
 
 def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
@@ -45,8 +46,9 @@ def check_folder(folder: Path, config: RunConfig) -> None:
     saved_file = folder / CONFIG_FILE
     if not saved_file.is_file():
         return
+    saved = config_from_dict(read_yaml(saved_file)).to_dict()  # keys added since it was written take their defaults
     changed = [
-        key for key in differences(read_yaml(saved_file), config.to_dict()) if not key.startswith(IGNORED_ON_RESUME)
+        key for key in differences(saved, config.to_dict()) if not key.startswith(IGNORED_ON_RESUME)
     ]
     if changed:
         raise ConfigError(
@@ -58,12 +60,15 @@ def check_folder(folder: Path, config: RunConfig) -> None:
 def run_cell(config: RunConfig, folder: Path, *, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) one cell, predict its test conditions, write ``metrics.csv`` and ``report.html``.
 
-    The steps of ``perturbdiff run`` without its command line; returns the metrics table.
+    The steps of ``perturbdiff run`` without its command line, in the folder held by this process
+    (:class:`~perturbdiff_core.run_folder.RunFolder`); returns the metrics table.
     """
-    trainer = Trainer(config, folder, resume=checkpoint_path(folder).is_file(), progress=progress)
-    trainer.fit()
-    predictions, real = predict_all(trainer)
-    return evaluate_run(trainer, predictions, real)
+    with RunFolder(folder) as claimed:
+        trainer = Trainer(config, folder, resume=has_checkpoint(folder), progress=progress)
+        claimed.keep()
+        trainer.fit()
+        predictions, real = predict_all(trainer)
+        return evaluate_run(trainer, predictions, real)
 
 
 class Job(NamedTuple):

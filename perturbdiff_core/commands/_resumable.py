@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from ..errors import exit_status
+
 #: Run-folder statuses in the order their counts are printed (see :func:`~perturbdiff_core.ablation.cell_status`).
 STATUSES = ("new", "resume", "done")
 
@@ -22,10 +24,10 @@ def list_statuses(rows: Sequence[tuple[str, str]], console: Console, noun: str, 
 
 
 def interrupted(stop: KeyboardInterrupt, console: Console, whole: str) -> int:
-    """Say where Ctrl-C stopped (training saved a checkpoint first) and how to continue; the exit status 130."""
+    """Say where Ctrl-C or SIGTERM stopped (training saved a checkpoint first) and how to continue; the exit status (130, 143)."""
     where = f": {stop}" if str(stop) else ""
     console.print(f"perturbdiff: interrupted{escape(where)}; run the same command again to continue the {whole}.")
-    return 130
+    return exit_status(stop)
 
 
 def screen() -> Console:

@@ -32,11 +32,19 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from ..data.anndata_io import read_anndata, require_finite, require_label, require_obs_key
+from ..data.anndata_io import (
+    read_anndata,
+    require_cells,
+    require_finite,
+    require_genes,
+    require_label,
+    require_matrix,
+    require_obs_key,
+)
 from ..configuration import parse_overrides
 from ..errors import ConfigError, DataError
 from ..estimators import MMDEstimator, as_estimator
-from ..io import atomic_path
+from ..io import atomic_path, check_output_file
 from ..kernels import Kernel, as_kernel
 from ..two_sample import fdr_bh, permutation_test
 
@@ -108,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
     if args.permutations < 1:
         raise ConfigError(f"--permutations must be a positive integer, got {args.permutations}.")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {args.seed}.")
+    if args.out is not None:
+        check_output_file(args.out)  # a folder or an unwritable place fails now, not after the tests
     kernel_params = parse_overrides(args.kernel_param, flag="--kernel-param")
     kernel = build_kernel(args.kernel, kernel_params)
     estimator = as_estimator(args.estimator, **parse_overrides(args.estimator_param, flag="--estimator-param"))
@@ -163,6 +175,9 @@ def etest(
     progress: Callable[[Iterable[Comparison]], Iterable[Comparison]] = iter,
 ) -> tuple[pd.DataFrame, list[str]]:
     """The result table (columns :data:`COLUMNS`, one row per test) and the warnings of skipped tests."""
+    require_cells(adata)
+    require_matrix(adata)
+    require_genes(adata.var_names)
     require_obs_key(adata, perturbation_key, "perturbation key")
     if group_by is not None:
         require_obs_key(adata, group_by, "group-by key")

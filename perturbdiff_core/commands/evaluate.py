@@ -21,7 +21,7 @@ from ..configuration import read_yaml
 from ..data import SPLIT_FILE, STATE_FILE, DataConfig, PerturbationData, Split, load_prepared
 from ..errors import InputError
 from ..evaluation import ALL_CONDITIONS, compare, definition_of, summary_line
-from ..io import atomic_path
+from ..io import atomic_path, check_output_file
 from ..predictors import as_predictor, predict_anndata, real_anndata
 from ..configuration import parse_overrides
 from .etest import build_kernel
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             "Give REAL.h5ad (the real cells of the predicted conditions), or --run DIR to read them from the run's data."
         )
+    check_output_file(args.out)  # a folder or an unwritable place fails now, not after the metrics
     folder = RunFolder.load(args.run) if args.run is not None else None
     real = args.real if args.real is not None else folder.real()
     keys = _keys(args, folder.data.config if folder is not None else None)

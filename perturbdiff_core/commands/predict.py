@@ -9,15 +9,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
+import torch
 
 from ..anchor import NO_ANCHOR, fit_anchor
-from ..checkpoint import Checkpoint, checkpoint_path, load_checkpoint
+from ..checkpoint import CHECKPOINT_DIR, Checkpoint, load_checkpoint, load_run_checkpoint
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
+from ..data.prepare import SPLIT_FILE, STATE_FILE
 from ..errors import DataError, InputError
 from ..model_predictor import DiffusionPredictor
-from ..pipeline import PREDICTIONS_FILE, write_predictions
+from ..evaluation.report import REPORT_FILE
+from ..io import check_output_file, check_output_folder, write_new
+from ..pipeline import METRICS_FILE, PREDICTIONS_FILE, write_predictions
 from ..predictors import POPULATION_KEY, Predictor, predict_anndata
-from ..training import resolve_device
+from ..run_config import CONFIG_FILE
+from ..training import LOG_FILE, resolve_device
+
+#: Stem of the files predict writes into a run folder without --out: predictions_1.h5ad, predictions_2.h5ad, ...
+NEW_PREDICTIONS = "predictions"
+
+#: Files of a run folder that predict never replaces.
+RUN_FILES = (PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE, CONFIG_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE)
 
 
 _EPILOG = f"""\
@@ -29,11 +40,14 @@ run's test conditions, or with --data every perturbed condition of that file.
 Each condition gets as many cells as it really has, or --n-cells (required for a condition
 without cells in the data). With --data, genes are aligned to the model's by name; missing
 genes are read as zeros and reported (at most data.max_missing_genes of them).
-The output ({PREDICTIONS_FILE}, written atomically) holds the predicted cells with the input's
-obs keys and the model's genes, plus the real control cells of their contexts unchanged,
-ready for perturbdiff evaluate or cell-eval. With --populations K every condition gets K
-independent populations (other control draws and noise), labelled in obs '{POPULATION_KEY}':
-perturbdiff evaluate then reports where the real population falls among them
+The output holds the predicted cells with the input's obs keys and the model's genes, plus the
+real control cells of their contexts unchanged, ready for perturbdiff evaluate or cell-eval; it
+is written atomically. Without --out it is a new file in the run folder,
+{NEW_PREDICTIONS}_<n>.h5ad with the first free n (the name is printed): predict never replaces
+the run's own {PREDICTIONS_FILE}, which its metrics.csv and report.html describe, nor any other
+file of the run (--out naming one is refused). With --populations K every
+condition gets K independent populations (other control draws and noise), labelled in obs
+'{POPULATION_KEY}': perturbdiff evaluate then reports where the real population falls among them
 (calibration_pvalue, population_coverage); for cell-eval keep population '0'.
 """
 
@@ -58,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"independent populations per condition, labelled 0..K-1 in obs '{POPULATION_KEY}' (default: %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for sampling (default: %(default)s)")
-    parser.add_argument("--out", metavar="FILE", default=None, help=f"output .h5ad (default: DIR/{PREDICTIONS_FILE})")
+    parser.add_argument("--out", metavar="FILE", default=None, help=f"output .h5ad (default: a new DIR/{NEW_PREDICTIONS}_<n>.h5ad)")
     parser.set_defaults(func=run)
 
 
@@ -120,8 +134,12 @@ def resolve_conditions(data: PerturbationData, requested: list[str]) -> list[Con
     return chosen
 
 
-def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
-    """The predicted AnnData of ``args`` (conditions, cells, seed, device) from ``checkpoint``."""
+def predictions(checkpoint: Checkpoint, args: argparse.Namespace, device: torch.device | None = None) -> ad.AnnData:
+    """The predicted AnnData of ``args`` (conditions, cells, seed) from ``checkpoint``, sampled on ``device``
+    (default: ``args.device``)."""
+    device = resolve_device(args.device, option="--device") if device is None else device
+    if args.seed is not None and args.seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {args.seed}.")
     data = open_data(checkpoint, args.data)
     if args.conditions:
         conditions = resolve_conditions(data, args.conditions)
@@ -141,7 +159,7 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace) -> ad.AnnData:
             f"unknown; pass --n-cells N."
         )
     anchor = run_anchor(checkpoint, data if args.data is None else None)
-    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=resolve_device(args.device), anchor=anchor)
+    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device, anchor=anchor)
     seed = checkpoint.run_config.seed if args.seed is None else args.seed
     if args.populations < 1:
         raise InputError(f"--populations must be a positive integer, got {args.populations}.")
@@ -159,14 +177,38 @@ def run_anchor(checkpoint: Checkpoint, data: PerturbationData | None) -> Predict
     return fit_anchor(name, train_data, checkpoint.split.train)
 
 
+def check_out(out: str | None, run_dir: Path) -> Path | None:
+    """``--out`` checked before anything slow: a writable file that is none of the run's own files
+    (``None``: a new file in the run folder, which must then be writable)."""
+    if out is None:
+        check_output_folder(run_dir)
+        return None
+    path = check_output_file(out)
+    if path.resolve().parent == run_dir.resolve() and path.name in RUN_FILES:
+        clash = f"would replace the run's own {path.name}"
+    elif run_dir.resolve() / CHECKPOINT_DIR in path.resolve().parents:
+        clash = "lies in the run's own checkpoints folder"
+    else:
+        return path
+    raise InputError(
+        f"--out {out} {clash}; give another file name, or leave out --out to write a new "
+        f"{NEW_PREDICTIONS}_<n>.h5ad in the run folder."
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint, predict, write the file, report what was written."""
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise InputError(f"No run folder {run_dir}; give the --out folder of perturbdiff train or run.")
-    checkpoint = load_checkpoint(args.checkpoint or checkpoint_path(run_dir))
-    adata = predictions(checkpoint, args)
-    out = write_predictions(adata, args.out or run_dir / PREDICTIONS_FILE)
+    out = check_out(args.out, run_dir)
+    device = resolve_device(args.device, option="--device")
+    checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else load_run_checkpoint(run_dir)
+    adata = predictions(checkpoint, args, device)
+    if out is None:
+        out = write_new(run_dir, NEW_PREDICTIONS, ".h5ad", adata.write_h5ad)
+    else:
+        out = write_predictions(adata, out)
     control = checkpoint.run_config.data.control_label
     is_control = adata.obs[checkpoint.run_config.data.perturbation_key].astype(str) == control
     print(

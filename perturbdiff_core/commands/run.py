@@ -9,7 +9,7 @@ from ..evaluation.compare import summary_line
 from ..evaluation.report import REPORT_FILE
 from ..pipeline import METRICS_FILE, MODEL, PREDICTIONS_FILE, evaluate_run, evaluation_plugins, predict_all
 from .train import EPILOG as TRAIN_EPILOG
-from .train import add_run_arguments, config_of, fit, start
+from .train import add_run_arguments, config_of, fit, started
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
     """Train (or resume), predict, evaluate; print the verdict against the best baseline."""
     config = config_of(args)
     baselines = evaluation_plugins(config)
-    trainer = start(args, config)
-    if status := fit(trainer, "run"):
-        return status
-    predictions, real = predict_all(trainer, baselines)
-    metrics = evaluate_run(trainer, predictions, real)
+    with started(args, config) as trainer:
+        if status := fit(trainer, "run"):
+            return status
+        predictions, real = predict_all(trainer, baselines)
+        metrics = evaluate_run(trainer, predictions, real)
     for note in metrics.attrs.get("notes", []):
         print(f"perturbdiff: note: {note}", file=sys.stderr)
     print(summary_line(metrics, MODEL))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .. import distributed
 from ..errors import ConfigError
 from ..run_config import CONFIG_FILE, RUNS_DIR, RunConfig, load_config, resolved, run_dir_for
+from ..run_folder import RunFolder
 from ..training import LOG_FILE, Trainer, TrainingInterrupted, resolve_device
 
 EPILOG = f"""\
@@ -18,8 +21,10 @@ EPILOG = f"""\
 Resolution: defaults <- CONFIG.yaml <- --set. The run folder (--out, default
 {RUNS_DIR}/<config name>) receives {CONFIG_FILE} (the resolved config), split.json,
 data_state.json, {LOG_FILE} and checkpoints/last.pt (written atomically).
-Ctrl-C saves a checkpoint of the last completed step; --resume continues it exactly (the
-same losses as an uninterrupted run). A relative data.path that does not exist is looked
+Ctrl-C and SIGTERM save a checkpoint of the last completed step (exit 130 and 143); --resume
+continues it exactly (the same losses as an uninterrupted run). The previous checkpoint is kept
+as checkpoints/previous.pt and used, with a note, when last.pt cannot be read. One run at a time
+holds a run folder (the lock file .perturbdiff.lock names it); a second is refused. A relative data.path that does not exist is looked
 up by file name in $PERTURBDIFF_DATA (or ../shared/data beside the source tree).
 Several processes or GPUs: torchrun --nproc_per_node N -m perturbdiff_core train ...
 (train.batch_size is the global batch; rank 0 writes the run folder; docs/distributed.md).
@@ -67,16 +72,22 @@ def config_of(args: argparse.Namespace) -> RunConfig:
     return resolved(load_config(args.config, [*args.overrides, f"train.init_from={json.dumps(args.init_from)}"]))
 
 
-def start(args: argparse.Namespace, config: RunConfig) -> Trainer:
-    """The trainer of ``config`` in the run folder of ``args`` (checkpoint loaded with ``--resume``); says what ``train.init_from`` loaded."""
-    trainer = Trainer(config, run_dir_for(config, args.out), resume=args.resume, progress=not args.quiet)
-    if trainer.transfer is not None and distributed.is_main():
-        print(f"perturbdiff: {trainer.transfer.line()}", file=sys.stderr)
-    return trainer
+@contextmanager
+def started(args: argparse.Namespace, config: RunConfig) -> Iterator[Trainer]:
+    """The trainer of ``config`` in the run folder of ``args`` (checkpoint loaded with ``--resume``), the
+    folder held by this run for the whole block (:class:`~perturbdiff_core.run_folder.RunFolder`: one run
+    at a time, and a run refused while it is set up leaves no folder behind); says what ``train.init_from`` loaded."""
+    with RunFolder(run_dir_for(config, args.out), lock=distributed.is_main()) as folder:
+        trainer = Trainer(config, folder.path, resume=args.resume, progress=not args.quiet)
+        folder.keep()
+        if trainer.transfer is not None and distributed.is_main():
+            print(f"perturbdiff: {trainer.transfer.line()}", file=sys.stderr)
+        yield trainer
 
 
 def fit(trainer: Trainer, command: str = "train") -> int:
-    """Train; 0 when done, 130 after Ctrl-C (checkpoint saved, one line saying how to resume ``command``)."""
+    """Train; 0 when done, 130 after Ctrl-C and 143 after SIGTERM (checkpoint saved, one line saying how
+    to resume ``command``)."""
     try:
         trainer.fit()
     except TrainingInterrupted as stop:
@@ -88,15 +99,14 @@ def fit(trainer: Trainer, command: str = "train") -> int:
                 f"--resume{launch}",
                 file=sys.stderr,
             )
-        return 130
+        return stop.status
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume) and report where the run is; under torchrun, as one rank of a data-parallel job."""
     config = config_of(args)
-    with distributed.process_group(resolve_device(config.train.device)):
-        trainer = start(args, config)
+    with distributed.process_group(resolve_device(config.train.device)), started(args, config) as trainer:
         if status := fit(trainer):
             return status
         if distributed.is_main():

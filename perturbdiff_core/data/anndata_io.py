@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 #: Environment variable that overrides the folder holding the shared example data.
 DATA_ENV = "PERTURBDIFF_DATA"
@@ -34,16 +34,49 @@ def read_anndata(source: str | os.PathLike[str] | ad.AnnData, *, backed: bool = 
     """An AnnData from a path to ``.h5ad`` (optionally backed, not loaded) or an AnnData itself."""
     if isinstance(source, ad.AnnData):
         return source
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"No such file: {path}. Give the path to an .h5ad file.")
+    path = _existing_file(source)
     try:
         with warnings.catch_warnings():  # legacy files (old uns layout) warn on every read
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", ad.OldFormatWarning)
             return ad.read_h5ad(path, backed="r" if backed else None)
-    except OSError as err:
-        raise DataError(f"Cannot read {path} as AnnData (.h5ad): {err}. Check the file is a valid .h5ad.") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file fails anywhere inside h5py and anndata
+        raise unreadable(path, err) from None
+
+
+def _existing_file(source: str | os.PathLike[str]) -> Path:
+    """``source`` as a path, DataError when it is missing or a folder."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"No such file: {path}. Give the path to an .h5ad file.")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an .h5ad file; give the path of the file.")
+    return path
+
+
+def unreadable(path: Path, err: BaseException) -> DataError:
+    """The error for a file h5py or anndata failed on: HDF5 without AnnData's layout, or a damaged file."""
+    if not _is_anndata(path):
+        what = "an HDF5 file without AnnData's obs and var" if h5py.is_hdf5(path) else "not an HDF5 file at all"
+        return DataError(
+            f"{path} is not an AnnData file (.h5ad): it is {what}. Write the data with anndata "
+            f"(adata.write_h5ad) and pass that file."
+        )
+    return DataError(
+        f"Cannot read {path} as AnnData (.h5ad) ({type(err).__name__}: {first_line(err)}); the file is damaged or "
+        f"truncated. Copy or write it again."
+    )
+
+
+def _is_anndata(path: Path) -> bool:
+    """Whether ``path`` is HDF5 with AnnData's top-level ``obs`` and ``var`` (damaged inside or not)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "obs" in f and "var" in f
+    except Exception:  # noqa: BLE001 - not HDF5, or its header is damaged
+        return h5py.is_hdf5(path)
 
 
 def _obs(adata: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
@@ -56,6 +89,12 @@ def require_obs_key(adata: ad.AnnData | pd.DataFrame, key: str, what: str = "key
     if key not in obs.columns:
         cols = ", ".join(map(str, obs.columns)) or "none"
         raise DataError(f"obs has no column {key!r} (the {what}); the columns are: {cols}. Pass the right column name.")
+
+
+def require_cells(adata: ad.AnnData | pd.DataFrame, where: str = "The data") -> None:
+    """Fail when there are no cells (obs has no rows): every later check would only confuse."""
+    if len(_obs(adata)) == 0:
+        raise DataError(f"{where} has no cells (obs has 0 rows); give a file with cells.")
 
 
 def require_label(adata: ad.AnnData | pd.DataFrame, key: str, label: str) -> None:
@@ -81,9 +120,9 @@ def require_finite(matrix: np.ndarray | sp.spmatrix, where: str = "X") -> None:
 #: Rows per block when a whole matrix is scanned (bounds memory in backed mode).
 SCAN_ROWS = 4096
 
-#: An integer-valued matrix with a maximum above this holds raw counts, not log1p values
-#: (log1p of normalised counts stays below about 12).
-COUNTS_MIN_MAX = 20.0
+#: A run of consecutive cells without any non-zero value spanning at least this many entries
+#: (cells x genes; 64 KiB of float32) is taken for a zeroed block of a damaged file, not biology.
+EMPTY_BLOCK_VALUES = 16_384
 
 #: Total counts per cell after normalisation (scanpy ``normalize_total(target_sum=...)``).
 #: A fixed target makes normalisation a per-cell operation, identical in memory and backed.
@@ -92,15 +131,15 @@ TARGET_SUM = 1e4
 
 def read_annotations(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``obs`` and ``var`` of an ``.h5ad`` file without reading X, obsm, layers or uns."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"No such file: {path}. Give the path to an .h5ad file.")
+    path = _existing_file(path)
     try:
         with h5py.File(path, "r") as f:
             if "encoding-type" in f["obs"].attrs and "encoding-type" in f["var"].attrs:
                 return ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"])
-    except (OSError, KeyError) as err:
-        raise DataError(f"Cannot read {path} as AnnData (.h5ad): {err}. Check the file is a valid .h5ad.") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - see read_anndata
+        raise unreadable(path, err) from None
     legacy = read_anndata(path, backed=True)  # old layout: only anndata's reader understands it
     obs, var = legacy.obs.copy(), legacy.var.copy()
     legacy.file.close()
@@ -124,8 +163,7 @@ class CellMatrix:
         """The X of ``adata``; a backed AnnData is read from its file."""
         if adata.isbacked:
             return cls(path=adata.filename)
-        if adata.X is None:
-            raise DataError("The AnnData has no X matrix; put the log-normalised expression in X.")
+        require_matrix(adata)
         return cls(matrix=adata.X)
 
     def _x(self) -> Any:
@@ -133,6 +171,9 @@ class CellMatrix:
             return self._matrix
         if self._opened is None or self._opened[0] != os.getpid():
             handle = h5py.File(self.path, "r")
+            if "X" not in handle:
+                handle.close()
+                raise DataError(f"{self.path} has no X matrix; put the log-normalised expression in X.")
             x = handle["X"]
             self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x)
         return self._opened[2]
@@ -155,11 +196,22 @@ class CellMatrix:
         return block[inverse]
 
     def blocks(self, size: int = SCAN_ROWS) -> Iterator[np.ndarray | sp.spmatrix]:
-        """Consecutive row blocks of at most ``size`` rows covering the whole matrix."""
+        """Consecutive row blocks of at most ``size`` rows covering the whole matrix; a block the file
+        cannot give (damaged storage) is a DataError naming the rows."""
         n = self.shape[0]
         x = self._x()
         for start in range(0, n, size):
-            yield x[start : min(start + size, n)]
+            stop = min(start + size, n)
+            try:
+                block = x[start:stop]
+            except (MemoryError, DataError):
+                raise
+            except Exception as err:  # noqa: BLE001 - h5py, anndata and scipy fail in many ways on damaged storage
+                raise DataError(
+                    f"Cannot read cells {start}-{stop - 1} of X{f' in {self.path}' if self.path else ''} "
+                    f"({type(err).__name__}: {first_line(err)}); the file is damaged. Copy or write it again."
+                ) from None
+            yield block
 
     def close(self) -> None:
         """Close the file of a backed matrix in this process (it reopens on the next read)."""
@@ -170,18 +222,66 @@ class CellMatrix:
 
 @dataclass(frozen=True)
 class ValueSummary:
-    """What a scan of X found: finiteness, range and whether every value is an integer."""
+    """What a scan of X found: finiteness, range, whether every value is an integer, the number of
+    genes (columns), and signs of a damaged file: the longest run of consecutive cells without any
+    non-zero value (``empty_run``: first row and length) and sparse entries stored twice for one
+    cell and gene (``duplicates``)."""
 
     finite: bool
     minimum: float
     maximum: float
     integer: bool
+    empty_run: tuple[int, int] = (0, 0)
+    duplicates: int = 0
+    genes: int = 0
+
+
+class _EmptyRuns:
+    """The longest run of consecutive empty cells over a stream of blocks (runs may span blocks)."""
+
+    def __init__(self) -> None:
+        self.rows = 0  # cells seen so far
+        self.current = (0, 0)  # the run still open at the end of the last block
+        self.longest = (0, 0)
+
+    def add(self, empty: np.ndarray) -> None:
+        """Extend with the next block's per-cell emptiness flags."""
+        edges = np.diff(np.concatenate([[0], empty.astype(np.int8), [0]]))
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        for start, stop in zip(starts, stops):
+            run = (self.rows + start, stop - start)
+            if start == 0 and self.current[1] and self.current[0] + self.current[1] == self.rows:
+                run = (self.current[0], self.current[1] + stop)
+            self.current = run
+            self.longest = max(self.longest, run, key=lambda r: r[1])
+        self.rows += len(empty)
+
+
+def _nonzeros_per_cell(block: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """Number of non-zero values in each row (stored zeros of a sparse block do not count)."""
+    if not sp.issparse(block):
+        return np.count_nonzero(np.asarray(block), axis=1)
+    csr = sp.csr_matrix(block)
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    return np.bincount(rows[csr.data != 0], minlength=csr.shape[0])
+
+
+def _duplicate_entries(block: np.ndarray | sp.spmatrix) -> int:
+    """Sparse entries stored more than once for the same cell and gene (a damaged index array)."""
+    if not sp.issparse(block):
+        return 0
+    csr = sp.csr_matrix(block, copy=True)
+    stored = csr.nnz
+    csr.sum_duplicates()
+    return stored - csr.nnz
 
 
 def summarize_values(matrix: CellMatrix) -> ValueSummary:
-    """Scan X block by block (bounded memory): NaN/Inf, min, max, integer-valued."""
-    finite, integer, lo, hi = True, True, np.inf, -np.inf
+    """Scan X block by block (bounded memory): NaN/Inf, min, max, integer-valued, runs of empty cells, duplicates."""
+    finite, integer, lo, hi, duplicates, genes = True, True, np.inf, -np.inf, 0, 0
+    runs = _EmptyRuns()
     for block in matrix.blocks():
+        genes = block.shape[1]
         values = block.data if sp.issparse(block) else np.asarray(block).ravel()
         implicit_zero = sp.issparse(block) and block.nnz < block.shape[0] * block.shape[1]
         ok = np.isfinite(values)
@@ -192,31 +292,57 @@ def summarize_values(matrix: CellMatrix) -> ValueSummary:
             integer &= bool(np.all(values == np.round(values)))
         if implicit_zero:
             lo, hi = min(lo, 0.0), max(hi, 0.0)
-    return ValueSummary(finite, float(lo), float(hi), integer)
+        runs.add(_nonzeros_per_cell(block) == 0)
+        duplicates += _duplicate_entries(block)
+    return ValueSummary(finite, float(lo), float(hi), integer, runs.longest, duplicates, genes)
 
 
 def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str = "X") -> None:
-    """NaN/Inf, negative values and raw counts (unless ``normalize``) each get one clear error."""
+    """NaN/Inf, negative values, an all-zero matrix, signs of a damaged file and raw counts (unless
+    ``normalize``) each get one clear error.
+
+    Raw counts are recognised by integrality, not size: log-normalised expression is never
+    all whole numbers, while counts of a shallow screen can all be at most 20.
+    """
     if not summary.finite:
         raise _non_finite(where)
+    if summary.minimum == 0 and summary.maximum == 0:
+        raise DataError(f"{where} is all zeros: there is no expression to learn from. Check the file holds the data (e.g. not an empty layer).")
+    require_undamaged(summary, where)
     if summary.minimum < 0:
         raise DataError(
             f"{where} has negative values (minimum {summary.minimum:.3g}); perturbdiff expects "
             f"non-negative log-normalised expression, not scaled or centred data. Use the values "
             f"before sc.pp.scale (e.g. a layer or adata.raw copied into X)."
         )
-    counts = summary.integer and summary.maximum > COUNTS_MIN_MAX
+    counts = summary.integer
     if counts and not normalize:
         raise DataError(
-            f"{where} looks like raw counts (integer values up to {summary.maximum:.0f}), but "
+            f"{where} looks like raw counts (every value is a whole number, up to {summary.maximum:.0f}), but "
             f"log-normalised values are expected. Set data.normalize: true to apply "
             f"normalize_total (target {TARGET_SUM:g}) and log1p, or give log-normalised data."
         )
     if normalize and not counts:
         raise DataError(
-            f"data.normalize is true but {where} does not hold raw counts (values are not integers "
-            f"with a maximum above {COUNTS_MIN_MAX:g}; maximum {summary.maximum:.3g}); it looks "
-            f"log-normalised already. Set data.normalize: false."
+            f"data.normalize is true but {where} does not hold raw counts (not every value is a whole "
+            f"number; maximum {summary.maximum:.3g}); it looks log-normalised already. Set data.normalize: false."
+        )
+
+
+def require_undamaged(summary: ValueSummary, where: str = "X") -> None:
+    """Refuse the marks a zeroed or overwritten block of a file leaves: a long run of consecutive
+    empty cells (:data:`EMPTY_BLOCK_VALUES`) or sparse entries stored twice."""
+    start, length = summary.empty_run
+    if length >= 2 and length * summary.genes >= EMPTY_BLOCK_VALUES:
+        raise DataError(
+            f"{where} has {length} consecutive cells without any expression (rows {start}-{start + length - 1}): "
+            f"a block of the file was probably zeroed or damaged. Copy or write the file again; if those cells "
+            f"are really empty, remove them (e.g. sc.pp.filter_cells(adata, min_genes=1))."
+        )
+    if summary.duplicates:
+        raise DataError(
+            f"{where} (sparse) stores {summary.duplicates} entries twice for the same cell and gene: its index "
+            f"arrays are damaged. Copy or write the file again (or call X.sum_duplicates() if that is intended)."
         )
 
 
@@ -228,6 +354,18 @@ def normalize_rows(block: np.ndarray | sp.spmatrix) -> np.ndarray | sp.spmatrix:
     sc.pp.normalize_total(cells, target_sum=TARGET_SUM)
     sc.pp.log1p(cells)
     return cells.X
+
+
+def require_matrix(adata: ad.AnnData) -> None:
+    """Fail when an in-memory AnnData has no X (e.g. only layers, or obs and var alone)."""
+    if adata.X is None:
+        raise DataError("The AnnData has no X matrix; put the log-normalised expression in X.")
+
+
+def require_genes(genes: pd.Index, where: str = "The data") -> None:
+    """Fail when there are no genes (var has no rows, X no columns)."""
+    if len(genes) == 0:
+        raise DataError(f"{where} has no genes (var has 0 rows, X 0 columns); give a file with measured genes.")
 
 
 def require_unique_genes(genes: pd.Index) -> None:

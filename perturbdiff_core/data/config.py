@@ -48,6 +48,10 @@ class DataConfig:
         encoder: ``perturbdiff.encoders`` plug-in name; ``encoder_params`` its keyword arguments.
         max_missing_genes: largest fraction of the model's genes a new file may lack at
             prediction time (missing genes are read as zeros).
+        min_cells_per_condition: a condition of the training data with fewer cells is left out,
+            with a warning naming it; a context with fewer control cells is left out with its
+            conditions. A set drawn from one or two cells is no population: it would train the
+            model on a point and evaluate it against one. 1 keeps everything.
     """
 
     path: str | None = None
@@ -67,6 +71,7 @@ class DataConfig:
     encoder: str = "onehot"
     encoder_params: dict[str, Any] = field(default_factory=dict)
     max_missing_genes: float = 0.1
+    min_cells_per_condition: int = 5
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:

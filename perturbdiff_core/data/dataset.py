@@ -9,6 +9,7 @@ one clear DataError; nothing is written before they pass.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -21,13 +22,15 @@ from torch import Tensor
 
 from .. import registry
 from ..encoders import PerturbationEncoder, perturbation_parts
-from ..errors import DataError
+from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
     CellMatrix,
     normalize_rows,
     read_anndata,
     read_annotations,
+    require_cells,
     require_complete,
+    require_genes,
     require_label,
     require_obs_key,
     require_unique_genes,
@@ -118,6 +121,7 @@ class PerturbationData:
         self.config = config
         obs, var, self.matrix = self._open(source, config)
         self._check_obs(obs, config)
+        require_genes(var.index)
         require_unique_genes(var.index)
         require_valid_values(summarize_values(self.matrix), normalize=config.normalize)
         self.missing_genes: list[str] = []
@@ -135,7 +139,7 @@ class PerturbationData:
             )
             self._gene_pos = var.index.get_indexer(self.genes).astype(np.int64)
         self._identity = len(self.genes) == len(var.index) and bool(np.all(self._gene_pos == np.arange(len(var.index))))
-        self._index_conditions(obs, config)
+        self._index_conditions(obs, config, drop_small=state is None)
         self.matrix.close()  # reopened lazily where rows are read (each DataLoader worker)
         self.vocabularies: dict[str, list[str]] = {}
         self._encoder: PerturbationEncoder | None = None
@@ -203,6 +207,7 @@ class PerturbationData:
             if k is not None
         ]
         keys += [(k, "covariate key") for k in config.covariate_keys]
+        require_cells(obs)
         for key, what in keys:
             require_obs_key(obs, key, what)
         for key, what in keys:
@@ -220,8 +225,11 @@ class PerturbationData:
 
     # --------------------------------------------------------------------------- indexing
 
-    def _index_conditions(self, obs: pd.DataFrame, config: DataConfig) -> None:
-        """Group cells into conditions; index control cells per context; check every context has controls."""
+    def _index_conditions(self, obs: pd.DataFrame, config: DataConfig, *, drop_small: bool) -> None:
+        """Group cells into conditions; index control cells per context; check every context has controls.
+
+        With ``drop_small`` (data read to train on) conditions below ``config.min_cells_per_condition``
+        are left out first (:meth:`_drop_small`)."""
         roles = {"perturbation": config.perturbation_key, "cell_type": config.cell_type_key, "batch": config.batch_key}
         roles.update({f"covariate:{k}": k for k in config.covariate_keys})
         roles = {role: key for role, key in roles.items() if key is not None}
@@ -255,6 +263,8 @@ class PerturbationData:
             self._cells[label] = rows
             if control:
                 self._controls[context] = rows
+        if drop_small:
+            self._drop_small(config.min_cells_per_condition)
         self._by_label = {c.label: c for c in self.conditions}
         lacking = sorted({c.context.label for c in self.conditions if c.context not in self._controls})
         if lacking:
@@ -263,6 +273,32 @@ class PerturbationData:
                 f"type / batch needs its own control cells. Add them, or drop data.batch_key or the "
                 f"covariate that separates them."
             )
+
+    def _drop_small(self, minimum: int) -> None:
+        """Leave out conditions with fewer than ``minimum`` cells, and every condition of a context whose
+        control set is that small, with one warning naming them; DataError when nothing perturbed is left."""
+        small = {c.context for c in self.conditions if c.is_control and c.n_cells < minimum}
+        dropped = [c for c in self.conditions if c.n_cells < minimum or c.context in small]
+        if not dropped:
+            return
+        for condition in dropped:
+            del self._cells[condition.label]
+            if condition.is_control:
+                del self._controls[condition.context]
+        self.conditions = [c for c in self.conditions if c.label in self._cells]
+        listed = _shown([f"{c.label} ({c.n_cells} cell{'s' * (c.n_cells != 1)})" for c in dropped if c.n_cells < minimum], 8)
+        with_controls = f"; and with their too few controls, {_shown([c.label for c in dropped if c.n_cells >= minimum], 8)}" if small else ""
+        if not self.perturbed_conditions:
+            raise DataError(
+                f"Every perturbed condition has fewer than data.min_cells_per_condition = {minimum} cells (or too "
+                f"few controls): {listed}{with_controls}. Lower data.min_cells_per_condition to train on them."
+            )
+        warnings.warn(
+            f"{len(dropped)} condition(s) with fewer than data.min_cells_per_condition = {minimum} cells are left out: "
+            f"{listed}{with_controls}. Set data.min_cells_per_condition lower to keep them.",
+            PerturbDiffWarning,
+            stacklevel=2,
+        )
 
     @staticmethod
     def _doses(column: pd.Series, is_control: np.ndarray, config: DataConfig) -> np.ndarray:

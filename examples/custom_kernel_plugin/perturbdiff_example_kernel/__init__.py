@@ -19,7 +19,8 @@ class RationalQuadratic(RadialKernel):
     :math:`\alpha`.
 
     Args:
-        lengthscale: a positive number, or ``"median"`` for the median heuristic.
+        lengthscale: ``"median"`` (the median heuristic, the default of every radial kernel) or a
+            positive number.
         alpha: positive shape parameter.
         trainable: learn the lengthscale.
 
@@ -29,7 +30,7 @@ class RationalQuadratic(RadialKernel):
         tensor([[0.5000]])
     """
 
-    def __init__(self, lengthscale: float | str = 1.0, alpha: float = 1.0, *, trainable: bool = False) -> None:
+    def __init__(self, lengthscale: float | str = "median", alpha: float = 1.0, *, trainable: bool = False) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise InputError(f"rational_quadratic needs a positive alpha, got {alpha!r}.")
         super().__init__(lengthscale, trainable=trainable)
