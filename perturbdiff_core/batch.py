@@ -25,6 +25,8 @@ class Conditioning:
         batch: ``(B,)`` long index of the experimental batch (``0`` when the data has none).
         shift: ``(B, G)`` an anchor's predicted change of each set's mean expression from its
             control cells' mean (``model.anchor``), or ``None`` without an anchor.
+        template: ``(B, S, G)`` for each target cell the cell it is a change of (a model with
+            per-cell origins pairs target cell ``i`` with control cell ``i``), or ``None``.
     """
 
     control: Tensor
@@ -32,9 +34,10 @@ class Conditioning:
     cell_type: Tensor
     batch: Tensor
     shift: Tensor | None = None
+    template: Tensor | None = None
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
-        """A copy with ``fn`` applied to every tensor (``shift`` stays ``None`` when it is)."""
+        """A copy with ``fn`` applied to every tensor (optional fields stay ``None`` when they are)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{name: None if value is None else fn(value) for name, value in values.items()})
 

@@ -26,10 +26,17 @@ from .errors import ConfigError, InputError
 
 
 class Denoiser(nn.Module, ABC):
-    """A network ``(x_t, t, cond, self_cond) -> prediction`` over batches of cell sets."""
+    """A network ``(x_t, t, cond, self_cond) -> prediction`` over batches of cell sets.
 
-    def __init__(self, num_genes: int, perturbation_dim: int, num_cell_types: int = 1, num_batches: int = 1) -> None:
+    ``templates=True`` (injected by a model with per-cell origins) says ``cond.template`` gives
+    each target cell the cell it is a change of; such a network reads it next to ``x_t``.
+    """
+
+    def __init__(
+        self, num_genes: int, perturbation_dim: int, num_cell_types: int = 1, num_batches: int = 1, *, templates: bool = False
+    ) -> None:
         super().__init__()
+        self.templates = bool(templates)
         for name, value, low in (
             ("num_genes", num_genes, 1),
             ("perturbation_dim", perturbation_dim, 1),
@@ -55,14 +62,15 @@ class Denoiser(nn.Module, ABC):
     def config(self) -> dict[str, Any]:
         """Every constructor keyword argument (data dimensions and sizes), JSON/YAML-serialisable."""
 
-    def data_config(self) -> dict[str, int]:
-        """The data dimensions, the part of :meth:`config` every denoiser shares."""
-        return {
+    def data_config(self) -> dict[str, Any]:
+        """The data dimensions (and ``templates`` when set), the part of :meth:`config` every denoiser shares."""
+        dims: dict[str, Any] = {
             "num_genes": self.num_genes,
             "perturbation_dim": self.perturbation_dim,
             "num_cell_types": self.num_cell_types,
             "num_batches": self.num_batches,
         }
+        return dims | ({"templates": True} if self.templates else {})
 
     def check_inputs(self, x_t: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None) -> None:
         """Raise :class:`InputError` when the inputs break the documented shapes or index ranges."""
@@ -76,6 +84,9 @@ class Denoiser(nn.Module, ABC):
             raise InputError(f"t must be a long tensor of shape ({b},), got {t.dtype} {tuple(t.shape)}.")
         if self_cond is not None and self_cond.shape != x_t.shape:
             raise InputError(f"self_cond has shape {tuple(self_cond.shape)} but x_t has {tuple(x_t.shape)}.")
+        if self.templates and (cond.template is None or cond.template.shape != x_t.shape):
+            shape = None if cond.template is None else tuple(cond.template.shape)
+            raise InputError(f"this denoiser reads one template cell per target cell: cond.template {shape}, x_t {tuple(x_t.shape)}.")
         control = cond.control
         if control.dim() != 3 or control.shape[0] != b or control.shape[-1] != self.num_genes or control.shape[1] < 1:
             raise InputError(
@@ -120,23 +131,27 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 
 
 class SelfConditionedInput(nn.Linear):
-    r"""The input layer of a self-conditioned denoiser: :math:`W [x_t, \hat x_0] + b`, ``2 G -> hidden``,
-    a missing estimate :math:`\hat x_0` read as zeros.
+    r"""The input layer of a self-conditioned denoiser: :math:`W [x_t, \hat x_0 (, c)] + b`,
+    ``2 G`` (``3 G`` with ``templates``) ``-> hidden``, a missing estimate :math:`\hat x_0` read as zeros;
+    :math:`c` is each target cell's template cell (``cond.template``).
 
-    Applied as one product per half of the weight, so the sets are never concatenated and, without
+    Applied as one product per block of the weight, so the sets are never concatenated and, without
     an estimate (half of the training steps), no product runs over zeros. Values and gradients
-    equal ``nn.Linear(2 * G, hidden)`` on the concatenation, and so do the parameters' names.
+    equal ``nn.Linear(k * G, hidden)`` on the concatenation, and so do the parameters' names.
     """
 
-    def __init__(self, num_genes: int, hidden: int) -> None:
-        super().__init__(2 * num_genes, hidden)
+    def __init__(self, num_genes: int, hidden: int, templates: bool = False) -> None:
+        super().__init__((3 if templates else 2) * num_genes, hidden)
         self.num_genes = num_genes
 
-    def forward(self, x_t: Tensor, self_cond: Tensor | None = None) -> Tensor:
-        out = F.linear(x_t, self.weight[:, : self.num_genes], self.bias)
-        if self_cond is None:
-            return out
-        return out + F.linear(self_cond, self.weight[:, self.num_genes :])
+    def forward(self, x_t: Tensor, self_cond: Tensor | None = None, template: Tensor | None = None) -> Tensor:
+        g = self.num_genes
+        out = F.linear(x_t, self.weight[:, :g], self.bias)
+        if self_cond is not None:
+            out = out + F.linear(self_cond, self.weight[:, g : 2 * g])
+        if template is not None:
+            out = out + F.linear(template.to(x_t.dtype), self.weight[:, 2 * g :])
+        return out
 
 
 class ConditionEmbedding(nn.Module):

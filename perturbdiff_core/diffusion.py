@@ -416,8 +416,10 @@ class RKHSDiffusion(nn.Module):
         cell: that one, or with ``origin="cell"`` each control cell plus the shift, ``(B, S, G)``."""
         shift = 0.0 if cond.shift is None else cond.shift.unsqueeze(-2).to(cond.control.dtype)
         centre = cond.control.mean(dim=-2, keepdim=True) + shift
-        origin = cond.control + shift if self.origin == "cell" else centre
-        return replace(cond, control=cond.control - centre), origin
+        control = cond.control - centre
+        if self.origin == "cell":
+            return replace(cond, control=control, template=control), cond.control + shift
+        return replace(cond, control=control), centre
 
     @staticmethod
     def _make_step(sampler: str, eta: float | None) -> SamplerStep:

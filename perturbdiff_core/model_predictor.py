@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .batch import Conditioning
 from .checkpoint import Checkpoint
@@ -92,12 +93,32 @@ class DiffusionPredictor(Predictor):
                 eta=cfg.eta if cfg.sampler == "ddim" else None,
                 guidance=cfg.guidance,
                 generator=generator,
-            ).cpu()
-            if space == "counts":
-                rounding = torch.Generator().manual_seed(seed + start) if cfg.rounding == "stochastic" else None
-                sampled = decode_cells(sampled, part.control.cpu(), rounding)
-            chunks.append(sampled)
-        cells = torch.cat(chunks).reshape(-1, data.n_genes)[:n_cells]
+            )
+            chunks.append(sampled.cpu())
+        cells, donors = torch.cat(chunks).reshape(-1, data.n_genes), cond.control.reshape(-1, data.n_genes)
+        if cfg.change_z is not None:
+            cells = keep_unchanged(cells[:n_cells], donors[:n_cells], cfg.change_z)
+        if space == "counts":
+            rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
+            cells = decode_cells(cells[:n_cells], donors[:n_cells], rounding)
+        cells = cells[:n_cells]
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
+
+
+def keep_unchanged(cells: Tensor, donors: Tensor, z: float) -> Tensor:
+    r"""``cells`` ``(n, G)`` with the genes the prediction does not change significantly copied from ``donors``.
+
+    Cell ``i`` was sampled from donor ``i`` (the control cell at its place). A gene keeps its sampled
+    values where the mean change :math:`\bar d_g` of :math:`d_{ig} = x_{ig} - c_{ig}` exceeds ``z``
+    standard errors, :math:`|\bar d_g| > z\, s_g / \sqrt n`; elsewhere it takes the donors' values, so
+    a gene the model leaves alone is exactly as real control cells have it (its zeros, its counts)
+    instead of carrying the sampler's small errors. ``z = 0`` keeps every gene that changes at all.
+    """
+    change = cells - donors
+    n = change.shape[0]
+    if n < 2:
+        return cells
+    moved = change.mean(0).abs() > z * change.std(0) / math.sqrt(n)
+    return torch.where(moved, cells, donors)

@@ -127,6 +127,9 @@ class SampleConfig:
     sampled values, ``auto`` picks ``counts`` when the context's control cells lie on a lattice.
     ``rounding`` onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
     probabilities that keep each value's mean; see :func:`~perturbdiff_core.data.output_space.decode_cells`).
+    ``change_z``: genes whose predicted mean change from the control cells the sets were sampled
+    from is below ``change_z`` standard errors keep those control cells' values (see
+    :func:`~perturbdiff_core.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
     ``nonnegative`` clips continuous predictions at 0 (log1p values are never negative).
     ``populations`` independent populations are drawn per test condition by ``perturbdiff run``:
     the first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
@@ -141,6 +144,7 @@ class SampleConfig:
     chunk_sets: int = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     rounding: Literal["nearest", "stochastic"] = "nearest"
+    change_z: float | None = None
     nonnegative: bool = True
     populations: int = 10
 

@@ -140,12 +140,13 @@ def check_plugins(config: RunConfig) -> None:
 
 def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
     """The model of ``config`` with a denoiser of the given data sizes."""
-    reserved = {*sizes, "name"} & set(config.denoiser_params)
+    reserved = {*sizes, "name", "templates"} & set(config.denoiser_params)
     if reserved:
         raise ConfigError(
-            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data; remove them."
+            f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data or the model; remove them."
         )
-    denoiser = {"name": config.denoiser, **sizes, **config.denoiser_params}
+    templates = {"templates": True} if config.origin == "cell" else {}  # per-cell origins: each target cell's control cell
+    denoiser = {"name": config.denoiser, **sizes, **config.denoiser_params, **templates}
     return RKHSDiffusion(
         denoiser,
         _spec(config.schedule, config.schedule_params),

@@ -117,6 +117,7 @@ class CrossDiT(Denoiser):
             ``"small"`` (256, 4, 4) or ``"paper"`` (512, 8, 8).
         hidden, depth, heads: explicit overrides of the preset.
         mlp_ratio: MLP width as a multiple of ``hidden``.
+        templates: read each target cell's template cell (``cond.template``) in the input layer.
 
     Example:
         >>> import torch
@@ -139,8 +140,9 @@ class CrossDiT(Denoiser):
         depth: int | None = None,
         heads: int | None = None,
         mlp_ratio: float = 4.0,
+        templates: bool = False,
     ) -> None:
-        super().__init__(num_genes, perturbation_dim, num_cell_types, num_batches)
+        super().__init__(num_genes, perturbation_dim, num_cell_types, num_batches, templates=templates)
         sizes = resolve_size(PRESETS, size, hidden=hidden, depth=depth, heads=heads)
         if sizes["hidden"] % sizes["heads"]:
             raise ConfigError(f"hidden ({sizes['hidden']}) must be a multiple of heads ({sizes['heads']}).")
@@ -148,7 +150,7 @@ class CrossDiT(Denoiser):
             raise ConfigError(f"mlp_ratio must be positive, got {mlp_ratio!r}.")
         self.size, self.sizes, self.mlp_ratio = size, sizes, float(mlp_ratio)
         h = sizes["hidden"]
-        self.embed_target = SelfConditionedInput(num_genes, h)
+        self.embed_target = SelfConditionedInput(num_genes, h, templates)
         self.embed_control = nn.Linear(num_genes, h)
         self.condition = ConditionEmbedding(perturbation_dim, num_cell_types, num_batches, h)
         self.blocks = nn.ModuleList(
@@ -170,7 +172,7 @@ class CrossDiT(Denoiser):
         _zero(self.final.linear)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None = None) -> Tensor:
-        x = self.embed_target(x_t, self_cond)
+        x = self.embed_target(x_t, self_cond, cond.template)
         y = self.embed_control(cond.control.to(x_t.dtype))
         c = self.condition(t, cond)
         for block in self.blocks:

@@ -44,6 +44,7 @@ class DeepSetsDenoiser(Denoiser):
         num_genes, perturbation_dim, num_cell_types, num_batches: data dimensions.
         size: preset ``"tiny"`` (hidden 64, depth 2), ``"small"`` (256, 3) or ``"paper"`` (512, 4).
         hidden, depth: explicit overrides of the preset.
+        templates: read each target cell's template cell (``cond.template``) in the input layer.
     """
 
     def __init__(
@@ -55,12 +56,13 @@ class DeepSetsDenoiser(Denoiser):
         size: str = "small",
         hidden: int | None = None,
         depth: int | None = None,
+        templates: bool = False,
     ) -> None:
-        super().__init__(num_genes, perturbation_dim, num_cell_types, num_batches)
+        super().__init__(num_genes, perturbation_dim, num_cell_types, num_batches, templates=templates)
         self.size = size
         self.sizes = resolve_size(PRESETS, size, hidden=hidden, depth=depth)
         h = self.sizes["hidden"]
-        self.embed_target = SelfConditionedInput(num_genes, h)
+        self.embed_target = SelfConditionedInput(num_genes, h, templates)
         self.embed_control = nn.Sequential(nn.Linear(num_genes, h), nn.SiLU(), nn.Linear(h, h))
         self.condition = ConditionEmbedding(perturbation_dim, num_cell_types, num_batches, h)
         self.layers = nn.ModuleList(EquivariantLayer(h) for _ in range(self.sizes["depth"]))
@@ -70,7 +72,7 @@ class DeepSetsDenoiser(Denoiser):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None = None) -> Tensor:
-        h = self.embed_target(x_t, self_cond)
+        h = self.embed_target(x_t, self_cond, cond.template)
         control = self.embed_control(cond.control.to(x_t.dtype)).mean(1)
         c = self.condition(t, cond)
         for layer in self.layers:

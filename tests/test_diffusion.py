@@ -407,3 +407,30 @@ def test_an_anchor_shift_moves_the_origin_of_a_relative_model():
     expected = plain.sample(moved.cond, steps=5, generator=torch.Generator().manual_seed(2)) + origin
     torch.testing.assert_close(draw, expected, rtol=1e-9, atol=1e-9)
     assert relative.sample(anchored.cond, steps=5, guidance=2.0).shape == draw.shape  # guidance keeps the shift
+
+
+def test_per_cell_origins_pair_each_target_cell_with_its_control_cell():
+    """origin="cell": target cell i is diffused relative to control cell i plus the anchor shift, the
+    denoiser reads control cell i as its template, and the MMD compares the populations themselves."""
+    model = randomized(RKHSDiffusion(denoiser(templates=True), kernel="energy", self_condition_prob=0.0, ema_decay=None,
+                                     relative_to_control=True, origin="cell")).eval()
+    batch = make_batch(s=8, sc=8)
+    shift = torch.randn(4, G, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    batch = SetBatch(batch.target, Conditioning(**{**vars(batch.cond), "shift": shift}))
+    t, noise = fixed_draws(batch)
+    centred, origin = model._relative(batch.cond)
+    torch.testing.assert_close(origin, batch.cond.control + shift.unsqueeze(1))
+    centre = batch.cond.control.mean(1, keepdim=True) + shift.unsqueeze(1)
+    torch.testing.assert_close(centred.control, batch.cond.control - centre)
+    assert centred.template is centred.control
+    frame = batch.target - origin
+    x_t = model.schedule.q_sample(frame, t, noise)
+    pred = model.denoiser(x_t, t, centred)
+    mse = ((pred - frame) ** 2).mean(dim=(1, 2))
+    mmd = mmd2(pred + origin, batch.target, kernel="energy", estimator="unbiased")
+    terms = model.loss(batch, t=t, noise=noise)
+    torch.testing.assert_close(terms["loss"], (mse + mmd).mean(), rtol=1e-9, atol=1e-12)
+    with pytest.raises(InputError, match="one cell per control cell"):
+        model.sample(batch.cond, 5, steps=2)
+    with pytest.raises(InputError, match="template"):
+        model.denoiser(x_t, t, batch.cond)  # a template-reading denoiser refuses a conditioning without templates

@@ -197,3 +197,16 @@ def test_populations_are_independent_draws_whose_first_is_the_plain_prediction(t
     by_population = [dense(many[(many.obs[POPULATION_KEY] == k).to_numpy() & perturbed].X) for k in "012"]
     assert all(p.shape == by_population[0].shape for p in by_population)
     assert not np.array_equal(by_population[0], by_population[1])  # other control draws and noise
+
+
+def test_genes_without_a_significant_change_keep_the_donor_values() -> None:
+    from perturbdiff_core.model_predictor import keep_unchanged
+
+    g = torch.Generator().manual_seed(0)
+    donors = torch.poisson(torch.full((200, 6), 2.0), generator=g)
+    cells = donors + 0.05 * torch.randn(200, 6, generator=g)  # sampler noise around the donors
+    cells[:, :2] += 1.0  # genes 0 and 1 really change
+    kept = keep_unchanged(cells, donors, z=3.0)
+    torch.testing.assert_close(kept[:, :2], cells[:, :2])
+    torch.testing.assert_close(kept[:, 2:], donors[:, 2:])
+    assert torch.equal(keep_unchanged(cells, donors, z=0.0), torch.where((cells - donors).mean(0) != 0, cells, donors))

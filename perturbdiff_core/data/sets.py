@@ -139,19 +139,19 @@ def prediction_conditioning(
 ) -> Conditioning:
     """Conditioning to predict ``perturbations`` (seen or, with a lookup encoder, unseen) in ``context``.
 
-    Controls are drawn at random from the context (set ``b`` from ``default_rng([seed, b])``),
-    whatever pairing was used in training: the perturbed cells are unknown here. ``shift``
-    ``(G,)`` is the anchor's shift of the condition, given to every set (``model.anchor``).
+    Controls are drawn at random from the context (from ``default_rng(seed)``), whatever pairing
+    was used in training: the perturbed cells are unknown here. The sets together take every
+    control cell once, in random order, before any cell is taken again, so a prediction from
+    several sets repeats no control cell while the context has enough. ``shift`` ``(G,)`` is the
+    anchor's shift of the condition, given to every set (``model.anchor``).
     """
     if not perturbations:
         raise DataError("No perturbations to predict; give at least one perturbation name.")
     size = data.config.set_size if set_size is None else set_size
-    rows = [
-        draw(data.control_cells(context), size, np.random.default_rng([seed, b])) for b in range(len(perturbations))
-    ]
-    control = torch.from_numpy(data.read(np.concatenate(rows)).reshape(len(perturbations), size, data.n_genes))
-    cell_type, batch = data.context_indices(context)
     n = len(perturbations)
+    rows = shuffled_rounds(data.control_cells(context), n * size, np.random.default_rng(seed))
+    control = torch.from_numpy(data.read(rows).reshape(n, size, data.n_genes))
+    cell_type, batch = data.context_indices(context)
     return Conditioning(
         control=control,
         perturbation=data.encoder.encode(list(perturbations), doses),
@@ -159,3 +159,9 @@ def prediction_conditioning(
         batch=torch.full((n,), batch, dtype=torch.long),
         shift=None if shift is None else torch.as_tensor(shift, dtype=torch.float32).expand(n, data.n_genes).clone(),
     )
+
+
+def shuffled_rounds(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` of ``rows``: random permutations of all of them, one after another, cut at ``count``."""
+    rounds = -(-count // len(rows))
+    return np.concatenate([rng.permutation(rows) for _ in range(rounds)])[:count]
