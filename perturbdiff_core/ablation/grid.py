@@ -15,7 +15,7 @@ import yaml
 from ..configuration import assign, dotted_keys, merge, nested, parse_overrides, read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
-from ..registry import load, names
+from ..registry import is_registered, load, names
 from ..run_config import RunConfig, config_from_dict, resolved
 
 #: Top-level keys of a grid file.
@@ -264,7 +264,7 @@ def check_plugins(config: RunConfig) -> None:
     for key, group in PLUGIN_GROUPS.items():
         name = getattr(model, key.split(".")[1])
         if key == "model.denoiser":  # its size comes from the data; only the name is checked here
-            if name not in names(group):
+            if not is_registered(group, name):
                 raise ConfigError(f"{key} = {name!r} is not installed; known: {', '.join(names(group))}.")
         else:
             load(group, name, **getattr(model, f"{key.split('.')[1]}_params"))
@@ -272,7 +272,7 @@ def check_plugins(config: RunConfig) -> None:
         ("evaluate.kernel", "perturbdiff.kernels", [config.evaluate.kernel]),
         ("evaluate.baselines", "perturbdiff.predictors", config.evaluate.baselines),
     ):
-        missing = [v for v in values if v not in names(group)]
+        missing = [v for v in values if not is_registered(group, v)]
         if missing:
             raise ConfigError(f"{key} names {', '.join(missing)}, not installed; known: {', '.join(names(group))}.")
 

@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "List every plug-in group and its plug-ins: name, the distribution that provides it "
             "and the first line of its docstring. Describing a plug-in imports it; one that fails "
-            "to import shows as BROKEN with the error and does not stop the listing."
+            "to import shows as BROKEN with the error and does not stop the listing. A name that two "
+            "distributions register is listed once per distribution with a note: the built-in wins, and "
+            "DISTRIBUTION:NAME picks either."
         ),
     )
     parser.set_defaults(func=run)
@@ -33,11 +35,15 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("name", style="bold", no_wrap=True)
         table.add_column("distribution", no_wrap=True)
         table.add_column("description")
-        for info in list_plugins(group):
+        infos = list_plugins(group, all_distributions=True)
+        collisions = any(info.others for info in infos)
+        if collisions:
+            table.add_column("name collision", style="yellow")
+        for info in infos:
             description = escape(info.describe())
             if description.startswith("BROKEN"):
                 description = f"[red]{description}[/red]"
-            table.add_row(info.name, info.distribution, description)
+            table.add_row(info.name, info.distribution, description, *([escape(info.collision)] if collisions else []))
         if not table.rows:
             table.add_row("[dim](none installed)[/dim]", "", "")
         console.print(table)
