@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from .anchor import NO_ANCHOR, check_anchor
-from .configuration import from_mapping, merge, parse_overrides, read_yaml, to_mapping
+from .configuration import assign, from_mapping, merge, parse_overrides, read_yaml, to_mapping
 from .data.anndata_io import DATA_ENV, shared_data_dir
 from .data.config import DataConfig, SplitConfig
 from .errors import ConfigError, DataError, UnknownPluginError, first_line
@@ -188,10 +189,67 @@ class RunConfig:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """A checked :class:`RunConfig` from a nested mapping (defaults fill what is missing)."""
+    """A checked :class:`RunConfig` from a nested mapping (defaults fill what is missing).
+
+    A plug-in named without its parameters gets none: the default parameters belong to the default
+    plug-in (``model.denoiser: mlp`` alone must not hand ``mlp`` the default ``{size: tiny}``).
+    """
+    for name_key, params_key in plugin_params_keys().items():
+        name = _lookup(values, name_key)
+        if name is not _MISSING and name != _lookup(_defaults(), name_key) and _lookup(values, params_key) is _MISSING:
+            values = assign(values, params_key, {})
     config = from_mapping(RunConfig, values)
     check(config)
     return config
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of a nested mapping, or ``_MISSING``."""
+    for part in key.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _defaults() -> dict[str, Any]:
+    """The default configuration as a nested mapping."""
+    return RunConfig().to_dict()
+
+
+@cache
+def plugin_params_keys() -> dict[str, str]:
+    """Every config key naming a plug-in that has a parameters key beside it -> that key
+    (``model.kernel`` -> ``model.kernel_params``, ``data.encoder`` -> ``data.encoder_params``, ...)."""
+    keys = {}
+    for section, values in _defaults().items():
+        if isinstance(values, Mapping):
+            keys |= {f"{section}.{k}": f"{section}.{k}_params" for k in values if f"{k}_params" in values}
+    return keys
+
+
+def override(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with a layer of ``overrides`` (``--set`` pairs, a suite's or grid's ``set:``) merged in.
+
+    Keys merge as :func:`~perturbdiff_core.configuration.merge` does (an empty mapping clears), except
+    that a layer changing a plug-in's name (``model.denoiser``, ``model.kernel``, ``data.encoder``, ...)
+    also replaces its parameters: with those the same layer gives, else with none. The old plug-in's
+    parameters mean nothing to the new one (the bundled ``{size: tiny}`` breaks a third-party denoiser).
+    """
+    merged = merge(values, overrides)
+    for name_key, params_key in plugin_params_keys().items():
+        name = _lookup(overrides, name_key)
+        if name is _MISSING:
+            continue
+        before = _lookup(values, name_key)
+        if name == (_lookup(_defaults(), name_key) if before is _MISSING else before):
+            continue
+        given = _lookup(overrides, params_key)
+        merged = assign(merged, params_key, {} if given is _MISSING else given)
+    return merged
 
 
 def check(config: RunConfig) -> None:
@@ -250,7 +308,7 @@ def check(config: RunConfig) -> None:
 def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults <- YAML file ``path`` (optional) <- ``key=value`` overrides; ``name`` defaults to the file stem."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
-    values = merge(values, parse_overrides(overrides))
+    values = override(values, parse_overrides(overrides))
     config = config_from_dict(values)
     if config.name is None and path is not None:
         config = replace(config, name=Path(path).stem)

@@ -16,7 +16,7 @@ from ..configuration import assign, dotted_keys, merge, nested, parse_overrides,
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
 from ..registry import is_registered, load, names
-from ..run_config import RunConfig, config_from_dict, resolved
+from ..run_config import RunConfig, config_from_dict, override, resolved
 
 #: Top-level keys of a grid file.
 GRID_KEYS = ("base", "set", "grid", "exclude", "metrics")
@@ -147,7 +147,7 @@ def read_grid(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Gr
     if not isinstance(shared, Mapping):
         raise ConfigError(f"{path}: set: must be a mapping of config keys to values, e.g. {{train.steps: 300}}.")
     cli = parse_overrides(overrides)
-    base = merge(merge(read_yaml(base_path), nested(shared)), cli)
+    base = override(override(read_yaml(base_path), nested(shared)), cli)
     if not isinstance(raw["grid"], Mapping) or not raw["grid"]:
         raise ConfigError(f"{path}: grid: must map config keys to lists of values, e.g. {{seed: [0, 1, 2]}}.")
     keys = [str(k) for k in raw["grid"]]
