@@ -1,14 +1,14 @@
 """The entry-point registry: listing, lazy import, clear errors, broken plug-ins isolated.
 
 Third-party plug-ins are simulated with a real (fake) installed distribution: a ``.dist-info``
-folder with ``entry_points.txt`` on ``sys.path``, read by ``importlib.metadata`` as usual.
+folder with ``entry_points.txt`` on ``sys.path``, read by ``importlib.metadata`` as usual (the
+``install_fake`` fixture of conftest.py).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -19,26 +19,7 @@ from perturbdiff_core.kernels import Kernel
 
 KERNELS = "perturbdiff.kernels"
 
-InstallFake = Callable[..., None]
-
-
-@pytest.fixture
-def install_fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InstallFake]:
-    """Install a fake distribution declaring ``entries`` in ``group``, plus optional module files."""
-
-    def install(distribution: str, entries: dict[str, str], *, group: str = KERNELS, modules: dict[str, str] | None = None) -> None:
-        info = tmp_path / f"{distribution.replace('-', '_')}-0.0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.0.1\n")
-        lines = [f"[{group}]", *(f"{name} = {target}" for name, target in entries.items())]
-        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-        for module, source in (modules or {}).items():
-            (tmp_path / f"{module}.py").write_text(source)
-        monkeypatch.syspath_prepend(str(tmp_path))
-        registry.refresh()
-
-    yield install
-    registry.refresh()  # monkeypatch then removes tmp_path from sys.path
+InstallFake = Callable[..., None]  # the install_fake fixture (conftest.py)
 
 
 def test_lists_builtin_plugins_with_distribution() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -148,8 +149,6 @@ def test_bundled_examples_exist() -> None:
 
 # ------------------------------------------------------ a plug-in's parameters follow its name
 
-from test_registry import install_fake  # noqa: E402,F401 - the fixture, for a third-party denoiser
-
 BASE = {
     "model": {"denoiser": "cross_dit", "denoiser_params": {"size": "tiny"}, "kernel": "rbf", "kernel_params": {"lengthscale": 2.0}},
     "data": {"encoder": "onehot", "encoder_params": {}},
@@ -221,7 +220,7 @@ class Plain(Denoiser):
 """
 
 
-def test_a_third_party_denoiser_replaces_the_bundled_one_with_set(install_fake) -> None:  # noqa: F811
+def test_a_third_party_denoiser_replaces_the_bundled_one_with_set(install_fake: Callable[..., None]) -> None:
     from perturbdiff_core.training import check_plugins
 
     install_fake("perturbdiff-plain", {"plain": "perturbdiff_plain:Plain"}, group="perturbdiff.denoisers", modules={"perturbdiff_plain": PLAIN_DENOISER})
