@@ -19,9 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "List every plug-in group and its plug-ins: name, the distribution that provides it "
             "and the first line of its docstring. Describing a plug-in imports it; one that fails "
-            "to import shows as BROKEN with the error and does not stop the listing. A name that two "
-            "distributions register is listed once per distribution with a note: the built-in wins, and "
-            "DISTRIBUTION:NAME picks either."
+            "to import shows as BROKEN with the error and does not stop the listing."
         ),
     )
     parser.set_defaults(func=run)
