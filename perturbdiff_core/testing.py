@@ -37,7 +37,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,13 @@ from .errors import first_line
 from .estimators import MMDEstimator, as_estimator
 from .kernels import Kernel, RadialKernel, as_kernel
 from .reductions import KernelReduction
+
+if TYPE_CHECKING:  # imported where used: the data layer is heavy for a kernel author's tests
+    from .denoisers import Denoiser
+    from .embeddings import EmbeddingMap
+    from .encoders import PerturbationEncoder
+    from .predictors import Predictor
+    from .schedules import NoiseSchedule
 
 __all__ = [
     "CheckSkipped",
@@ -604,7 +611,7 @@ def _embedding_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x, y, wx / wx.sum(-1, keepdim=True), wy / wy.sum(-1, keepdim=True)
 
 
-def _fitted_embedding(embedding: Any) -> Any:
+def _fitted_embedding(embedding: EmbeddingMap) -> EmbeddingMap:
     x, y, _, _ = _embedding_data()
     fresh = copy.deepcopy(embedding)
     fitted = fresh.fit(torch.cat([x, y], dim=-2))
@@ -612,7 +619,7 @@ def _fitted_embedding(embedding: Any) -> Any:
     return fitted
 
 
-def _embedding_features(embedding: Any, *, atol: float) -> None:
+def _embedding_features(embedding: EmbeddingMap, *, atol: float) -> None:
     """Explicit maps (only): features ``(..., N, D)``, finite, batch = loop; weighted and uniform mean embeddings."""
     name = type(embedding).__name__
     fitted = _fitted_embedding(embedding)
@@ -625,7 +632,7 @@ def _embedding_features(embedding: Any, *, atol: float) -> None:
     _close(fitted.mean_embedding(x, wx), (wx.unsqueeze(-1) * phi).sum(-2), f"{name}: weighted mean embedding failed", rtol=1e-6, atol=1e-9)
 
 
-def _embedding_inner(embedding: Any, *, atol: float) -> None:
+def _embedding_inner(embedding: EmbeddingMap, *, atol: float) -> None:
     """``inner(x, y, wx, wy)`` approximates ``wx^T K(x, y) wy`` under the map's (fitted) kernel within ``atol``
     times the largest ``|K|``, is symmetric, and for explicit maps is the product of the mean embeddings."""
     name = type(embedding).__name__
@@ -643,7 +650,7 @@ def _embedding_inner(embedding: Any, *, atol: float) -> None:
         _close(got, product, f"{name}: inner differs from the product of the mean embeddings", rtol=1e-6, atol=1e-9)
 
 
-def _embedding_state(embedding: Any, *, atol: float) -> None:
+def _embedding_state(embedding: EmbeddingMap, *, atol: float) -> None:
     """A fresh map loaded with a fitted map's ``state_dict`` gives the same inner products."""
     name = type(embedding).__name__
     fitted = _fitted_embedding(embedding)
@@ -653,13 +660,13 @@ def _embedding_state(embedding: Any, *, atol: float) -> None:
     _close(fresh.inner(x, y, wx, wy), fitted.inner(x, y, wx, wy), f"{name}: state_dict round trip failed", rtol=1e-10, atol=1e-12)
 
 
-def _embedding_checks(embedding: Any, *, atol: float = 0.1) -> list[NamedCheck]:
+def _embedding_checks(embedding: EmbeddingMap, *, atol: float = 0.1) -> list[NamedCheck]:
     named = [("features", _embedding_features)] if embedding.explicit else []  # an implicit map has no features
     named += [("inner_products", _embedding_inner), ("state_dict", _embedding_state)]
     return [(label, partial(check, atol=atol)) for label, check in named]
 
 
-def check_embedding(embedding: Any, *, atol: float = 0.1) -> None:
+def check_embedding(embedding: EmbeddingMap, *, atol: float = 0.1) -> None:
     """Check an :class:`~perturbdiff_core.embeddings.EmbeddingMap` against the embedding contract.
 
     Fitted on the pooled cells of a few sets (float64): ``fit`` returns the map; for explicit maps,
@@ -675,7 +682,7 @@ def check_embedding(embedding: Any, *, atol: float = 0.1) -> None:
 # --------------------------------------------------------------------------------------- schedules
 
 
-def _alpha_bars(schedule: Any) -> Tensor:
+def _alpha_bars(schedule: NoiseSchedule) -> Tensor:
     """The schedule's table; its own ConfigError (bad betas, alpha_bar(T) too large) as an AssertionError."""
     from .errors import PerturbDiffError
 
@@ -685,7 +692,7 @@ def _alpha_bars(schedule: Any) -> Tensor:
         raise AssertionError(f"{type(schedule).__name__}: betas() contract failed: {err}") from None
 
 
-def _schedule_betas(schedule: Any) -> None:
+def _schedule_betas(schedule: NoiseSchedule) -> None:
     """``betas()`` is float64 ``(T,)`` in ``(0, 1)``; ``alpha_bar(0) = 1``."""
     name = type(schedule).__name__
     betas = copy.deepcopy(schedule).betas()
@@ -700,7 +707,7 @@ def _schedule_betas(schedule: Any) -> None:
     _require(table[0].item() == 1.0, f"{name}: alpha_bar(0) = 1 failed: got {table[0].item()!r}.")
 
 
-def _schedule_monotone(schedule: Any) -> None:
+def _schedule_monotone(schedule: NoiseSchedule) -> None:
     """``alpha_bar`` strictly decreases from ``t = 0`` to ``T``."""
     table = _alpha_bars(schedule)
     steps = torch.nonzero(table[1:] >= table[:-1]).flatten()
@@ -710,7 +717,7 @@ def _schedule_monotone(schedule: Any) -> None:
     )
 
 
-def _schedule_final(schedule: Any) -> None:
+def _schedule_final(schedule: NoiseSchedule) -> None:
     """``alpha_bar(T)`` is small: step ``T`` is (almost) pure noise, where sampling starts."""
     from .schedules import MAX_FINAL_ALPHA_BAR
 
@@ -718,7 +725,7 @@ def _schedule_final(schedule: Any) -> None:
     _require(final <= MAX_FINAL_ALPHA_BAR, f"{type(schedule).__name__}: alpha_bar(T) = {final:.3g} > {MAX_FINAL_ALPHA_BAR:g}.")
 
 
-def _schedule_config(schedule: Any) -> None:
+def _schedule_config(schedule: NoiseSchedule) -> None:
     """``config()`` is YAML-serialisable, includes ``num_steps``, and rebuilds the same schedule
     (``type(schedule)(**config())``, which is what ``load(group, name, **config)`` does)."""
     name = type(schedule).__name__
@@ -733,7 +740,7 @@ def _schedule_config(schedule: Any) -> None:
     _require(torch.equal(rebuilt.betas(), schedule.betas()), f"{name}: config round trip failed: the rebuilt schedule has other betas.")
 
 
-def _schedule_checks(schedule: Any) -> list[NamedCheck]:
+def _schedule_checks(schedule: NoiseSchedule) -> list[NamedCheck]:
     return [
         ("betas_and_alpha_bar_0", _schedule_betas),
         ("monotone", _schedule_monotone),
@@ -742,7 +749,7 @@ def _schedule_checks(schedule: Any) -> list[NamedCheck]:
     ]
 
 
-def check_schedule(schedule: Any) -> None:
+def check_schedule(schedule: NoiseSchedule) -> None:
     """Check a :class:`~perturbdiff_core.schedules.NoiseSchedule` against the schedule contract.
 
     ``betas()`` float64 of shape ``(T,)`` in ``(0, 1)``; ``alpha_bar(0) = 1``; ``alpha_bar`` strictly
@@ -758,7 +765,7 @@ def check_schedule(schedule: Any) -> None:
 DENOISER_DIMENSIONS = ("num_genes", "perturbation_dim", "num_cell_types", "num_batches")
 
 
-def _random_denoiser(denoiser: Any) -> Any:
+def _random_denoiser(denoiser: Denoiser) -> Denoiser:
     """A float64 copy in evaluation mode with random non-zero weights everywhere (zero-initialised
     output layers would hide any asymmetry)."""
     net = copy.deepcopy(denoiser)
@@ -769,7 +776,7 @@ def _random_denoiser(denoiser: Any) -> Any:
     return net.double().eval()
 
 
-def _denoiser_inputs(denoiser: Any, b: int = 3, s: int = 5, sc: int = 7, seed: int = 1) -> tuple[Tensor, Tensor, Any, Tensor]:
+def _denoiser_inputs(denoiser: Denoiser, b: int = 3, s: int = 5, sc: int = 7, seed: int = 1) -> tuple[Tensor, Tensor, Any, Tensor]:
     from .batch import Conditioning
 
     gen = torch.Generator().manual_seed(seed)
@@ -790,7 +797,7 @@ def _denoiser_tolerance(out: Tensor) -> dict[str, float]:
     return {"rtol": 1e-7, "atol": 1e-9 * max(1.0, out.abs().max().item())}
 
 
-def _denoiser_signature(denoiser: Any) -> None:
+def _denoiser_signature(denoiser: Denoiser) -> None:
     """The constructor takes the injected data dimensions by name, and ``config()`` returns them."""
     name = type(denoiser).__name__
     parameters = inspect.signature(type(denoiser)).parameters
@@ -805,7 +812,7 @@ def _denoiser_signature(denoiser: Any) -> None:
     _require(not wrong, f"{name}: config() must return the data dimensions (data_config() does); it gives {wrong}.")
 
 
-def _denoiser_shapes(denoiser: Any) -> None:
+def _denoiser_shapes(denoiser: Denoiser) -> None:
     """``(B, S, G)`` out for ``(B, S, G)`` in, with and without a self-conditioning estimate and with a
     control set of another size; finite; the input's dtype."""
     name = type(denoiser).__name__
@@ -819,7 +826,7 @@ def _denoiser_shapes(denoiser: Any) -> None:
             _require(bool(torch.isfinite(out).all()), f"{name}: output has NaN or Inf.")
 
 
-def _denoiser_cell_order(denoiser: Any) -> None:
+def _denoiser_cell_order(denoiser: Denoiser) -> None:
     """Equivariance over cells: permuting the cells of ``x_t`` (and ``self_cond``) permutes the output."""
     net = _random_denoiser(denoiser)
     x, t, cond, self_cond = _denoiser_inputs(net)
@@ -828,7 +835,7 @@ def _denoiser_cell_order(denoiser: Any) -> None:
     _close(net(x[:, perm], t, cond, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed", **_denoiser_tolerance(out))
 
 
-def _denoiser_control_order(denoiser: Any) -> None:
+def _denoiser_control_order(denoiser: Denoiser) -> None:
     """Invariance to the order of the control cells."""
     from dataclasses import replace
 
@@ -840,7 +847,7 @@ def _denoiser_control_order(denoiser: Any) -> None:
     _close(net(x, t, shuffled, self_cond), out, f"{type(denoiser).__name__}: invariance to the order of control cells failed", **_denoiser_tolerance(out))
 
 
-def _denoiser_sets_independent(denoiser: Any) -> None:
+def _denoiser_sets_independent(denoiser: Denoiser) -> None:
     """The sets of a batch are independent: each set's output equals its output alone, and changing
     every input of one set leaves the others' outputs unchanged."""
     from dataclasses import replace
@@ -868,7 +875,7 @@ def _denoiser_sets_independent(denoiser: Any) -> None:
     _close(out2[keep], out[keep], f"{name}: sets independent failed: changing set 1 changed the output of sets 0 and 2", **tol)
 
 
-def _denoiser_config(denoiser: Any) -> None:
+def _denoiser_config(denoiser: Denoiser) -> None:
     """``config()`` is YAML-serialisable and rebuilds the network: ``type(d)(**config())`` loaded with
     the state dict gives the same config and the same outputs."""
     name = type(denoiser).__name__
@@ -885,7 +892,7 @@ def _denoiser_config(denoiser: Any) -> None:
     _close(rebuilt(x, t, cond, self_cond), net(x, t, cond, self_cond), f"{name}: config round trip failed: the rebuilt network differs", rtol=0.0, atol=0.0)
 
 
-def _denoiser_checks(denoiser: Any) -> list[NamedCheck]:
+def _denoiser_checks(denoiser: Denoiser) -> list[NamedCheck]:
     return [
         ("injected_dimensions", _denoiser_signature),
         ("shapes", _denoiser_shapes),
@@ -896,7 +903,7 @@ def _denoiser_checks(denoiser: Any) -> list[NamedCheck]:
     ]
 
 
-def check_denoiser(denoiser: Any) -> None:
+def check_denoiser(denoiser: Denoiser) -> None:
     """Check a :class:`~perturbdiff_core.denoisers.Denoiser` against the denoiser contract.
 
     On a float64 copy in evaluation mode with random non-zero weights: the constructor takes
@@ -915,14 +922,14 @@ def check_denoiser(denoiser: Any) -> None:
 ENCODER_PERTURBATIONS = ("A", "B", "C", "A+B", "control")
 
 
-def _fitted_encoder(encoder: Any, perturbations: Sequence[str], *, use_dose: bool = False) -> Any:
+def _fitted_encoder(encoder: PerturbationEncoder, perturbations: Sequence[str], *, use_dose: bool = False) -> PerturbationEncoder:
     fresh = copy.deepcopy(encoder)
     fitted = fresh.fit(list(perturbations), control_label="control", separator="+", use_dose=use_dose)
     _require(fitted is fresh, f"{type(encoder).__name__}: fit(...) must return the encoder itself, got {type(fitted).__name__}.")
     return fitted
 
 
-def _encoder_encode(encoder: Any, *, perturbations: Sequence[str]) -> None:
+def _encoder_encode(encoder: PerturbationEncoder, *, perturbations: Sequence[str]) -> None:
     """``encode`` gives ``(n, dim)`` finite float32 rows; control is all zeros; a combination is the sum of its
     parts; a row does not depend on the other names encoded with it."""
     name = type(encoder).__name__
@@ -946,7 +953,7 @@ def _encoder_encode(encoder: Any, *, perturbations: Sequence[str]) -> None:
         _close(enc.encode([single])[0], out[i], f"{name}: the encoding of {single!r} depends on the names encoded with it", rtol=0.0, atol=0.0)
 
 
-def _encoder_unseen(encoder: Any, *, perturbations: Sequence[str]) -> None:
+def _encoder_unseen(encoder: PerturbationEncoder, *, perturbations: Sequence[str]) -> None:
     """A perturbation the encoder cannot encode raises DataError naming it, never a silent zero vector."""
     from .errors import DataError
 
@@ -961,7 +968,7 @@ def _encoder_unseen(encoder: Any, *, perturbations: Sequence[str]) -> None:
     _require(bool(out.any()), f"{name}: {unseen!r} was encoded as zeros, the control's encoding; raise DataError naming it instead.")
 
 
-def _encoder_dose(encoder: Any, *, perturbations: Sequence[str]) -> None:
+def _encoder_dose(encoder: PerturbationEncoder, *, perturbations: Sequence[str]) -> None:
     """Fitted with ``use_dose``: one more column, ``log1p(dose)`` for perturbed rows and 0 for control."""
     name = type(encoder).__name__
     enc = _fitted_encoder(encoder, perturbations, use_dose=True)
@@ -973,7 +980,7 @@ def _encoder_dose(encoder: Any, *, perturbations: Sequence[str]) -> None:
     _close(out[:, -1], expected, f"{name}: the dose column must be log1p(dose) (0 for control)", rtol=1e-6, atol=1e-6)
 
 
-def _encoder_state(encoder: Any, *, perturbations: Sequence[str]) -> None:
+def _encoder_state(encoder: PerturbationEncoder, *, perturbations: Sequence[str]) -> None:
     """``state_dict()`` is JSON-serialisable and restores the fitted encoder in a fresh copy; fitting is
     deterministic (the training names in another order give the same encodings)."""
     name = type(encoder).__name__
@@ -990,7 +997,7 @@ def _encoder_state(encoder: Any, *, perturbations: Sequence[str]) -> None:
     _close(refitted.encode(names), enc.encode(names), f"{name}: fitting depends on the order of the training names", rtol=0.0, atol=0.0)
 
 
-def _encoder_not_fitted(encoder: Any, *, perturbations: Sequence[str]) -> None:
+def _encoder_not_fitted(encoder: PerturbationEncoder, *, perturbations: Sequence[str]) -> None:
     """Encoding before ``fit`` raises DataError (listed for an encoder given unfitted)."""
     from .errors import DataError
 
@@ -1002,7 +1009,7 @@ def _encoder_not_fitted(encoder: Any, *, perturbations: Sequence[str]) -> None:
     raise AssertionError(f"{name}: encode before fit must raise DataError (call fit or load_state_dict first).")
 
 
-def _encoder_checks(encoder: Any, *, perturbations: Sequence[str] = ENCODER_PERTURBATIONS) -> list[NamedCheck]:
+def _encoder_checks(encoder: PerturbationEncoder, *, perturbations: Sequence[str] = ENCODER_PERTURBATIONS) -> list[NamedCheck]:
     named = [
         ("encode", _encoder_encode),
         ("unseen_perturbation", _encoder_unseen),
@@ -1014,7 +1021,7 @@ def _encoder_checks(encoder: Any, *, perturbations: Sequence[str] = ENCODER_PERT
     return [(label, partial(check, perturbations=tuple(perturbations))) for label, check in named]
 
 
-def check_encoder(encoder: Any, *, perturbations: Sequence[str] = ENCODER_PERTURBATIONS) -> None:
+def check_encoder(encoder: PerturbationEncoder, *, perturbations: Sequence[str] = ENCODER_PERTURBATIONS) -> None:
     """Check a :class:`~perturbdiff_core.encoders.PerturbationEncoder` (unfitted) against the encoder contract.
 
     Fitted on ``perturbations`` (singles, an ``A+B`` combination and ``control``; give names your
@@ -1048,7 +1055,7 @@ def _screen() -> tuple[Any, list[str]]:
     return data.fit(train), train
 
 
-def _fitted_predictor(predictor: Any) -> tuple[Any, Any, list[str]]:
+def _fitted_predictor(predictor: Predictor) -> tuple[Any, Any, list[str]]:
     from .predictors import Predictor
 
     data, train = _screen()
@@ -1058,7 +1065,7 @@ def _fitted_predictor(predictor: Any) -> tuple[Any, Any, list[str]]:
     return fitted, data, train
 
 
-def _predictor_predict(predictor: Any) -> None:
+def _predictor_predict(predictor: Predictor) -> None:
     """``predict`` gives ``(n_cells, G)`` finite floating-point cells, for fewer and more cells than the
     context has controls."""
     name = type(predictor).__name__
@@ -1071,7 +1078,7 @@ def _predictor_predict(predictor: Any) -> None:
         _require(bool(np.isfinite(cells).all()), f"{name}: predicted cells have NaN or Inf.")
 
 
-def _predictor_held_out(predictor: Any) -> None:
+def _predictor_held_out(predictor: Predictor) -> None:
     """Neither ``fit`` nor ``predict`` nor ``shift`` reads the real cells of the held-out condition
     (every ``data.read`` is watched)."""
     from .predictors import Predictor
@@ -1097,7 +1104,7 @@ def _predictor_held_out(predictor: Any) -> None:
     _require(not leaks, f"{name}: read the real cells of the held-out condition {HELD_OUT}: {'; '.join(leaks)}.")
 
 
-def _predictor_seed(predictor: Any) -> None:
+def _predictor_seed(predictor: Predictor) -> None:
     """The same seed gives the same cells, also from a second fit."""
     name = type(predictor).__name__
     first, data, _ = _fitted_predictor(predictor)
@@ -1108,7 +1115,7 @@ def _predictor_seed(predictor: Any) -> None:
     _require(np.array_equal(a, np.asarray(second.predict(data, condition, 13, seed=3))), f"{name}: two fits on the same data predict differently for the same seed.")
 
 
-def _predictor_shift(predictor: Any) -> None:
+def _predictor_shift(predictor: Predictor) -> None:
     """``shift`` gives a finite ``(G,)`` vector (what ``model.anchor`` adds to each control set's mean)."""
     name = type(predictor).__name__
     model, data, _ = _fitted_predictor(predictor)
@@ -1117,7 +1124,7 @@ def _predictor_shift(predictor: Any) -> None:
     _require(bool(np.isfinite(shift).all()), f"{name}: shift has NaN or Inf.")
 
 
-def _predictor_checks(predictor: Any) -> list[NamedCheck]:
+def _predictor_checks(predictor: Predictor) -> list[NamedCheck]:
     return [
         ("predict", _predictor_predict),
         ("never_reads_held_out_cells", _predictor_held_out),
@@ -1126,7 +1133,7 @@ def _predictor_checks(predictor: Any) -> list[NamedCheck]:
     ]
 
 
-def check_predictor(predictor: Any) -> None:
+def check_predictor(predictor: Predictor) -> None:
     """Check a :class:`~perturbdiff_core.predictors.Predictor` (unfitted) against the predictor contract.
 
     Fitted on a synthetic screen (A, B, A+B and controls in two cell types) with the condition
