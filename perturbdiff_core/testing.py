@@ -45,7 +45,7 @@ import yaml
 from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
 
-from .errors import first_line
+from .errors import PerturbDiffError, first_line
 from .estimators import MMDEstimator, as_estimator
 from .kernels import Kernel, RadialKernel, as_kernel
 from .reductions import KernelReduction
@@ -684,8 +684,6 @@ def check_embedding(embedding: EmbeddingMap, *, atol: float = 0.1) -> None:
 
 def _alpha_bars(schedule: NoiseSchedule) -> Tensor:
     """The schedule's table; its own ConfigError (bad betas, alpha_bar(T) too large) as an AssertionError."""
-    from .errors import PerturbDiffError
-
     try:
         return copy.deepcopy(schedule).alpha_bars
     except PerturbDiffError as err:
