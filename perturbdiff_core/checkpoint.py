@@ -3,7 +3,9 @@
 A checkpoint holds the model weights (with the EMA), the optimizer and learning-rate scheduler
 states, the step, the run configuration, :meth:`RKHSDiffusion.config`, the data state (genes,
 vocabularies, fitted perturbation encoder), the split, the per-step training history, the
-perturbdiff version and a format tag. It is written with ``torch.save`` to a temporary file
+perturbdiff version, the distribution and version of every plug-in the run names
+(:func:`~perturbdiff_core.run_config.plugin_records`; loading warns when the installed ones differ)
+and a format tag. It is written with ``torch.save`` to a temporary file
 renamed into place, and read with ``torch.load(weights_only=True)``, which runs no code from
 the file. Every way loading can fail gives one :class:`CheckpointError` saying what to do.
 
@@ -18,7 +20,7 @@ import os
 import shutil
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,9 @@ from . import __version__
 from .data.config import SplitConfig
 from .data.splits import Split
 from .diffusion import RKHSDiffusion
-from .errors import PerturbDiffError, PerturbDiffNote, first_line
+from .errors import PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, first_line
 from .io import atomic_path, output_error
-from .run_config import RunConfig, config_from_dict
+from .run_config import RunConfig, config_from_dict, plugin_mismatches, plugin_records
 
 #: Marks a perturbdiff checkpoint and the version of its layout; a reader accepts only its own.
 CHECKPOINT_FORMAT = "perturbdiff.checkpoint/1"
@@ -39,6 +41,10 @@ CHECKPOINT_FORMAT = "perturbdiff.checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
+
+
+#: Checkpoint fields that older checkpoints lack: read as empty.
+_OPTIONAL = frozenset({"plugins"})
 
 
 class CheckpointError(PerturbDiffError):
@@ -50,7 +56,9 @@ class Checkpoint:
     """The content of a checkpoint file (see the module docstring).
 
     ``history`` is one dict per training step (``loss``, ``mse``, ``mmd``, ``lr``);
-    ``validation`` maps a step to its validation MMD^2.
+    ``validation`` maps a step to its validation MMD^2; ``plugins`` is
+    :func:`~perturbdiff_core.run_config.plugin_records` of the run config, filled in when saved
+    (empty in checkpoints written before it was recorded).
     """
 
     step: int
@@ -64,6 +72,7 @@ class Checkpoint:
     history: list[dict[str, float]]
     validation: dict[int, float]
     version: str = __version__
+    plugins: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -109,6 +118,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Checkpoint, *, pre
     payload: dict[str, Any] = {f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)}
     payload["run_config"] = checkpoint.run_config.to_dict()
     payload["split"] = {"config": asdict(checkpoint.split.config), **{k: getattr(checkpoint.split, k) for k in ("train", "val", "test")}}
+    payload["plugins"] = checkpoint.plugins or plugin_records(checkpoint.run_config)
     payload["format"] = CHECKPOINT_FORMAT
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -173,12 +183,21 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: torch.device | s
             f"{__version__} reads {CHECKPOINT_FORMAT!r}; load it with perturbdiff {version} "
             f"(pip install perturbdiff=={version}) or train again."
         )
-    missing = [f.name for f in fields(Checkpoint) if f.name not in payload]
+    missing = [f.name for f in fields(Checkpoint) if f.name not in payload and f.name not in _OPTIONAL]
     if missing:
         raise CheckpointError(
             f"{path} lacks {', '.join(missing)}; it was not written by perturbdiff's save_checkpoint. Train again."
         )
-    values = {f.name: payload[f.name] for f in fields(Checkpoint)}
+    values = {f.name: payload[f.name] for f in fields(Checkpoint) if f.name in payload}
+    values["plugins"] = dict(payload.get("plugins") or {})
+    changed = plugin_mismatches(values["plugins"])
+    if changed:
+        warnings.warn(
+            f"{path} was trained with other plug-ins than the installed ones: {'; '.join(changed)}. Its "
+            f"predictions may differ; install the recorded versions to reproduce them.",
+            PerturbDiffWarning,
+            stacklevel=2,
+        )
     values["run_config"] = config_from_dict(payload["run_config"])
     split = payload["split"]
     values["split"] = Split(SplitConfig.from_dict(split["config"]), list(split["train"]), list(split["val"]), list(split["test"]))

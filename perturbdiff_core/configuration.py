@@ -134,10 +134,14 @@ def parse_overrides(pairs: Iterable[str], *, flag: str = "--set") -> dict[str, A
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; values in ``override`` win."""
+    """Recursive dict merge; values in ``override`` win.
+
+    A non-empty mapping merges key by key into the mapping it meets; an empty one replaces it (merging
+    it would change nothing), so ``--set "model.denoiser_params={}"`` clears the parameters.
+    """
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if isinstance(value, Mapping) and value and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
         else:
             out[key] = value

@@ -133,11 +133,11 @@ class AutoReduction(KernelReduction):
 
 def as_reduction(spec: Any) -> KernelReduction:
     """A :class:`KernelReduction` from ``"auto"``, a ``perturbdiff.backends`` plug-in name, or an instance."""
-    from .registry import names, resolve
+    from .registry import is_registered, names, resolve
 
     if isinstance(spec, str) and spec == "auto":
         return AutoReduction()
-    if isinstance(spec, str) and spec not in names(_GROUP):
+    if isinstance(spec, str) and not is_registered(_GROUP, spec):
         raise UnknownPluginError(
             f"Unknown MMD backend {spec!r}; choose 'auto' or one of: {', '.join(names(_GROUP))}."
         )

@@ -2,20 +2,27 @@
 
 Every component (built-in or third party) is declared under one of the entry-point groups in
 :data:`GROUPS` in some distribution's ``pyproject.toml``. Listing reads only metadata; a
-plug-in is imported the first time it is loaded, checked against its interface, and a plug-in
-that fails to import is reported without breaking the others.
+plug-in is imported the first time it is loaded, checked against its interface (an abstract
+class, one that misses methods, is refused), and a plug-in that fails to import is reported without
+breaking the others.
+
+Names are unique per group only within a distribution. When another distribution registers a
+built-in's name, the built-in (distribution ``perturbdiff``) wins and resolving the plain name warns;
+``distribution:name`` (``my-pkg:rbf``) picks one explicitly, wherever a plug-in name is accepted.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .errors import PerturbDiffError, PluginLoadError, UnknownPluginError, did_you_mean, first_line
+from .errors import PerturbDiffError, PerturbDiffWarning, PluginLoadError, UnknownPluginError, did_you_mean, first_line
 
 #: Entry-point group -> dotted path of the interface its plug-ins must implement.
 GROUPS: dict[str, str] = {
@@ -30,19 +37,61 @@ GROUPS: dict[str, str] = {
 }
 
 
+#: The distribution of the built-in plug-ins: on a name collision its plug-in wins.
+BUILTIN_DISTRIBUTION = "perturbdiff"
+
+#: Separates a distribution from a plug-in name in a qualified name, ``my-pkg:rbf``.
+QUALIFIER = ":"
+
+
+def canonical_distribution(name: str) -> str:
+    """A distribution name as the packaging standards compare them (PEP 503): ``My_Pkg`` -> ``my-pkg``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 @dataclass(frozen=True)
 class PluginInfo:
-    """One registered plug-in: its name, the distribution declaring it and its target."""
+    """One registered plug-in: its name, the distribution declaring it and its target.
+
+    ``version`` is the distribution's version. ``others`` are the other distributions that register
+    the same name in the same group (a collision); ``chosen`` says whether the plain name resolves to
+    this plug-in (the built-in wins a collision; a collision between two other distributions has no
+    winner, and only ``distribution:name`` resolves). Either way :attr:`qualified_name` picks it.
+    """
 
     group: str
     name: str
     distribution: str
     target: str
+    version: str = "unknown"
+    others: tuple[str, ...] = ()
+    chosen: bool = True
+
+    @property
+    def qualified_name(self) -> str:
+        """``distribution:name``, which resolves to this plug-in whatever else is installed."""
+        return f"{self.distribution}{QUALIFIER}{self.name}"
+
+    @property
+    def collision(self) -> str:
+        """What a collision means for this plug-in, in a few words; ``""`` when its name is its own."""
+        if not self.others:
+            return ""
+        others = ", ".join(self.others)
+        if self.chosen:
+            return f"also registered by {others}; the built-in is used"
+        if BUILTIN_DISTRIBUTION in self.others:
+            return f"shadowed by the built-in; use {self.qualified_name}"
+        return f"also registered by {others}; use {self.qualified_name}"
+
+    def record(self) -> dict[str, str]:
+        """``group``, ``name``, ``distribution`` and ``version``, to store beside a run or a checkpoint."""
+        return {"group": self.group, "name": self.name, "distribution": self.distribution, "version": self.version}
 
     def describe(self) -> str:
         """First line of the plug-in's docstring (imports it), or the import error."""
         try:
-            obj = _load_entry_point(self.group, self.name)
+            obj = _load_entry_point(self.group, self.qualified_name)
         except PluginLoadError as err:
             return f"BROKEN: {err}"
         doc = inspect.getdoc(obj) or ""
@@ -56,27 +105,66 @@ def _check_group(group: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """An entry point with the name and version of its distribution."""
+
+    point: EntryPoint
+    distribution: str
+    version: str
+
+
 @cache
-def _entry_points(group: str) -> dict[str, EntryPoint]:
-    found: dict[str, EntryPoint] = {}
+def _entry_points(group: str) -> dict[str, tuple[_Entry, ...]]:
+    """Name -> every registration of it in ``group``, one per distribution, the built-in first."""
+    found: dict[str, list[_Entry]] = {}
     for ep in entry_points(group=group):
-        found.setdefault(ep.name, ep)  # first distribution on sys.path wins, like import
-    return found
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        version = ep.dist.version if ep.dist is not None else "unknown"
+        entries = found.setdefault(ep.name, [])
+        if all(canonical_distribution(e.distribution) != canonical_distribution(dist) for e in entries):
+            entries.append(_Entry(ep, dist, version))  # a distribution seen twice on sys.path: the first wins, like import
+    return {name: tuple(sorted(entries, key=_builtin_first)) for name, entries in found.items()}
+
+
+def _builtin_first(entry: _Entry) -> tuple[bool, str]:
+    """Sort key: the built-in distribution, then the others by name."""
+    dist = canonical_distribution(entry.distribution)
+    return dist != BUILTIN_DISTRIBUTION, dist
 
 
 def refresh() -> None:
     """Forget cached entry points (after installing a plug-in package in a running process)."""
     _entry_points.cache_clear()
     _load_entry_point.cache_clear()
+    _warned.clear()
 
 
-def list_plugins(group: str) -> list[PluginInfo]:
-    """Every plug-in of ``group``, sorted by name, without importing any of them."""
+def _winner(entries: tuple[_Entry, ...]) -> _Entry | None:
+    """The registration a plain name resolves to: the only one, else the built-in, else none (ambiguous)."""
+    if len(entries) == 1:
+        return entries[0]
+    builtin = entries[0]
+    return builtin if canonical_distribution(builtin.distribution) == BUILTIN_DISTRIBUTION else None
+
+
+def _info(group: str, name: str, entry: _Entry, entries: tuple[_Entry, ...]) -> PluginInfo:
+    others = tuple(e.distribution for e in entries if e is not entry)
+    return PluginInfo(group, name, entry.distribution, entry.point.value, entry.version, others, _winner(entries) is entry)
+
+
+def list_plugins(group: str, *, all_distributions: bool = False) -> list[PluginInfo]:
+    """Every plug-in of ``group``, sorted by name, without importing any of them.
+
+    One per name: the one the plain name resolves to (for a name that two distributions other than
+    perturbdiff register, the first by distribution name, with ``chosen`` false). With
+    ``all_distributions`` every registration of a colliding name is listed, the built-in first.
+    """
     _check_group(group)
     infos = []
-    for name, ep in sorted(_entry_points(group).items()):
-        dist = ep.dist.name if ep.dist is not None else "unknown"
-        infos.append(PluginInfo(group, name, dist, ep.value))
+    for name, entries in sorted(_entry_points(group).items()):
+        shown = entries if all_distributions else [_winner(entries) or entries[0]]
+        infos += [_info(group, name, entry, entries) for entry in shown]
     return infos
 
 
@@ -90,24 +178,92 @@ def _interface(group: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def _distribution(group: str, name: str) -> str:
-    """The distribution that registers plug-in ``name`` of ``group`` (as users ``pip install`` it)."""
-    dist = _entry_points(group)[name].dist
-    return dist.name if dist is not None else "unknown distribution"
+def _split(spec: str) -> tuple[str | None, str]:
+    """``"my-pkg:rbf"`` -> ``("my-pkg", "rbf")``; ``"rbf"`` -> ``(None, "rbf")``."""
+    distribution, sep, name = spec.partition(QUALIFIER)
+    return (distribution.strip(), name.strip()) if sep else (None, spec)
 
 
-@cache
-def _load_entry_point(group: str, name: str) -> Any:
+def _select(group: str, spec: str) -> tuple[str, _Entry, tuple[_Entry, ...]]:
+    """The plain name, the registration ``spec`` (``name`` or ``distribution:name``) picks and all of them."""
     _check_group(group)
     eps = _entry_points(group)
+    distribution, name = _split(spec)
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none installed"
         raise UnknownPluginError(
             f"No plug-in named {name!r} in group {group!r}{did_you_mean(name, eps)}; known names: {known}. "
             f"Check the spelling or install the package that provides it."
         )
-    ep = eps[name]
-    dist = _distribution(group, name)
+    entries = eps[name]
+    if distribution is not None:
+        for entry in entries:
+            if canonical_distribution(entry.distribution) == canonical_distribution(distribution):
+                return name, entry, entries
+        choices = ", ".join(f"{e.distribution}{QUALIFIER}{name}" for e in entries)
+        raise UnknownPluginError(
+            f"No plug-in {name!r} from the distribution {distribution!r} in group {group!r}; {name!r} is "
+            f"registered by {', '.join(e.distribution for e in entries)}: write {choices}, or install {distribution}."
+        )
+    entry = _winner(entries)
+    if entry is None:
+        choices = " or ".join(f"{e.distribution}{QUALIFIER}{name}" for e in entries)
+        raise UnknownPluginError(
+            f"The plug-in name {name!r} in group {group!r} is registered by "
+            f"{', '.join(f'{e.distribution} {e.version}' for e in entries)}; say which one: {choices}."
+        )
+    return name, entry, entries
+
+
+def plugin_info(group: str, spec: str) -> PluginInfo:
+    """The plug-in that ``spec`` (``name`` or ``distribution:name``) resolves to, from metadata alone.
+
+    Raises:
+        UnknownPluginError: no such plug-in, or a name two other distributions register (ambiguous).
+    """
+    name, entry, entries = _select(group, spec)
+    return _info(group, name, entry, entries)
+
+
+def is_registered(group: str, spec: str) -> bool:
+    """Whether some installed distribution registers ``spec`` (``name``, or ``distribution:name`` for that
+    distribution) in ``group``; loading an ambiguous plain name still fails, saying which names to use."""
+    _check_group(group)
+    distribution, name = _split(spec)
+    entries = _entry_points(group).get(name, ())
+    if distribution is None:
+        return bool(entries)
+    return any(canonical_distribution(e.distribution) == canonical_distribution(distribution) for e in entries)
+
+
+#: (group, name) pairs whose collision was already reported in this process.
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_collision(group: str, spec: str) -> None:
+    """One warning per process when a plain name that another distribution also registers is resolved."""
+    info = plugin_info(group, spec)
+    if not info.others or _split(spec)[0] is not None or (group, info.name) in _warned:
+        return
+    _warned.add((group, info.name))
+    alternatives = ", ".join(f"{other}{QUALIFIER}{info.name}" for other in info.others)
+    warnings.warn(
+        f"Plug-in name {info.name!r} ({group}) is also registered by {', '.join(info.others)}; using the built-in "
+        f"from {info.distribution} {info.version}. Write {alternatives} to use the other.",
+        PerturbDiffWarning,
+        stacklevel=3,
+    )
+
+
+def _distribution(group: str, name: str) -> str:
+    """The distribution that registers plug-in ``name`` of ``group`` (as users ``pip install`` it)."""
+    return _select(group, name)[1].distribution
+
+
+@cache
+def _load_entry_point(group: str, spec: str) -> Any:
+    name, entry, _ = _select(group, spec)
+    ep, dist = entry.point, entry.distribution
     try:
         obj = ep.load()
     except Exception as err:  # a broken plug-in must not break the registry
@@ -124,11 +280,24 @@ def _load_entry_point(group: str, name: str) -> Any:
             f"Plug-in {name!r} ({group}) from {dist} points to {ep.value}, which is not a "
             f"{interface.__name__} subclass or factory; fix its entry point."
         )
+    if inspect.isclass(obj) and inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise PluginLoadError(
+            f"Plug-in {name!r} ({group}) from {dist} is an abstract class: {obj.__name__} does not implement "
+            f"{missing}. Implement {'them' if ',' in missing else 'it'} (see {GROUPS[group]}) or report it to "
+            f"the maintainers of {dist}."
+        )
     return obj
 
 
 def load(group: str, name: str, /, **params: Any) -> Any:
-    """Import plug-in ``name`` of ``group`` and build it with keyword ``params``."""
+    """Import plug-in ``name`` of ``group`` and build it with keyword ``params``.
+
+    ``name`` may be qualified by its distribution, ``my-pkg:rbf``: needed when two distributions other
+    than perturbdiff register the same name. When another distribution registers a built-in's name,
+    the built-in wins and a :class:`~perturbdiff_core.errors.PerturbDiffWarning` says so, once.
+    """
+    _warn_collision(group, name)
     factory = _load_entry_point(group, name)
     try:
         inspect.signature(factory).bind(**params)

@@ -15,16 +15,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from .anchor import NO_ANCHOR, check_anchor
-from .configuration import from_mapping, merge, parse_overrides, read_yaml, to_mapping
+from .configuration import assign, from_mapping, merge, parse_overrides, read_yaml, to_mapping
 from .data.anndata_io import DATA_ENV, shared_data_dir
 from .data.config import DataConfig, SplitConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UnknownPluginError, first_line
 from .io import atomic_write_text
 
 #: File name of the resolved configuration inside a run folder.
@@ -32,6 +33,21 @@ CONFIG_FILE = "config.yaml"
 
 #: Folder of run folders when ``--out`` is not given: ``runs/<config name>``.
 RUNS_DIR = "runs"
+
+#: File beside ``config.yaml``: the distribution and version that provided each plug-in of the run.
+PLUGINS_FILE = "plugins.yaml"
+
+#: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.
+PLUGIN_KEYS: dict[str, str] = {
+    "model.denoiser": "perturbdiff.denoisers",
+    "model.schedule": "perturbdiff.schedules",
+    "model.kernel": "perturbdiff.kernels",
+    "model.estimator": "perturbdiff.estimators",
+    "model.anchor": "perturbdiff.predictors",
+    "data.encoder": "perturbdiff.encoders",
+    "evaluate.kernel": "perturbdiff.kernels",
+    "evaluate.baselines": "perturbdiff.predictors",
+}
 
 
 @dataclass
@@ -177,10 +193,67 @@ class RunConfig:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """A checked :class:`RunConfig` from a nested mapping (defaults fill what is missing)."""
+    """A checked :class:`RunConfig` from a nested mapping (defaults fill what is missing).
+
+    A plug-in named without its parameters gets none: the default parameters belong to the default
+    plug-in (``model.denoiser: mlp`` alone must not hand ``mlp`` the default ``{size: tiny}``).
+    """
+    for name_key, params_key in plugin_params_keys().items():
+        name = _lookup(values, name_key)
+        if name is not _MISSING and name != _lookup(_defaults(), name_key) and _lookup(values, params_key) is _MISSING:
+            values = assign(values, params_key, {})
     config = from_mapping(RunConfig, values)
     check(config)
     return config
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of a nested mapping, or ``_MISSING``."""
+    for part in key.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _defaults() -> dict[str, Any]:
+    """The default configuration as a nested mapping."""
+    return RunConfig().to_dict()
+
+
+@cache
+def plugin_params_keys() -> dict[str, str]:
+    """Every config key naming a plug-in that has a parameters key beside it -> that key
+    (``model.kernel`` -> ``model.kernel_params``, ``data.encoder`` -> ``data.encoder_params``, ...)."""
+    keys = {}
+    for section, values in _defaults().items():
+        if isinstance(values, Mapping):
+            keys |= {f"{section}.{k}": f"{section}.{k}_params" for k in values if f"{k}_params" in values}
+    return keys
+
+
+def override(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with a layer of ``overrides`` (``--set`` pairs, a suite's or grid's ``set:``) merged in.
+
+    Keys merge as :func:`~perturbdiff_core.configuration.merge` does (an empty mapping clears), except
+    that a layer changing a plug-in's name (``model.denoiser``, ``model.kernel``, ``data.encoder``, ...)
+    also replaces its parameters: with those the same layer gives, else with none. The old plug-in's
+    parameters mean nothing to the new one (the bundled ``{size: tiny}`` breaks a third-party denoiser).
+    """
+    merged = merge(values, overrides)
+    for name_key, params_key in plugin_params_keys().items():
+        name = _lookup(overrides, name_key)
+        if name is _MISSING:
+            continue
+        before = _lookup(values, name_key)
+        if name == (_lookup(_defaults(), name_key) if before is _MISSING else before):
+            continue
+        given = _lookup(overrides, params_key)
+        merged = assign(merged, params_key, {} if given is _MISSING else given)
+    return merged
 
 
 def check(config: RunConfig) -> None:
@@ -239,7 +312,7 @@ def check(config: RunConfig) -> None:
 def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults <- YAML file ``path`` (optional) <- ``key=value`` overrides; ``name`` defaults to the file stem."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
-    values = merge(values, parse_overrides(overrides))
+    values = override(values, parse_overrides(overrides))
     config = config_from_dict(values)
     if config.name is None and path is not None:
         config = replace(config, name=Path(path).stem)
@@ -278,10 +351,69 @@ def run_dir_for(config: RunConfig, out: str | os.PathLike[str] | None) -> Path:
 
 
 def write_config(config: RunConfig, run_dir: str | os.PathLike[str]) -> Path:
-    """Write the resolved configuration as ``run_dir/config.yaml`` (atomically)."""
+    """Write the resolved configuration as ``run_dir/config.yaml`` and where its plug-ins came from as
+    ``run_dir/plugins.yaml`` (:func:`plugin_records`), both atomically.
+
+    The records live in a file of their own so that ``config.yaml`` stays a config that
+    ``perturbdiff train`` reads back unchanged.
+    """
     path = Path(run_dir) / CONFIG_FILE
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(Path(run_dir) / PLUGINS_FILE, yaml.safe_dump(plugin_records(config), sort_keys=False))
     return path
+
+
+def _config_value(config: RunConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def plugin_records(config: RunConfig) -> dict[str, Any]:
+    """Config key -> ``{group, name, distribution, version}`` of the plug-in it names (a list of them for
+    ``evaluate.baselines``), from metadata alone; names that resolve to nothing (``model.anchor: none``,
+    a plug-in not installed) are left out."""
+    from .registry import plugin_info
+
+    def record(group: str, name: Any) -> dict[str, str] | None:
+        if not isinstance(name, str):
+            return None
+        try:
+            return plugin_info(group, name).record() | {"name": name}  # the name as the config gives it
+        except UnknownPluginError:
+            return None
+
+    records: dict[str, Any] = {}
+    for key, group in PLUGIN_KEYS.items():
+        value = _config_value(config, key)
+        if isinstance(value, list):
+            found = [r for r in (record(group, v) for v in value) if r is not None]
+            if found:
+                records[key] = found
+        elif (found := record(group, value)) is not None:
+            records[key] = found
+    return records
+
+
+def plugin_mismatches(records: Mapping[str, Any]) -> list[str]:
+    """How the installed plug-ins differ from ``records`` (:func:`plugin_records` of an earlier run):
+    one phrase per plug-in now provided by another distribution or version, or no longer installed."""
+    from .registry import canonical_distribution, plugin_info
+
+    found = []
+    for key, value in records.items():
+        for rec in value if isinstance(value, list) else [value]:
+            if not isinstance(rec, Mapping) or not {"group", "name", "distribution", "version"} <= set(rec):
+                continue
+            was = f"{rec['distribution']} {rec['version']}"
+            try:
+                now = plugin_info(str(rec["group"]), str(rec["name"]))
+            except UnknownPluginError as err:
+                found.append(f"{key} {rec['name']!r} came from {was} and does not resolve now ({first_line(err, 120)})")
+                continue
+            same = canonical_distribution(now.distribution) == canonical_distribution(str(rec["distribution"]))
+            if not same or now.version != str(rec["version"]):
+                found.append(f"{key} {rec['name']!r} came from {was}, now from {now.distribution} {now.version}")
+    return found
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

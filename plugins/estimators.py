@@ -12,7 +12,7 @@ from perturbdiff_core.errors import InputError, UnknownPluginError
 from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD, require_pairs
 from perturbdiff_core.kernels import Kernel
 from perturbdiff_core.reductions import KernelReduction, as_reduction
-from perturbdiff_core.registry import names, resolve
+from perturbdiff_core.registry import is_registered, names, resolve
 
 
 class _QuadraticStatistic(QuadraticMMD):
@@ -167,7 +167,7 @@ class EmbeddingMMD(MMDEstimator):
     """
 
     def __init__(self, embedding: str = "rff", unbiased: bool = False, **embedding_params: object) -> None:
-        if embedding not in names("perturbdiff.embeddings"):
+        if not is_registered("perturbdiff.embeddings", embedding):
             raise UnknownPluginError(
                 f"Unknown embedding {embedding!r}; known: {', '.join(names('perturbdiff.embeddings'))}."
             )

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real example data (skipped with the reason when absent) and synthetic screens."""
+"""Shared fixtures: the real example data (skipped with the reason when absent), synthetic screens and fake
+third-party plug-in distributions."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import anndata as ad
 import pytest
 import torch
 
+from perturbdiff_core import registry
 from perturbdiff_core.data.anndata_io import DATA_ENV, shared_data_dir
 from perturbdiff_core.data.synthetic import synthetic_screen
 
@@ -59,3 +61,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def install_fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Install a fake distribution declaring ``entries`` in ``group``, plus optional module files."""
+
+    def install(distribution: str, entries: dict[str, str], *, group: str = "perturbdiff.kernels", modules: dict[str, str] | None = None) -> None:
+        info = tmp_path / f"{distribution.replace('-', '_')}-0.0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.0.1\n")
+        lines = [f"[{group}]", *(f"{name} = {target}" for name, target in entries.items())]
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        for module, source in (modules or {}).items():
+            (tmp_path / f"{module}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        registry.refresh()
+
+    yield install
+    registry.refresh()  # monkeypatch then removes tmp_path from sys.path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,102 @@ def test_bundled_examples_load_and_find_their_data(path: Path, shared_data: Path
 
 def test_bundled_examples_exist() -> None:
     assert all(path.is_file() for path in EXAMPLES)
+
+
+# ------------------------------------------------------ a plug-in's parameters follow its name
+
+BASE = {
+    "model": {"denoiser": "cross_dit", "denoiser_params": {"size": "tiny"}, "kernel": "rbf", "kernel_params": {"lengthscale": 2.0}},
+    "data": {"encoder": "onehot", "encoder_params": {}},
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "expected"),
+    [
+        (["model.denoiser=deepsets"], "denoiser_params", {}),  # reset: {size: tiny} was cross_dit's
+        (["model.denoiser=deepsets", "model.denoiser_params={hidden: 32}"], "denoiser_params", {"hidden": 32}),
+        (["model.denoiser=deepsets", "model.denoiser_params.hidden=32"], "denoiser_params", {"hidden": 32}),
+        (["model.denoiser=cross_dit"], "denoiser_params", {"size": "tiny"}),  # the same name: kept
+        (["model.denoiser_params={}"], "denoiser_params", {}),  # an empty mapping clears
+        (["model.denoiser_params.hidden=32"], "denoiser_params", {"size": "tiny", "hidden": 32}),  # merged
+        (["model.kernel=laplace"], "kernel_params", {}),
+        (["model.kernel=laplace", "model.kernel_params.lengthscale=3.0"], "kernel_params", {"lengthscale": 3.0}),
+        (["model.kernel_params={}"], "kernel_params", {}),
+    ],
+)
+def test_changing_a_plugin_with_set_resets_its_parameters(tmp_path: Path, overrides: list[str], key: str, expected: dict) -> None:
+    config = load_config(write(tmp_path, BASE), overrides)
+    assert getattr(config.model, key) == expected
+
+
+def test_every_plugin_key_with_parameters_is_reset(tmp_path: Path) -> None:
+    from perturbdiff_core.run_config import plugin_params_keys
+
+    assert plugin_params_keys() == {
+        "data.encoder": "data.encoder_params",
+        "model.denoiser": "model.denoiser_params",
+        "model.schedule": "model.schedule_params",
+        "model.kernel": "model.kernel_params",
+        "model.estimator": "model.estimator_params",
+    }
+    base = {
+        "model": {"schedule": "linear", "schedule_params": {"num_steps": 1000}, "estimator": "chunked", "estimator_params": {"block_size": 64}},
+        "data": {"encoder": "lookup", "encoder_params": {"path": "table.csv"}},
+    }
+    config = load_config(write(tmp_path, base), ["model.schedule=cosine", "model.estimator=biased", "data.encoder=onehot"])
+    assert (config.model.schedule_params, config.model.estimator_params, config.data.encoder_params) == ({}, {}, {})
+
+
+def test_a_plugin_named_without_parameters_gets_none(tmp_path: Path) -> None:
+    """The default {size: tiny} belongs to the default denoiser, whether the name comes from YAML or --set."""
+    assert load_config(write(tmp_path, {"model": {"denoiser": "deepsets"}})).model.denoiser_params == {}
+    assert load_config(None, ["model.denoiser=deepsets"]).model.denoiser_params == {}
+    assert load_config(None).model.denoiser_params == {"size": "tiny"}
+    assert load_config(None, ["model.denoiser=cross_dit"]).model.denoiser_params == {"size": "tiny"}
+
+
+PLAIN_DENOISER = """
+import torch
+from perturbdiff_core.denoisers import Denoiser
+
+class Plain(Denoiser):
+    '''A per-cell linear map: no size presets.'''
+
+    def __init__(self, num_genes, perturbation_dim, num_cell_types=1, num_batches=1, width=4):
+        super().__init__(num_genes, perturbation_dim, num_cell_types, num_batches)
+        self.width = width
+        self.linear = torch.nn.Linear(num_genes, num_genes)
+
+    def forward(self, x_t, t, cond, self_cond=None):
+        return self.linear(x_t)
+
+    def config(self):
+        return {**self.data_config(), "width": self.width}
+"""
+
+
+def test_a_third_party_denoiser_replaces_the_bundled_one_with_set(install_fake: Callable[..., None]) -> None:
+    from perturbdiff_core.training import check_plugins
+
+    install_fake("perturbdiff-plain", {"plain": "perturbdiff_plain:Plain"}, group="perturbdiff.denoisers", modules={"perturbdiff_plain": PLAIN_DENOISER})
+    config = load_config(EXAMPLES[0], ["model.denoiser=plain"])  # the bundled config gives {size: tiny}
+    assert config.model.denoiser_params == {}
+    check_plugins(config)  # builds it: before, Plain got size='tiny' and failed
+    config = load_config(EXAMPLES[0], ["model.denoiser=plain", "model.denoiser_params.width=8"])
+    assert config.model.denoiser_params == {"width": 8}
+    check_plugins(config)
+
+
+def test_suite_and_grid_layers_reset_the_parameters_too(tmp_path: Path) -> None:
+    from perturbdiff_core.ablation.grid import read_grid
+    from perturbdiff_core.run_config import override
+    from perturbdiff_core.suite.spec import read_suite
+
+    assert override(BASE, {"model": {"denoiser": "deepsets"}})["model"]["denoiser_params"] == {}
+    write(tmp_path, BASE, "base.yaml")
+    grid = write(tmp_path, {"base": "base.yaml", "set": {"model.denoiser": "deepsets"}, "grid": {"seed": [0, 1]}}, "grid.yaml")
+    assert read_grid(grid).base["model"]["denoiser_params"] == {}
+    assert read_grid(grid, ["model.denoiser_params.hidden=8"]).base["model"]["denoiser_params"] == {"hidden": 8}
+    suite = write(tmp_path, {"tasks": [{"name": "a", "config": "base.yaml", "set": {"model.denoiser": "deepsets"}}]}, "suite.yaml")
+    assert read_suite(suite).tasks[0].values["model"]["denoiser_params"] == {}

@@ -489,3 +489,52 @@ def test_checkpoint_rebuilds_the_trained_model(screen_path: Path, tmp_path: Path
     assert states_equal(model.state_dict(), trainer.model.state_dict())
 
 
+
+
+def test_a_run_records_where_its_plugins_came_from(screen_path: Path, tmp_path: Path) -> None:
+    """plugins.yaml beside config.yaml and the same records in the checkpoint; a checkpoint whose plug-ins
+    differ from the installed ones (distribution or version) loads with one warning naming them."""
+    import yaml
+
+    from perturbdiff_core import __version__
+    from perturbdiff_core.errors import PerturbDiffWarning
+    from perturbdiff_core.run_config import PLUGINS_FILE, config_from_dict
+
+    run = tmp_path / "run"
+    config = tiny_config(screen_path)
+    Trainer(config, run, progress=False).fit(stop_at=1)
+    records = yaml.safe_load((run / PLUGINS_FILE).read_text())
+    builtin = {"distribution": "perturbdiff", "version": __version__}
+    assert records["model.kernel"] == {"group": "perturbdiff.kernels", "name": "energy", **builtin}
+    assert records["model.denoiser"] == {"group": "perturbdiff.denoisers", "name": "cross_dit", **builtin}
+    assert records["data.encoder"]["name"] == "onehot"
+    assert [r["name"] for r in records["evaluate.baselines"]] == config.evaluate.baselines
+    assert "model.anchor" not in records  # none names no plug-in
+    assert config_from_dict(yaml.safe_load((run / "config.yaml").read_text())) == config  # still a config, unchanged
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerturbDiffWarning)
+        checkpoint = load_checkpoint(checkpoint_path(run))
+    assert checkpoint.plugins == records
+
+    payload = torch.load(checkpoint_path(run), weights_only=True)
+    payload["plugins"]["model.kernel"] = {**records["model.kernel"], "version": "0.0.1"}
+    payload["plugins"]["model.schedule"] = {**records["model.schedule"], "distribution": "perturbdiff-schedules"}
+    payload["plugins"]["model.estimator"] = {**records["model.estimator"], "name": "perturbdiff-gone:unbiased"}
+    changed = tmp_path / "changed.pt"
+    torch.save(payload, changed)
+    with pytest.warns(PerturbDiffWarning) as caught:
+        load_checkpoint(changed)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, PerturbDiffWarning)]
+    assert "\n" not in message and str(changed) in message
+    assert f"model.kernel 'energy' came from perturbdiff 0.0.1, now from perturbdiff {__version__}" in message
+    assert f"model.schedule 'cosine' came from perturbdiff-schedules {__version__}, now from perturbdiff" in message
+    assert "model.estimator 'perturbdiff-gone:unbiased' came from perturbdiff" in message and "does not resolve now" in message
+
+    old = tmp_path / "old.pt"  # written before plug-ins were recorded
+    torch.save({k: v for k, v in payload.items() if k != "plugins"}, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerturbDiffWarning)
+        assert load_checkpoint(old).plugins == {}

@@ -15,8 +15,8 @@ import yaml
 from ..configuration import assign, dotted_keys, merge, nested, parse_overrides, read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
-from ..registry import load, names
-from ..run_config import RunConfig, config_from_dict, resolved
+from ..registry import is_registered, load, names
+from ..run_config import RunConfig, config_from_dict, override, resolved
 
 #: Top-level keys of a grid file.
 GRID_KEYS = ("base", "set", "grid", "exclude", "metrics")
@@ -147,7 +147,7 @@ def read_grid(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Gr
     if not isinstance(shared, Mapping):
         raise ConfigError(f"{path}: set: must be a mapping of config keys to values, e.g. {{train.steps: 300}}.")
     cli = parse_overrides(overrides)
-    base = merge(merge(read_yaml(base_path), nested(shared)), cli)
+    base = override(override(read_yaml(base_path), nested(shared)), cli)
     if not isinstance(raw["grid"], Mapping) or not raw["grid"]:
         raise ConfigError(f"{path}: grid: must map config keys to lists of values, e.g. {{seed: [0, 1, 2]}}.")
     keys = [str(k) for k in raw["grid"]]
@@ -264,7 +264,7 @@ def check_plugins(config: RunConfig) -> None:
     for key, group in PLUGIN_GROUPS.items():
         name = getattr(model, key.split(".")[1])
         if key == "model.denoiser":  # its size comes from the data; only the name is checked here
-            if name not in names(group):
+            if not is_registered(group, name):
                 raise ConfigError(f"{key} = {name!r} is not installed; known: {', '.join(names(group))}.")
         else:
             load(group, name, **getattr(model, f"{key.split('.')[1]}_params"))
@@ -272,7 +272,7 @@ def check_plugins(config: RunConfig) -> None:
         ("evaluate.kernel", "perturbdiff.kernels", [config.evaluate.kernel]),
         ("evaluate.baselines", "perturbdiff.predictors", config.evaluate.baselines),
     ):
-        missing = [v for v in values if v not in names(group)]
+        missing = [v for v in values if not is_registered(group, v)]
         if missing:
             raise ConfigError(f"{key} names {', '.join(missing)}, not installed; known: {', '.join(names(group))}.")
 

@@ -33,11 +33,15 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("name", style="bold", no_wrap=True)
         table.add_column("distribution", no_wrap=True)
         table.add_column("description")
-        for info in list_plugins(group):
+        infos = list_plugins(group, all_distributions=True)
+        collisions = any(info.others for info in infos)
+        if collisions:
+            table.add_column("name collision", style="yellow")
+        for info in infos:
             description = escape(info.describe())
             if description.startswith("BROKEN"):
                 description = f"[red]{description}[/red]"
-            table.add_row(info.name, info.distribution, description)
+            table.add_row(info.name, info.distribution, description, *([escape(info.collision)] if collisions else []))
         if not table.rows:
             table.add_row("[dim](none installed)[/dim]", "", "")
         console.print(table)

@@ -21,14 +21,14 @@ from ..evaluation.report import REPORT_FILE
 from ..io import check_output_file, check_output_folder, write_new
 from ..pipeline import METRICS_FILE, PREDICTIONS_FILE, write_predictions
 from ..predictors import POPULATION_KEY, Predictor, predict_anndata
-from ..run_config import CONFIG_FILE
+from ..run_config import CONFIG_FILE, PLUGINS_FILE
 from ..training import LOG_FILE, resolve_device
 
 #: Stem of the files predict writes into a run folder without --out: predictions_1.h5ad, predictions_2.h5ad, ...
 NEW_PREDICTIONS = "predictions"
 
 #: Files of a run folder that predict never replaces.
-RUN_FILES = (PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE, CONFIG_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE)
+RUN_FILES = (PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE, CONFIG_FILE, PLUGINS_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE)
 
 
 _EPILOG = f"""\

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from .. import distributed
 from ..errors import ConfigError
-from ..run_config import CONFIG_FILE, RUNS_DIR, RunConfig, load_config, resolved, run_dir_for
+from ..run_config import CONFIG_FILE, PLUGINS_FILE, RUNS_DIR, RunConfig, load_config, resolved, run_dir_for
 from ..run_folder import RunFolder
 from ..training import LOG_FILE, Trainer, TrainingInterrupted, resolve_device
 
@@ -19,8 +19,8 @@ EPILOG = f"""\
 (--set a=1 b=2 --set c=3 sets all three); values are parsed as YAML, e.g.
   --set train.steps=200 split.holdout=[CD4T] data.batch_key=null
 Resolution: defaults <- CONFIG.yaml <- --set. The run folder (--out, default
-{RUNS_DIR}/<config name>) receives {CONFIG_FILE} (the resolved config), split.json,
-data_state.json, {LOG_FILE} and checkpoints/last.pt (written atomically).
+{RUNS_DIR}/<config name>) receives {CONFIG_FILE} (the resolved config), {PLUGINS_FILE}
+(the distribution and version of each plug-in it names), split.json, data_state.json, {LOG_FILE} and checkpoints/last.pt (written atomically).
 Ctrl-C and SIGTERM save a checkpoint of the last completed step (exit 130 and 143); --resume
 continues it exactly (the same losses as an uninterrupted run). The previous checkpoint is kept
 as checkpoints/previous.pt and used, with a note, when last.pt cannot be read. One run at a time

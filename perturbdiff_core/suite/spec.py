@@ -12,12 +12,12 @@ from typing import Any
 import yaml
 
 from ..ablation import check_plugins
-from ..configuration import assign, dotted_keys, merge, nested, parse_overrides, read_yaml
+from ..configuration import assign, dotted_keys, nested, parse_overrides, read_yaml
 from ..data import PerturbationData
 from ..data.splits import make_split
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import definition_of
-from ..run_config import RunConfig, config_from_dict, resolved
+from ..run_config import RunConfig, config_from_dict, override, resolved
 
 #: Top-level keys of a suite file, and the keys of one task.
 SUITE_KEYS = ("seeds", "set", "metrics", "tasks")
@@ -184,7 +184,7 @@ def _parse_tasks(tasks: Any, shared: dict[str, Any], cli: dict[str, Any], path: 
             raise ConfigError(f"{where} needs config: (a run config file, relative to {path.name}).")
         own = _overrides(task.get("set"), f"{where}: set:")
         try:
-            values = merge(merge(merge(read_yaml(path.parent / config), shared), cli), own)
+            values = override(override(override(read_yaml(path.parent / config), shared), cli), own)
         except PerturbDiffError as err:
             raise ConfigError(f"{where}: {err}") from None
         parsed.append(Task(name, values))
