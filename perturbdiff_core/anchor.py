@@ -20,7 +20,7 @@ import numpy as np
 from .data.dataset import Condition, PerturbationData
 from .errors import ConfigError
 from .predictors import Predictor, as_predictor
-from .registry import names
+from .registry import is_registered, names
 
 #: ``model.anchor`` value for no anchor: the model diffuses the cells themselves.
 NO_ANCHOR = "none"
@@ -30,9 +30,9 @@ PREDICTORS = "perturbdiff.predictors"
 
 def check_anchor(name: str) -> None:
     """ConfigError unless ``name`` is ``none`` or an installed predictor."""
-    known = names(PREDICTORS)
-    if name != NO_ANCHOR and name not in known:
-        raise ConfigError(f"model.anchor = {name!r} is not a predictor; use {NO_ANCHOR} or one of {', '.join(known)}.")
+    if name != NO_ANCHOR and not is_registered(PREDICTORS, name):
+        known = ", ".join(names(PREDICTORS))
+        raise ConfigError(f"model.anchor = {name!r} is not a predictor; use {NO_ANCHOR} or one of {known}.")
 
 
 def fit_anchor(name: str, data: PerturbationData, train: Sequence[str | Condition]) -> Predictor | None:
