@@ -290,6 +290,15 @@ def _load_entry_point(group: str, spec: str) -> Any:
     return obj
 
 
+def accepts(group: str, name: str, parameter: str) -> bool:
+    """Whether plug-in ``name`` of ``group`` takes the keyword ``parameter`` (imports it, builds nothing)."""
+    factory = _load_entry_point(group, name)
+    signature = inspect.signature(factory)
+    return parameter in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+
+
 def load(group: str, name: str, /, **params: Any) -> Any:
     """Import plug-in ``name`` of ``group`` and build it with keyword ``params``.
 

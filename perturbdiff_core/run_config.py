@@ -60,7 +60,10 @@ class ModelConfig:
     ``linear``, ...) or ``none``: the model then diffuses each set relative to its control set's
     mean plus the anchor's predicted shift, and adds it back when sampling (see
     :mod:`~perturbdiff_core.anchor`). ``relative_to_control: true`` is the older spelling of
-    ``anchor: control`` (used when ``anchor`` is ``none``).
+    ``anchor: control`` (used when ``anchor`` is ``none``). ``origin: cell`` (the default) diffuses
+    each target cell as a change of the control cell at its place (plus the anchor's shift), so
+    predicted cells keep real cells' detail; ``set`` diffuses whole sets from one origin per set
+    (the control mean plus the shift, with an anchor) or from none (no anchor).
     """
 
     denoiser: str = "cross_dit"
@@ -78,7 +81,7 @@ class ModelConfig:
     ema_decay: float | None = 0.999
     relative_to_control: bool = False
     anchor: str = "none"
-    origin: Literal["set", "cell"] = "set"
+    origin: Literal["set", "cell"] = "cell"
 
     @property
     def anchor_name(self) -> str:
@@ -159,8 +162,8 @@ class SampleConfig:
     n_cells: int | None = None
     chunk_sets: int = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
-    rounding: Literal["nearest", "stochastic"] = "nearest"
-    change_z: float | None = None
+    rounding: Literal["nearest", "stochastic"] = "stochastic"
+    change_z: float | None = 4.0
     nonnegative: bool = True
     populations: int = 10
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import distributed, registry
+from .registry import accepts
 from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
 from .batch import SetBatch
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
@@ -127,6 +128,8 @@ def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
     return _model(config, sizes)
 
 
+DENOISERS = "perturbdiff.denoisers"
+
 #: Data sizes a model is built with before the data are read, only to check its plug-ins (:func:`check_plugins`).
 PLACEHOLDER_SIZES = {"num_genes": 8, "perturbation_dim": 2, "num_cell_types": 2, "num_batches": 2}
 
@@ -145,7 +148,8 @@ def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
         raise ConfigError(
             f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data or the model; remove them."
         )
-    templates = {"templates": True} if config.origin == "cell" else {}  # per-cell origins: each target cell's control cell
+    # per-cell origins: a denoiser that can read each target cell's control cell is told to
+    templates = {"templates": True} if config.origin == "cell" and accepts(DENOISERS, config.denoiser, "templates") else {}
     denoiser = {"name": config.denoiser, **sizes, **config.denoiser_params, **templates}
     return RKHSDiffusion(
         denoiser,
