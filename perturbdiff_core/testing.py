@@ -786,6 +786,7 @@ def _denoiser_inputs(denoiser: Denoiser, b: int = 3, s: int = 5, sc: int = 7, se
         perturbation=torch.randn(b, denoiser.perturbation_dim, generator=gen, dtype=torch.float64),
         cell_type=torch.arange(b) % denoiser.num_cell_types,
         batch=torch.arange(b) % denoiser.num_batches,
+        template=torch.randn(b, s, g, generator=gen, dtype=torch.float64) if denoiser.templates else None,
     )
     t = torch.randint(1, 1001, (b,), generator=gen)
     return x, t, cond, self_cond
@@ -825,12 +826,16 @@ def _denoiser_shapes(denoiser: Denoiser) -> None:
 
 
 def _denoiser_cell_order(denoiser: Denoiser) -> None:
-    """Equivariance over cells: permuting the cells of ``x_t`` (and ``self_cond``) permutes the output."""
+    """Equivariance over cells: permuting the cells of ``x_t`` (and ``self_cond``, and the templates of a
+    denoiser that reads them) permutes the output."""
+    from dataclasses import replace
+
     net = _random_denoiser(denoiser)
     x, t, cond, self_cond = _denoiser_inputs(net)
     perm = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(2))
     out = net(x, t, cond, self_cond)
-    _close(net(x[:, perm], t, cond, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed", **_denoiser_tolerance(out))
+    permuted = cond if cond.template is None else replace(cond, template=cond.template[:, perm])
+    _close(net(x[:, perm], t, permuted, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed", **_denoiser_tolerance(out))
 
 
 def _denoiser_control_order(denoiser: Denoiser) -> None:

@@ -93,7 +93,9 @@ def builtin_plugins() -> dict[str, list[tuple[str, Any]]]:
             for kernel in ("rbf", "energy", "matern32", "mixture", "gpytorch")
         ],
         "perturbdiff.schedules": [(n, load_or_none("perturbdiff.schedules", n)) for n in names("perturbdiff.schedules")],
-        "perturbdiff.denoisers": [(n, load_or_none("perturbdiff.denoisers", n, **DENOISER_SIZES)) for n in names("perturbdiff.denoisers")],
+        "perturbdiff.denoisers": [(n, load_or_none("perturbdiff.denoisers", n, **DENOISER_SIZES)) for n in names("perturbdiff.denoisers")]
+        + [(f"{n}-templates", load_or_none("perturbdiff.denoisers", n, **DENOISER_SIZES, templates=True))
+           for n in names("perturbdiff.denoisers")],  # per-cell origins: each target cell reads its control cell
         "perturbdiff.encoders": [
             ("onehot", load_or_none("perturbdiff.encoders", "onehot")),
             ("lookup", load_or_none("perturbdiff.encoders", "lookup", path=str(LOOKUP_TABLE))),
