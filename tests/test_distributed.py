@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: float32 gradients all-reduced over 2 ranks are summed in another order than one process sums
 #: the global batch: a few ulps per step, grown by AdamW's normalisation over a handful of steps.
-RTOL, ATOL = 1e-5, 1e-6
+RTOL, ATOL = 1e-5, 1e-4  # float32 sums over 2+2 sets vs 4, amplified by Adam where gradients are tiny
 
 #: Logs every write (open for writing, mkdir, rename) under $WATCH_DIR of each torchrun worker to
 #: $WRITES_DIR/rank<RANK>.txt; installed as sitecustomize, so it runs before perturbdiff is imported.
