@@ -15,16 +15,11 @@ from .evaluation.compare import compare
 from .evaluation.report import write_report
 from .io import atomic_path
 from .kernels import as_kernel
+from .names import METRICS_FILE, MODEL, PREDICTIONS_FILE
 from .model_predictor import DiffusionPredictor
 from .predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
 from .run_config import RunConfig
 from .training import Trainer
-
-#: Predictions of the test conditions written into the run folder.
-PREDICTIONS_FILE = "predictions.h5ad"
-#: Metrics table written into the run folder, and the model's name in it.
-METRICS_FILE = "metrics.csv"
-MODEL = "model"
 
 
 def write_predictions(adata: ad.AnnData, path: str | Path) -> Path:

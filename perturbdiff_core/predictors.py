@@ -18,11 +18,10 @@ from tqdm.auto import tqdm
 
 from .data.dataset import Condition, Context, PerturbationData
 from .errors import InputError
+from .names import POPULATION_KEY
 
 #: Cells predicted to estimate a predictor's mean shift when it does not model the shift itself.
 SHIFT_CELLS = 512
-#: obs column of a prediction with several independently sampled populations per condition (``0``, ``1``, ...).
-POPULATION_KEY = "population"
 
 
 class Predictor(ABC):

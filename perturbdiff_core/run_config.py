@@ -26,12 +26,7 @@ from .data.anndata_io import DATA_ENV, shared_data_dir
 from .data.config import DataConfig, SplitConfig
 from .errors import ConfigError, DataError
 from .io import atomic_write_text
-
-#: File name of the resolved configuration inside a run folder.
-CONFIG_FILE = "config.yaml"
-
-#: Folder of run folders when ``--out`` is not given: ``runs/<config name>``.
-RUNS_DIR = "runs"
+from .names import CONFIG_FILE, RUNS_DIR
 
 
 @dataclass

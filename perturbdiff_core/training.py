@@ -42,12 +42,12 @@ from .data.loader import seed_worker
 from .diffusion import RKHSDiffusion
 from .errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from .io import atomic_path
+from .names import LOG_FILE
 from .pretraining import marginal_batch, prepare_marginal
 from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
-LOG_FILE = "train_log.csv"
 LOG_COLUMNS = ("step", "loss", "mse", "mmd", "lr", "val_mmd")
 
 #: Configuration keys that define the training stream: a resumed run must keep them.

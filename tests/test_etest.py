@@ -23,7 +23,7 @@ from statsmodels.stats.multitest import multipletests
 
 from perturbdiff_core import two_sample
 from perturbdiff_core.cli import main
-from perturbdiff_core.commands.etest import COLUMNS, build_kernel, etest
+from perturbdiff_core.etest import COLUMNS, build_kernel, etest
 from perturbdiff_core.configuration import parse_overrides
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.errors import ConfigError, DataError, InputError

@@ -10,21 +10,19 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
-import pandas as pd
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from ..configuration import read_yaml
-from ..data import SPLIT_FILE, STATE_FILE, DataConfig, PerturbationData, Split, load_prepared
+from ..configuration import parse_overrides, read_yaml
 from ..errors import InputError
-from ..evaluation import ALL_CONDITIONS, compare, definition_of, summary_line
 from ..io import atomic_path, check_output_file
-from ..predictors import as_predictor, predict_anndata, real_anndata
-from ..configuration import parse_overrides
-from .etest import build_kernel
+from ..names import ALL_CONDITIONS, CONFIG_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE
+
+if TYPE_CHECKING:  # the data stack is imported when the command runs, not for --help
+    import anndata as ad
+    import pandas as pd
+    from rich.console import Console
+
+    from ..data import DataConfig, PerturbationData, Split
 
 _EPILOG = f"""\
 metrics.csv is long format: condition, metric, method, value. Rows with condition
@@ -82,6 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute the metrics, write the CSV (and report) atomically, print the aggregate table and notes."""
+    from rich.console import Console
+
+    from ..etest import build_kernel
+    from ..evaluation import compare, summary_line
+
     if args.baselines and args.run is None:
         raise InputError(
             "--baselines needs --run DIR: baselines are fitted on that run's training conditions "
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, str | None]:
     """The obs keys: given on the command line, else the run's, else the defaults."""
+    from ..data import DataConfig
+
     fallback = config if config is not None else DataConfig()
     return {
         "perturbation_key": args.perturbation_key or fallback.perturbation_key,
@@ -163,7 +168,8 @@ class RunFolder:
     @classmethod
     def load(cls, path: str | Path) -> RunFolder:
         """Read ``config.yaml``, ``split.json`` and (when present) ``data_state.json`` of a run folder."""
-        from ..run_config import CONFIG_FILE, resolve_data_path
+        from ..data import DataConfig, PerturbationData, Split, load_prepared
+        from ..run_config import resolve_data_path
 
         path = Path(path)
         config_file = path / CONFIG_FILE
@@ -182,16 +188,20 @@ class RunFolder:
 
     def predict(self, name: str, *, seed: int) -> ad.AnnData:
         """Predictions of baseline ``name`` fitted on the training conditions, for the test conditions."""
+        from ..predictors import as_predictor, predict_anndata
+
         predictor = as_predictor(name).fit(self.data, self.split.train)
         return predict_anndata(predictor, self.data, self.split.test, seed=seed, progress=False)
 
     def real(self) -> ad.AnnData:
         """The real cells of the test conditions and their contexts' control cells."""
+        from ..predictors import real_anndata
+
         return real_anndata(self.data, self.split.test)
 
     def loss_history(self) -> pd.DataFrame | None:
         """The run's ``train_log.csv``, or ``None`` when it has none."""
-        from ..training import LOG_FILE
+        import pandas as pd
 
         log = self.path / LOG_FILE
         return pd.read_csv(log) if log.exists() else None
@@ -199,6 +209,11 @@ class RunFolder:
 
 def _print_summary(table: pd.DataFrame, console: Console) -> None:
     """The aggregate row of every metric, one column per method, with the metric's best value."""
+    from rich import box
+    from rich.table import Table
+
+    from ..evaluation import definition_of
+
     rows = table[table.condition == ALL_CONDITIONS]
     methods = list(rows.method.unique())
     wide = rows.pivot(index="metric", columns="method", values="value").loc[rows.metric.unique(), methods]

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from ..registry import GROUPS, list_plugins
 
 
@@ -27,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one table per entry-point group."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
     console = Console()
     for group in GROUPS:
         table = Table(title=group, title_justify="left", expand=False)

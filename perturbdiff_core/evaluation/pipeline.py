@@ -19,6 +19,7 @@ from ..data.anndata_io import read_anndata
 from ..errors import InputError
 from ..estimators import MMDEstimator, as_estimator
 from ..kernels import Kernel, as_kernel
+from ..names import ALL_CONDITIONS
 from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de
 from .discrimination import DISTANCES, discrimination_scores
 from .distribution import population_calibration, population_mmd2, population_variability, subsample
@@ -26,8 +27,6 @@ from .pairing import Condition, PairedData, pair_anndata
 from .pseudobulk import correlation, pseudobulk_metrics
 from .realism import realism_metrics
 
-#: The ``condition`` of the aggregate rows.
-ALL_CONDITIONS = "__all__"
 #: Columns of the metrics table, in order.
 COLUMNS = ("condition", "metric", "method", "value")
 #: A real population is covered by the predicted ones when its calibration p-value exceeds this.

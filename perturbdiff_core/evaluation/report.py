@@ -28,13 +28,12 @@ from sklearn.decomposition import PCA
 from ..data.anndata_io import read_anndata
 from ..errors import InputError
 from ..io import atomic_write_text
+from ..names import REPORT_FILE
 from .compare import aggregate, best_methods, definition_of, summary_line
 from .definitions import DEFINITIONS
 from .distribution import subsample
 from .pairing import Condition, PairedData, pair_anndata
 
-#: File name of the report inside the run folder.
-REPORT_FILE = "report.html"
 
 #: Metrics drawn as bars (those present, in this order); ``{kernel}`` matches any kernel name.
 KEY_METRICS = (
