@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..docstrings import plain_text
 from ..registry import GROUPS, list_plugins
 
 
@@ -14,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="list installed plug-ins by entry-point group",
         description=(
             "List every plug-in group and its plug-ins: name, the distribution that provides it "
-            "and the first line of its docstring. Describing a plug-in imports it; one that fails "
+            "and the first line of its docstring (as plain text). Describing a plug-in imports it; one that fails "
             "to import shows as BROKEN with the error and does not stop the listing."
         ),
     )
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("distribution", no_wrap=True)
         table.add_column("description")
         for info in list_plugins(group):
-            description = escape(info.describe())
+            description = escape(plain_text(info.describe()))
             if description.startswith("BROKEN"):
                 description = f"[red]{description}[/red]"
             table.add_row(info.name, info.distribution, description)
