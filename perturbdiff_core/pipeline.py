@@ -19,6 +19,7 @@ from .names import METRICS_FILE, MODEL, PREDICTIONS_FILE
 from .model_predictor import DiffusionPredictor
 from .predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
 from .run_config import RunConfig
+from .threads import apply_threads
 from .training import Trainer
 
 
@@ -41,6 +42,7 @@ def predict_all(
     """Predictions of the test conditions by the model (``sample.populations`` of them per condition; the
     first is written to ``predictions.h5ad``) and every baseline (default: ``evaluate.baselines``), and the real cells."""
     config, data, test = trainer.config, trainer.data, trainer.split.test
+    apply_threads(trainer.threads)
     baselines = evaluation_plugins(config) if baselines is None else baselines
     n_cells, seed = config.sample.n_cells, config.seed
     model = DiffusionPredictor(trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor)
@@ -59,6 +61,7 @@ def predict_all(
 def evaluate_run(trainer: Trainer, predictions: dict[str, ad.AnnData], real: ad.AnnData) -> pd.DataFrame:
     """``metrics.csv`` and ``report.html`` of the run (the evaluation helpers' two calls)."""
     config = trainer.config
+    apply_threads(trainer.threads)
     keys = {
         "perturbation_key": config.data.perturbation_key,
         "control_label": config.data.control_label,

@@ -22,6 +22,7 @@ from .data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from .errors import DataError, InputError
 from .model_predictor import DiffusionPredictor
 from .predictors import Predictor, predict_anndata
+from .threads import apply_threads, resolve_threads
 
 
 def open_data(
@@ -125,6 +126,7 @@ def predict_run(
     if seed is not None and seed < 0:
         raise InputError(f"--seed must be a non-negative integer, got {seed}.")
     data = open_data(checkpoint, path, source)
+    apply_threads(resolve_threads(checkpoint.run_config.train.threads))  # reading the data may have reset it
     if conditions:
         chosen = resolve_conditions(data, conditions)
     elif path is None:

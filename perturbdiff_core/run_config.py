@@ -82,6 +82,9 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
         log_every: steps per row of ``train_log.csv`` (the mean of those steps' losses).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: CPU threads torch computes with; ``auto``: ``OMP_NUM_THREADS`` when set, else
+            the CPUs this process may use (see :mod:`~perturbdiff_core.threads`). On a machine shared
+            with other jobs, 1 is often the fastest for the tiny model.
         objective: ``conditional`` (perturbed sets from their controls) or ``marginal``
             (pre-training on control cells alone, perturbation zeroed; see :mod:`perturbdiff_core.pretraining`).
         init_from: a run folder or checkpoint whose weights start this run (genes and vocabularies
@@ -104,6 +107,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     device: str = "auto"
+    threads: int | Literal["auto"] = "auto"
     objective: Literal["conditional", "marginal"] = "conditional"
     init_from: str | None = None
     init_genes: Literal["pad", "intersect"] = "pad"
@@ -199,6 +203,8 @@ def check(config: RunConfig) -> None:
     }
     if config.train.num_workers != "auto":
         non_negative["train.num_workers"] = config.train.num_workers
+    if config.train.threads != "auto":
+        positive["train.threads"] = config.train.threads
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}.")

@@ -45,6 +45,7 @@ from .io import atomic_path
 from .names import LOG_FILE
 from .pretraining import marginal_batch, prepare_marginal
 from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
+from .threads import apply_threads, resolve_threads
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
@@ -338,6 +339,7 @@ class Trainer:
         self.part = distributed.shard(config.train.batch_size)  # (rank, world size)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress and distributed.is_main()
         self.device = distributed.local_device(resolve_device(config.train.device))
+        self.threads = resolve_threads(config.train.threads)  # applied once the data are read (see threads.py)
         self.checkpoint_file = checkpoint_path(self.run_dir)
         self.history: list[dict[str, float]] = []
         self.validation: dict[int, float] = {}
@@ -366,6 +368,7 @@ class Trainer:
                 if distributed.is_main():
                     self.transfer.write(self.run_dir)
             self.model = model.to(self.device)
+        apply_threads(self.threads)  # after the data are read: scanpy's numba calls reset the count
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = make_optimizer(self.params, train)
@@ -451,6 +454,7 @@ class Trainer:
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step; its random draws come from ``step_seed(seed, step)`` alone."""
+        apply_threads(self.threads)  # whatever ran since the last step (validation, a plug-in) may have reset it
         seed = step_seed(self.config.seed, self.step)
         torch.manual_seed(seed)  # anything drawing from torch's global generator is seeded per step too
         generator = torch.Generator(self.device).manual_seed(seed)
