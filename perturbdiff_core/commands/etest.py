@@ -72,11 +72,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the tests, print the table sorted by MMD^2, and write the CSV if asked."""
     from rich.console import Console
-    from rich.progress import track
 
     from ..data.anndata_io import read_anndata
     from ..estimators import as_estimator
     from ..etest import MIN_CELLS, Comparison, build_kernel, etest
+    from ..progress import progress_bar
 
     if args.max_cells is not None and args.max_cells < MIN_CELLS:
         raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
 
     def progress(items: Iterable[Comparison]) -> Iterable[Comparison]:
-        return track(items, description="E-test", console=err, transient=True, disable=not err.is_terminal)
+        return progress_bar(items, desc="E-test", unit="tests")
 
     table, skipped = etest(
         adata,

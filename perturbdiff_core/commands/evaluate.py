@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         max_cells=args.max_cells,
         fdr_threshold=args.fdr,
         seed=args.seed,
+        progress=True,
     )
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)
@@ -191,7 +192,7 @@ class RunFolder:
         from ..predictors import as_predictor, predict_anndata
 
         predictor = as_predictor(name).fit(self.data, self.split.train)
-        return predict_anndata(predictor, self.data, self.split.test, seed=seed, progress=False)
+        return predict_anndata(predictor, self.data, self.split.test, seed=seed)
 
     def real(self) -> ad.AnnData:
         """The real cells of the test conditions and their contexts' control cells."""
