@@ -19,6 +19,7 @@ from .kernels import as_kernel
 from .names import METRICS_FILE, MODEL, PREDICTIONS_FILE, REPORT_FILE
 from .model_predictor import DiffusionPredictor
 from .progress import stage
+from .provenance import run_facts
 from .predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
 from .run_config import RunConfig
 from .threads import apply_threads
@@ -88,5 +89,5 @@ def _report(
     write_report(
         trainer.run_dir, metrics, predictions=predictions, real=real, **keys,
         loss_history=trainer.log(), title=f"perturbdiff run {config.name or trainer.run_dir.name}", model=MODEL,
-        seed=config.seed,
+        seed=config.seed, run_info=run_facts(config, test=trainer.split.test, steps=trainer.step),
     )

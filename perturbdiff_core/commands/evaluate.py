@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..etest import build_kernel
-    from ..evaluation import compare, summary_line
+    from ..evaluation import compare
+    from ..evaluation.verdict import verdict
 
     if args.baselines and args.run is None:
         raise InputError(
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             loss_history=folder.loss_history() if folder is not None else None,
             model=args.method,
             seed=args.seed,
+            run_info=folder.facts() if folder is not None else {"predictions": args.pred, "real cells": str(args.real)},
         )
         err.print(f"Wrote {path}", markup=False, highlight=False)
     for note in table.attrs.get("notes", []):
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     out = Console()
     _print_summary(table, out)
     if len(predictions) > 1:
-        out.print(summary_line(table, args.method), markup=False, highlight=False)
+        for sentence in verdict(table, args.method):
+            out.print(sentence.text, markup=False, highlight=False)
     n_conditions = table.loc[table.condition != ALL_CONDITIONS, "condition"].nunique()
     err.print(f"Wrote {len(table)} rows ({n_conditions} conditions) to {args.out}", markup=False, highlight=False)
     return 0
@@ -199,6 +202,14 @@ class RunFolder:
         from ..predictors import real_anndata
 
         return real_anndata(self.data, self.split.test)
+
+    def facts(self) -> dict[str, str]:
+        """What the run was (:func:`~perturbdiff_core.provenance.run_facts`), for the report's header."""
+        from ..provenance import run_facts
+        from ..run_config import config_from_dict
+
+        config = config_from_dict(read_yaml(self.path / CONFIG_FILE))
+        return run_facts(config, test=self.split.test) | {"run folder": str(self.path)}
 
     def loss_history(self) -> pd.DataFrame | None:
         """The run's ``train_log.csv``, or ``None`` when it has none."""

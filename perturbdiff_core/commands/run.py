@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume), predict, evaluate; print the verdict against the best baseline."""
-    from ..evaluation.compare import summary_line
+    from ..evaluation.verdict import verdict
     from ..pipeline import evaluate_run, evaluation_plugins, predict_all
 
     config = config_of(args)
@@ -41,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_run(trainer, predictions, real)
     for note in metrics.attrs.get("notes", []):
         print(f"perturbdiff: note: {note}", file=sys.stderr)
-    print(summary_line(metrics, MODEL))
+    print("\n".join(sentence.text for sentence in verdict(metrics, MODEL)))
     print(f"Wrote {PREDICTIONS_FILE}, {METRICS_FILE} and {REPORT_FILE} to {trainer.run_dir}", file=sys.stderr)
     return 0
