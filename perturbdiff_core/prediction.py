@@ -26,26 +26,33 @@ from .threads import apply_threads, resolve_threads
 
 
 def open_data(
-    checkpoint: Checkpoint, path: str | None, source: ad.AnnData | None = None
+    checkpoint: Checkpoint, data: str | ad.AnnData | None = None, run_data: ad.AnnData | None = None
 ) -> PerturbationData:
-    """The run's data (or ``source``, an AnnData in memory), or ``path`` read with the run's genes
-    (missing genes reported in one stderr line)."""
+    """Cells to predict from, read with the run's genes: ``data`` (another file or AnnData, genes aligned
+    by name; missing genes reported in one stderr line), else the run's own data (``run_data`` when the
+    run was trained from an AnnData in memory, else its ``data.path``)."""
     config = checkpoint.run_config.data
-    if path is not None:
-        config = replace(config, path=path)
-    elif source is None and (config.path is None or not Path(config.path).exists()):
+    source: ad.AnnData | None = None
+    if isinstance(data, ad.AnnData):
+        source = data
+    elif data is not None:
+        config = replace(config, path=data)
+    elif run_data is not None:
+        source = run_data
+    elif config.path is None or not Path(config.path).exists():
         raise DataError(f"The run's data file {config.path} is not available here; pass the file with --data.")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*genes are missing from this data", category=UserWarning)
-        data = PerturbationData.from_state(checkpoint.data_state, source if path is None else None, config)
-    if data.missing_genes:
-        shown = ", ".join(data.missing_genes[:5]) + (", ..." if len(data.missing_genes) > 5 else "")
+        opened = PerturbationData.from_state(checkpoint.data_state, source, config)
+    if opened.missing_genes:
+        shown = ", ".join(opened.missing_genes[:5]) + (", ..." if len(opened.missing_genes) > 5 else "")
+        where = config.path if source is None else "the AnnData given"
         print(
-            f"perturbdiff: note: {len(data.missing_genes)} of the model's {data.n_genes} genes are missing from "
-            f"{config.path} and are read as zeros: {shown}",
+            f"perturbdiff: note: {len(opened.missing_genes)} of the model's {opened.n_genes} genes are missing from "
+            f"{where} and are read as zeros: {shown}",
             file=sys.stderr,
         )
-    return data
+    return opened
 
 
 def _context_of(data: PerturbationData, parts: list[str], label: str) -> Context:
@@ -88,13 +95,15 @@ def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list
     return chosen
 
 
-def run_anchor(checkpoint: Checkpoint, data: PerturbationData | None) -> Predictor | None:
-    """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's
-    own data, or else of the run's data file); ``None`` for a run without an anchor."""
+def run_anchor(
+    checkpoint: Checkpoint, data: PerturbationData | None, run_data: ad.AnnData | None = None
+) -> Predictor | None:
+    """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's own
+    data, or else of the run's data: ``run_data`` or its file); ``None`` for a run without an anchor."""
     name = checkpoint.run_config.model.anchor_name
     if name == NO_ANCHOR:
         return None
-    train_data = open_data(checkpoint, None) if data is None else data
+    train_data = open_data(checkpoint, None, run_data) if data is None else data
     checkpoint.split.apply(train_data)
     return fit_anchor(name, train_data, checkpoint.split.train)
 
@@ -103,8 +112,8 @@ def predict_run(
     checkpoint: Checkpoint,
     *,
     device: torch.device,
-    path: str | None = None,
-    source: ad.AnnData | None = None,
+    data: str | ad.AnnData | None = None,
+    run_data: ad.AnnData | None = None,
     conditions: Sequence[str] | None = None,
     n_cells: int | None = None,
     seed: int | None = None,
@@ -115,26 +124,27 @@ def predict_run(
 
     Args:
         device: where to sample.
-        path: another ``.h5ad`` whose control cells to use (genes aligned by name); default the
-            run's data, or ``source``, the run's data as an AnnData in memory.
+        data: another ``.h5ad`` path or AnnData whose control cells to use (genes aligned by name);
+            default the run's own data: ``run_data`` (the AnnData it was trained from) or its file.
         conditions: perturbation names or condition labels (:func:`resolve_conditions`); default
-            the run's test conditions, or with ``path`` every perturbed condition of that file.
+            the run's test conditions, or with ``data`` every perturbed condition in it.
         n_cells: cells per condition; default ``sample.n_cells``, else as many as the real condition.
         seed: sampling seed; default the run's seed.
         populations: independent populations per condition (obs ``population``).
     """
     if seed is not None and seed < 0:
         raise InputError(f"--seed must be a non-negative integer, got {seed}.")
-    data = open_data(checkpoint, path, source)
+    opened = open_data(checkpoint, data, run_data)
     apply_threads(resolve_threads(checkpoint.run_config.train.threads))  # reading the data may have reset it
     if conditions:
-        chosen = resolve_conditions(data, conditions)
-    elif path is None:
-        chosen = [data.condition(c) for c in checkpoint.split.test]
+        chosen = resolve_conditions(opened, conditions)
+    elif data is None:
+        chosen = [opened.condition(c) for c in checkpoint.split.test]
     else:
-        chosen = data.perturbed_conditions
+        chosen = opened.perturbed_conditions
         if not chosen:
-            raise InputError(f"{path} has no perturbed cells; name what to predict with --conditions and --n-cells.")
+            where = "The AnnData given" if isinstance(data, ad.AnnData) else data
+            raise InputError(f"{where} has no perturbed cells; name what to predict with --conditions and --n-cells.")
     n_cells = n_cells if n_cells is not None else checkpoint.run_config.sample.n_cells
     if n_cells is not None and n_cells < 1:
         raise InputError(f"--n-cells must be a positive integer, got {n_cells}.")
@@ -146,9 +156,9 @@ def predict_run(
         )
     if populations < 1:
         raise InputError(f"--populations must be a positive integer, got {populations}.")
-    anchor = run_anchor(checkpoint, data if path is None else None)
+    anchor = run_anchor(checkpoint, opened if data is None else None, run_data)
     predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device, anchor=anchor)
     seed = checkpoint.run_config.seed if seed is None else seed
     return predict_anndata(
-        predictor, data, chosen, n_cells=n_cells, seed=seed, populations=populations, progress=progress
+        predictor, opened, chosen, n_cells=n_cells, seed=seed, populations=populations, progress=progress
     )

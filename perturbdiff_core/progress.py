@@ -1,6 +1,6 @@
 """Progress of the long stages (training, prediction, baselines, evaluation) on stderr.
 
-On a terminal it is a tqdm bar, redrawn in place. Anywhere else (a log file, a pipe, a CI job)
+On a terminal (or in a Jupyter notebook) it is a tqdm bar, redrawn in place. Anywhere else (a log file, a pipe, a CI job)
 a bar's carriage-return updates pile up into one huge line, so :class:`Lines` writes a plain line
 at every tenth of the work instead (and at the end), with the elapsed time and the latest
 postfix (the loss): ``train: 300/1000 steps (30%) 41 s loss=0.412``.
@@ -98,6 +98,11 @@ def is_terminal(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel, where tqdm draws a widget that updates in place."""
+    return "ipykernel" in sys.modules and type(sys.stderr).__module__.startswith("ipykernel")
+
+
 def progress_bar(
     iterable: Iterable[T] | None = None,
     *,
@@ -111,7 +116,7 @@ def progress_bar(
     elsewhere, nothing with ``disable`` (the iterable itself, or a counter that prints nothing)."""
     if disable:
         return _Silent(iterable)
-    if is_terminal():
+    if is_terminal() or in_notebook():
         from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)

@@ -85,7 +85,7 @@ def predictions(checkpoint: Checkpoint, args: argparse.Namespace, device: torch.
 
     device = resolve_device(args.device, option="--device") if device is None else device
     return predict_run(
-        checkpoint, device=device, path=args.data, conditions=args.conditions, n_cells=args.n_cells,
+        checkpoint, device=device, data=args.data, conditions=args.conditions, n_cells=args.n_cells,
         seed=args.seed, populations=args.populations,
     )
 
