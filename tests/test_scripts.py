@@ -1,8 +1,9 @@
-"""``scripts/quickstart.sh`` runs twice: a finished run is moved aside (and says so), an interrupted one resumed.
+"""The shell scripts: ``scripts/quickstart.sh`` runs twice (a finished run is moved aside and it says
+so, an interrupted one is resumed), and ``scripts/setup.sh`` installs the torch ``PERTURBDIFF_TORCH`` names.
 
-The script runs in a copy of the repository layout whose ``setup.sh`` and ``perturbdiff`` are
-stubs (the stub records its arguments and writes what a finished or interrupted run leaves),
-so only the script's own decisions are tested, in a second.
+Each script runs in a copy of the repository layout whose other programs are stubs that record
+their arguments (and, for ``perturbdiff``, write what a finished or interrupted run leaves), so
+only the scripts' own decisions are tested, in a second.
 """
 
 from __future__ import annotations
@@ -78,3 +79,39 @@ def test_quickstart_keeps_numba_to_one_thread_unless_told(repo: Path) -> None:
     _quickstart(repo)
     _quickstart(repo, NUMBA_NUM_THREADS="4")
     assert (repo / "numba.log").read_text().split() == ["1", "4"]
+
+
+#: Stands in for .venv/bin/python: records the arguments of every call.
+PYTHON_STUB = """#!/usr/bin/env bash
+echo "$@" >> "$(dirname "$0")/../../pip.log"
+"""
+
+
+@pytest.fixture
+def setup_repo(tmp_path: Path) -> Path:
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(PYTHON_STUB)
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    return tmp_path
+
+
+def _torch_install(repo: Path, **env: str) -> str:
+    environment = {k: v for k, v in os.environ.items() if k != "PERTURBDIFF_TORCH"} | env
+    subprocess.run(["bash", "scripts/setup.sh"], cwd=repo, env=environment, check=True, capture_output=True, timeout=60)
+    calls = (repo / "pip.log").read_text().splitlines()
+    (repo / "pip.log").unlink()
+    assert calls[0] == "-m pip install --quiet --upgrade pip" and calls[-1].endswith("-e examples/custom_kernel_plugin")
+    return calls[1]
+
+
+def test_setup_pins_torch_and_takes_an_index_or_a_wheel_from_the_environment(setup_repo: Path) -> None:
+    assert _torch_install(setup_repo) == "-m pip install --quiet torch==2.13.0"
+    index = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert _torch_install(setup_repo, PERTURBDIFF_TORCH=index) == f"-m pip install --quiet {index}"
+    wheel = "/wheels/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl"
+    assert _torch_install(setup_repo, PERTURBDIFF_TORCH=wheel) == f"-m pip install --quiet {wheel}"
