@@ -2,7 +2,7 @@
 
 Docstrings here are written for Sphinx: ``:math:`...``` with LaTeX, ````literals````,
 ``:mod:`~a.b```-style cross references. :func:`plain_text` turns that into text a person reads
-without a renderer: roles drop their markup (a ``~`` reference keeps its last part), literals lose
+without a renderer: roles drop their markup (a ``~`` reference keeps its last part, a module its whole name), literals lose
 their backticks (or keep one pair, for Markdown), and the LaTeX of formulas becomes Unicode.
 """
 
@@ -98,8 +98,8 @@ def plain_text(doc: str, *, code: str = "") -> str:
         body = match["body"]
         if match["role"] == "math":
             return latex_text(body)
-        if body.startswith("~"):
-            body = body[1:].rsplit(".", 1)[-1]
+        if body.startswith("~"):  # Sphinx shows the last part; a module keeps its whole name, which says more
+            body = body[1:] if match["role"] == "mod" else body[1:].rsplit(".", 1)[-1]
         return f"{code}{body}{code}"
 
     text = _ROLE.sub(role, doc)

@@ -33,13 +33,33 @@ from .names import CONFIG_FILE, RUNS_DIR
 class ModelConfig:
     """The diffusion model (``model.*``): plug-in names with their parameters, and the loss weights.
 
-    ``denoiser_params`` are the denoiser's size parameters (``size``, ``hidden``, ``depth``, ...);
-    the data dimensions are filled in from the data. ``mmd_weight`` is the paper's lambda.
-    ``anchor`` names a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
-    ``linear``, ...) or ``none``: the model then diffuses each set relative to its control set's
-    mean plus the anchor's predicted shift, and adds it back when sampling (see
-    :mod:`~perturbdiff_core.anchor`). ``relative_to_control: true`` is the older spelling of
-    ``anchor: control`` (used when ``anchor`` is ``none``).
+    Attributes:
+        denoiser: ``perturbdiff.denoisers`` plug-in (``cross_dit``, ``deepsets``, ...).
+        denoiser_params: the denoiser's size parameters (``size``: ``tiny``, ``small`` or ``paper``;
+            ``hidden``, ``depth``, ``heads``, ...); the data dimensions are filled in from the data.
+        schedule: ``perturbdiff.schedules`` plug-in (``cosine``, ``linear``, ``power_cosine``).
+        schedule_params: the schedule's keyword arguments.
+        kernel: ``perturbdiff.kernels`` plug-in of the MMD term (``energy``, as in the paper, ``rbf``,
+            ``matern32``, ...; ``perturbdiff plugins`` lists them).
+        kernel_params: the kernel's keyword arguments (e.g. ``lengthscale: median`` or a number).
+        estimator: ``perturbdiff.estimators`` plug-in (``unbiased``, ``biased``, ...).
+        estimator_params: the estimator's keyword arguments.
+        mmd_weight: the paper's lambda: loss = MSE + lambda * MMD^2; 0 trains on the MSE alone.
+        prediction: what the denoiser outputs: ``x0`` (the paper's), ``eps``, ``v``, or ``edm`` (x0
+            preconditioned by the per-gene data scale).
+        self_condition_prob: probability that a training step feeds the network its own x0 estimate
+            (self-conditioning); 0 disables it in training and sampling.
+        cond_drop_prob: probability that a training set's perturbation encoding is zeroed, so the
+            network also learns the null condition of classifier-free guidance (``sample.guidance``).
+        ema_decay: decay of the exponential moving average of the weights used for sampling;
+            ``null`` keeps no average.
+        relative_to_control: the older spelling of ``anchor: control`` (used when ``anchor`` is ``none``).
+        anchor: ``none``, or a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
+            ``linear``, ...): the model then diffuses each set relative to its control set's mean
+            plus the anchor's predicted shift, and adds it back when sampling (see
+            :mod:`~perturbdiff_core.anchor`).
+        origin: with an anchor, ``set`` (one origin per set) or ``cell`` (each cell's origin is a
+            control cell plus the anchor shift, keeping that cell's zeros and counts).
     """
 
     denoiser: str = "cross_dit"
@@ -71,6 +91,10 @@ class TrainConfig:
 
     Attributes:
         steps: optimizer steps; ``batch_size`` sets of ``data.set_size`` cells per step.
+        batch_size: sets per step (the global batch under torchrun).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: steps of linear learning-rate warm-up before the cosine decay to 0.
         grad_clip: largest global gradient norm (``None``: no clipping).
         context_drop_prob: probability that a training set's cell type (and, independently, its
             batch) is replaced by ``<unknown>``, the index a held-out cell type or batch gets, so
@@ -78,7 +102,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes (batches are identical for any number); ``auto``:
             none on a CPU, up to 4 per process on a GPU (see :func:`~perturbdiff_core.training.resolve_workers`).
         val_every: steps between validation MMDs on the split's validation conditions (0: never).
-        val_sets: fixed sets per validation condition; ``val_sampling_steps`` DDIM steps each.
+        val_sets: fixed sets per validation condition.
+        val_sampling_steps: DDIM steps per validation sample.
         checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
         log_every: steps per row of ``train_log.csv`` (the mean of those steps' losses).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
@@ -117,19 +142,24 @@ class TrainConfig:
 class SampleConfig:
     """Prediction (``sample.*``): sampler, steps, guidance, and how many cells per condition.
 
-    ``eta`` is DDIM's stochasticity in [0, 1] (ignored by ``ddpm``); ``guidance`` 1 means none
-    (see :meth:`RKHSDiffusion.predict_x0`). ``n_cells`` ``None`` samples as many cells as the real condition has. ``chunk_sets`` bounds
-    memory: at most that many sets of ``data.set_size`` cells are denoised at once.
-    ``output_space`` is where predicted cells are written (see
-    :mod:`~perturbdiff_core.data.output_space`): ``counts`` moves each cell to the nearest point
-    of a real cell's count lattice (exact zeros, real detection rates), ``continuous`` keeps the
-    sampled values, ``auto`` picks ``counts`` when the context's control cells lie on a lattice.
-    ``rounding`` onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
-    probabilities that keep each value's mean; see :func:`~perturbdiff_core.data.output_space.decode_cells`).
-    ``nonnegative`` clips continuous predictions at 0 (log1p values are never negative).
-    ``populations`` independent populations are drawn per test condition by ``perturbdiff run``:
-    the first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
-    population falls among the predicted ones; at least 10 for ``population_coverage``).
+    Attributes:
+        sampler: ``ddim`` (deterministic with ``eta`` 0) or ``ddpm`` (ancestral).
+        steps: denoising steps per sample.
+        eta: DDIM's stochasticity in [0, 1] (ignored by ``ddpm``).
+        guidance: classifier-free guidance weight; 1 means none (see
+            :meth:`~perturbdiff_core.diffusion.RKHSDiffusion.predict_x0`).
+        n_cells: cells predicted per condition; ``null``: as many as the real condition has.
+        chunk_sets: bounds memory: at most that many sets of ``data.set_size`` cells are denoised at once.
+        output_space: where predicted cells are written (see :mod:`~perturbdiff_core.data.output_space`):
+            ``counts`` moves each cell to the nearest point of a real cell's count lattice (exact
+            zeros, real detection rates), ``continuous`` keeps the sampled values, ``auto`` picks
+            ``counts`` when the context's control cells lie on a lattice.
+        rounding: onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
+            probabilities that keep each value's mean).
+        nonnegative: clip continuous predictions at 0 (log1p values are never negative).
+        populations: independent populations drawn per test condition by ``perturbdiff run``: the
+            first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
+            population falls among the predicted ones; at least 10 for ``population_coverage``).
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -146,7 +176,14 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation (``evaluate.*``): which baselines to compare with, and the MMD kernel and cap."""
+    """Evaluation (``evaluate.*``): which baselines to compare with, and the MMD kernel and cap.
+
+    Attributes:
+        baselines: ``perturbdiff.predictors`` plug-ins fitted on the training conditions and
+            compared with the model on the test conditions (``control`` predicts no change).
+        kernel: ``perturbdiff.kernels`` plug-in of the ``mmd2_<kernel>`` metric.
+        max_cells: populations are subsampled to at most this many cells for the MMD metrics.
+    """
 
     baselines: list[str] = field(default_factory=lambda: ["control", "context_mean", "linear", "random_train"])
     kernel: str = "energy"
@@ -155,7 +192,12 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; ``name`` (default: the YAML file name) names ``runs/<name>``."""
+    """Everything a run needs: the sections below, a seed and a name.
+
+    Attributes:
+        seed: seed of the model's initialisation, the training stream, sampling and evaluation.
+        name: the run's name (default: the YAML file's name): ``runs/<name>`` and the report's title.
+    """
 
     seed: int = 0
     name: str | None = None

@@ -305,7 +305,7 @@ def deferred_interrupt() -> Iterator[Callable[[], int]]:
 def _source_name(source: ad.AnnData | str | os.PathLike[str] | None, config: RunConfig) -> str:
     """How the progress lines call the data: the file name, or an AnnData's shape."""
     if isinstance(source, ad.AnnData):
-        return f"AnnData of {source.n_obs} cells x {source.n_vars} genes"
+        return "the AnnData in memory"
     path = source if source is not None else config.data.path
     return Path(path).name if path is not None else "no data path"
 
