@@ -24,7 +24,8 @@ from perturbdiff_core.checkpoint import has_checkpoint, load_run_checkpoint
 from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.config import SplitConfig
 from perturbdiff_core.errors import InputError
-from perturbdiff_core.names import CONFIG_FILE, LOCK_FILE, LOG_FILE, PREDICTIONS_FILE
+from perturbdiff_core.io import TMP_SUFFIX
+from perturbdiff_core.names import CONFIG_FILE, LOCK_FILE, LOG_FILE, PREDICTIONS_FILE, REPORT_FILE
 from perturbdiff_core.run_config import RunConfig, check, config_from_dict, resolved
 from perturbdiff_core.run_folder import RunFolder
 
@@ -198,7 +199,12 @@ class PerturbDiff:
     @property
     def report(self) -> Path:
         """The run folder's ``report.html`` (written by :meth:`evaluate`)."""
-        return self._trained_dir() / "report.html"
+        return self._trained_dir() / REPORT_FILE
+
+    @property
+    def predictions_file(self) -> Path:
+        """The run folder's ``predictions.h5ad`` (written by :meth:`evaluate`)."""
+        return self._trained_dir() / PREDICTIONS_FILE
 
     # ---------------------------------------------------------------------- save and load
 
@@ -212,7 +218,7 @@ class PerturbDiff:
             raise InputError(f"{target} exists and is not an empty folder; save into a new folder.")
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(source, partial, ignore=shutil.ignore_patterns(LOCK_FILE, "*.tmp"))
+        shutil.copytree(source, partial, ignore=shutil.ignore_patterns(LOCK_FILE, f"*{TMP_SUFFIX}"))
         if target.exists():
             target.rmdir()
         partial.rename(target)  # the whole folder appears at once
@@ -236,11 +242,6 @@ class PerturbDiff:
         model = cls.__new__(cls)
         model.adata, model.config, model.run_dir = adata, config, folder
         return model
-
-    @property
-    def predictions_file(self) -> Path:
-        """The run folder's ``predictions.h5ad`` (written by :meth:`evaluate`)."""
-        return self._trained_dir() / PREDICTIONS_FILE
 
 
 def evaluation_settings(config: RunConfig) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from ..errors import ConfigError
 from ..io import atomic_path, check_output_file
 
 if TYPE_CHECKING:  # the data stack and torch are imported when the command runs, not for --help
+    from collections.abc import Iterable
+
     import pandas as pd
     from rich.console import Console
 
