@@ -38,7 +38,7 @@ from bench_model import header  # noqa: E402
 from cases import DEVICE  # noqa: E402
 
 from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
-from perturbdiff_core.commands.predict import open_data  # noqa: E402
+from perturbdiff_core.prediction import open_data  # noqa: E402
 from perturbdiff_core.data import PerturbationData  # noqa: E402
 from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
 from perturbdiff_core.diffusion import RKHSDiffusion  # noqa: E402

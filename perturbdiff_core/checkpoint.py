@@ -32,15 +32,14 @@ from .data.splits import Split
 from .diffusion import RKHSDiffusion
 from .errors import PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, first_line
 from .io import atomic_path, output_error
+from .names import CHECKPOINT_DIR, LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 from .run_config import RunConfig, config_from_dict, plugin_mismatches, plugin_records
 
 #: Marks a perturbdiff checkpoint and the version of its layout; a reader accepts only its own.
 CHECKPOINT_FORMAT = "perturbdiff.checkpoint/1"
 
-#: Folder of checkpoints inside a run folder, the latest checkpoint's file name and the one before it.
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
-PREVIOUS = "previous.pt"
+#: The latest checkpoint's file name and the one before it (in :data:`CHECKPOINT_DIR`).
+LAST, PREVIOUS = LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 
 
 #: Checkpoint fields that older checkpoints lack: read as empty.

@@ -14,15 +14,14 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .data.dataset import Condition, Context, PerturbationData
 from .errors import InputError
+from .names import POPULATION_KEY
+from .progress import progress_bar
 
 #: Cells predicted to estimate a predictor's mean shift when it does not model the shift itself.
 SHIFT_CELLS = 512
-#: obs column of a prediction with several independently sampled populations per condition (``0``, ``1``, ...).
-POPULATION_KEY = "population"
 
 
 class Predictor(ABC):
@@ -113,7 +112,8 @@ def predict_anndata(
         raise InputError(f"populations must be a positive integer, got {populations!r}.")
     chosen = [c if isinstance(c, Condition) else data.condition(c) for c in conditions]
     blocks = []
-    for i, condition in enumerate(tqdm(chosen, desc=f"predict ({type(predictor).__name__})", disable=not progress)):
+    bar = progress_bar(chosen, desc=f"predict ({type(predictor).__name__})", unit="conditions", disable=not progress)
+    for i, condition in enumerate(bar):
         n = condition.n_cells if n_cells is None else n_cells
         for k in range(populations):
             cells = predictor.predict(data, condition, n, seed=population_seed(seed, i, k))

@@ -27,15 +27,7 @@ from .data.anndata_io import DATA_ENV, shared_data_dir
 from .data.config import DataConfig, SplitConfig
 from .errors import ConfigError, DataError, UnknownPluginError, first_line
 from .io import atomic_write_text
-
-#: File name of the resolved configuration inside a run folder.
-CONFIG_FILE = "config.yaml"
-
-#: Folder of run folders when ``--out`` is not given: ``runs/<config name>``.
-RUNS_DIR = "runs"
-
-#: File beside ``config.yaml``: the distribution and version that provided each plug-in of the run.
-PLUGINS_FILE = "plugins.yaml"
+from .names import CONFIG_FILE, PLUGINS_FILE, RUNS_DIR
 
 #: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.
 PLUGIN_KEYS: dict[str, str] = {
@@ -54,16 +46,35 @@ PLUGIN_KEYS: dict[str, str] = {
 class ModelConfig:
     """The diffusion model (``model.*``): plug-in names with their parameters, and the loss weights.
 
-    ``denoiser_params`` are the denoiser's size parameters (``size``, ``hidden``, ``depth``, ...);
-    the data dimensions are filled in from the data. ``mmd_weight`` is the paper's lambda.
-    ``anchor`` names a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
-    ``linear``, ...) or ``none``: the model then diffuses each set relative to its control set's
-    mean plus the anchor's predicted shift, and adds it back when sampling (see
-    :mod:`~perturbdiff_core.anchor`). ``relative_to_control: true`` is the older spelling of
-    ``anchor: control`` (used when ``anchor`` is ``none``). ``origin: cell`` (the default) diffuses
-    each target cell as a change of the control cell at its place (plus the anchor's shift), so
-    predicted cells keep real cells' detail; ``set`` diffuses whole sets from one origin per set
-    (the control mean plus the shift, with an anchor) or from none (no anchor).
+    Attributes:
+        denoiser: ``perturbdiff.denoisers`` plug-in (``cross_dit``, ``deepsets``, ...).
+        denoiser_params: the denoiser's size parameters (``size``: ``tiny``, ``small`` or ``paper``;
+            ``hidden``, ``depth``, ``heads``, ...); the data dimensions are filled in from the data.
+        schedule: ``perturbdiff.schedules`` plug-in (``cosine``, ``linear``, ``power_cosine``).
+        schedule_params: the schedule's keyword arguments.
+        kernel: ``perturbdiff.kernels`` plug-in of the MMD term (``energy``, as in the paper, ``rbf``,
+            ``matern32``, ...; ``perturbdiff plugins`` lists them).
+        kernel_params: the kernel's keyword arguments (e.g. ``lengthscale: median`` or a number).
+        estimator: ``perturbdiff.estimators`` plug-in (``unbiased``, ``biased``, ...).
+        estimator_params: the estimator's keyword arguments.
+        mmd_weight: the paper's lambda: loss = MSE + lambda * MMD^2; 0 trains on the MSE alone.
+        prediction: what the denoiser outputs: ``x0`` (the paper's), ``eps``, ``v``, or ``edm`` (x0
+            preconditioned by the per-gene data scale).
+        self_condition_prob: probability that a training step feeds the network its own x0 estimate
+            (self-conditioning); 0 disables it in training and sampling.
+        cond_drop_prob: probability that a training set's perturbation encoding is zeroed, so the
+            network also learns the null condition of classifier-free guidance (``sample.guidance``).
+        ema_decay: decay of the exponential moving average of the weights used for sampling;
+            ``null`` keeps no average.
+        relative_to_control: the older spelling of ``anchor: control`` (used when ``anchor`` is ``none``).
+        anchor: ``none``, or a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
+            ``linear``, ...): the model then diffuses each set relative to its control set's mean
+            plus the anchor's predicted shift, and adds it back when sampling (see
+            :mod:`~perturbdiff_core.anchor`).
+        origin: ``cell`` (each target cell is diffused as a change of the control cell at its place,
+            plus the anchor's shift when there is one, so predicted cells keep real cells' zeros
+            and counts where nothing changes) or ``set`` (one origin per set: the control mean plus
+            the anchor's shift with an anchor, none without).
     """
 
     denoiser: str = "cross_dit"
@@ -95,6 +106,10 @@ class TrainConfig:
 
     Attributes:
         steps: optimizer steps; ``batch_size`` sets of ``data.set_size`` cells per step.
+        batch_size: sets per step (the global batch under torchrun).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: steps of linear learning-rate warm-up before the cosine decay to 0.
         grad_clip: largest global gradient norm (``None``: no clipping).
         context_drop_prob: probability that a training set's cell type (and, independently, its
             batch) is replaced by ``<unknown>``, the index a held-out cell type or batch gets, so
@@ -102,10 +117,14 @@ class TrainConfig:
         num_workers: DataLoader worker processes (batches are identical for any number); ``auto``:
             none on a CPU, up to 4 per process on a GPU (see :func:`~perturbdiff_core.training.resolve_workers`).
         val_every: steps between validation MMDs on the split's validation conditions (0: never).
-        val_sets: fixed sets per validation condition; ``val_sampling_steps`` DDIM steps each.
+        val_sets: fixed sets per validation condition.
+        val_sampling_steps: DDIM steps per validation sample.
         checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
         log_every: steps per row of ``train_log.csv`` (the mean of those steps' losses).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: CPU threads torch computes with; ``auto``: ``OMP_NUM_THREADS`` when set, else
+            the CPUs this process may use (see :mod:`~perturbdiff_core.threads`). On a machine shared
+            with other jobs, 1 is often the fastest for the tiny model.
         objective: ``conditional`` (perturbed sets from their controls) or ``marginal``
             (pre-training on control cells alone, perturbation zeroed; see :mod:`perturbdiff_core.pretraining`).
         init_from: a run folder or checkpoint whose weights start this run (genes and vocabularies
@@ -128,6 +147,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     device: str = "auto"
+    threads: int | Literal["auto"] = "auto"
     objective: Literal["conditional", "marginal"] = "conditional"
     init_from: str | None = None
     init_genes: Literal["pad", "intersect"] = "pad"
@@ -137,22 +157,27 @@ class TrainConfig:
 class SampleConfig:
     """Prediction (``sample.*``): sampler, steps, guidance, and how many cells per condition.
 
-    ``eta`` is DDIM's stochasticity in [0, 1] (ignored by ``ddpm``); ``guidance`` 1 means none
-    (see :meth:`RKHSDiffusion.predict_x0`). ``n_cells`` ``None`` samples as many cells as the real condition has. ``chunk_sets`` bounds
-    memory: at most that many sets of ``data.set_size`` cells are denoised at once.
-    ``output_space`` is where predicted cells are written (see
-    :mod:`~perturbdiff_core.data.output_space`): ``counts`` moves each cell to the nearest point
-    of a real cell's count lattice (exact zeros, real detection rates), ``continuous`` keeps the
-    sampled values, ``auto`` picks ``counts`` when the context's control cells lie on a lattice.
-    ``rounding`` onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
-    probabilities that keep each value's mean; see :func:`~perturbdiff_core.data.output_space.decode_cells`).
-    ``change_z``: genes whose predicted mean change from the control cells the sets were sampled
-    from is below ``change_z`` standard errors keep those control cells' values (see
-    :func:`~perturbdiff_core.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
-    ``nonnegative`` clips continuous predictions at 0 (log1p values are never negative).
-    ``populations`` independent populations are drawn per test condition by ``perturbdiff run``:
-    the first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
-    population falls among the predicted ones; at least 10 for ``population_coverage``).
+    Attributes:
+        sampler: ``ddim`` (deterministic with ``eta`` 0) or ``ddpm`` (ancestral).
+        steps: denoising steps per sample.
+        eta: DDIM's stochasticity in [0, 1] (ignored by ``ddpm``).
+        guidance: classifier-free guidance weight; 1 means none (see
+            :meth:`~perturbdiff_core.diffusion.RKHSDiffusion.predict_x0`).
+        n_cells: cells predicted per condition; ``null``: as many as the real condition has.
+        chunk_sets: bounds memory: at most that many sets of ``data.set_size`` cells are denoised at once.
+        output_space: where predicted cells are written (see :mod:`~perturbdiff_core.data.output_space`):
+            ``counts`` moves each cell to the nearest point of a real cell's count lattice (exact
+            zeros, real detection rates), ``continuous`` keeps the sampled values, ``auto`` picks
+            ``counts`` when the context's control cells lie on a lattice.
+        rounding: onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
+            probabilities that keep each value's mean).
+        change_z: genes whose predicted mean change from the control cells the sets were sampled
+            from is below ``change_z`` standard errors keep those control cells' values (see
+            :func:`~perturbdiff_core.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
+        nonnegative: clip continuous predictions at 0 (log1p values are never negative).
+        populations: independent populations drawn per test condition by ``perturbdiff run``: the
+            first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
+            population falls among the predicted ones; at least 10 for ``population_coverage``).
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -170,7 +195,14 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation (``evaluate.*``): which baselines to compare with, and the MMD kernel and cap."""
+    """Evaluation (``evaluate.*``): which baselines to compare with, and the MMD kernel and cap.
+
+    Attributes:
+        baselines: ``perturbdiff.predictors`` plug-ins fitted on the training conditions and
+            compared with the model on the test conditions (``control`` predicts no change).
+        kernel: ``perturbdiff.kernels`` plug-in of the ``mmd2_<kernel>`` metric.
+        max_cells: populations are subsampled to at most this many cells for the MMD metrics.
+    """
 
     baselines: list[str] = field(default_factory=lambda: ["control", "context_mean", "linear", "random_train"])
     kernel: str = "energy"
@@ -179,7 +211,12 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; ``name`` (default: the YAML file name) names ``runs/<name>``."""
+    """Everything a run needs: the sections below, a seed and a name.
+
+    Attributes:
+        seed: seed of the model's initialisation, the training stream, sampling and evaluation.
+        name: the run's name (default: the YAML file's name): ``runs/<name>`` and the report's title.
+    """
 
     seed: int = 0
     name: str | None = None
@@ -284,6 +321,8 @@ def check(config: RunConfig) -> None:
     }
     if config.train.num_workers != "auto":
         non_negative["train.num_workers"] = config.train.num_workers
+    if config.train.threads != "auto":
+        positive["train.threads"] = config.train.threads
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}.")

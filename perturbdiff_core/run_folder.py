@@ -28,12 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from .checkpoint import CHECKPOINT_DIR
 from .errors import PerturbDiffError, PerturbDiffNote
 from .io import TMP_SUFFIX, check_output_folder, output_error
-
-#: The lock file inside a run folder while a process holds it.
-LOCK_FILE = ".perturbdiff.lock"
+from .names import CHECKPOINT_DIR, LOCK_FILE
 
 
 class RunFolderBusy(PerturbDiffError):

@@ -173,9 +173,9 @@ def sample(
     x0 = None
     pairs = list(zip(steps, steps[1:] + [0]))
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        pairs = tqdm(pairs, desc="sampling", unit="step")
+        pairs = progress_bar(pairs, desc="sampling", unit="steps")
     for t, t_prev in pairs:
         x0 = model_fn(x, torch.full(shape[:1], t, dtype=torch.long, device=x.device), x0)
         x = step(x, x0, t, t_prev, schedule, generator)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from . import distributed, registry
 from .registry import accepts
@@ -43,12 +43,15 @@ from .data.loader import seed_worker
 from .diffusion import RKHSDiffusion
 from .errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from .io import atomic_path
+from .names import LOG_FILE
 from .pretraining import marginal_batch, prepare_marginal
+from .progress import progress_bar, stage
 from .run_config import ModelConfig, RunConfig, TrainConfig, differences, write_config
+from .summary import run_summary
+from .threads import apply_threads, resolve_threads
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
-LOG_FILE = "train_log.csv"
 LOG_COLUMNS = ("step", "loss", "mse", "mmd", "lr", "val_mmd")
 
 #: Configuration keys that define the training stream: a resumed run must keep them.
@@ -304,6 +307,14 @@ def deferred_interrupt() -> Iterator[Callable[[], int]]:
             signal.signal(signum, action)
 
 
+def _source_name(source: ad.AnnData | str | os.PathLike[str] | None, config: RunConfig) -> str:
+    """How the progress lines call the data: the file name, or an AnnData's shape."""
+    if isinstance(source, ad.AnnData):
+        return "the AnnData in memory"
+    path = source if source is not None else config.data.path
+    return Path(path).name if path is not None else "no data path"
+
+
 class Trainer:
     """Trains the model of a :class:`RunConfig` into ``run_dir``, or resumes it from ``run_dir/checkpoints/last.pt``.
 
@@ -343,15 +354,20 @@ class Trainer:
         self.part = distributed.shard(config.train.batch_size)  # (rank, world size)
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress and distributed.is_main()
         self.device = distributed.local_device(resolve_device(config.train.device))
+        self.threads = resolve_threads(config.train.threads)  # applied once the data are read (see threads.py)
+        self.source_name = _source_name(source, config)
+        self._summarized = False  # the summary before training is printed once
         self.checkpoint_file = checkpoint_path(self.run_dir)
         self.history: list[dict[str, float]] = []
         self.validation: dict[int, float] = {}
         self.step = 0
         self.transfer: TransferReport | None = None  # what train.init_from loaded
+        reading = stage(f"preparing the data ({self.source_name})", disable=not self.progress)
         if resume:
             checkpoint = load_run_checkpoint(self.run_dir)  # previous.pt, with a note, when last.pt is damaged
             self._check_resumable(checkpoint.run_config)
-            self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
+            with reading:
+                self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
             self.split: Split = checkpoint.split
             self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)
@@ -363,7 +379,8 @@ class Trainer:
                 )
             check_plugins(config)  # a typo fails now, not after the data are read
             init = load_init(config.train.init_from) if config.train.init_from else None
-            self.data, self.split = self._prepare(source, init)
+            with reading:
+                self.data, self.split = self._prepare(source, init)
             torch.manual_seed(config.seed)
             model = build_model(config.model, self.data)
             if init is not None:
@@ -371,6 +388,7 @@ class Trainer:
                 if distributed.is_main():
                     self.transfer.write(self.run_dir)
             self.model = model.to(self.device)
+        apply_threads(self.threads)  # after the data are read: scanpy's numba calls reset the count
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = make_optimizer(self.params, train)
@@ -437,10 +455,13 @@ class Trainer:
             if self.step == 0:  # train.steps 0 (zero-shot from train.init_from): still a checkpoint to predict from
                 self.save()
             return self.log()
+        if self.progress and not self._summarized:
+            print("\n".join(run_summary(self, self.source_name)), file=sys.stderr, flush=True)
+            self._summarized = True
         loader = training_loader(
             self.train_sets, train, seed=self.config.seed, start=self.step, stop=stop, shard=self.part, device=self.device
         )
-        bar = tqdm(total=stop, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=stop, initial=self.step, desc="train", unit="steps", disable=not self.progress)
         with deferred_interrupt() as interrupted, bar:
             for batch in loader:
                 self.history.append(self._train_step(batch))
@@ -456,6 +477,7 @@ class Trainer:
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step; its random draws come from ``step_seed(seed, step)`` alone."""
+        apply_threads(self.threads)  # whatever ran since the last step (validation, a plug-in) may have reset it
         seed = step_seed(self.config.seed, self.step)
         torch.manual_seed(seed)  # anything drawing from torch's global generator is seeded per step too
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -495,7 +517,7 @@ class Trainer:
             return marginal_batch(batch, self.model.denoiser.perturbation_dim)
         return batch
 
-    def _periodic(self, bar: tqdm, stop: int) -> None:
+    def _periodic(self, bar: Any, stop: int) -> None:
         """Validation, logging and checkpoints due after the step just taken (``fit`` saves at ``stop``)."""
         train, step = self.config.train, self.step
         last = step == train.steps

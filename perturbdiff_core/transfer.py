@@ -31,10 +31,9 @@ from .data.dataset import PerturbationData
 from .diffusion import RKHSDiffusion
 from .errors import ConfigError, DataError
 from .io import atomic_write_text
+from .names import TRANSFER_FILE
 from .registry import load
 
-#: The transfer summary written into the run folder.
-TRANSFER_FILE = "transfer.json"
 
 #: How the fine-tune genes relate to the checkpoint's: keep the data's genes (new ones freshly
 #: initialised) or keep only the data's genes that the checkpoint also has.

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import math
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import gpytorch
 import torch
-from linear_operator import to_dense
 from torch import Tensor
 
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
 from perturbdiff_core.kernels import Kernel
 
+if TYPE_CHECKING:
+    import gpytorch
+
+
+@cache
+def _gpytorch() -> Any:
+    """``gpytorch``, imported on first use rather than when the plug-ins are listed. GPyTorch imports
+    pykeops when it is installed, and pykeops prints a note about CUDA on machines without it; that
+    note is muted here, since this adapter never runs KeOps (the ``keops`` backend shows it)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import gpytorch
+    return gpytorch
+
 
 def gpytorch_kernel_names() -> list[str]:
     """Names of the kernel classes in ``gpytorch.kernels``."""
+    gpytorch = _gpytorch()
     return sorted(
         name
         for name, obj in vars(gpytorch.kernels).items()
@@ -26,6 +41,7 @@ def gpytorch_kernel_names() -> list[str]:
 
 def _accepted_params(cls: type) -> set[str]:
     """Named constructor arguments of ``cls`` and its GPyTorch bases (they pass ``**kwargs`` up)."""
+    gpytorch = _gpytorch()
     accepted: set[str] = set()
     for klass in cls.__mro__:
         if not (isinstance(klass, type) and issubclass(klass, gpytorch.kernels.Kernel)):
@@ -41,6 +57,7 @@ def _build(class_name: str, params: dict[str, Any]) -> gpytorch.kernels.Kernel:
 
     GPyTorch's base kernel swallows unknown keyword arguments silently, so they are checked here.
     """
+    gpytorch = _gpytorch()
     cls = getattr(gpytorch.kernels, class_name, None) if isinstance(class_name, str) else None
     if not (inspect.isclass(cls) and issubclass(cls, gpytorch.kernels.Kernel)):
         raise UnknownPluginError(
@@ -91,6 +108,7 @@ class GPyTorchKernel(Kernel):
         **params: Any,
     ) -> None:
         super().__init__()
+        gpytorch = _gpytorch()
         if (class_name is None) == (kernel is None):
             raise ConfigError(
                 "GPyTorchKernel needs exactly one of class_name='RBFKernel' (a gpytorch.kernels class) "
@@ -119,5 +137,8 @@ class GPyTorchKernel(Kernel):
         batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
         x = x.expand(*batch, *x.shape[-2:])
         y = x if same else y.expand(*batch, *y.shape[-2:])
+        gpytorch = _gpytorch()
+        from linear_operator import to_dense  # installed with gpytorch
+
         with gpytorch.settings.lazily_evaluate_kernels(False):
             return to_dense(self.gpytorch_kernel(x, y, diag=diag))

@@ -55,9 +55,11 @@ def make_adata() -> Callable[..., ad.AnnData]:
 
 
 @pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one torch thread, and the test machine's 2 cores are shared."""
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny models run fastest on one torch thread, and the test machine's 2 cores are shared
+    (``OMP_NUM_THREADS=1`` makes ``train.threads: auto`` pick one too)."""
     threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)

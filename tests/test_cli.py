@@ -61,6 +61,19 @@ def test_plugins_lists_groups_and_distributions(capsys: pytest.CaptureFixture[st
         assert expected in out
 
 
+def test_plugins_prints_plain_text_and_no_keops_note() -> None:
+    """In a fresh process, where importing GPyTorch (which imports pykeops) would print KeOps' CUDA note."""
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-m", "perturbdiff_core", "plugins"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[KeOps]" not in done.stdout + done.stderr and "CUDA libraries" not in done.stdout + done.stderr
+    for markup in (":math:", "``", "\\|", "\\beta", ":class:"):
+        assert markup not in done.stdout, markup
+    assert "k(x, y) = -‖x - y‖^β, 0 < β ≤ 2" in done.stdout  # the energy kernel's formula, readable
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

@@ -79,6 +79,27 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--resume", "--set", TINY_NET]) == 0
 
 
+def test_run_says_what_it_does_in_plain_lines_when_stderr_is_a_file(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A summary before training, then a line per tenth of every long stage; no carriage returns."""
+    assert main(["run", str(config_file), "--out", str(tmp_path / "run"), "--set", TINY_NET, "train.threads=1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    summary = [line for line in lines if line.split(" ", 1)[0] in ("data", "split", "model", "train")]
+    assert [line.split()[0] for line in summary] == ["data", "split", "model", "train"], err
+    assert summary[0].startswith("data   screen.h5ad: 600 cells, 40 genes")
+    assert "holdout_combination: " in summary[1] and "1 test condition" not in summary[1]  # A+B in two cell types
+    assert "held out: A+B -> A+B|t1, A+B|t2" in err
+    assert summary[3].endswith("on cpu, training with 1 thread") and "4 steps x 3 sets of 12 cells" in summary[3]
+    assert sum(line.startswith("training with") or "training with" in line for line in lines) == 1  # logged once
+    for stage in ("preparing the data (screen.h5ad): done", "train: 4/4 steps (100%)", "predict (ControlBaseline): 2/2",
+                  "evaluate (model): 2/2 conditions (100%)", "evaluate (random_train): 2/2", "writing report.html: done"):
+        assert stage in err, stage
+    assert len([line for line in lines if line.startswith("train: ")]) <= 10
+
+
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [

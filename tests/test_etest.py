@@ -23,7 +23,7 @@ from statsmodels.stats.multitest import multipletests
 
 from perturbdiff_core import two_sample
 from perturbdiff_core.cli import main
-from perturbdiff_core.commands.etest import COLUMNS, build_kernel, etest
+from perturbdiff_core.etest import COLUMNS, build_kernel, etest
 from perturbdiff_core.configuration import parse_overrides
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.errors import ConfigError, DataError, InputError
@@ -268,8 +268,10 @@ def test_command_leaves_no_file_when_writing_fails(
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken_to_csv)
     out = tmp_path / "out" / "results.csv"
     code = main(["etest", str(screen_file), "--kernel", "energy", "--permutations", "9", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err == f"perturbdiff: error: Cannot write {out}: No space left on device; free space on that disk (or write elsewhere) and run again."
+    err = capsys.readouterr().err.strip().splitlines()
+    progress = [line.rsplit(" ", 2)[0] for line in err[:-1]]  # without the seconds
+    assert progress == ["E-test: 1/2 tests (50%)", "E-test: 2/2 tests (100%)"]  # progress, then the error
+    assert code == 2 and err[-1] == f"perturbdiff: error: Cannot write {out}: No space left on device; free space on that disk (or write elsewhere) and run again."
     assert os.listdir(out.parent) == []
 
 

@@ -13,6 +13,7 @@ def test_pyproject_lists_every_package_of_the_source_tree() -> None:
     listed = set(setuptools["packages"])
     folders = {name: REPO / path for name, path in setuptools.get("package-dir", {}).items()}
     folders.setdefault("perturbdiff_core", REPO / "perturbdiff_core")
+    folders.setdefault("perturbdiff", REPO / "perturbdiff")  # the notebook API
     found = {
         ".".join((top, *init.parent.relative_to(root).parts))
         for top, root in folders.items()

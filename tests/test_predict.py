@@ -14,7 +14,8 @@ import scipy.sparse as sp
 import torch
 
 from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint
-from perturbdiff_core.commands.predict import predictions, resolve_conditions
+from perturbdiff_core.commands.predict import predictions
+from perturbdiff_core.prediction import resolve_conditions
 from perturbdiff_core.data import PerturbationData
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen

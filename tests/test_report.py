@@ -27,6 +27,7 @@ from perturbdiff_core.evaluation import (
     summary_line,
     versus_best_baseline,
 )
+from perturbdiff_core.evaluation.verdict import verdict, worse_than
 from perturbdiff_core.evaluation.report import REPORT_FILE, write_report
 from perturbdiff_core.predictors import as_predictor, predict_anndata, real_anndata
 from perturbdiff_core.run_config import CONFIG_FILE
@@ -146,6 +147,33 @@ def test_verdict_without_baselines_or_model() -> None:
         summary_line(table.drop(columns="method"))
 
 
+def test_verdict_in_sentences_says_where_the_model_is_worse_than_no_change() -> None:
+    table = _table(
+        {
+            "model": {"pearson_delta": 0.9, "mse": 0.02, "mae": 0.07, "pr_auc": 0.2, "de_nsig_counts_pred": 918.0,
+                      "de_nsig_counts_real": 77.0},
+            "control": {"pearson_delta": 0.0, "mse": 0.06, "mae": 0.05, "pr_auc": 0.3, "de_nsig_counts_pred": 0.0,
+                        "de_nsig_counts_real": 77.0},
+            "linear": {"pearson_delta": 0.8, "mse": 0.01, "mae": 0.04, "pr_auc": 0.1, "de_nsig_counts_pred": 382.0,
+                       "de_nsig_counts_real": 77.0},
+        }
+    )
+    worse = worse_than(table)
+    assert list(worse.metric) == ["mae", "pr_auc"]  # not mse or pearson_delta, where the model beats control
+    sentences = {s.kind: s.text for s in verdict(table)}
+    assert sentences["wins"].startswith("The model beats the best baseline on 1 of 4 metrics: pearson_delta (0.9 against 0.8, linear)")
+    assert sentences["losses"] == (
+        "It loses on 3: mse (0.02 against 0.01, linear), mae (0.07 against 0.04, linear), pr_auc (0.2 against 0.3, control)."
+    )
+    assert sentences["worse_than_no_change"] == (
+        "It is worse than predicting no change (the control baseline: the control cells as they are) on 2 metrics: "
+        "mae (0.07 against 0.05), pr_auc (0.2 against 0.3)."
+    )
+    assert sentences["de_counts"] == "It calls 918 DE genes against 77 real."  # one condition (P1)
+    better = _table({"model": {"mse": 0.01}, "control": {"mse": 0.06}})
+    assert [s.kind for s in verdict(better)] == ["wins", "better_than_no_change"]
+
+
 # --- report.html --------------------------------------------------------------------------------
 
 
@@ -200,15 +228,20 @@ def test_report_is_one_valid_page_with_plots_table_and_verdict(tmp_path, metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == [REPORT_FILE]  # one file, no temporary left
     page = _parse(path)
     text = "".join(page.text)
-    assert "T <1>" in text and summary_line(metrics) in text
+    assert "T <1>" in text and all(sentence.text in text for sentence in verdict(metrics))
     assert len(page.images) == 4  # bars, loss curve, delta scatter, PCA
     for src in page.images:
         assert base64.b64decode(src.removeprefix("data:image/png;base64,"))[:8] == b"\x89PNG\r\n\x1a\n"
     header = [name for name, _ in page.rows[0]]
     assert header == ["metric", "family", "direction", *predictions]
-    table_rows = {row[0][0]: row for row in page.rows[1:] if len(row) == 3 + len(predictions)}
+    table_rows = {row[0][0]: row for row in page.rows[1:] if len(row) == 3 + len(predictions) and row[0][0] != "metric"}
     aggregate = metrics[metrics.condition == ALL_CONDITIONS]
-    assert set(table_rows) == set(aggregate.metric)
+    wide = aggregate.pivot(index="metric", columns="method", values="value")
+    same = {m for m, v in wide.iterrows() if v.isna().all() or np.allclose(v, v.iloc[0], rtol=1e-9, atol=1e-12)}
+    assert same and set(table_rows) == set(aggregate.metric) - same  # e.g. the real DE genes, the same for all
+    note = next(t for t in page.text if t.startswith("Left out of the table"))
+    assert all(metric in note for metric in same)
+    assert "zero_fraction_mae" in table_rows and "library_size_ks" in table_rows  # realism, in its own table
     values = aggregate[aggregate.metric == "pearson_delta"].set_index("method").value
     marked = [m for (_, cls), m in zip(table_rows["pearson_delta"][3:], predictions, strict=True) if cls == "best"]
     assert marked == [values.idxmax()]
@@ -229,6 +262,36 @@ def test_report_without_history_and_its_errors_leave_no_file(tmp_path, metrics, 
     with pytest.raises(InputError, match="No prediction named 'perturbdiff'"):
         write_report(tmp_path, metrics, predictions=predictions, real=real, **KEYS, model="perturbdiff")
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [REPORT_FILE]
+
+
+def test_report_header_top_de_genes_and_baselines_in_the_plots(tmp_path, metrics, predictions, real) -> None:
+    facts = {"data": "/data/screen.h5ad", "held out": "t2", "kernel": "energy", "steps": "8 of 8", "commit": "abc1234"}
+    page = _parse(write_report(tmp_path, metrics, predictions=predictions, real=real, **KEYS, run_info=facts))
+    text = " ".join(page.text)
+    assert all(f"{label} {value}" in " ".join(text.split()) for label, value in facts.items())
+    # The DE section's counts are the evaluation's, per condition.
+    per_condition = metrics[(metrics.method == "model") & (metrics.condition != ALL_CONDITIONS)]
+    counts = per_condition.pivot(index="condition", columns="metric", values="value")
+    for condition, row in counts.iterrows():
+        line = f"model calls {int(row.de_nsig_counts_pred)} DE genes against {int(row.de_nsig_counts_real)} real"
+        assert line in text, line
+    de_rows = [row for row in page.rows if len(row) == 6 and row[0][0] != "gene"]
+    assert de_rows and all(row[5][0] in ("yes", "no") for row in de_rows)
+    assert {row[0][0] for row in de_rows} <= set(real.var_names)
+
+
+def test_the_delta_scatter_and_the_pca_show_every_method(predictions, real) -> None:
+    from perturbdiff_core.evaluation import report_plots
+    from perturbdiff_core.evaluation.pairing import pair_anndata
+
+    paired = {m: pair_anndata(p, real, **KEYS) for m, p in predictions.items()}
+    conditions = paired["model"].conditions[:2]
+    for fig in (report_plots.deltas(paired, conditions, "model"), report_plots.pca(paired, conditions, "model", 0)):
+        labels = fig.axes[0].get_legend_handles_labels()[1]
+        assert {label.split(" (r")[0] for label in labels} >= set(predictions)
+        assert fig.get_size_inches()[0] >= 2 * report_plots.PANEL[0] - 1e-9  # two large panels per row
+    colours = report_plots.styles(list(predictions), "model")
+    assert len({c for c, _ in colours.values()}) == len(predictions) and len({m for _, m in colours.values()}) == len(predictions)
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -263,7 +326,8 @@ def test_evaluate_command_compares_with_baselines_and_writes_the_report(
     pd.testing.assert_frame_equal(written, compare(predictions, real, **KEYS), rtol=1e-12, check_dtype=False)
     assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.csv", REPORT_FILE]
     assert len(_parse(out.parent / REPORT_FILE).images) == 4  # the run's train_log.csv is drawn
-    assert summary_line(written) in " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(" ".join(sentence.text.split()) in out for sentence in verdict(written))
 
 
 def test_evaluate_command_needs_a_run_for_baselines_or_real_cells(tmp_path, predictions, real, capsys) -> None:

@@ -15,6 +15,7 @@ import yaml
 from ..configuration import assign, dotted_keys, merge, nested, parse_overrides, read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
+from ..names import CELLS_DIR
 from ..registry import is_registered, load, names
 from ..run_config import RunConfig, config_from_dict, override, resolved
 
@@ -24,8 +25,6 @@ GRID_KEYS = ("base", "set", "grid", "exclude", "metrics")
 #: The axis whose values are averaged over in the summary.
 SEED = "seed"
 
-#: The folder of the cells' run folders inside the grid's output folder.
-CELLS_DIR = "cells"
 
 #: Separator of ``axis=label`` parts in a cell's name.
 SEPARATOR = "__"

@@ -25,7 +25,7 @@ from .grid import Cell, GridSpec, cell_dir
 from .summary import key_metrics, summarize_grid
 
 #: Keys that may differ between a cell's folder and the grid without making its results stale.
-IGNORED_ON_RESUME = ("data.path", "train.device", "train.num_workers")
+IGNORED_ON_RESUME = ("data.path", "train.device", "train.num_workers", "train.threads")
 
 
 def cell_status(folder: Path) -> str:

@@ -14,14 +14,12 @@ from matplotlib.figure import Figure
 from ..errors import PerturbDiffError
 from ..evaluation import ALL_CONDITIONS, DEFINITIONS, definition_of
 from ..io import atomic_path, atomic_write_text
+from ..names import ABLATION_MARKDOWN_FILE as MARKDOWN_FILE
+from ..names import ABLATION_PLOT_FILE as PLOT_FILE
+from ..names import ABLATION_TABLE_FILE as TABLE_FILE
+from ..names import CELLS_FILE
 from ..pipeline import METRICS_FILE, MODEL
 from .grid import SUMMARY_COLUMNS, Cell, GridSpec, cell_dir
-
-#: Output names inside the grid folder.
-CELLS_FILE = "cells.csv"
-TABLE_FILE = "ablation.csv"
-MARKDOWN_FILE = "ablation.md"
-PLOT_FILE = "ablation.png"
 
 
 def summarize_grid(spec: GridSpec, cells: Sequence[Cell], out: str | os.PathLike[str]) -> pd.DataFrame:

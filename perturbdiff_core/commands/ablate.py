@@ -4,31 +4,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from ..ablation import (
+from ..names import (
+    ABLATION_MARKDOWN_FILE,
+    ABLATION_PLOT_FILE,
+    ABLATION_TABLE_FILE,
     CELLS_DIR,
     CELLS_FILE,
-    MARKDOWN_FILE,
-    PLOT_FILE,
-    TABLE_FILE,
-    GridSpec,
-    cell_dir,
-    cell_status,
-    check_folders,
-    key_metrics,
-    overview,
-    read_grid,
-    run_grid,
+    MODEL,
+    RUNS_DIR,
 )
-from ..pipeline import MODEL
-from ..run_config import RUNS_DIR
-from ._resumable import interrupted, list_statuses, screen
+
+if TYPE_CHECKING:  # pandas, rich and the run machinery are imported when the command runs, not for --help
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..ablation import GridSpec
 
 _EPILOG = f"""\
 GRID.yaml:
@@ -53,10 +46,10 @@ value given as a mapping is {{value: ..., label: ...}}. Axes are named by the la
 their key; a cell by axis=label joined with '__' (kernel=rbf__estimator=biased__seed=0).
 
 Output (--out, default {RUNS_DIR}/<grid name>): {CELLS_DIR}/<cell>/ is a run folder (as
-'perturbdiff run'); {CELLS_FILE} holds every cell's aggregate metrics; {TABLE_FILE} the mean
+'perturbdiff run'); {CELLS_FILE} holds every cell's aggregate metrics; {ABLATION_TABLE_FILE} the mean
 and sd over seeds per axes x metric x method (columns: the axes but seed, metric, method,
-mean, std, n_seeds); {MARKDOWN_FILE} the key metrics as a Markdown table (for a README);
-{PLOT_FILE} the model's key metrics. Every cell is checked before any
+mean, std, n_seeds); {ABLATION_MARKDOWN_FILE} the key metrics as a Markdown table (for a README);
+{ABLATION_PLOT_FILE} the model's key metrics. Every cell is checked before any
 runs. Running the same command again skips finished cells and resumes interrupted ones.
 """
 
@@ -88,6 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the grid, run or resume its cells, write and print the summary."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..ablation import read_grid, run_grid
+    from ._resumable import interrupted, screen
+
     spec = read_grid(args.grid, args.overrides)
     out = Path(args.out) if args.out is not None else Path(RUNS_DIR) / Path(args.grid).stem
     console = Console(stderr=True, highlight=False)
@@ -98,12 +97,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:  # training saved a checkpoint first (TrainingInterrupted says where)
         return interrupted(stop, console, "grid")
     screen().print(summary_table(table, spec))
-    console.print(f"Wrote {TABLE_FILE}, {MARKDOWN_FILE}, {PLOT_FILE} and {CELLS_FILE} to {out}")
+    console.print(f"Wrote {ABLATION_TABLE_FILE}, {ABLATION_MARKDOWN_FILE}, {ABLATION_PLOT_FILE} and {CELLS_FILE} to {out}")
     return 0
 
 
 def dry_run(spec: GridSpec, out: Path, console: Console) -> int:
     """List the cells with their status (new, resume, done) after checking all of them."""
+    from ..ablation import cell_dir, cell_status, check_folders
+    from ._resumable import list_statuses
+
     cells = spec.cells()
     check_folders(cells, out)
     list_statuses([(cell.name, cell_status(cell_dir(out, cell))) for cell in cells], console, "cell", out / CELLS_DIR)
@@ -112,6 +114,12 @@ def dry_run(spec: GridSpec, out: Path, console: Console) -> int:
 
 def summary_table(table: pd.DataFrame, spec: GridSpec) -> Table:
     """The model's key metrics (mean +- sd over seeds) per cell group; baselines below when the same everywhere."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..ablation import key_metrics, overview
+
     metrics = key_metrics(table, spec.metrics)
     model, baselines = overview(table, spec.summary_axes, metrics)
     n_seeds = int(table[table.method == MODEL].n_seeds.max()) if len(table) else 0

@@ -16,46 +16,17 @@ default ``dist="sqeuclidean"`` (with its default ``sample_correct=True``) is
 from __future__ import annotations
 
 import argparse
-import inspect
-import zlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-import anndata as ad
-import numpy as np
-import pandas as pd
-import scipy.sparse as sp
-import torch
-from rich import box
-from rich.console import Console
-from rich.progress import track
-from rich.table import Table
-
-from ..data.anndata_io import (
-    read_anndata,
-    require_cells,
-    require_finite,
-    require_genes,
-    require_label,
-    require_matrix,
-    require_obs_key,
-)
 from ..configuration import parse_overrides
-from ..errors import ConfigError, DataError
-from ..estimators import MMDEstimator, as_estimator
+from ..errors import ConfigError
 from ..io import atomic_path, check_output_file
-from ..kernels import Kernel, as_kernel
-from ..two_sample import fdr_bh, permutation_test
 
-#: Columns of the result table, in order.
-COLUMNS = ["perturbation", "group", "n_cells", "n_control", "mmd2", "pvalue", "pvalue_adj"]
+if TYPE_CHECKING:  # the data stack and torch are imported when the command runs, not for --help
+    from collections.abc import Iterable
 
-#: Value of the ``group`` column when no ``--group-by`` is given.
-ALL_CELLS = "all"
-
-#: Fewest cells a perturbation or a control set needs to be tested.
-MIN_CELLS = 2
+    import pandas as pd
+    from rich.console import Console
 
 _EPILOG = """\
 Rows: one per perturbation (per group with --group-by; the group column is 'all' without it);
@@ -70,16 +41,6 @@ on the same matrix; scperturb's default dist='sqeuclidean' equals --kernel energ
 --kernel-param beta=2 --estimator unbiased (unbiased estimate of 2 ||mean_x - mean_y||^2;
 --estimator biased gives exactly 2 ||mean_x - mean_y||^2, scperturb's sample_correct=False).
 """
-
-
-@dataclass(frozen=True, eq=False)
-class Comparison:
-    """One test: the rows of a perturbation's cells and of their control cells."""
-
-    group: str
-    perturbation: str
-    cells: np.ndarray
-    control: np.ndarray
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -112,6 +73,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the tests, print the table sorted by MMD^2, and write the CSV if asked."""
+    from rich.console import Console
+
+    from ..data.anndata_io import read_anndata
+    from ..estimators import as_estimator
+    from ..etest import MIN_CELLS, Comparison, build_kernel, etest
+    from ..progress import progress_bar
+
     if args.max_cells is not None and args.max_cells < MIN_CELLS:
         raise ConfigError(f"--max-cells must be at least {MIN_CELLS}, got {args.max_cells}.")
     if args.permutations < 1:
@@ -128,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
 
     def progress(items: Iterable[Comparison]) -> Iterable[Comparison]:
-        return track(items, description="E-test", console=err, transient=True, disable=not err.is_terminal)
+        return progress_bar(items, desc="E-test", unit="tests")
 
     table, skipped = etest(
         adata,
@@ -153,128 +121,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_kernel(name: str, params: dict[str, Any]) -> Kernel:
-    """The named kernel; one with a ``lengthscale`` parameter defaults to the median heuristic."""
-    kernel = as_kernel(name, **params)
-    if "lengthscale" not in params and "lengthscale" in inspect.signature(type(kernel)).parameters:
-        kernel = as_kernel(name, lengthscale="median", **params)
-    return kernel
-
-
-def etest(
-    adata: ad.AnnData,
-    *,
-    perturbation_key: str = "perturbation",
-    control: str = "control",
-    group_by: str | None = None,
-    kernel: str | Kernel,
-    estimator: str | MMDEstimator = "unbiased",
-    permutations: int = 1000,
-    seed: int = 0,
-    max_cells: int | None = None,
-    progress: Callable[[Iterable[Comparison]], Iterable[Comparison]] = iter,
-) -> tuple[pd.DataFrame, list[str]]:
-    """The result table (columns :data:`COLUMNS`, one row per test) and the warnings of skipped tests."""
-    require_cells(adata)
-    require_matrix(adata)
-    require_genes(adata.var_names)
-    require_obs_key(adata, perturbation_key, "perturbation key")
-    if group_by is not None:
-        require_obs_key(adata, group_by, "group-by key")
-    require_label(adata, perturbation_key, control)
-    require_finite(adata.X)
-    kernel, estimator = as_kernel(kernel), as_estimator(estimator)
-    comparisons, skipped = plan(adata, perturbation_key, control, group_by)
-    rows = []
-    for comparison in progress(comparisons):
-        rows.append(_test(adata.X, comparison, kernel, estimator, permutations, seed, max_cells))
-    table = pd.DataFrame(rows, columns=COLUMNS[:-1])
-    table["pvalue_adj"] = fdr_bh(table["pvalue"].to_numpy())
-    return table, skipped
-
-
-def plan(
-    adata: ad.AnnData, perturbation_key: str, control: str, group_by: str | None
-) -> tuple[list[Comparison], list[str]]:
-    """Every (group, perturbation) to test against its group's controls, and why others are left out."""
-    labels = adata.obs[perturbation_key]
-    groups = adata.obs[group_by] if group_by is not None else pd.Series(ALL_CELLS, index=adata.obs.index)
-    skipped = []
-    missing = labels.isna() | groups.isna()
-    if missing.any():
-        skipped.append(f"{int(missing.sum())} cells have no {perturbation_key!r}"
-                       f"{'' if group_by is None else f' or {group_by!r}'} label; they are left out.")
-    labels = labels.astype(str).to_numpy()
-    groups = groups.astype(str).to_numpy()
-    keep = ~missing.to_numpy()
-    comparisons = []
-    for group in sorted(set(groups[keep])):
-        in_group = keep & (groups == group)
-        control_rows = np.flatnonzero(in_group & (labels == control))
-        perturbations = sorted(set(labels[in_group]) - {control})
-        where = "" if group_by is None else f" in group {group!r}"
-        if len(control_rows) < MIN_CELLS:
-            if perturbations:
-                skipped.append(
-                    f"{len(control_rows)} control cells ({control!r}){where}; at least {MIN_CELLS} are "
-                    f"needed, so its {len(perturbations)} perturbation(s) are not tested."
-                )
-            continue
-        for perturbation in perturbations:
-            rows = np.flatnonzero(in_group & (labels == perturbation))
-            if len(rows) < MIN_CELLS:
-                skipped.append(f"perturbation {perturbation!r}{where} has {len(rows)} cell; "
-                               f"at least {MIN_CELLS} are needed, so it is not tested.")
-                continue
-            comparisons.append(Comparison(group, perturbation, rows, control_rows))
-    if not comparisons:
-        reasons = " ".join(skipped) or f"obs[{perturbation_key!r}] holds only {control!r}."
-        raise DataError(f"Nothing to test: {reasons} Check --perturbation-key, --control and --group-by.")
-    return comparisons, skipped
-
-
-def _test(
-    matrix: Any,
-    comparison: Comparison,
-    kernel: Kernel,
-    estimator: MMDEstimator,
-    permutations: int,
-    seed: int,
-    max_cells: int | None,
-) -> list[Any]:
-    """One result row: subsample, densify only the needed rows, run the permutation test."""
-    tag = [zlib.crc32(comparison.group.encode()), zlib.crc32(comparison.perturbation.encode())]
-    subsample_seed, test_seed = np.random.SeedSequence([seed, *tag]).spawn(2)
-    rng = np.random.default_rng(subsample_seed)
-    cells = _subsample(comparison.cells, max_cells, rng)
-    control = _subsample(comparison.control, max_cells, rng)
-    statistic, pvalue = permutation_test(
-        _dense_rows(matrix, cells),
-        _dense_rows(matrix, control),
-        kernel,
-        estimator,
-        permutations=permutations,
-        seed=int(test_seed.generate_state(1)[0]),
-    )
-    return [comparison.perturbation, comparison.group, len(cells), len(control), statistic, pvalue]
-
-
-def _subsample(rows: np.ndarray, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:
-    """At most ``max_cells`` of ``rows``, drawn without replacement, in increasing order."""
-    if max_cells is None or len(rows) <= max_cells:
-        return rows
-    return np.sort(rng.choice(rows, size=max_cells, replace=False))
-
-
-def _dense_rows(matrix: Any, rows: np.ndarray) -> torch.Tensor:
-    """Rows of a dense or sparse matrix as a float64 tensor ``(len(rows), genes)``."""
-    block = matrix[rows]
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float64))
-
-
 def _print_table(table: pd.DataFrame, console: Console) -> None:
     """The results as a rich table, largest MMD^2 first."""
+    from rich import box
+    from rich.table import Table
+
+    from ..etest import COLUMNS
+
     shown = Table(title="E-test (MMD^2 against control)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in COLUMNS:
         text = column in ("perturbation", "group")

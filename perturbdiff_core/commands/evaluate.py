@@ -10,21 +10,19 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
-import pandas as pd
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from ..configuration import read_yaml
-from ..data import SPLIT_FILE, STATE_FILE, DataConfig, PerturbationData, Split, load_prepared
+from ..configuration import parse_overrides, read_yaml
 from ..errors import InputError
-from ..evaluation import ALL_CONDITIONS, compare, definition_of, summary_line
 from ..io import atomic_path, check_output_file
-from ..predictors import as_predictor, predict_anndata, real_anndata
-from ..configuration import parse_overrides
-from .etest import build_kernel
+from ..names import ALL_CONDITIONS, CONFIG_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE
+
+if TYPE_CHECKING:  # the data stack is imported when the command runs, not for --help
+    import anndata as ad
+    import pandas as pd
+    from rich.console import Console
+
+    from ..data import DataConfig, PerturbationData, Split
 
 _EPILOG = f"""\
 metrics.csv is long format: condition, metric, method, value. Rows with condition
@@ -82,6 +80,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute the metrics, write the CSV (and report) atomically, print the aggregate table and notes."""
+    from rich.console import Console
+
+    from ..etest import build_kernel
+    from ..evaluation import compare
+    from ..evaluation.verdict import verdict
+
     if args.baselines and args.run is None:
         raise InputError(
             "--baselines needs --run DIR: baselines are fitted on that run's training conditions "
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         max_cells=args.max_cells,
         fdr_threshold=args.fdr,
         seed=args.seed,
+        progress=True,
     )
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             loss_history=folder.loss_history() if folder is not None else None,
             model=args.method,
             seed=args.seed,
+            run_info=folder.facts() if folder is not None else {"predictions": args.pred, "real cells": str(args.real)},
         )
         err.print(f"Wrote {path}", markup=False, highlight=False)
     for note in table.attrs.get("notes", []):
@@ -136,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     out = Console()
     _print_summary(table, out)
     if len(predictions) > 1:
-        out.print(summary_line(table, args.method), markup=False, highlight=False)
+        for sentence in verdict(table, args.method):
+            out.print(sentence.text, markup=False, highlight=False)
     n_conditions = table.loc[table.condition != ALL_CONDITIONS, "condition"].nunique()
     err.print(f"Wrote {len(table)} rows ({n_conditions} conditions) to {args.out}", markup=False, highlight=False)
     return 0
@@ -144,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, str | None]:
     """The obs keys: given on the command line, else the run's, else the defaults."""
+    from ..data import DataConfig
+
     fallback = config if config is not None else DataConfig()
     return {
         "perturbation_key": args.perturbation_key or fallback.perturbation_key,
@@ -163,7 +172,8 @@ class RunFolder:
     @classmethod
     def load(cls, path: str | Path) -> RunFolder:
         """Read ``config.yaml``, ``split.json`` and (when present) ``data_state.json`` of a run folder."""
-        from ..run_config import CONFIG_FILE, resolve_data_path
+        from ..data import DataConfig, PerturbationData, Split, load_prepared
+        from ..run_config import resolve_data_path
 
         path = Path(path)
         config_file = path / CONFIG_FILE
@@ -182,16 +192,28 @@ class RunFolder:
 
     def predict(self, name: str, *, seed: int) -> ad.AnnData:
         """Predictions of baseline ``name`` fitted on the training conditions, for the test conditions."""
+        from ..predictors import as_predictor, predict_anndata
+
         predictor = as_predictor(name).fit(self.data, self.split.train)
-        return predict_anndata(predictor, self.data, self.split.test, seed=seed, progress=False)
+        return predict_anndata(predictor, self.data, self.split.test, seed=seed)
 
     def real(self) -> ad.AnnData:
         """The real cells of the test conditions and their contexts' control cells."""
+        from ..predictors import real_anndata
+
         return real_anndata(self.data, self.split.test)
+
+    def facts(self) -> dict[str, str]:
+        """What the run was (:func:`~perturbdiff_core.provenance.run_facts`), for the report's header."""
+        from ..provenance import run_facts
+        from ..run_config import config_from_dict
+
+        config = config_from_dict(read_yaml(self.path / CONFIG_FILE))
+        return run_facts(config, test=self.split.test) | {"run folder": str(self.path)}
 
     def loss_history(self) -> pd.DataFrame | None:
         """The run's ``train_log.csv``, or ``None`` when it has none."""
-        from ..training import LOG_FILE
+        import pandas as pd
 
         log = self.path / LOG_FILE
         return pd.read_csv(log) if log.exists() else None
@@ -199,6 +221,11 @@ class RunFolder:
 
 def _print_summary(table: pd.DataFrame, console: Console) -> None:
     """The aggregate row of every metric, one column per method, with the metric's best value."""
+    from rich import box
+    from rich.table import Table
+
+    from ..evaluation import definition_of
+
     rows = table[table.condition == ALL_CONDITIONS]
     methods = list(rows.method.unique())
     wide = rows.pivot(index="metric", columns="method", values="value").loc[rows.metric.unique(), methods]

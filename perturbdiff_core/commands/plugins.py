@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
+from ..docstrings import plain_text
 from ..registry import GROUPS, list_plugins
 
 
@@ -18,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="list installed plug-ins by entry-point group",
         description=(
             "List every plug-in group and its plug-ins: name, the distribution that provides it "
-            "and the first line of its docstring. Describing a plug-in imports it; one that fails "
+            "and the first line of its docstring (as plain text). Describing a plug-in imports it; one that fails "
             "to import shows as BROKEN with the error and does not stop the listing."
         ),
     )
@@ -27,6 +24,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print one table per entry-point group."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
     console = Console()
     for group in GROUPS:
         table = Table(title=group, title_justify="left", expand=False)
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if collisions:
             table.add_column("name collision", style="yellow")
         for info in infos:
-            description = escape(info.describe())
+            description = escape(plain_text(info.describe()))
             if description.startswith("BROKEN"):
                 description = f"[red]{description}[/red]"
             table.add_row(info.name, info.distribution, description, *([escape(info.collision)] if collisions else []))

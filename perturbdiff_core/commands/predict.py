@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
-import torch
-
-from ..anchor import NO_ANCHOR, fit_anchor
-from ..checkpoint import CHECKPOINT_DIR, Checkpoint, load_checkpoint, load_run_checkpoint
-from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
-from ..data.prepare import SPLIT_FILE, STATE_FILE
-from ..errors import DataError, InputError
-from ..model_predictor import DiffusionPredictor
-from ..evaluation.report import REPORT_FILE
+from ..errors import InputError
 from ..io import check_output_file, check_output_folder, write_new
-from ..pipeline import METRICS_FILE, PREDICTIONS_FILE, write_predictions
-from ..predictors import POPULATION_KEY, Predictor, predict_anndata
-from ..run_config import CONFIG_FILE, PLUGINS_FILE
-from ..training import LOG_FILE, resolve_device
+from ..names import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    NEW_PREDICTIONS,
+    PLUGINS_FILE,
+    POPULATION_KEY,
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    SPLIT_FILE,
+    STATE_FILE,
+)
 
-#: Stem of the files predict writes into a run folder without --out: predictions_1.h5ad, predictions_2.h5ad, ...
-NEW_PREDICTIONS = "predictions"
+if TYPE_CHECKING:  # torch and AnnData are imported when the command runs, not for --help
+    import anndata as ad
+    import torch
+
+    from ..checkpoint import Checkpoint
 
 #: Files of a run folder that predict never replaces.
 RUN_FILES = (PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE, CONFIG_FILE, PLUGINS_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE)
@@ -76,105 +78,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def open_data(checkpoint: Checkpoint, path: str | None) -> PerturbationData:
-    """The run's data, or ``path`` read with the run's genes (missing genes reported in one stderr line)."""
-    config = checkpoint.run_config.data
-    if path is not None:
-        config = replace(config, path=path)
-    elif config.path is None or not Path(config.path).exists():
-        raise DataError(f"The run's data file {config.path} is not available here; pass the file with --data.")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*genes are missing from this data", category=UserWarning)
-        data = PerturbationData.from_state(checkpoint.data_state, config.path, config)
-    if data.missing_genes:
-        shown = ", ".join(data.missing_genes[:5]) + (", ..." if len(data.missing_genes) > 5 else "")
-        print(
-            f"perturbdiff: note: {len(data.missing_genes)} of the model's {data.n_genes} genes are missing from "
-            f"{config.path} and are read as zeros: {shown}",
-            file=sys.stderr,
-        )
-    return data
-
-
-def _context_of(data: PerturbationData, parts: list[str], label: str) -> Context:
-    """The context named by the parts of a label after the perturbation, in the data config's order."""
-    cfg = data.config
-    expected = ["cell_type"] * (cfg.cell_type_key is not None) + ["batch"] * (cfg.batch_key is not None) + cfg.covariate_keys
-    if len(parts) != len(expected):
-        form = LABEL_SEPARATOR.join(["perturbation", *expected])
-        raise InputError(f"Condition label {label!r} has {len(parts)} context part(s); this run's labels read {form!r}.")
-    values = dict(zip(expected, parts))
-    context = Context(values.get("cell_type"), values.get("batch"), tuple(parts[len(parts) - len(cfg.covariate_keys):]))
-    data.control_cells(context)  # DataError listing the contexts with controls when there are none
-    return context
-
-
-def _new_condition(data: PerturbationData, perturbation: str, context: Context) -> Condition:
-    """A condition without cells in ``data`` (predicted from its context's controls)."""
-    if perturbation == data.config.control_label:
-        raise InputError(f"{perturbation!r} is the control label; name perturbed conditions.")
-    label = LABEL_SEPARATOR.join([perturbation, context.label]) if context.label else perturbation
-    return Condition(label, perturbation, context, None, 0, False)
-
-
-def resolve_conditions(data: PerturbationData, requested: list[str]) -> list[Condition]:
-    """The conditions named by perturbation names or full labels (see the command's help)."""
-    by_label = {c.label: c for c in data.perturbed_conditions}
-    chosen: list[Condition] = []
-    for item in requested:
-        if item in by_label:
-            chosen.append(by_label[item])
-        elif LABEL_SEPARATOR in item:
-            perturbation, *parts = item.split(LABEL_SEPARATOR)
-            chosen.append(_new_condition(data, perturbation, _context_of(data, parts, item)))
-        else:
-            seen = [c for c in data.perturbed_conditions if c.perturbation == item]
-            chosen += seen or [_new_condition(data, item, context) for context in data.contexts]
-    data.encoder.encode([c.perturbation for c in chosen])  # an unencodable perturbation fails before sampling
-    return chosen
-
-
 def predictions(checkpoint: Checkpoint, args: argparse.Namespace, device: torch.device | None = None) -> ad.AnnData:
     """The predicted AnnData of ``args`` (conditions, cells, seed) from ``checkpoint``, sampled on ``device``
-    (default: ``args.device``)."""
+    (default: ``args.device``); see :func:`~perturbdiff_core.prediction.predict_run`."""
+    from ..prediction import predict_run
+    from ..training import resolve_device
+
     device = resolve_device(args.device, option="--device") if device is None else device
-    if args.seed is not None and args.seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {args.seed}.")
-    data = open_data(checkpoint, args.data)
-    if args.conditions:
-        conditions = resolve_conditions(data, args.conditions)
-    elif args.data is None:
-        conditions = [data.condition(c) for c in checkpoint.split.test]
-    else:
-        conditions = data.perturbed_conditions
-        if not conditions:
-            raise InputError(f"{args.data} has no perturbed cells; name what to predict with --conditions and --n-cells.")
-    n_cells = args.n_cells if args.n_cells is not None else checkpoint.run_config.sample.n_cells
-    if n_cells is not None and n_cells < 1:
-        raise InputError(f"--n-cells must be a positive integer, got {n_cells}.")
-    empty = [c.label for c in conditions if c.n_cells == 0]
-    if empty and n_cells is None:
-        raise InputError(
-            f"Condition(s) {', '.join(empty[:5])} have no cells in the data, so the number of cells to predict is "
-            f"unknown; pass --n-cells N."
-        )
-    anchor = run_anchor(checkpoint, data if args.data is None else None)
-    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device, anchor=anchor)
-    seed = checkpoint.run_config.seed if args.seed is None else args.seed
-    if args.populations < 1:
-        raise InputError(f"--populations must be a positive integer, got {args.populations}.")
-    return predict_anndata(predictor, data, conditions, n_cells=n_cells, seed=seed, populations=args.populations)
-
-
-def run_anchor(checkpoint: Checkpoint, data: PerturbationData | None) -> Predictor | None:
-    """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's
-    own data, or else of the run's data file); ``None`` for a run without an anchor."""
-    name = checkpoint.run_config.model.anchor_name
-    if name == NO_ANCHOR:
-        return None
-    train_data = open_data(checkpoint, None) if data is None else data
-    checkpoint.split.apply(train_data)
-    return fit_anchor(name, train_data, checkpoint.split.train)
+    return predict_run(
+        checkpoint, device=device, data=args.data, conditions=args.conditions, n_cells=args.n_cells,
+        seed=args.seed, populations=args.populations,
+    )
 
 
 def check_out(out: str | None, run_dir: Path) -> Path | None:
@@ -198,6 +112,10 @@ def check_out(out: str | None, run_dir: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint, predict, write the file, report what was written."""
+    from ..checkpoint import load_checkpoint, load_run_checkpoint
+    from ..pipeline import write_predictions
+    from ..training import resolve_device
+
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise InputError(f"No run folder {run_dir}; give the --out folder of perturbdiff train or run.")

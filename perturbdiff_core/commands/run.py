@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..evaluation.compare import summary_line
-from ..evaluation.report import REPORT_FILE
-from ..pipeline import METRICS_FILE, MODEL, PREDICTIONS_FILE, evaluate_run, evaluation_plugins, predict_all
+from ..names import METRICS_FILE, MODEL, PREDICTIONS_FILE, REPORT_FILE
 from .train import EPILOG as TRAIN_EPILOG
 from .train import add_run_arguments, config_of, fit, started
 
@@ -31,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume), predict, evaluate; print the verdict against the best baseline."""
+    from ..evaluation.verdict import verdict
+    from ..pipeline import evaluate_run, evaluation_plugins, predict_all
+
     config = config_of(args)
     baselines = evaluation_plugins(config)
     with started(args, config) as trainer:
@@ -40,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_run(trainer, predictions, real)
     for note in metrics.attrs.get("notes", []):
         print(f"perturbdiff: note: {note}", file=sys.stderr)
-    print(summary_line(metrics, MODEL))
+    print("\n".join(sentence.text for sentence in verdict(metrics, MODEL)))
     print(f"Wrote {PREDICTIONS_FILE}, {METRICS_FILE} and {REPORT_FILE} to {trainer.run_dir}", file=sys.stderr)
     return 0

@@ -5,32 +5,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from ..ablation import cell_status, mean_sd
-from ..pipeline import MODEL
-from ..run_config import RUNS_DIR
-from ..suite import (
-    MARKDOWN_FILE,
-    PLOT_FILE,
-    SKIPPED,
+from ..names import (
+    MODEL,
+    RUNS_DIR,
     SUITE_FILE,
-    SUMMARY_FILE,
+    SUITE_MARKDOWN_FILE,
+    SUITE_PLOT_FILE,
+    SUITE_SUMMARY_FILE,
     TASKS_DIR,
-    SuiteSpec,
-    checked_runs,
-    control_line,
-    headline,
-    read_suite,
-    run_dir,
-    run_suite,
 )
-from ._resumable import interrupted, list_statuses, screen
+
+if TYPE_CHECKING:  # pandas, rich and the run machinery are imported when the command runs, not for --help
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..suite import SuiteSpec
 
 _EPILOG = f"""\
 SUITE.yaml:
@@ -51,10 +43,10 @@ metrics this version does not define are kept with a note and never compared.
 
 Output (--out, default {RUNS_DIR}/<suite name>): {TASKS_DIR}/<task>/seed=<s>/ is a run folder (as
 'perturbdiff run'); {SUITE_FILE} holds every row of every run's metrics.csv (task, seed,
-condition, metric, method, value); {SUMMARY_FILE} per task and headline metric the model's
+condition, metric, method, value); {SUITE_SUMMARY_FILE} per task and headline metric the model's
 mean and sd over seeds, the best baseline (closest to the metric's best value, by its mean
-over seeds) and the outcome (beats, ties, loses, skipped); {MARKDOWN_FILE} the same as tables
-with the overall count; {PLOT_FILE} the headline metrics per task. Running the same command
+over seeds) and the outcome (beats, ties, loses, skipped); {SUITE_MARKDOWN_FILE} the same as tables
+with the overall count; {SUITE_PLOT_FILE} the headline metrics per task. Running the same command
 again skips finished runs and resumes interrupted ones.
 """
 
@@ -90,6 +82,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the suite, run or resume its runs, write and print the summary."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..suite import control_line, headline, read_suite, run_suite
+    from ._resumable import interrupted, screen
+
     spec = read_suite(args.suite, args.overrides, seeds=args.seeds)
     out = Path(args.out) if args.out is not None else Path(RUNS_DIR) / Path(args.suite).stem
     console = Console(stderr=True, highlight=False)
@@ -105,22 +103,32 @@ def run(args: argparse.Namespace) -> int:
     shown.print(summary_table(done.summary, len(spec.seeds)))
     shown.print(escape(headline(done.summary)))
     shown.print(escape(control_line(done.means)))
-    console.print(f"Wrote {SUITE_FILE}, {SUMMARY_FILE}, {MARKDOWN_FILE} and {PLOT_FILE} to {escape(str(out))}")
+    console.print(f"Wrote {SUITE_FILE}, {SUITE_SUMMARY_FILE}, {SUITE_MARKDOWN_FILE} and {SUITE_PLOT_FILE} to {escape(str(out))}")
     return 0
 
 
 def dry_run(spec: SuiteSpec, out: Path, console: Console) -> int:
     """List every (task, seed) with its status (new, resume, done) after checking all of them."""
+    from ..ablation import cell_status
+    from ..suite import checked_runs, run_dir
+    from ._resumable import list_statuses
+
     runs = checked_runs(spec, out)
     list_statuses([(run.name, cell_status(run_dir(out, run))) for run in runs], console, "run", out / TASKS_DIR)
     return 0
 
 
-_STYLES = {"beats": "green", "ties": "yellow", "loses": "red", SKIPPED: "dim"}
-
-
 def summary_table(summary: pd.DataFrame, n_seeds: int) -> Table:
     """Tasks x headline metrics: the model's mean \u00b1 sd, coloured by its outcome against the best baseline."""
+    import pandas as pd
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..ablation import mean_sd
+    from ..suite import SKIPPED
+
+    styles = {"beats": "green", "ties": "yellow", "loses": "red", SKIPPED: "dim"}
     metrics = list(dict.fromkeys(summary.metric[summary.note != "not in metrics.csv"]))
     view = Table(
         title=f"{MODEL}: mean \u00b1 sd over {n_seeds} seed(s) against the best baseline",
@@ -140,6 +148,6 @@ def summary_table(summary: pd.DataFrame, n_seeds: int) -> Table:
                 continue
             found = cells.loc[(task, metric)]
             text = "-" if pd.isna(found.model_mean) else mean_sd(found.model_mean, found.model_sd)
-            row.append(f"[{_STYLES[found.outcome]}]{escape(text)}[/{_STYLES[found.outcome]}]")
+            row.append(f"[{styles[found.outcome]}]{escape(text)}[/{styles[found.outcome]}]")
         view.add_row(*row)
     return view

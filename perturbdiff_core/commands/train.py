@@ -7,12 +7,14 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from .. import distributed
 from ..errors import ConfigError
-from ..run_config import CONFIG_FILE, PLUGINS_FILE, RUNS_DIR, RunConfig, load_config, resolved, run_dir_for
-from ..run_folder import RunFolder
-from ..training import LOG_FILE, Trainer, TrainingInterrupted, resolve_device
+from ..names import CONFIG_FILE, LOG_FILE, PLUGINS_FILE, RUNS_DIR
+
+if TYPE_CHECKING:  # torch and the data stack are imported when a command runs, not for --help
+    from ..run_config import RunConfig
+    from ..training import Trainer
 
 EPILOG = f"""\
 --set takes key=value pairs, several per flag and the flag repeatable
@@ -62,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def config_of(args: argparse.Namespace) -> RunConfig:
     """The resolved configuration of ``args``: defaults <- CONFIG.yaml <- ``--set`` <- ``--init-from``, paths resolved."""
+    from ..run_config import load_config, resolved
+
     if args.init_from is None:
         return resolved(load_config(args.config, args.overrides))
     if args.resume:
@@ -77,6 +81,11 @@ def started(args: argparse.Namespace, config: RunConfig) -> Iterator[Trainer]:
     """The trainer of ``config`` in the run folder of ``args`` (checkpoint loaded with ``--resume``), the
     folder held by this run for the whole block (:class:`~perturbdiff_core.run_folder.RunFolder`: one run
     at a time, and a run refused while it is set up leaves no folder behind); says what ``train.init_from`` loaded."""
+    from .. import distributed
+    from ..run_config import run_dir_for
+    from ..run_folder import RunFolder
+    from ..training import Trainer
+
     with RunFolder(run_dir_for(config, args.out), lock=distributed.is_main()) as folder:
         trainer = Trainer(config, folder.path, resume=args.resume, progress=not args.quiet)
         folder.keep()
@@ -88,6 +97,9 @@ def started(args: argparse.Namespace, config: RunConfig) -> Iterator[Trainer]:
 def fit(trainer: Trainer, command: str = "train") -> int:
     """Train; 0 when done, 130 after Ctrl-C and 143 after SIGTERM (checkpoint saved, one line saying how
     to resume ``command``)."""
+    from .. import distributed
+    from ..training import TrainingInterrupted
+
     try:
         trainer.fit()
     except TrainingInterrupted as stop:
@@ -105,6 +117,9 @@ def fit(trainer: Trainer, command: str = "train") -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume) and report where the run is; under torchrun, as one rank of a data-parallel job."""
+    from .. import distributed
+    from ..training import resolve_device
+
     config = config_of(args)
     with distributed.process_group(resolve_device(config.train.device)), started(args, config) as trainer:
         if status := fit(trainer):

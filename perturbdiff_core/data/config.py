@@ -32,8 +32,8 @@ class DataConfig:
         path: the ``.h5ad`` file (unused when an AnnData object is given directly).
         perturbation_key: obs column naming each cell's perturbation.
         control_label: value of that column for unperturbed (control) cells.
-        cell_type_key / batch_key: obs columns of the cell type and the batch (or donor); ``None``
-            when the data has one cell type / batch.
+        cell_type_key: obs column of the cell type (or cell line); ``null`` when the data has one.
+        batch_key: obs column of the batch (or donor, plate, ...); ``null`` when the data has one.
         dose_key: obs column of the dose; ``log1p(dose)`` becomes one extra perturbation feature.
         covariate_keys: further categorical obs columns that split conditions and contexts
             (controls are matched on them too), e.g. a time point.
@@ -45,7 +45,8 @@ class DataConfig:
         backed: read the file in backed mode: rows are read on demand, memory stays flat.
         set_size: cells per set ``S``.
         control_pairing: ``random`` or ``ot`` (training only; prediction always draws at random).
-        encoder: ``perturbdiff.encoders`` plug-in name; ``encoder_params`` its keyword arguments.
+        encoder: ``perturbdiff.encoders`` plug-in name (``onehot``, or ``lookup`` for vectors read from a table).
+        encoder_params: the encoder's keyword arguments.
         max_missing_genes: largest fraction of the model's genes a new file may lack at
             prediction time (missing genes are read as zeros).
         min_cells_per_condition: a condition of the training data with fewer cells is left out,
@@ -88,7 +89,8 @@ class SplitConfig:
     """Which conditions are trained on and which are held out (``split.*`` in a config).
 
     Attributes:
-        kind: one of :data:`SPLIT_KINDS`.
+        kind: what is held out: cell types, batches, perturbations, combinations, a few-shot share of
+            contexts, or a random share of conditions (examples in ``docs/own_data.md``).
         holdout: the held-out values: cell types, batches, perturbations, combinations, or (for
             ``few_shot``) the held-out cell types or batches (see ``few_shot_on``).
         few_shot_fraction: share of a held-out context's conditions moved into training.
@@ -98,8 +100,8 @@ class SplitConfig:
         train_fraction: share of each training condition's cells kept, in (0, 1] (at least one
             cell each, a seeded draw): fine-tuning on a fraction of the perturbation data.
         seed: seed of every random choice of the split.
-        file: a split saved by :meth:`~perturbdiff_core.data.splits.Split.save`; when given it
-            is reloaded (to repeat a run exactly) instead of being made.
+        file: a ``split.json`` written by an earlier run; when given it is reloaded (to repeat a
+            run exactly) instead of being made.
     """
 
     kind: SplitKind = "random"

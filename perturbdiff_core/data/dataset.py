@@ -124,6 +124,7 @@ class PerturbationData:
         require_genes(var.index)
         require_unique_genes(var.index)
         require_valid_values(summarize_values(self.matrix), normalize=config.normalize)
+        self.total_genes = len(var.index)  # genes in the file, before selection
         self.missing_genes: list[str] = []
         if state is not None:
             self._check_state(state)

@@ -9,13 +9,10 @@ from pathlib import Path
 import anndata as ad
 
 from ..io import atomic_write_text
+from ..names import SPLIT_FILE, STATE_FILE
 from .config import DataConfig, SplitConfig
 from .dataset import PerturbationData
 from .splits import Split, make_split
-
-#: File names written beside a run's outputs.
-SPLIT_FILE = "split.json"
-STATE_FILE = "data_state.json"
 
 
 def prepare(

@@ -54,12 +54,14 @@ def compare(
     max_cells: int = 1000,
     fdr_threshold: float = FDR_THRESHOLD,
     seed: int = 0,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Metrics of every prediction (method name -> AnnData or path) against ``real``, one long table.
 
     Each prediction is evaluated by :func:`~perturbdiff_core.evaluation.evaluate` with the same
     arguments and seed, so differences between methods are differences between predictions.
     ``attrs["notes"]`` holds each note once; a note that not every method shares names its method.
+    ``progress`` shows each method's conditions done on stderr.
 
     Example:
         >>> table = compare({"model": pred, "control": control_pred}, real)  # doctest: +SKIP
@@ -86,6 +88,7 @@ def compare(
             max_cells=max_cells,
             fdr_threshold=fdr_threshold,
             seed=seed,
+            progress=progress,
         )
         for method, pred in predictions.items()
     }

@@ -96,3 +96,27 @@ def spearman_nsig(real_counts: np.ndarray, pred_counts: np.ndarray) -> float:
     if not keep.any():
         return 1.0
     return correlation("spearman", real_counts[keep], pred_counts[keep])
+
+
+def top_de_genes(
+    genes: Sequence[str], real: DEResult, pred: DEResult, *, k: int = 10, threshold: float = FDR_THRESHOLD
+) -> list[tuple[str, float, float, float, float, bool]]:
+    """The ``k`` most significant real DE genes (smallest FDR, then largest ``|log2 fold change|``), each
+    as ``(gene, real log2FC, real FDR, predicted log2FC, predicted FDR, significant in the prediction)``.
+
+    By FDR rather than fold change: a gene undetected on one side has an infinite fold change of
+    geometric means, which says less about the response than a small FDR does.
+    """
+    sig = np.flatnonzero(real.significant(threshold))
+    top = sig[np.lexsort((-np.abs(real.log2_fold_change[sig]), real.fdr[sig]))][:k]
+    return [
+        (
+            str(genes[i]),
+            float(real.log2_fold_change[i]),
+            float(real.fdr[i]),
+            float(pred.log2_fold_change[i]),
+            float(pred.fdr[i]),
+            bool(pred.fdr[i] < threshold),
+        )
+        for i in top
+    ]

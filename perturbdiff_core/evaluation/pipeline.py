@@ -10,6 +10,7 @@ replicate) is listed in ``table.attrs["notes"]``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import anndata as ad
 import numpy as np
@@ -19,6 +20,8 @@ from ..data.anndata_io import read_anndata
 from ..errors import InputError
 from ..estimators import MMDEstimator, as_estimator
 from ..kernels import Kernel, as_kernel
+from ..names import ALL_CONDITIONS
+from ..progress import progress_bar
 from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de
 from .discrimination import DISTANCES, discrimination_scores
 from .distribution import population_calibration, population_mmd2, population_variability, subsample
@@ -26,8 +29,6 @@ from .pairing import Condition, PairedData, pair_anndata
 from .pseudobulk import correlation, pseudobulk_metrics
 from .realism import realism_metrics
 
-#: The ``condition`` of the aggregate rows.
-ALL_CONDITIONS = "__all__"
 #: Columns of the metrics table, in order.
 COLUMNS = ("condition", "metric", "method", "value")
 #: A real population is covered by the predicted ones when its calibration p-value exceeds this.
@@ -51,6 +52,7 @@ def evaluate(
     max_cells: int = 1000,
     fdr_threshold: float = FDR_THRESHOLD,
     seed: int = 0,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """All metrics of a predicted against a real AnnData (log1p; paths or objects), long format.
 
@@ -67,6 +69,7 @@ def evaluate(
         max_cells: populations are subsampled to at most this many cells for the MMD metrics.
         fdr_threshold: BH FDR below which a gene is differentially expressed.
         seed: seed of the subsampling.
+        progress: show the conditions done on stderr (:func:`~perturbdiff_core.progress.progress_bar`).
 
     Example:
         >>> table = evaluate("pred.h5ad", "real.h5ad", method="perturbdiff")  # doctest: +SKIP
@@ -87,8 +90,9 @@ def evaluate(
     )
     if kernel_name is None:
         kernel_name = kernel if isinstance(kernel, str) else type(kernel).__name__.lower()
+    bar = progress_bar(data.conditions, desc=f"evaluate ({method})", unit="conditions", disable=not progress)
     table, notes = _Evaluation(data, mmd, kernel_name, max_cells, fdr_threshold, seed).run(
-        with_variability=replicate_key is not None
+        bar, with_variability=replicate_key is not None
     )
     frame = pd.DataFrame([(c, m, method, v) for c, m, v in table], columns=list(COLUMNS))
     frame.attrs["notes"] = notes
@@ -128,12 +132,15 @@ class _Evaluation:
     def _sample(self, cells: np.ndarray) -> np.ndarray:
         return subsample(cells, self.max_cells, self.rng)
 
-    def run(self, *, with_variability: bool) -> tuple[list[tuple[str, str, float]], list[str]]:
-        conditions = self.data.conditions
+    def run(
+        self, conditions: Iterable[Condition], *, with_variability: bool
+    ) -> tuple[list[tuple[str, str, float]], list[str]]:
+        """Rows ``(condition, metric, value)`` and the notes; ``conditions`` are ``data.conditions``
+        (or a progress bar over them)."""
         per_condition: dict[Condition, dict[str, float]] = {}
         deltas: dict[Condition, tuple[np.ndarray, np.ndarray]] = {}
-        edistances = np.empty((len(conditions), 2))
-        nsig = np.empty((len(conditions), 2))
+        edistances = np.empty((len(self.data.conditions), 2))
+        nsig = np.empty((len(self.data.conditions), 2))
         for i, c in enumerate(conditions):
             pred_cells, real_cells = self.data.pred.cells(c), self.data.real.cells(c)
             pred_ctrl, real_ctrl = self.controls[c.cell_type]

@@ -17,14 +17,13 @@ from ..data import PerturbationData
 from ..data.splits import make_split
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import definition_of
+from ..names import TASKS_DIR
 from ..run_config import RunConfig, config_from_dict, override, resolved
 
 #: Top-level keys of a suite file, and the keys of one task.
 SUITE_KEYS = ("seeds", "set", "metrics", "tasks")
 TASK_KEYS = ("name", "config", "set")
 
-#: The folder of the runs' folders inside the suite's output folder: ``tasks/<task>/seed=<s>/``.
-TASKS_DIR = "tasks"
 
 #: Seeds when the suite file names none.
 DEFAULT_SEEDS = (0,)

@@ -17,14 +17,13 @@ from ..ablation import key_metrics, markdown, mean_sd, summarize
 from ..errors import PerturbDiffError
 from ..evaluation import ALL_CONDITIONS, COLUMNS, best_methods, definition_of, versus_best_baseline
 from ..io import atomic_path, atomic_write_text
+from ..names import SUITE_FILE
+from ..names import SUITE_MARKDOWN_FILE as MARKDOWN_FILE
+from ..names import SUITE_PLOT_FILE as PLOT_FILE
+from ..names import SUITE_SUMMARY_FILE as SUMMARY_FILE
 from ..pipeline import METRICS_FILE, MODEL
 from .spec import SuiteRun, SuiteSpec, run_dir
 
-#: Output names inside the suite folder.
-SUITE_FILE = "suite.csv"
-SUMMARY_FILE = "suite_summary.csv"
-MARKDOWN_FILE = "suite.md"
-PLOT_FILE = "suite.png"
 
 #: Columns of ``suite.csv``: every row of every run's ``metrics.csv`` with its task and seed.
 LONG_COLUMNS = ("task", "seed", *COLUMNS)
