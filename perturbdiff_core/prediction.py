@@ -11,7 +11,6 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import anndata as ad
 import torch
@@ -19,6 +18,7 @@ import torch
 from .anchor import NO_ANCHOR, fit_anchor
 from .checkpoint import Checkpoint
 from .data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
+from .data.sources import data_available
 from .errors import DataError, InputError
 from .model_predictor import DiffusionPredictor
 from .predictors import Predictor, predict_anndata
@@ -36,10 +36,10 @@ def open_data(
     if isinstance(data, ad.AnnData):
         source = data
     elif data is not None:
-        config = replace(config, path=data)
+        config = replace(config, path=data, source="h5ad", obs_filter=None)  # another file, read as it is
     elif run_data is not None:
         source = run_data
-    elif config.path is None or not Path(config.path).exists():
+    elif not data_available(config.path):
         raise DataError(f"The run's data file {config.path} is not available here; pass the file with --data.")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*genes are missing from this data", category=UserWarning)

@@ -347,6 +347,11 @@ def check(config: RunConfig) -> None:
             f"model.anchor = {config.model.anchor_name} needs perturbed training conditions; marginal pre-training "
             f"(train.objective: marginal) has none. Set model.anchor: none for pre-training."
         )
+    if config.data.perturbation_key is None and config.train.objective != "marginal":
+        raise ConfigError(
+            "data.perturbation_key is null (every cell unperturbed), which only marginal pre-training can use; "
+            "set train.objective: marginal, or name the obs column of the perturbation."
+        )
     if config.sample.n_cells is not None and config.sample.n_cells < 1:
         raise ConfigError(f"sample.n_cells must be a positive integer or null, got {config.sample.n_cells}.")
 
@@ -361,10 +366,20 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
     return config
 
 
-def resolve_data_path(path: str | None) -> str | None:
-    """``path`` made absolute; a missing relative path is also looked up by file name in the shared data folder."""
+def resolve_data_path(path: str | list[str] | None) -> str | list[str] | None:
+    """``path`` made absolute; a missing relative path is also looked up by file name in the shared data folder.
+
+    A list (a collection's shards) is resolved entry by entry; a glob is made absolute and expanded
+    when the data are read; a URI (``s3://...``, a SOMA experiment) is kept as it is.
+    """
     if path is None:
         return None
+    if isinstance(path, list):
+        return [resolve_data_path(p) for p in path]
+    if "://" in path:
+        return path
+    if set("*?[") & set(path):
+        return os.path.abspath(os.path.expanduser(path))
     given = Path(path).expanduser()
     if given.exists() or given.is_absolute():
         return str(given.resolve()) if given.exists() else str(given)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .data.sources import data_path_name
 from .threads import threads_line
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def _names(values: Sequence[str], shown: int = SHOWN) -> str:
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     """The lines printed before ``trainer`` trains (``source_name``: how to call data given in memory)."""
     config, data, split = trainer.config, trainer.data, trainer.split
-    where = source_name or (Path(config.data.path).name if config.data.path else "no data path")
+    where = source_name or data_path_name(config.data.path)
     genes = f"{data.n_genes} genes"
     if config.data.n_genes is not None or config.data.gene_list is not None:
         how = "highly variable" if config.data.n_genes is not None else "from data.gene_list"
@@ -49,8 +50,10 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     parameters = sum(p.numel() for p in trainer.model.denoiser.parameters())
     anchor = f", anchor {model.anchor_name}" if model.anchor_name != "none" else ""
     start = f" (resuming at step {trainer.step})" if trainer.step else ""
+    source = [f"       {data.source_report}"] if data.source_report else []
     return [
         f"data   {where}: {data.matrix.shape[0]} cells, {genes}",
+        *source,
         f"split  {kind}: {_plural(len(split.train), 'training condition')} ({len(split.val)} also validation), "
         f"{_plural(len(split.test), 'test condition')}",
         f"       {held}{_names(split.test)}",

@@ -40,6 +40,7 @@ from .batch import SetBatch
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from .data.loader import seed_worker
+from .data.sources import data_path_name
 from .diffusion import RKHSDiffusion
 from .errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from .io import atomic_path
@@ -311,8 +312,7 @@ def _source_name(source: ad.AnnData | str | os.PathLike[str] | None, config: Run
     """How the progress lines call the data: the file name, or an AnnData's shape."""
     if isinstance(source, ad.AnnData):
         return "the AnnData in memory"
-    path = source if source is not None else config.data.path
-    return Path(path).name if path is not None else "no data path"
+    return data_path_name(source if source is not None else config.data.path)
 
 
 class Trainer:

@@ -98,9 +98,22 @@ def assert_same_run(parallel: Path, single: Path) -> None:
                                    rtol=RTOL, atol=ATOL, equal_nan=True, msg=column)
 
 
-def test_two_cpu_ranks_train_and_resume_like_one_process(tmp_path: Path) -> None:
-    screen = tmp_path / "screen.h5ad"
-    synthetic_screen(400, 50, seed=3).write_h5ad(screen)
+def write_screen(tmp_path: Path, layout: str) -> Path:
+    """The synthetic screen as one file, or cut by rows into three shards in a folder (a collection)."""
+    adata = synthetic_screen(400, 50, seed=3)
+    if layout == "file":
+        adata.write_h5ad(tmp_path / "screen.h5ad")
+        return tmp_path / "screen.h5ad"
+    folder = tmp_path / "plates"
+    folder.mkdir()
+    for i, (start, stop) in enumerate([(0, 130), (130, 300), (300, 400)]):
+        adata[start:stop].copy().write_h5ad(folder / f"plate{i}.h5ad")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["file", "shards"])
+def test_two_cpu_ranks_train_and_resume_like_one_process(tmp_path: Path, layout: str) -> None:
+    screen = write_screen(tmp_path, layout)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_settings(screen, steps=5)))
     audit = tmp_path / "audit"

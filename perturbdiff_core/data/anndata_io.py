@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import DataError, first_line
+from .h5_rows import csr_rows, is_csr_group
 
 #: Environment variable that overrides the folder holding the shared example data.
 DATA_ENV = "PERTURBDIFF_DATA"
@@ -150,13 +151,15 @@ class CellMatrix:
     """Rows of an AnnData's X by position, from memory or from an ``.h5ad`` file on demand (backed).
 
     A backed matrix opens its file lazily in each process (DataLoader workers included) and
-    reads only the requested rows, so memory does not grow with the number of cells.
+    reads only the requested rows, so memory does not grow with the number of cells. Rows of a
+    CSR X are read by :func:`~perturbdiff_core.data.h5_rows.csr_rows`, which never holds the
+    file's whole ``indptr``.
     """
 
     def __init__(self, matrix: Any = None, path: str | os.PathLike[str] | None = None) -> None:
         self._matrix = matrix
         self.path = None if path is None else Path(path)
-        self._opened: tuple[int, Any, Any] | None = None
+        self._opened: tuple[int, Any, Any, h5py.Group | None] | None = None
 
     @classmethod
     def of(cls, adata: ad.AnnData) -> CellMatrix:
@@ -169,14 +172,19 @@ class CellMatrix:
     def _x(self) -> Any:
         if self.path is None:
             return self._matrix
+        return self._open()[2]
+
+    def _open(self) -> tuple[int, Any, Any, h5py.Group | None]:
+        """``(pid, file, X as anndata reads it, X's group when it is CSR)``, opened once per process."""
         if self._opened is None or self._opened[0] != os.getpid():
             handle = h5py.File(self.path, "r")
             if "X" not in handle:
                 handle.close()
                 raise DataError(f"{self.path} has no X matrix; put the log-normalised expression in X.")
             x = handle["X"]
-            self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x)
-        return self._opened[2]
+            csr = x if is_csr_group(x) else None
+            self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x, csr)
+        return self._opened
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_opened": None}  # an open file does not travel to workers
@@ -192,7 +200,8 @@ class CellMatrix:
         if self.path is None:
             return self._matrix[rows]
         unique, inverse = np.unique(rows, return_inverse=True)  # h5py needs sorted unique indices
-        block = self._x()[unique]
+        _, _, x, csr = self._open()
+        block = x[unique] if csr is None else csr_rows(csr, unique, x.shape[1])
         return block[inverse]
 
     def blocks(self, size: int = SCAN_ROWS) -> Iterator[np.ndarray | sp.spmatrix]:

@@ -23,14 +23,20 @@ SPLIT_KINDS: tuple[str, ...] = get_args(SplitKind)
 #: Control pairings: ``random`` (the paper's) and ``ot`` (see :mod:`perturbdiff_core.data.pairing`).
 PairingName = Literal["random", "ot"]
 
+#: Where ``data.path`` points: ``.h5ad`` files, or a TileDB-SOMA experiment (see :mod:`perturbdiff_core.data.sources`).
+SourceName = Literal["h5ad", "soma"]
+
 
 @dataclass
 class DataConfig:
     """How to read a perturbation screen from AnnData (``data.*`` in a config).
 
     Attributes:
-        path: the ``.h5ad`` file (unused when an AnnData object is given directly).
-        perturbation_key: obs column naming each cell's perturbation.
+        path: the ``.h5ad`` file; or a collection of shards: a list of files, a glob
+            (``plates/*.h5ad``) or a folder of ``.h5ad`` files; or with ``source: soma`` the URI of a
+            TileDB-SOMA experiment (unused when an AnnData object is given directly).
+        perturbation_key: obs column naming each cell's perturbation; ``null``: every cell is
+            unperturbed (only for ``train.objective: marginal``).
         control_label: value of that column for unperturbed (control) cells.
         cell_type_key: obs column of the cell type (or cell line); ``null`` when the data has one.
         batch_key: obs column of the batch (or donor, plate, ...); ``null`` when the data has one.
@@ -42,7 +48,19 @@ class DataConfig:
         gene_list: an explicit gene list, or the path of a text file with one gene per line.
         normalize: normalise raw counts (``normalize_total`` to 1e4, then ``log1p``) instead of
             refusing them.
-        backed: read the file in backed mode: rows are read on demand, memory stays flat.
+        backed: read the file in backed mode: rows are read on demand, memory stays flat
+            (collections and SOMA experiments are always read so).
+        source: ``h5ad`` (files) or ``soma`` (a TileDB-SOMA experiment, e.g. the CELLxGENE Census;
+            needs ``pip install 'perturbdiff[soma]'``).
+        genes: how a collection's genes are aligned by name: ``intersect`` (the genes every shard
+            has), ``union`` (any shard's genes, read as 0 where a shard lacks one) or the path of a
+            text file with one gene per line.
+        obs_filter: keep only the cells this obs expression selects, e.g. ``cell_type == 'B'``
+            (``and``, ``or``, ``in [...]``); TileDB evaluates it for SOMA, pandas for files.
+        soma_measurement: the SOMA measurement to read.
+        soma_layer: its X layer (``null``: ``data``, else ``raw``, else the only one).
+        soma_var_column: the var column of gene names (``null``: ``feature_name``, else ``var_id``).
+        soma_context: TileDB configuration of the SOMA context (e.g. ``vfs.s3.region``).
         set_size: cells per set ``S``.
         control_pairing: ``random`` or ``ot`` (training only; prediction always draws at random).
         encoder: ``perturbdiff.encoders`` plug-in name (``onehot``, or ``lookup`` for vectors read from a table).
@@ -55,8 +73,8 @@ class DataConfig:
             model on a point and evaluate it against one. 1 keeps everything.
     """
 
-    path: str | None = None
-    perturbation_key: str = "perturbation"
+    path: str | list[str] | None = None
+    perturbation_key: str | None = "perturbation"
     control_label: str = "control"
     cell_type_key: str | None = None
     batch_key: str | None = None
@@ -67,6 +85,13 @@ class DataConfig:
     gene_list: list[str] | str | None = None
     normalize: bool = False
     backed: bool = False
+    source: SourceName = "h5ad"
+    genes: str = "intersect"
+    obs_filter: str | None = None
+    soma_measurement: str = "RNA"
+    soma_layer: str | None = None
+    soma_var_column: str | None = None
+    soma_context: dict[str, Any] = field(default_factory=dict)
     set_size: int = 256
     control_pairing: PairingName = "random"
     encoder: str = "onehot"

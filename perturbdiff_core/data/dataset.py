@@ -24,10 +24,7 @@ from .. import registry
 from ..encoders import PerturbationEncoder, perturbation_parts
 from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
-    CellMatrix,
     normalize_rows,
-    read_anndata,
-    read_annotations,
     require_cells,
     require_complete,
     require_genes,
@@ -39,6 +36,7 @@ from .anndata_io import (
 )
 from .config import DataConfig
 from .genes import align_genes, select_genes
+from .sources import PERTURBATION_ROLE, open_source
 
 #: Joins the parts of a condition label: ``perturbation|cell_type|batch|covariates...``.
 LABEL_SEPARATOR = "|"
@@ -86,6 +84,15 @@ class Condition:
         return self.context.batch
 
 
+def _text_codes(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of a column read as text (NaN as ``'nan'``) and the text of each code: the values
+    ``column.astype(str)`` gives, without building a string per cell."""
+    codes, uniques = pd.factorize(pd.Series(values), use_na_sentinel=False)
+    text = np.asarray(pd.Index(uniques, dtype=object).astype(str), dtype=object)
+    merged, distinct = pd.factorize(text)  # values with one text (1 and "1") are one value, as astype(str) makes them
+    return merged[codes].astype(np.int64), np.asarray(distinct, dtype=object)
+
+
 def _shown(values: Iterable[Any], limit: int = 10) -> str:
     values = list(values)
     text = ", ".join(map(str, values[:limit]))
@@ -119,27 +126,31 @@ class PerturbationData:
         state: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
-        obs, var, self.matrix = self._open(source, config)
+        opened = open_source(source, config)
+        obs, genes, self.matrix = opened.obs, opened.genes, opened.matrix
+        self.source_report = opened.report  # one line on a collection's shards and genes, or a SOMA experiment
+        self._normalize = config.normalize and not opened.normalized
         self._check_obs(obs, config)
-        require_genes(var.index)
-        require_unique_genes(var.index)
-        require_valid_values(summarize_values(self.matrix), normalize=config.normalize)
-        self.total_genes = len(var.index)  # genes in the file, before selection
+        require_genes(genes)
+        require_unique_genes(genes)
+        summary = opened.summary if opened.summary is not None else summarize_values(self.matrix)
+        require_valid_values(summary, normalize=config.normalize)
+        self.total_genes = len(genes)  # genes in the file, before selection
         self.missing_genes: list[str] = []
         if state is not None:
             self._check_state(state)
             self.genes = list(state["genes"])
-            self._gene_pos, self.missing_genes = align_genes(var.index, self.genes, config.max_missing_genes)
+            self._gene_pos, self.missing_genes = align_genes(genes, self.genes, config.max_missing_genes)
         else:
             self.genes = select_genes(
-                var.index,
+                genes,
                 n_genes=config.n_genes,
                 gene_list=config.gene_list,
                 n_cells=self.matrix.shape[0],
                 read_rows=lambda rows: self._raw_rows(rows),
             )
-            self._gene_pos = var.index.get_indexer(self.genes).astype(np.int64)
-        self._identity = len(self.genes) == len(var.index) and bool(np.all(self._gene_pos == np.arange(len(var.index))))
+            self._gene_pos = genes.get_indexer(self.genes).astype(np.int64)
+        self._identity = len(self.genes) == len(genes) and bool(np.all(self._gene_pos == np.arange(len(genes))))
         self._index_conditions(obs, config, drop_small=state is None)
         self.matrix.close()  # reopened lazily where rows are read (each DataLoader worker)
         self.vocabularies: dict[str, list[str]] = {}
@@ -151,25 +162,10 @@ class PerturbationData:
 
     # ----------------------------------------------------------------------------- reading
 
-    @staticmethod
-    def _open(source: Any, config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, CellMatrix]:
-        """obs, var and the matrix of ``source`` (or ``config.path``), backed when configured."""
-        if source is None:
-            if config.path is None:
-                raise DataError("No data given: set data.path to an .h5ad file or pass an AnnData.")
-            source = config.path
-        if isinstance(source, ad.AnnData):
-            return source.obs, source.var, CellMatrix.of(source)
-        if config.backed:
-            obs, var = read_annotations(source)
-            return obs, var, CellMatrix(path=source)
-        adata = read_anndata(source)
-        return adata.obs, adata.var, CellMatrix.of(adata)
-
     def _raw_rows(self, rows: np.ndarray) -> np.ndarray | sp.spmatrix:
-        """Rows over all genes of the file, normalised when ``config.normalize``."""
+        """Rows over all genes of the source, normalised when ``config.normalize``."""
         block = self.matrix.rows(rows)
-        return normalize_rows(block) if self.config.normalize else block
+        return normalize_rows(block) if self._normalize else block
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Cells ``rows`` (positions, any order, repeats allowed) over the model's genes: ``(n, G)`` float32."""
@@ -196,8 +192,8 @@ class PerturbationData:
 
     @staticmethod
     def _check_obs(obs: pd.DataFrame, config: DataConfig) -> None:
-        """Keys present and complete, the control label present."""
-        keys = [(config.perturbation_key, "perturbation key")]
+        """Keys present and complete, the control label present (no perturbation key: every cell is a control)."""
+        keys = [(k, w) for k, w in ((config.perturbation_key, PERTURBATION_ROLE),) if k is not None]
         keys += [
             (k, w)
             for k, w in (
@@ -214,7 +210,8 @@ class PerturbationData:
         for key, what in keys:
             if key != config.dose_key:
                 require_complete(obs, key, what)
-        require_label(obs, config.perturbation_key, config.control_label)
+        if config.perturbation_key is not None:
+            require_label(obs, config.perturbation_key, config.control_label)
 
     @staticmethod
     def _check_state(state: dict[str, Any]) -> None:
@@ -229,37 +226,53 @@ class PerturbationData:
     def _index_conditions(self, obs: pd.DataFrame, config: DataConfig, *, drop_small: bool) -> None:
         """Group cells into conditions; index control cells per context; check every context has controls.
 
-        With ``drop_small`` (data read to train on) conditions below ``config.min_cells_per_condition``
-        are left out first (:meth:`_drop_small`)."""
+        Vectorised over integer codes (no Python work per cell), so millions of cells index in
+        seconds. With ``drop_small`` (data read to train on) conditions below
+        ``config.min_cells_per_condition`` are left out first (:meth:`_drop_small`)."""
         roles = {"perturbation": config.perturbation_key, "cell_type": config.cell_type_key, "batch": config.batch_key}
         roles.update({f"covariate:{k}": k for k in config.covariate_keys})
         roles = {role: key for role, key in roles.items() if key is not None}
-        frame = pd.DataFrame({role: obs[key].astype(str).to_numpy() for role, key in roles.items()})
         self.unused_categories: dict[str, list[str]] = {
             role: sorted(map(str, set(obs[key].cat.categories) - set(obs[key].unique())))
             for role, key in roles.items()
             if isinstance(obs[key].dtype, pd.CategoricalDtype)
         }
-        names, codes = np.unique(frame["perturbation"].to_numpy(), return_inverse=True)
+        n = len(obs)
+        columns = {role: _text_codes(obs[key]) for role, key in roles.items()}  # role -> (codes, text of each code)
+        if "perturbation" not in columns:  # no perturbation key: every cell is unperturbed
+            columns = {"perturbation": (np.zeros(n, dtype=np.int64), np.array([config.control_label], dtype=object)), **columns}
+        codes, names = columns["perturbation"]
         sep, control_label = config.combination_separator, config.control_label
-        is_control = np.array([not perturbation_parts(n, sep, control_label) for n in names], dtype=bool)[codes]
+        control_name = np.array([not perturbation_parts(str(v), sep, control_label) for v in names], dtype=bool)
+        is_control = control_name[codes]
+        merged, distinct = pd.factorize(np.where(control_name, control_label, names.astype(object)))  # controls: one name
+        columns["perturbation"] = (merged[codes].astype(np.int64), np.asarray(distinct, dtype=object))
         if config.dose_key is not None:
-            frame["dose"] = self._doses(obs[config.dose_key], is_control, config)
-        frame["is_control"] = is_control
-        frame.loc[is_control, "perturbation"] = config.control_label
-        covariates = [r for r in frame.columns if r.startswith("covariate:")]
-        group_keys = [c for c in frame.columns if c != "is_control"]
+            doses = self._doses(obs[config.dose_key], is_control, config)
+            dose_codes, dose_values = pd.factorize(doses)
+            columns["dose"] = (dose_codes.astype(np.int64), np.asarray(dose_values, dtype=np.float64))
+        group_keys = list(columns)  # perturbation, cell type, batch, covariates, dose: the order labels sort by
+        key = np.zeros(n, dtype=np.int64)
+        for role in group_keys:
+            key = key * len(columns[role][1]) + columns[role][0]
+        _, first, inverse, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")  # cells by group, ascending rows within each
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        groups = []
+        for g, row in enumerate(first):
+            values = tuple(columns[role][1][columns[role][0][row]] for role in group_keys)
+            groups.append((values, order[bounds[g]:bounds[g + 1]].astype(np.int64)))
+        covariates = [r for r in group_keys if r.startswith("covariate:")]
         self.conditions: list[Condition] = []
         self._cells: dict[str, np.ndarray] = {}
         self._controls: dict[Context, np.ndarray] = {}
-        for key, rows in sorted(frame.groupby(group_keys, sort=True).indices.items()):
-            values = dict(zip(group_keys, key if isinstance(key, tuple) else (key,)))
+        for key_values, rows in sorted(groups, key=lambda item: item[0]):
+            values = {role: (v if role == "dose" else str(v)) for role, v in zip(group_keys, key_values)}
             context = Context(values.get("cell_type"), values.get("batch"), tuple(values[c] for c in covariates))
             control = values["perturbation"] == config.control_label
             dose = None if config.dose_key is None or control else float(values["dose"])
             name = values["perturbation"] if dose is None else f"{values['perturbation']}@{dose:g}"
             label = LABEL_SEPARATOR.join([name, context.label]) if context.label else name
-            rows = np.sort(np.asarray(rows, dtype=np.int64))
             self.conditions.append(Condition(label, values["perturbation"], context, dose, len(rows), control))
             self._cells[label] = rows
             if control:
@@ -304,20 +317,19 @@ class PerturbationData:
     @staticmethod
     def _doses(column: pd.Series, is_control: np.ndarray, config: DataConfig) -> np.ndarray:
         """Dose per cell (0 for controls); ``a+b`` (a combination's doses) is their total."""
-        values = column.astype(str).to_numpy()
-        unique, inverse = np.unique(values, return_inverse=True)
-        parsed = np.full(len(unique), np.nan)
-        for i, text in enumerate(unique):
+        codes, text = _text_codes(column)
+        parsed = np.full(len(text), np.nan)
+        for i, value in enumerate(text):
             try:
-                parsed[i] = sum(float(p) for p in text.split(config.combination_separator))
+                parsed[i] = sum(float(p) for p in str(value).split(config.combination_separator))
             except ValueError:
                 pass
-        doses = np.where(is_control, 0.0, parsed[inverse])
+        doses = np.where(is_control, 0.0, parsed[codes])
         bad = ~(np.isfinite(doses) & (doses >= 0))
         if bad.any():
             raise DataError(
                 f"obs[{config.dose_key!r}] has {int(bad.sum())} perturbed cells without a valid dose "
-                f"(e.g. {values[bad][0]!r}); doses must be non-negative numbers (a combination's as "
+                f"(e.g. {text[codes[bad][0]]!r}); doses must be non-negative numbers (a combination's as "
                 f"'1{config.combination_separator}0.5'). Fix the column or unset data.dose_key."
             )
         return doses
