@@ -276,13 +276,15 @@ def training_loader(
 ) -> DataLoader:
     """The batches of steps ``start .. stop - 1`` (this process's part of each, see :class:`StepBatches`),
     built by :func:`resolve_workers` workers, in pinned memory when ``device`` is a GPU so the copy overlaps compute."""
+    workers = resolve_workers(train.num_workers, device)
     return DataLoader(
         sets,
         batch_sampler=StepBatches(len(sets), train.batch_size, seed=seed, start=start, stop=stop, shard=shard),
         collate_fn=collate_sets,
-        num_workers=resolve_workers(train.num_workers, device),
+        num_workers=workers,
         worker_init_fn=_worker_init,
         pin_memory=device.type == "cuda",
+        multiprocessing_context=sets.data.worker_start_method if workers else None,
     )
 
 

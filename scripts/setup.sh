@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv and install perturbdiff with its test extras and the example plug-in.
+# Create ./.venv and install perturbdiff with its test and soma extras and the example plug-in.
+# The soma extra (tiledbsoma, a 22 MB wheel, about 3 s to install here) lets the SOMA tests run.
 #
 # torch is installed first and pinned: an unpinned torch pulls gigabytes of CUDA wheels. Plain
 # 'pip install torch==2.13.0' gets the CPU build where pip is set up to find one (this project's
@@ -15,4 +16,4 @@ cd "$(dirname "$0")/.."
 read -r -a torch_args <<< "${PERTURBDIFF_TORCH:-torch==2.13.0}"
 echo "setup: installing ${torch_args[*]}" >&2
 .venv/bin/python -m pip install --quiet "${torch_args[@]}"
-.venv/bin/python -m pip install --quiet -e '.[test]' -e examples/custom_kernel_plugin
+.venv/bin/python -m pip install --quiet -e '.[test,soma]' -e examples/custom_kernel_plugin

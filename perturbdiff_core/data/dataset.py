@@ -36,7 +36,7 @@ from .anndata_io import (
 )
 from .config import DataConfig
 from .genes import align_genes, select_genes
-from .sources import PERTURBATION_ROLE, open_source
+from .sources import PERTURBATION_ROLE, open_source, worker_start_method
 
 #: Joins the parts of a condition label: ``perturbation|cell_type|batch|covariates...``.
 LABEL_SEPARATOR = "|"
@@ -182,6 +182,12 @@ class PerturbationData:
             selected = block[:, self._gene_pos]
         dense = selected.toarray() if sp.issparse(selected) else np.asarray(selected)
         return np.ascontiguousarray(dense, dtype=np.float32)
+
+    @property
+    def worker_start_method(self) -> str | None:
+        """How DataLoader workers reading these cells must start: ``spawn`` for a SOMA experiment
+        (TileDB is not fork-safe), ``None`` (the platform's default) otherwise."""
+        return worker_start_method(self.matrix)
 
     @property
     def n_genes(self) -> int:

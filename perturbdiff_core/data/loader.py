@@ -98,4 +98,5 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
+        multiprocessing_context=data.worker_start_method if num_workers > 0 else None,
     )

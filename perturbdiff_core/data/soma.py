@@ -57,6 +57,10 @@ class SomaMatrix:
     """Rows of a SOMA experiment's X layer: row ``i`` is the cell ``joinids[i]``, columns the var
     entries ``var_joinids`` in order; the experiment opens on the first read in each process."""
 
+    #: How DataLoader workers must start: TileDB is not fork-safe (a worker forked from a process
+    #: that has read with it hangs on its first read; seen with tiledbsoma 2.3), so they are spawned.
+    start_method = "spawn"
+
     def __init__(
         self, uri: str, measurement: str, layer: str, joinids: np.ndarray, var_joinids: np.ndarray,
         context: dict[str, Any] | None = None,

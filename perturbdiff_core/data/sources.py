@@ -72,6 +72,16 @@ class RowSubset:
         """Close the inner reader's files in this process."""
         self.inner.close()
 
+    @property
+    def start_method(self) -> str | None:
+        """How DataLoader workers reading it must start (the inner reader's)."""
+        return worker_start_method(self.inner)
+
+
+def worker_start_method(matrix: Any) -> str | None:
+    """The multiprocessing start method DataLoader workers reading ``matrix`` need (``None``: the default)."""
+    return getattr(matrix, "start_method", None)
+
 
 #: What the perturbation column is, in errors about it (with the way out for unperturbed atlases).
 PERTURBATION_ROLE = "perturbation key; data.perturbation_key: null reads every cell as unperturbed, for marginal pre-training"
@@ -98,7 +108,8 @@ def filter_columns(expression: str | None) -> list[str]:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError as err:
         raise ConfigError(f"data.obs_filter {expression!r} is not an expression ({err.msg}); write e.g. cell_type == 'B'.") from None
-    names = [node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id not in ("True", "False")]
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    names = [node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and id(node) not in called]
     return list(dict.fromkeys(names))
 
 
