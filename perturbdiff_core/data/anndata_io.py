@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import DataError, first_line
-from .h5_rows import csr_rows, is_csr_group
+from .h5_rows import StoredCSR, csr_rows, stored_csr
 
 #: Environment variable that overrides the folder holding the shared example data.
 DATA_ENV = "PERTURBDIFF_DATA"
@@ -147,6 +147,13 @@ def read_annotations(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Dat
     return obs, var
 
 
+#: HDF5's chunk cache per open matrix array: none. Random rows touch a different chunk each, so a
+#: cache only makes HDF5 read whole chunks (87 KB for a few hundred values of an anndata-written
+#: shard): without it a random row of uncompressed X costs a third of the time (measured here),
+#: and an open file holds no cache memory.
+CHUNK_CACHE_BYTES = 0
+
+
 class CellMatrix:
     """Rows of an AnnData's X by position, from memory or from an ``.h5ad`` file on demand (backed).
 
@@ -159,7 +166,7 @@ class CellMatrix:
     def __init__(self, matrix: Any = None, path: str | os.PathLike[str] | None = None) -> None:
         self._matrix = matrix
         self.path = None if path is None else Path(path)
-        self._opened: tuple[int, Any, Any, h5py.Group | None] | None = None
+        self._opened: tuple[int, Any, Any, StoredCSR | None] | None = None
 
     @classmethod
     def of(cls, adata: ad.AnnData) -> CellMatrix:
@@ -174,16 +181,15 @@ class CellMatrix:
             return self._matrix
         return self._open()[2]
 
-    def _open(self) -> tuple[int, Any, Any, h5py.Group | None]:
-        """``(pid, file, X as anndata reads it, X's group when it is CSR)``, opened once per process."""
+    def _open(self) -> tuple[int, Any, Any, StoredCSR | None]:
+        """``(pid, file, X as anndata reads it, X's arrays when it is CSR)``, opened once per process."""
         if self._opened is None or self._opened[0] != os.getpid():
-            handle = h5py.File(self.path, "r")
+            handle = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
             if "X" not in handle:
                 handle.close()
                 raise DataError(f"{self.path} has no X matrix; put the log-normalised expression in X.")
             x = handle["X"]
-            csr = x if is_csr_group(x) else None
-            self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x, csr)
+            self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x, stored_csr(x))
         return self._opened
 
     def __getstate__(self) -> dict[str, Any]:
@@ -201,7 +207,7 @@ class CellMatrix:
             return self._matrix[rows]
         unique, inverse = np.unique(rows, return_inverse=True)  # h5py needs sorted unique indices
         _, _, x, csr = self._open()
-        block = x[unique] if csr is None else csr_rows(csr, unique, x.shape[1])
+        block = x[unique] if csr is None else csr_rows(csr, unique)
         return block[inverse]
 
     def blocks(self, size: int = SCAN_ROWS) -> Iterator[np.ndarray | sp.spmatrix]:

@@ -10,6 +10,8 @@ reads each run of rows whose values lie close together with one slice of ``data`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import h5py
 import numpy as np
 import scipy.sparse as sp
@@ -19,24 +21,37 @@ import scipy.sparse as sp
 MERGE_GAP = 8192
 
 
-def is_csr_group(node: h5py.Group | h5py.Dataset) -> bool:
-    """Whether ``node`` is a CSR matrix as anndata writes it (``encoding-type: csr_matrix``, or the legacy ``h5sparse_format``)."""
+class StoredCSR(NamedTuple):
+    """The three arrays of a CSR matrix in HDF5 and its number of columns (looked up once: each lookup
+    of a group member costs more than reading a row)."""
+
+    data: h5py.Dataset
+    indices: h5py.Dataset
+    indptr: h5py.Dataset
+    n_cols: int
+
+
+def stored_csr(node: h5py.Group | h5py.Dataset) -> StoredCSR | None:
+    """``node`` as a :class:`StoredCSR` when it is a CSR matrix as anndata writes it (``encoding-type:
+    csr_matrix``, or the legacy ``h5sparse_format: csr``), else None."""
     if not isinstance(node, h5py.Group):
-        return False
+        return None
     attrs = node.attrs
     kind = attrs.get("encoding-type", attrs.get("h5sparse_format"))
     kind = kind.decode() if isinstance(kind, bytes) else kind
-    return kind in ("csr_matrix", "csr") and {"data", "indices", "indptr"} <= set(node)
+    if kind not in ("csr_matrix", "csr") or not {"data", "indices", "indptr"} <= set(node):
+        return None
+    shape = attrs.get("shape", attrs.get("h5sparse_shape"))
+    return StoredCSR(node["data"], node["indices"], node["indptr"], int(shape[1]))
 
 
-def csr_rows(group: h5py.Group, rows: np.ndarray, n_cols: int) -> sp.csr_matrix:
-    """Rows ``rows`` (sorted, unique positions) of the CSR matrix in ``group``, as a CSR of ``n_cols`` columns."""
+def csr_rows(stored: StoredCSR, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows ``rows`` (sorted, unique positions) of a stored CSR matrix."""
     rows = np.asarray(rows, dtype=np.int64)
-    data_set, index_set = group["data"], group["indices"]
     if not len(rows):
-        return sp.csr_matrix((0, n_cols), dtype=data_set.dtype)
+        return sp.csr_matrix((0, stored.n_cols), dtype=stored.data.dtype)
     bounds = np.unique(np.concatenate([rows, rows + 1]))
-    pointers = group["indptr"][bounds].astype(np.int64)  # h5py reads increasing positions only
+    pointers = stored.indptr[bounds].astype(np.int64)  # h5py reads increasing positions only
     start = pointers[np.searchsorted(bounds, rows)]
     stop = pointers[np.searchsorted(bounds, rows + 1)]
     lengths = stop - start
@@ -44,9 +59,9 @@ def csr_rows(group: h5py.Group, rows: np.ndarray, n_cols: int) -> sp.csr_matrix:
     first = np.concatenate([[0], breaks])
     last = np.concatenate([breaks, [len(rows)]]) - 1
     data, indices = [], []
-    for a, b in zip(start[first], stop[last]):
-        data.append(data_set[a:b])
-        indices.append(index_set[a:b])
+    for a, b in zip(start[first].tolist(), stop[last].tolist()):
+        data.append(stored.data[a:b])
+        indices.append(stored.indices[a:b])
     # each row's values inside the concatenated runs: its run's offset plus its distance from the run's start
     run_offset = np.concatenate([[0], np.cumsum(stop[last] - start[first])[:-1]])
     run = np.repeat(np.arange(len(first)), last - first + 1)
@@ -54,5 +69,5 @@ def csr_rows(group: h5py.Group, rows: np.ndarray, n_cols: int) -> sp.csr_matrix:
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     take = np.repeat(begin - indptr[:-1], lengths) + np.arange(indptr[-1])
     return sp.csr_matrix(
-        (np.concatenate(data)[take], np.concatenate(indices)[take], indptr), shape=(len(rows), n_cols)
+        (np.concatenate(data)[take], np.concatenate(indices)[take], indptr), shape=(len(rows), stored.n_cols)
     )
