@@ -188,8 +188,14 @@ class CellMatrix:
             if "X" not in handle:
                 handle.close()
                 raise DataError(f"{self.path} has no X matrix; put the log-normalised expression in X.")
-            x = handle["X"]
-            self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x, stored_csr(x))
+            try:
+                x = handle["X"]
+                self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x, stored_csr(x))
+            except MemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a damaged file fails anywhere inside h5py and anndata
+                handle.close()
+                raise unreadable(self.path, err) from None
         return self._opened
 
     def __getstate__(self) -> dict[str, Any]:
