@@ -5,7 +5,10 @@ cells, the control set another draw from the same cells, and the perturbation en
 zeroed (Yuan et al. 2026 pre-train this way before fine-tuning on perturbations). The model
 keeps a perturbation input of at least one column so its fine-tuned copy has the same layers.
 :func:`concat_unperturbed` gathers the unperturbed cells of several AnnData (e.g. a reference
-atlas and a screen's controls) on their shared genes into one file to pre-train on.
+atlas and a screen's controls) on their shared genes into one AnnData in memory; atlases larger
+than memory are pre-trained on from the command line instead, as a collection of ``.h5ad`` files
+or a SOMA experiment with ``data.perturbation_key: null`` (every cell unperturbed; see
+``docs/own_data.md``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .data.sources import data_path_name
 from .run_config import RunConfig
 
 #: Held-out values and test conditions named before "... and N more".
@@ -51,7 +52,7 @@ def run_facts(config: RunConfig, *, test: Sequence[str], steps: int | None = Non
     denoiser = model.denoiser + (f" ({model.denoiser_params['size']})" if "size" in model.denoiser_params else "")
     facts = {
         "config": config.name or "(unnamed)",
-        "data": str(config.data.path),
+        "data": data_path_name(config.data.path) if isinstance(config.data.path, list) else str(config.data.path),
         "split": config.split.kind + (f", reloaded from {config.split.file}" if config.split.file else ""),
         "held out": _names(config.split.holdout) if config.split.holdout else "(none named)",
         "test conditions": f"{len(test)}: {_names(list(test))}",

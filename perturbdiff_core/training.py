@@ -370,6 +370,7 @@ class Trainer:
             self._check_resumable(checkpoint.run_config)
             with reading:
                 self.data = PerturbationData.from_state(checkpoint.data_state, source, config.data)
+            self.data.require_same_parts(checkpoint.data_state)
             self.split: Split = checkpoint.split
             self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -18,7 +20,10 @@ from perturbdiff_core.data.collection import collection_paths
 from perturbdiff_core.data.shard_index import INDEX_DIR, cache_locations
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, DataError
+from perturbdiff_core.names import STATE_FILE
 from perturbdiff_core.pretraining import prepare_marginal
+from perturbdiff_core.run_config import load_config
+from perturbdiff_core.training import Trainer
 
 #: Consecutive row ranges of the 900-cell screen that become its three shards.
 CUTS = ((0, 300), (300, 650), (650, 900))
@@ -238,3 +243,23 @@ def write_shards_plain(adata: ad.AnnData, folder: Path) -> list[Path]:
     adata[: adata.n_obs // 2].copy().write_h5ad(paths[0])
     adata[adata.n_obs // 2:].copy().write_h5ad(paths[1])
     return paths
+
+
+def test_a_run_on_a_collection_resumes_only_on_the_same_shards(screen, tmp_path: Path) -> None:
+    whole, shards = screen
+    settings = [
+        "data.cell_type_key=cell_type", "data.set_size=8", "split.kind=random", "split.val_fraction=0",
+        "model.denoiser_params={size: tiny, hidden: 16, depth: 1, heads: 2}", "train.steps=2", "train.batch_size=2",
+        "train.val_every=0", "train.device=cpu",
+    ]
+    config = load_config(None, [f"data.path={shards[0].parent}", *settings])
+    run = tmp_path / "run"
+    Trainer(config, run, progress=False).fit(stop_at=1)
+    state = json.loads((run / STATE_FILE).read_text())
+    assert state["parts"] == [["plate0.h5ad", 300], ["plate1.h5ad", 350], ["plate2.h5ad", 250]]
+    Trainer(config, run, resume=True, progress=False).fit()  # the same shards: resumed
+    shutil.copy(shards[0], shards[0].parent / "plate3.h5ad")
+    with pytest.raises(DataError, match="The data changed since the run was saved \\(plate3.h5ad added\\)"):
+        Trainer(config, run, resume=True, progress=False)
+    Trainer(load_config(None, [f"data.path={whole}", *settings]), tmp_path / "one", progress=False).fit(stop_at=1)
+    assert "parts" not in json.loads((tmp_path / "one" / STATE_FILE).read_text())  # one file: the state as before

@@ -84,6 +84,17 @@ def _obs(adata: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
     return adata if isinstance(adata, pd.DataFrame) else adata.obs
 
 
+def text_codes(values: pd.Series | pd.Categorical | np.ndarray, *, keep_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of a column read as text, and the text of each code: the values ``astype(str)``
+    gives, without building a string per cell (values with one text, ``1`` and ``"1"``, share a code).
+    Missing values read as ``'nan'`` as ``astype(str)`` writes them, or get code -1 with ``keep_missing``."""
+    codes, uniques = pd.factorize(pd.Series(values), use_na_sentinel=keep_missing)
+    text = np.asarray(pd.Index(uniques, dtype=object).astype(str), dtype=object)
+    merged, distinct = pd.factorize(text)
+    merged = np.append(merged, -1)  # code -1 (missing) stays -1
+    return merged[codes].astype(np.int64), np.asarray(distinct, dtype=object)
+
+
 def require_obs_key(adata: ad.AnnData | pd.DataFrame, key: str, what: str = "key") -> None:
     """Fail unless ``adata.obs`` (or an obs frame) has column ``key``; ``what`` names its role."""
     obs = _obs(adata)

@@ -26,6 +26,7 @@ from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
     normalize_rows,
     require_cells,
+    text_codes,
     require_complete,
     require_genes,
     require_label,
@@ -84,15 +85,6 @@ class Condition:
         return self.context.batch
 
 
-def _text_codes(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes of a column read as text (NaN as ``'nan'``) and the text of each code: the values
-    ``column.astype(str)`` gives, without building a string per cell."""
-    codes, uniques = pd.factorize(pd.Series(values), use_na_sentinel=False)
-    text = np.asarray(pd.Index(uniques, dtype=object).astype(str), dtype=object)
-    merged, distinct = pd.factorize(text)  # values with one text (1 and "1") are one value, as astype(str) makes them
-    return merged[codes].astype(np.int64), np.asarray(distinct, dtype=object)
-
-
 def _shown(values: Iterable[Any], limit: int = 10) -> str:
     values = list(values)
     text = ", ".join(map(str, values[:limit]))
@@ -129,6 +121,7 @@ class PerturbationData:
         opened = open_source(source, config)
         obs, genes, self.matrix = opened.obs, opened.genes, opened.matrix
         self.source_report = opened.report  # one line on a collection's shards and genes, or a SOMA experiment
+        self.source_parts = opened.parts  # [name, cells] per shard (or of a SOMA experiment); None for one file
         self._normalize = config.normalize and not opened.normalized
         self._check_obs(obs, config)
         require_genes(genes)
@@ -244,7 +237,7 @@ class PerturbationData:
             if isinstance(obs[key].dtype, pd.CategoricalDtype)
         }
         n = len(obs)
-        columns = {role: _text_codes(obs[key]) for role, key in roles.items()}  # role -> (codes, text of each code)
+        columns = {role: text_codes(obs[key]) for role, key in roles.items()}  # role -> (codes, text of each code)
         if "perturbation" not in columns:  # no perturbation key: every cell is unperturbed
             columns = {"perturbation": (np.zeros(n, dtype=np.int64), np.array([config.control_label], dtype=object)), **columns}
         codes, names = columns["perturbation"]
@@ -323,7 +316,7 @@ class PerturbationData:
     @staticmethod
     def _doses(column: pd.Series, is_control: np.ndarray, config: DataConfig) -> np.ndarray:
         """Dose per cell (0 for controls); ``a+b`` (a combination's doses) is their total."""
-        codes, text = _text_codes(column)
+        codes, text = text_codes(column)
         parsed = np.full(len(text), np.nan)
         for i, value in enumerate(text):
             try:
@@ -451,8 +444,9 @@ class PerturbationData:
     # ----------------------------------------------------------------------- persistence
 
     def to_state(self) -> dict[str, Any]:
-        """JSON-serialisable: genes, vocabularies, encoder (name, parameters, fitted state)."""
-        return {
+        """JSON-serialisable: genes, vocabularies, encoder (name, parameters, fitted state), and for a
+        collection or a SOMA experiment its parts (``[name, cells]`` each, see :meth:`require_same_parts`)."""
+        state = {
             "format": STATE_FORMAT,
             "genes": list(self.genes),
             "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
@@ -462,6 +456,26 @@ class PerturbationData:
                 "state": self.encoder.state_dict(),
             },
         }
+        if self.source_parts is not None:
+            state["parts"] = self.source_parts
+        return state
+
+    def require_same_parts(self, state: dict[str, Any]) -> None:
+        """DataError unless these cells come from the shards (names and cell counts) that ``state`` was
+        saved from: a resumed run draws its sets by row position, so added, removed or changed shards
+        would change the training stream."""
+        before, now = state.get("parts"), self.source_parts
+        if before is None or before == now:
+            return
+        was = {name: cells for name, cells in before}
+        is_ = {name: cells for name, cells in now or []}
+        changes = [f"{n} added" for n in is_ if n not in was] + [f"{n} removed" for n in was if n not in is_]
+        changes += [f"{n} has {is_[n]} cells, had {was[n]}" for n in is_ if n in was and is_[n] != was[n]]
+        changes = changes or ["the shards are in another order"]
+        raise DataError(
+            f"The data changed since the run was saved ({_shown(changes, 4)}); a run resumes exactly only on the "
+            f"same shards. Point data.path at them, or start a new run (--init-from the saved one keeps its weights)."
+        )
 
     @classmethod
     def from_state(

@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..errors import DataError, OutputError
 from ..io import atomic_path
-from .anndata_io import CellMatrix, ValueSummary, read_annotations, summarize_values, unreadable
+from .anndata_io import CellMatrix, ValueSummary, read_annotations, summarize_values, text_codes, unreadable
 
 #: Folder of the cached indexes, beside the shards.
 INDEX_DIR = ".perturbdiff-index"
@@ -56,11 +56,6 @@ class ShardIndex:
     columns: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     summary: ValueSummary | None = None
 
-    def column(self, key: str) -> pd.Categorical:
-        """obs column ``key`` as a categorical of text values."""
-        codes, categories = self.columns[key]
-        return pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype=object))
-
 
 def _stamp(path: Path) -> dict[str, int]:
     """What invalidates an index: the shard's size and modification time (nanoseconds)."""
@@ -75,13 +70,10 @@ def cache_locations(path: Path) -> list[Path]:
     return [path.parent / INDEX_DIR / f"{path.name}.npz", home / "perturbdiff" / "shard-index" / f"{digest}-{path.name}.npz"]
 
 
-def encode_column(values: pd.Series | pd.Categorical | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes, categories)`` of a column read as text; missing values get code -1."""
-    codes, uniques = pd.factorize(pd.Series(values), use_na_sentinel=True)
-    text = np.asarray(pd.Index(uniques).astype(str), dtype=object)
-    merged, categories = pd.factorize(text)  # two values with one text (1 and "1") become one category
-    out = np.where(codes >= 0, merged[np.maximum(codes, 0)] if len(merged) else -1, -1).astype(np.int32)
-    return out, np.asarray(categories, dtype=str)
+def _encoded(values: pd.Series | pd.Categorical | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(int32 codes, text categories)`` of a column; missing values get code -1."""
+    codes, categories = text_codes(values, keep_missing=True)
+    return codes.astype(np.int32), categories.astype(str)
 
 
 def _read_columns(path: Path, keys: Iterable[str]) -> tuple[int, pd.Index, list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -94,14 +86,14 @@ def _read_columns(path: Path, keys: Iterable[str]) -> tuple[int, pd.Index, list[
                 names = [str(c) for c in obs.attrs.get("column-order", [])]
                 n_obs = len(obs[obs.attrs["_index"]])
                 genes = pd.Index(ad.io.read_elem(var[var.attrs["_index"]])).astype(str)
-                columns = {k: encode_column(ad.io.read_elem(obs[k])) for k in keys if k in names}
+                columns = {k: _encoded(ad.io.read_elem(obs[k])) for k in keys if k in names}
                 return n_obs, genes, names, columns
     except (MemoryError, DataError):
         raise
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file fails anywhere inside h5py and anndata
         raise unreadable(path, err) from None
     frame, var_frame = read_annotations(path)  # an old layout: anndata's reader
-    columns = {k: encode_column(frame[k]) for k in keys if k in frame.columns}
+    columns = {k: _encoded(frame[k]) for k in keys if k in frame.columns}
     return len(frame), pd.Index(var_frame.index).astype(str), [str(c) for c in frame.columns], columns
 
 

@@ -38,6 +38,8 @@ class Opened:
         summary: what a scan of the values found, when the source knows it (else the caller scans).
         normalized: the rows come out normalised already (``data.normalize``, done per shard).
         report: one line on what was read (collections and SOMA), or None.
+        parts: what the cells are made of, to tell on resume whether they changed: ``[name, cells]``
+            per shard of a collection, ``[URI, cells]`` of a SOMA experiment; None for one file.
     """
 
     obs: pd.DataFrame
@@ -46,6 +48,7 @@ class Opened:
     summary: ValueSummary | None = None
     normalized: bool = False
     report: str | None = None
+    parts: list[list[Any]] | None = None
 
 
 class RowSubset:
@@ -150,7 +153,7 @@ def apply_filter(opened: Opened, expression: str | None) -> Opened:
     obs = opened.obs.iloc[keep].reset_index(drop=True) if not mask.all() else opened.obs
     matrix = opened.matrix if mask.all() else RowSubset(opened.matrix, keep)
     report = (opened.report + "; " if opened.report else "") + f"{len(keep):,} cells pass {expression!r}"
-    return Opened(obs, opened.genes, matrix, opened.summary, opened.normalized, report)
+    return Opened(obs, opened.genes, matrix, opened.summary, opened.normalized, report, opened.parts)
 
 
 def data_path_name(path: str | os.PathLike[str] | list[str] | None) -> str:
@@ -204,11 +207,13 @@ def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, 
             os.fspath(source), obs_roles(config), obs_filter=config.obs_filter, measurement=config.soma_measurement,
             layer=config.soma_layer, var_column=config.soma_var_column, context=config.soma_context,
         )
-        return Opened(screen.obs, screen.genes, screen.matrix, screen.summary, report=screen.report)
+        parts = [[os.fspath(source), len(screen.obs)]]
+        return Opened(screen.obs, screen.genes, screen.matrix, screen.summary, report=screen.report, parts=parts)
     shards = collection_paths(source)
     if shards is None:
         return apply_filter(_single_file(source, config), config.obs_filter)
     collection = open_collection(shards, obs_roles(config), genes=config.genes, normalize=config.normalize)
     opened = Opened(collection.obs, collection.genes, collection.matrix, collection.summary,
-                    normalized=config.normalize, report=collection.report)
+                    normalized=config.normalize, report=collection.report,
+                    parts=[[s.path.name, s.n_obs] for s in collection.shards])
     return apply_filter(opened, config.obs_filter)
