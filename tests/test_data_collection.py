@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import yaml
 
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig
 from perturbdiff_core.data import sharded
@@ -263,3 +264,117 @@ def test_a_run_on_a_collection_resumes_only_on_the_same_shards(screen, tmp_path:
         Trainer(config, run, resume=True, progress=False)
     Trainer(load_config(None, [f"data.path={whole}", *settings]), tmp_path / "one", progress=False).fit(stop_at=1)
     assert "parts" not in json.loads((tmp_path / "one" / STATE_FILE).read_text())  # one file: the state as before
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> tuple[Path, Path, ad.AnnData]:
+    """The screen's cells in random order, as one file and cut into three shards: every condition
+    and every context's controls then have cells in every shard."""
+    whole = synthetic_screen(900, 30, batches=("b1", "b2"), seed=1)
+    whole = whole[np.random.default_rng(4).permutation(whole.n_obs)].copy()
+    whole.write_h5ad(tmp_path / "mixed.h5ad")
+    write_shards(whole, tmp_path / "mixed")
+    return tmp_path / "mixed.h5ad", tmp_path / "mixed", whole
+
+
+def test_conditions_and_controls_span_shards_and_controls_stay_in_their_context(mixed) -> None:
+    from perturbdiff_core.data.pairing import make_pairing
+
+    file, folder, whole = mixed
+    one = PerturbationData(file, CONFIG)
+    many = PerturbationData(None, DataConfig(**{**CONFIG.to_dict(), "path": str(folder)}))
+    assert many.contexts == one.contexts and len(many.contexts) == 4
+    obs = whole.obs
+    pairing = make_pairing("random").fit(many)
+    spread = []
+    for condition in many.conditions:
+        rows = many.cells(condition)
+        np.testing.assert_array_equal(rows, one.cells(condition))
+        spread.append(len(set(many.matrix.shard_of(rows))))
+    assert min(spread) >= 2 and spread.count(3) > 0.9 * len(spread)  # conditions have cells in several shards
+    for context in many.contexts:
+        controls = many.control_cells(context)
+        np.testing.assert_array_equal(controls, one.control_cells(context))
+        assert set(many.matrix.shard_of(controls)) == {0, 1, 2}
+        drawn = pairing.pair(many, context, None, 200, np.random.default_rng(0))  # what a training set draws
+        assert set(many.matrix.shard_of(drawn)) == {0, 1, 2}
+        assert (obs.perturbation.iloc[drawn] == "control").all()
+        assert (obs.cell_type.iloc[drawn].astype(str) == context.cell_type).all()
+        assert (obs.batch.iloc[drawn].astype(str) == context.batch).all()
+
+
+def test_forked_workers_open_their_own_shards_lazily_and_give_the_batches_of_one_file(mixed) -> None:
+    """A DataLoader worker forked after the parent read from every shard opens only what it reads,
+    and the workers' batches over the collection are those of the file read in the main process."""
+    import torch.utils.data
+
+    from perturbdiff_core.data import make_loader
+
+    file, folder, _ = mixed
+    many = PerturbationData(None, DataConfig(**{**CONFIG.to_dict(), "path": str(folder)})).fit()
+    one = PerturbationData(file, CONFIG).fit()
+    many.read(np.array([0, 400, 800]))  # the parent has every shard open
+
+    def open_here() -> list[bool]:
+        return [s._opened is not None and s._opened[0] == os.getpid() for s in many.matrix.shards]
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int) -> tuple[list[bool], list[bool]]:
+            before = open_here()
+            many.read(np.array([310]))
+            return before, open_here()
+
+    assert open_here() == [True, True, True]
+    loader = torch.utils.data.DataLoader(Probe(), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")
+    (before, after), = list(loader)
+    assert before == [False, False, False] and after == [False, True, False]
+
+    labels = [c.label for c in many.perturbed_conditions]
+    forked = [b for b in make_loader(many, labels, batch_size=4, num_workers=2)]
+    alone = [b for b in make_loader(one, labels, batch_size=4, num_workers=0)]
+    assert len(forked) == len(alone) > 1
+    for a, b in zip(alone, forked, strict=True):
+        np.testing.assert_array_equal(a.target.numpy(), b.target.numpy())
+        np.testing.assert_array_equal(a.cond.control.numpy(), b.cond.control.numpy())
+
+
+def test_marginal_pretraining_on_a_collection_from_the_command_line_then_fine_tuning(tmp_path: Path, capsys) -> None:
+    """``perturbdiff train`` with ``train.objective: marginal`` and ``data.perturbation_key: null`` on
+    two shards of an atlas without a perturbation column (one shard lacks a gene), then ``--init-from``."""
+    from perturbdiff_core.cli import main
+
+    atlas = synthetic_screen(400, 20, control_fraction=1.0, seed=5)
+    del atlas.obs["perturbation"]
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    atlas[:200].copy().write_h5ad(folder / "a.h5ad")
+    atlas[200:, 1:].copy().write_h5ad(folder / "b.h5ad")  # lacks the first gene
+    small = {"model": {"denoiser_params": {"size": "tiny", "hidden": 16, "depth": 1, "heads": 2}, "anchor": "none"},
+             "train": {"steps": 3, "batch_size": 2, "val_every": 0, "device": "cpu", "num_workers": 0}}
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(yaml.safe_dump({
+        "data": {"path": str(folder), "perturbation_key": None, "cell_type_key": "cell_type", "set_size": 16},
+        "split": {"val_fraction": 0.0},
+        **small, "train": {**small["train"], "objective": "marginal"},
+    }))
+    assert main(["train", str(pre), "--out", str(tmp_path / "pre")]) == 0
+    err = capsys.readouterr().err
+    dropped = atlas.var_names[0]
+    assert f"collection of 2 shards, 400 cells; genes (intersect): 19 kept, 1 dropped (e.g. {dropped})" in err
+    state = json.loads((tmp_path / "pre" / STATE_FILE).read_text())
+    assert state["genes"] == list(atlas.var_names[1:]) and state["parts"] == [["a.h5ad", 200], ["b.h5ad", 200]]
+    log = pd.read_csv(tmp_path / "pre" / "train_log.csv")
+    assert list(log.step)[-1] == 3 and np.isfinite(log.loss).all()
+
+    screen = synthetic_screen(400, 20, seed=6)  # the same gene names, with perturbations
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(yaml.safe_dump({"data": {"path": str(tmp_path / "screen.h5ad"), "cell_type_key": "cell_type",
+                                             "set_size": 16}, **small}))
+    assert main(["train", str(fine), "--out", str(tmp_path / "fine"), "--init-from", str(tmp_path / "pre"), "--quiet"]) == 0
+    transfer = json.loads((tmp_path / "fine" / "transfer.json").read_text())
+    assert transfer["genes_shared"] == 19 and transfer["genes_added"] == [dropped]
