@@ -145,7 +145,13 @@ def test_prediction_conditioning_draws_controls_of_the_context(data, make_adata)
     cond = prediction_conditioning(data, ["A", "A+B", "B"], context, set_size=8, seed=1)
     assert cond.control.shape == (3, 8, 30) and cond.cell_type.tolist() == [2] * 3 and cond.batch.tolist() == [1] * 3
     torch.testing.assert_close(cond.perturbation, data.encoder.encode(["A", "A+B", "B"]))
-    _row_ids(cond.control.reshape(-1, 30).numpy(), data.read(data.control_cells(context)))
+    controls = data.read(data.control_cells(context))
+    ids = _row_ids(cond.control.reshape(-1, 30).numpy(), controls)
+    assert len({r.tobytes() for r in controls}) == len(controls) >= 24  # distinct cells: rows identify them
+    assert len(set(ids)) == 24  # the 3 sets take 24 different control cells
+    many = prediction_conditioning(data, ["A"] * (len(controls) // 8 + 2), context, set_size=8, seed=2)
+    counts = np.bincount(_row_ids(many.control.reshape(-1, 30).numpy(), controls), minlength=len(controls))
+    assert counts.min() >= 1 and counts.max() - counts.min() <= 1  # every control once before any twice
     with pytest.raises(DataError, match="never seen in training: 'Q'"):
         prediction_conditioning(data, ["Q"], context)
     with pytest.raises(DataError, match="zero control cells"):
