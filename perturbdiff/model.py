@@ -1,8 +1,8 @@
 """``PerturbDiff``: the command line's train, predict and run, for an AnnData in a notebook.
 
-Every call goes through the machinery the commands use (:class:`~perturbdiff_core.training.Trainer`,
-:func:`~perturbdiff_core.prediction.predict_run`, :func:`~perturbdiff_core.pipeline.predict_all` and
-:func:`~perturbdiff_core.pipeline.evaluate_run`), so the same configuration and seed give the same
+Every call goes through the machinery the commands use (:class:`~perturbdiff_core.runs.training.Trainer`,
+:func:`~perturbdiff_core.runs.prediction.predict_run`, :func:`~perturbdiff_core.runs.pipeline.predict_all` and
+:func:`~perturbdiff_core.runs.pipeline.evaluate_run`), so the same configuration and seed give the same
 numbers as ``perturbdiff run``. The model lives in a run folder, as a command's run does: its
 checkpoints make :meth:`PerturbDiff.train` resumable and :meth:`PerturbDiff.save` a copy.
 """
@@ -20,14 +20,14 @@ from typing import Any
 import anndata as ad
 import pandas as pd
 
-from perturbdiff_core.checkpoint import has_checkpoint, load_run_checkpoint
+from perturbdiff_core.runs.checkpoint import has_checkpoint, load_run_checkpoint
 from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.config import SplitConfig
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.io import TMP_SUFFIX
 from perturbdiff_core.names import CONFIG_FILE, LOCK_FILE, LOG_FILE, PREDICTIONS_FILE, REPORT_FILE
-from perturbdiff_core.run_config import RunConfig, check, config_from_dict, resolved
-from perturbdiff_core.run_folder import RunFolder
+from perturbdiff_core.runs.config import RunConfig, check, config_from_dict, resolved
+from perturbdiff_core.runs.folder import RunFolder
 
 from .options import run_config
 
@@ -117,7 +117,7 @@ class PerturbDiff:
         return self.run_dir
 
     def _trainer(self, resume: bool, progress: bool) -> Any:
-        from perturbdiff_core.training import Trainer
+        from perturbdiff_core.runs.training import Trainer
 
         return Trainer(self.config, self._folder(), source=self.adata, resume=resume, progress=progress)
 
@@ -164,8 +164,8 @@ class PerturbDiff:
             populations: independent populations per condition, labelled in obs ``population``.
             device: torch device (default: ``train.device``).
         """
-        from perturbdiff_core.prediction import predict_run
-        from perturbdiff_core.training import resolve_device
+        from perturbdiff_core.runs.prediction import predict_run
+        from perturbdiff_core.runs.training import resolve_device
 
         checkpoint = load_run_checkpoint(self._trained_dir())
         data = str(adata) if isinstance(adata, (str, os.PathLike)) else adata
@@ -187,7 +187,7 @@ class PerturbDiff:
         """What ``perturbdiff run`` does after training: predict the test conditions with the model and
         every ``evaluate.baselines`` predictor, compare them, and write ``predictions.h5ad``,
         ``metrics.csv`` and ``report.html`` into the run folder; returns the metrics (long format)."""
-        from perturbdiff_core.pipeline import evaluate_run, predict_all
+        from perturbdiff_core.runs.pipeline import evaluate_run, predict_all
 
         self._trained_dir()
         with RunFolder(self._folder()) as folder:

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from perturbdiff_core.errors import ConfigError, PluginLoadError
-from perturbdiff_core.kernels import Kernel, RadialKernel, ScaledKernel, SumKernel
-from perturbdiff_core.reductions import KernelReduction
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel, ScaledKernel, SumKernel
+from perturbdiff_core.mmd.reductions import KernelReduction
 
 _INSTALL_HINT = (
     "install pykeops (pip install pykeops) and a C++ compiler with the Python headers "

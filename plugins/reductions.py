@@ -23,8 +23,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from perturbdiff_core.errors import InputError
-from perturbdiff_core.kernels import Kernel, RadialKernel
-from perturbdiff_core.reductions import KernelReduction
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel
+from perturbdiff_core.mmd.reductions import KernelReduction
 
 #: A set's sum with itself is split into this many row spans, each multiplied only against the
 #: columns from its own diagonal block on (10 of 16 blocks' work for 4), a symmetric GEMM, which

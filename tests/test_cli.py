@@ -15,7 +15,7 @@ import pytest
 
 from perturbdiff_core import __version__
 from perturbdiff_core.cli import DEBUG_ENV, main
-from perturbdiff_core.commands import plugins
+from perturbdiff_core.cli.commands import plugins
 from perturbdiff_core.errors import DataError, PerturbDiffNote, PerturbDiffWarning
 from test_etest import make_screen
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from perturbdiff_core.checkpoint import load_checkpoint
+from perturbdiff_core.runs.checkpoint import load_checkpoint
 from perturbdiff_core.cli import main
-from perturbdiff_core.commands.train import fit
+from perturbdiff_core.cli.commands.train import fit
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.training import TrainingInterrupted
+from perturbdiff_core.runs.training import TrainingInterrupted
 from test_cli import assert_one_line_error
 from test_training import TINY_NET
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from perturbdiff_core.denoisers import Denoiser
-from perturbdiff_core.encoders import PerturbationEncoder
+from perturbdiff_core.diffusion.denoisers import Denoiser
+from perturbdiff_core.data.encoders import PerturbationEncoder
 from perturbdiff_core.errors import PluginLoadError
-from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD
-from perturbdiff_core.kernels import Kernel, RadialKernel, squared_distances
-from perturbdiff_core.predictors import Predictor
+from perturbdiff_core.mmd.estimators import MMDEstimator, QuadraticMMD
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel, squared_distances
+from perturbdiff_core.evaluation.predictors import Predictor
 from perturbdiff_core.registry import GROUPS, load, names
-from perturbdiff_core.schedules import NoiseSchedule
+from perturbdiff_core.diffusion.schedules import NoiseSchedule
 from perturbdiff_core.testing import (
     check_denoiser,
     check_encoder,

@@ -13,7 +13,7 @@ from scipy.spatial.distance import cdist
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.cli import main
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.registry import list_plugins
 from test_etest import make_screen, numpy_mmd2
 

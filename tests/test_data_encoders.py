@@ -11,7 +11,7 @@ import torch
 from perturbdiff_plugins.encoders import LookupEncoder, OneHotEncoder
 
 from perturbdiff_core import registry
-from perturbdiff_core.encoders import PerturbationEncoder, perturbation_parts
+from perturbdiff_core.data.encoders import PerturbationEncoder, perturbation_parts
 from perturbdiff_core.errors import DataError
 
 TRAIN = ["B", "A", "control", "A+B", "C"]

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from perturbdiff_core.batch import SetBatch
+from perturbdiff_core.data.batch import SetBatch
 from perturbdiff_core.data import (
     ConditionSets,
     Context,

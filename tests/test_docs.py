@@ -17,7 +17,7 @@ from perturbdiff_core import names
 from perturbdiff_core.cli import build_parser, main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.evaluation.definitions import DEFINITIONS
-from perturbdiff_core.reference import (
+from perturbdiff_core.cli.reference import (
     CONFIG_PAGE,
     METRICS_PAGE,
     config_fields,

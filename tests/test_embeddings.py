@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist, pdist
 
-from perturbdiff_core.embeddings import as_embedding
+from perturbdiff_core.mmd.embeddings import as_embedding
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_plugins.embeddings import NotFittedError
 
 # Independent closed forms of the distance d with lengthscale l.

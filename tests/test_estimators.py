@@ -12,11 +12,11 @@ from scipy import integrate
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.errors import PerturbDiffError, UnknownPluginError
-from perturbdiff_core.estimators import as_estimator
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.estimators import as_estimator
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.registry import load
-from perturbdiff_core import reductions
-from perturbdiff_core.reductions import AutoReduction
+from perturbdiff_core.mmd import reductions
+from perturbdiff_core.mmd.reductions import AutoReduction
 from perturbdiff_plugins import reductions as reduction_plugins
 from perturbdiff_plugins.reductions import ChunkedReduction, DenseReduction
 

@@ -21,14 +21,14 @@ from scipy.spatial.distance import cdist
 from scipy.stats import kstest
 from statsmodels.stats.multitest import multipletests
 
-from perturbdiff_core import two_sample
+from perturbdiff_core.mmd import two_sample
 from perturbdiff_core.cli import main
-from perturbdiff_core.etest import COLUMNS, build_kernel, etest
+from perturbdiff_core.mmd.etest import COLUMNS, build_kernel, etest
 from perturbdiff_core.configuration import parse_overrides
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.errors import ConfigError, DataError, InputError
-from perturbdiff_core.estimators import MMDEstimator, as_estimator
-from perturbdiff_core.two_sample import fdr_bh, null_distribution, permutation_test
+from perturbdiff_core.mmd.estimators import MMDEstimator, as_estimator
+from perturbdiff_core.mmd.two_sample import fdr_bh, null_distribution, permutation_test
 
 REAL_DATA = shared_data_dir() / "norman19_mcfaline23.h5ad"
 

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.validation import check_sets
 
 L = 1.7  # lengthscale of the reference cases; distances in the data are ~0.5 to 6

@@ -13,17 +13,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint
-from perturbdiff_core.commands.predict import predictions
-from perturbdiff_core.prediction import resolve_conditions
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
+from perturbdiff_core.cli.commands.predict import predictions
+from perturbdiff_core.runs.prediction import resolve_conditions
 from perturbdiff_core.data import PerturbationData
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError
-from perturbdiff_core.model_predictor import DiffusionPredictor
-from perturbdiff_core.predictors import POPULATION_KEY, first_population
-from perturbdiff_core.run_config import SampleConfig
-from perturbdiff_core.training import Trainer
+from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+from perturbdiff_core.evaluation.predictors import POPULATION_KEY, first_population
+from perturbdiff_core.runs.config import SampleConfig
+from perturbdiff_core.runs.training import Trainer
 from test_training import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,7 +202,7 @@ def test_populations_are_independent_draws_whose_first_is_the_plain_prediction(t
 
 
 def test_genes_without_a_significant_change_keep_the_donor_values() -> None:
-    from perturbdiff_core.model_predictor import keep_unchanged
+    from perturbdiff_core.runs.model_predictor import keep_unchanged
 
     g = torch.Generator().manual_seed(0)
     donors = torch.poisson(torch.full((200, 6), 2.0), generator=g)

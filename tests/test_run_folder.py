@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from perturbdiff_core.errors import OutputError, PerturbDiffNote
-from perturbdiff_core.run_folder import LOCK_FILE, LockOwner, RunFolder, RunFolderBusy
+from perturbdiff_core.runs.folder import LOCK_FILE, LockOwner, RunFolder, RunFolderBusy
 
 
 def test_a_held_folder_refuses_a_second_claim_naming_the_first(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_other_ranks_claim_nothing(tmp_path: Path) -> None:
 def test_a_claim_that_loses_the_race_for_a_new_folder_leaves_it_to_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs start into one new folder: the one that created it may still lose the lock, and must
     then not remove the folder the other now holds."""
-    from perturbdiff_core import run_folder
+    from perturbdiff_core.runs import folder as run_folder
 
     with RunFolder(tmp_path / "run") as winner:
         (winner.path / "split.json").write_text("{}")

@@ -10,7 +10,7 @@ import torch
 
 from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.registry import load
-from perturbdiff_core.samplers import DDIMStep, DDPMStep, sample, timestep_grid
+from perturbdiff_core.diffusion.samplers import DDIMStep, DDPMStep, sample, timestep_grid
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
 from perturbdiff_core.registry import load, names
-from perturbdiff_core.schedules import MAX_FINAL_ALPHA_BAR, NoiseSchedule
+from perturbdiff_core.diffusion.schedules import MAX_FINAL_ALPHA_BAR, NoiseSchedule
 
 SCHEDULES = ["linear", "cosine", "power_cosine"]
 

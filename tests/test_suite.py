@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from perturbdiff_core.ablation import runner
-from perturbdiff_core.checkpoint import checkpoint_path
+from perturbdiff_core.runs.checkpoint import checkpoint_path
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.run_config import RunConfig, write_config
+from perturbdiff_core.runs.config import RunConfig, write_config
 from perturbdiff_core.suite import (
     LONG_COLUMNS,
     SKIPPED,

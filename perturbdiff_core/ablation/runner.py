@@ -13,14 +13,14 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from ..checkpoint import has_checkpoint
+from ..runs.checkpoint import has_checkpoint
 from ..configuration import read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import ALL_CONDITIONS
-from ..pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
-from ..run_config import CONFIG_FILE, RunConfig, config_from_dict, differences
-from ..run_folder import RunFolder
-from ..training import Trainer
+from ..runs.pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
+from ..runs.config import CONFIG_FILE, RunConfig, config_from_dict, differences
+from ..runs.folder import RunFolder
+from ..runs.training import Trainer
 from .grid import Cell, GridSpec, cell_dir
 from .summary import key_metrics, summarize_grid
 
@@ -61,7 +61,7 @@ def run_cell(config: RunConfig, folder: Path, *, progress: bool = True) -> pd.Da
     """Train (or resume) one cell, predict its test conditions, write ``metrics.csv`` and ``report.html``.
 
     The steps of ``perturbdiff run`` without its command line, in the folder held by this process
-    (:class:`~perturbdiff_core.run_folder.RunFolder`); returns the metrics table.
+    (:class:`~perturbdiff_core.runs.folder.RunFolder`); returns the metrics table.
     """
     with RunFolder(folder) as claimed:
         trainer = Trainer(config, folder, resume=has_checkpoint(folder), progress=progress)

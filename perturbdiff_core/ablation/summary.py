@@ -18,7 +18,7 @@ from ..names import ABLATION_MARKDOWN_FILE as MARKDOWN_FILE
 from ..names import ABLATION_PLOT_FILE as PLOT_FILE
 from ..names import ABLATION_TABLE_FILE as TABLE_FILE
 from ..names import CELLS_FILE
-from ..pipeline import METRICS_FILE, MODEL
+from ..runs.pipeline import METRICS_FILE, MODEL
 from .grid import SUMMARY_COLUMNS, Cell, GridSpec, cell_dir
 
 

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from torch import Tensor
 
 from .. import registry
-from ..encoders import PerturbationEncoder, perturbation_parts
+from .encoders import PerturbationEncoder, perturbation_parts
 from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
     CellMatrix,

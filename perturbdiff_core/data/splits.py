@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..encoders import perturbation_parts
+from .encoders import perturbation_parts
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from .config import SPLIT_KINDS, SplitConfig

@@ -18,8 +18,8 @@ import pandas as pd
 
 from ..data.anndata_io import read_anndata
 from ..errors import InputError
-from ..estimators import MMDEstimator
-from ..kernels import Kernel
+from ..mmd.estimators import MMDEstimator
+from ..mmd.kernels import Kernel
 from .de import FDR_THRESHOLD
 from .definitions import DEFINITIONS, MetricDefinition
 from .pipeline import ALL_CONDITIONS, COLUMNS, evaluate

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from ..data.anndata_io import CellMatrix, require_label, require_obs_key, require_unique_genes, summarize_values
 from ..errors import DataError
-from ..predictors import POPULATION_KEY
+from .predictors import POPULATION_KEY
 
 #: Largest value accepted as log1p expression (log1p(5e8) is about 20).
 MAX_LOG1P = 20.0
@@ -91,7 +91,7 @@ def pair_anndata(
     """Check ``pred`` and ``real`` against the input rules and index their populations.
 
     Populations: the real data's by ``replicate_key``; the prediction's by its ``population``
-    column (:data:`~perturbdiff_core.predictors.POPULATION_KEY`, written by ``predict
+    column (:data:`~perturbdiff_core.evaluation.predictors.POPULATION_KEY`, written by ``predict
     --populations K``) when it has one, else by ``replicate_key``. The metrics other than
     population variability and calibration read the prediction's first population.
     """

@@ -18,8 +18,8 @@ import pandas as pd
 
 from ..data.anndata_io import read_anndata
 from ..errors import InputError
-from ..estimators import MMDEstimator, as_estimator
-from ..kernels import Kernel, as_kernel
+from ..mmd.estimators import MMDEstimator, as_estimator
+from ..mmd.kernels import Kernel, as_kernel
 from ..names import ALL_CONDITIONS
 from ..progress import progress_bar
 from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de

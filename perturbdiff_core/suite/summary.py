@@ -21,7 +21,7 @@ from ..names import SUITE_FILE
 from ..names import SUITE_MARKDOWN_FILE as MARKDOWN_FILE
 from ..names import SUITE_PLOT_FILE as PLOT_FILE
 from ..names import SUITE_SUMMARY_FILE as SUMMARY_FILE
-from ..pipeline import METRICS_FILE, MODEL
+from ..runs.pipeline import METRICS_FILE, MODEL
 from .spec import SuiteRun, SuiteSpec, run_dir
 
 
