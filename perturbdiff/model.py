@@ -25,9 +25,9 @@ from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.config import SplitConfig
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.io import TMP_SUFFIX
-from perturbdiff_core.names import CONFIG_FILE, LOCK_FILE, LOG_FILE, PREDICTIONS_FILE, REPORT_FILE
+from perturbdiff_core.names import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE
 from perturbdiff_core.runs.config import RunConfig, check, config_from_dict, resolved
-from perturbdiff_core.runs.folder import RunFolder
+from perturbdiff_core.runs.folder import RunDir, RunFolder
 
 from .options import run_config
 
@@ -102,7 +102,7 @@ class PerturbDiff:
 
     def history(self) -> pd.DataFrame:
         """The training log (``train_log.csv``): mean losses per ``train.log_every`` steps, validation MMD."""
-        log = self._trained_dir() / LOG_FILE
+        log = RunDir(self._trained_dir()).train_log
         return pd.read_csv(log) if log.exists() else pd.DataFrame()
 
     def _folder(self) -> Path:
@@ -199,12 +199,12 @@ class PerturbDiff:
     @property
     def report(self) -> Path:
         """The run folder's ``report.html`` (written by :meth:`evaluate`)."""
-        return self._trained_dir() / REPORT_FILE
+        return RunDir(self._trained_dir()).report
 
     @property
     def predictions_file(self) -> Path:
         """The run folder's ``predictions.h5ad`` (written by :meth:`evaluate`)."""
-        return self._trained_dir() / PREDICTIONS_FILE
+        return RunDir(self._trained_dir()).predictions
 
     # ---------------------------------------------------------------------- save and load
 
@@ -232,9 +232,9 @@ class PerturbDiff:
         trained from an AnnData in memory (its config then has no ``data.path``).
         """
         folder = Path(path)
-        if not (folder / CONFIG_FILE).is_file() or not has_checkpoint(folder):
-            raise InputError(f"{folder} holds no trained model (no {CONFIG_FILE} and checkpoints/last.pt); give a run folder.")
-        config = config_from_dict(read_yaml(folder / CONFIG_FILE))
+        if not RunDir(folder).config.is_file() or not has_checkpoint(folder):
+            raise InputError(f"{folder} holds no trained model (no {CONFIG_FILE} and {CHECKPOINT_DIR}/{LAST_CHECKPOINT}); give a run folder.")
+        config = config_from_dict(read_yaml(RunDir(folder).config))
         if adata is None and config.data.path is None:
             raise InputError(
                 f"The model in {folder} was trained from an AnnData in memory; pass it: PerturbDiff.load(path, adata)."

@@ -184,10 +184,10 @@ def test_train_fraction_keeps_the_expected_cells(screens) -> None:
 
 
 def test_evaluate_refits_baselines_on_the_run_training_fraction(screens, tmp_path: Path) -> None:
-    from perturbdiff_core.cli.commands.evaluate import RunFolder
+    from perturbdiff_core.runs.folder import SavedRun
 
     trainer = train(screens[0], tmp_path / "run", *HOLDOUT, "split.train_fraction=0.05", "train.steps=1")
-    folder = RunFolder.load(tmp_path / "run")
+    folder = SavedRun.load(tmp_path / "run")
     for label in trainer.split.train:
         assert np.array_equal(folder.data.cells(label), trainer.data.cells(label))
 

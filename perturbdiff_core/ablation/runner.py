@@ -17,9 +17,9 @@ from ..runs.checkpoint import has_checkpoint
 from ..configuration import read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import ALL_CONDITIONS
-from ..runs.pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
-from ..runs.config import CONFIG_FILE, RunConfig, config_from_dict, differences
-from ..runs.folder import RunFolder
+from ..runs.pipeline import MODEL, evaluate_run, predict_all
+from ..runs.config import RunConfig, config_from_dict, differences
+from ..runs.folder import RunDir, RunFolder
 from ..runs.training import Trainer
 from .grid import Cell, GridSpec, cell_dir
 from .summary import key_metrics, summarize_grid
@@ -30,7 +30,7 @@ IGNORED_ON_RESUME = ("data.path", "train.device", "train.num_workers", "train.th
 
 def cell_status(folder: Path) -> str:
     """``done`` (metrics written), ``resume`` (a checkpoint) or ``new``."""
-    if (folder / METRICS_FILE).is_file():
+    if RunDir(folder).metrics.is_file():
         return "done"
     return "resume" if has_checkpoint(folder) else "new"
 
@@ -43,7 +43,7 @@ def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
 
 def check_folder(folder: Path, config: RunConfig) -> None:
     """ConfigError when ``folder`` holds a run of another configuration than ``config`` (its results would be stale)."""
-    saved_file = folder / CONFIG_FILE
+    saved_file = RunDir(folder).config
     if not saved_file.is_file():
         return
     saved = config_from_dict(read_yaml(saved_file)).to_dict()  # keys added since it was written take their defaults

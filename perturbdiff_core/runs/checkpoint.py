@@ -32,13 +32,14 @@ from ..data.splits import Split
 from ..diffusion.model import RKHSDiffusion
 from ..errors import PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, first_line
 from ..io import atomic_path, output_error
-from ..names import CHECKPOINT_DIR, LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
+from ..names import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 from .config import RunConfig, config_from_dict, plugin_mismatches, plugin_records
+from .folder import RunDir
 
 #: Marks a perturbdiff checkpoint and the version of its layout; a reader accepts only its own.
 CHECKPOINT_FORMAT = "perturbdiff.checkpoint/1"
 
-#: The latest checkpoint's file name and the one before it (in :data:`CHECKPOINT_DIR`).
+#: The latest checkpoint's file name and the one before it (in :attr:`RunDir.checkpoints`).
 LAST, PREVIOUS = LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 
 
@@ -93,12 +94,12 @@ class Checkpoint:
 
 def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
     """``run_dir/checkpoints/last.pt``."""
-    return Path(run_dir) / CHECKPOINT_DIR / LAST
+    return RunDir(run_dir).last_checkpoint
 
 
 def previous_path(run_dir: str | os.PathLike[str]) -> Path:
     """``run_dir/checkpoints/previous.pt``, the checkpoint before ``last.pt``."""
-    return Path(run_dir) / CHECKPOINT_DIR / PREVIOUS
+    return RunDir(run_dir).previous_checkpoint
 
 
 def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:

@@ -28,6 +28,7 @@ from ..data.config import DataConfig, SplitConfig
 from ..errors import ConfigError, DataError, UnknownPluginError, first_line
 from ..io import atomic_write_text
 from ..names import CONFIG_FILE, PLUGINS_FILE, RUNS_DIR
+from .folder import RunDir
 
 #: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.
 PLUGIN_KEYS: dict[str, str] = {
@@ -399,10 +400,10 @@ def write_config(config: RunConfig, run_dir: str | os.PathLike[str]) -> Path:
     The records live in a file of their own so that ``config.yaml`` stays a config that
     ``perturbdiff train`` reads back unchanged.
     """
-    path = Path(run_dir) / CONFIG_FILE
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    atomic_write_text(Path(run_dir) / PLUGINS_FILE, yaml.safe_dump(plugin_records(config), sort_keys=False))
-    return path
+    files = RunDir(run_dir)
+    atomic_write_text(files.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(files.plugins, yaml.safe_dump(plugin_records(config), sort_keys=False))
+    return files.config
 
 
 def _config_value(config: RunConfig, key: str) -> Any:

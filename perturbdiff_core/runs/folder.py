@@ -1,4 +1,12 @@
-"""A run folder held by one process at a time.
+"""A run folder: the files it holds (:class:`RunDir`), one process at a time holding it
+(:class:`RunFolder`), and a finished run read back for evaluation (:class:`SavedRun`).
+
+:class:`RunDir` is the one place that joins a run folder with its file names (``config.yaml``,
+``checkpoints/last.pt``, ``metrics.csv``, ...; the names themselves live in
+:mod:`perturbdiff_core.names`, so the command line's help can show them without importing this).
+The data and evaluation layers below, which write into a folder they are given, use those names
+directly: ``split.json`` and ``data_state.json`` (:mod:`perturbdiff_core.data.prepare`) and
+``report.html`` (:mod:`perturbdiff_core.evaluation.report`).
 
 :class:`RunFolder` claims the folder of a ``train``, ``run`` or ablation cell before anything slow
 happens: it checks the path (a writable folder, not a file, nothing but folders above it),
@@ -27,10 +35,119 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from ..errors import PerturbDiffError, PerturbDiffNote
+from ..configuration import read_yaml
+from ..errors import InputError, PerturbDiffError, PerturbDiffNote
 from ..io import TMP_SUFFIX, check_output_folder, output_error
-from ..names import CHECKPOINT_DIR, LOCK_FILE
+from ..names import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    LOCK_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    PLUGINS_FILE,
+    PREDICTIONS_FILE,
+    PREVIOUS_CHECKPOINT,
+    REPORT_FILE,
+    SPLIT_FILE,
+    STATE_FILE,
+    TRANSFER_FILE,
+)
+
+if TYPE_CHECKING:  # the data stack is imported when a saved run is read, not for --help
+    import anndata as ad
+    import pandas as pd
+
+    from ..data import PerturbationData, Split
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of a run folder's files (``docs/run_folder.md`` says what each holds).
+
+    Example:
+        >>> RunDir("runs/kang").last_checkpoint
+        PosixPath('runs/kang/checkpoints/last.pt')
+    """
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        """``config.yaml``: the resolved configuration; the run repeats from it alone."""
+        return self.path / CONFIG_FILE
+
+    @property
+    def plugins(self) -> Path:
+        """``plugins.yaml``: the distribution and version of every plug-in the config names."""
+        return self.path / PLUGINS_FILE
+
+    @property
+    def split(self) -> Path:
+        """``split.json``: training, validation and test conditions."""
+        return self.path / SPLIT_FILE
+
+    @property
+    def data_state(self) -> Path:
+        """``data_state.json``: what the data preparation learnt (genes, vocabularies, encoder)."""
+        return self.path / STATE_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        """``checkpoints/``: the folder of the checkpoints."""
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """``checkpoints/last.pt``: the latest checkpoint."""
+        return self.checkpoints / LAST_CHECKPOINT
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        """``checkpoints/previous.pt``: the checkpoint before ``last.pt``, its fallback."""
+        return self.checkpoints / PREVIOUS_CHECKPOINT
+
+    @property
+    def lock(self) -> Path:
+        """``.perturbdiff.lock``: the lock of the process holding the folder (:class:`RunFolder`)."""
+        return self.path / LOCK_FILE
+
+    @property
+    def train_log(self) -> Path:
+        """``train_log.csv``: mean losses per ``train.log_every`` steps, validation MMD."""
+        return self.path / LOG_FILE
+
+    @property
+    def transfer(self) -> Path:
+        """``transfer.json``: what ``train.init_from`` loaded."""
+        return self.path / TRANSFER_FILE
+
+    @property
+    def predictions(self) -> Path:
+        """``predictions.h5ad``: the predicted cells of the test conditions."""
+        return self.path / PREDICTIONS_FILE
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.csv``: the metrics of the model and the baselines, long format."""
+        return self.path / METRICS_FILE
+
+    @property
+    def report(self) -> Path:
+        """``report.html``: the self-contained report."""
+        return self.path / REPORT_FILE
+
+    def results(self) -> tuple[Path, ...]:
+        """The files a run writes that ``perturbdiff predict`` never replaces."""
+        return (
+            self.predictions, self.metrics, self.report, self.config, self.plugins, self.train_log, self.split,
+            self.data_state,
+        )
 
 
 class RunFolderBusy(PerturbDiffError):
@@ -99,7 +216,7 @@ class RunFolder:
         check_output_folder(self.path)
         self.created = _make(self.path)
         try:
-            self._fd = _acquire(self.path / LOCK_FILE)
+            self._fd = _acquire(RunDir(self.path).lock)
         except BaseException:
             if self.created:  # empty unless a concurrent run took it first: then it is that run's
                 with contextlib.suppress(OSError):
@@ -116,7 +233,7 @@ class RunFolder:
         if kind is not None and not self.kept:
             self._discard()
         if self._fd is not None:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)  # still held: no one can take it in between
+            RunDir(self.path).lock.unlink(missing_ok=True)  # still held: no one can take it in between
             os.close(self._fd)
             self._fd = None
 
@@ -220,7 +337,7 @@ def _write_owner(fd: int, owner: LockOwner) -> None:
 def _remove_orphans(folder: Path) -> None:
     """Delete the temporary files of atomic writes a killed run left in ``folder`` and its checkpoint
     folder (only a lock holder may: nobody else writes there), with a note naming how many."""
-    orphans = [p for where in (folder, folder / CHECKPOINT_DIR) for p in where.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    orphans = [p for where in (folder, RunDir(folder).checkpoints) for p in where.glob(f".*{TMP_SUFFIX}") if p.is_file()]
     for orphan in orphans:
         orphan.unlink(missing_ok=True)
     if orphans:
@@ -230,3 +347,62 @@ def _remove_orphans(folder: Path) -> None:
             PerturbDiffNote,
             stacklevel=3,
         )
+
+
+@dataclass
+class SavedRun:
+    """What baselines need from a run folder: its data (the model's genes) and split."""
+
+    path: Path
+    data: PerturbationData
+    split: Split
+
+    @classmethod
+    def load(cls, path: str | Path) -> SavedRun:
+        """Read ``config.yaml``, ``split.json`` and (when present) ``data_state.json`` of a run folder."""
+        from ..data import DataConfig, PerturbationData, Split, load_prepared
+        from .config import resolve_data_path
+
+        path = Path(path)
+        files = RunDir(path)
+        config_file = files.config
+        if not config_file.exists():
+            raise InputError(
+                f"{path} is not a run folder: it has no {config_file.name}. Give the folder of a perturbdiff run."
+            )
+        config = DataConfig.from_dict(read_yaml(config_file).get("data", {}))
+        config.path = resolve_data_path(config.path)
+        if files.data_state.exists():
+            return cls(path, *load_prepared(path, config))  # baselines see the training cells the model saw
+        split = Split.load(files.split)  # a run folder without its data state: fit on its training conditions
+        data = PerturbationData(None, config).fit(split.train)
+        split.apply(data)
+        return cls(path, data, split)
+
+    def predict(self, name: str, *, seed: int) -> ad.AnnData:
+        """Predictions of baseline ``name`` fitted on the training conditions, for the test conditions."""
+        from ..evaluation.predictors import as_predictor, predict_anndata
+
+        predictor = as_predictor(name).fit(self.data, self.split.train)
+        return predict_anndata(predictor, self.data, self.split.test, seed=seed)
+
+    def real(self) -> ad.AnnData:
+        """The real cells of the test conditions and their contexts' control cells."""
+        from ..evaluation.predictors import real_anndata
+
+        return real_anndata(self.data, self.split.test)
+
+    def facts(self) -> dict[str, str]:
+        """What the run was (:func:`~perturbdiff_core.runs.provenance.run_facts`), for the report's header."""
+        from .config import config_from_dict
+        from .provenance import run_facts
+
+        config = config_from_dict(read_yaml(RunDir(self.path).config))
+        return run_facts(config, test=self.split.test) | {"run folder": str(self.path)}
+
+    def loss_history(self) -> pd.DataFrame | None:
+        """The run's ``train_log.csv``, or ``None`` when it has none."""
+        import pandas as pd
+
+        log = RunDir(self.path).train_log
+        return pd.read_csv(log) if log.exists() else None

@@ -23,6 +23,7 @@ from .provenance import run_facts
 from ..evaluation.predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
 from .config import RunConfig
 from ..threads import apply_threads
+from .folder import RunDir
 from .training import Trainer
 
 
@@ -54,7 +55,7 @@ def predict_all(
             model, data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations, progress=trainer.progress
         )
     }
-    write_predictions(first_population(predictions[MODEL]), trainer.run_dir / PREDICTIONS_FILE)
+    write_predictions(first_population(predictions[MODEL]), RunDir(trainer.run_dir).predictions)
     for name, baseline in baselines.items():
         baseline.fit(data, trainer.split.train)
         predictions[name] = predict_anndata(baseline, data, test, n_cells=n_cells, seed=seed, progress=trainer.progress)
@@ -74,7 +75,7 @@ def evaluate_run(trainer: Trainer, predictions: dict[str, ad.AnnData], real: ad.
         predictions, real, **keys, kernel=config.evaluate.kernel, max_cells=config.evaluate.max_cells, seed=config.seed,
         progress=trainer.progress,
     )
-    with atomic_path(trainer.run_dir / METRICS_FILE) as tmp:
+    with atomic_path(RunDir(trainer.run_dir).metrics) as tmp:
         metrics.to_csv(tmp, index=False)
     with stage(f"writing {REPORT_FILE}", disable=not trainer.progress):
         _report(trainer, metrics, predictions, real, keys)

@@ -33,6 +33,7 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from ..names import TRANSFER_FILE
 from ..registry import load
+from .folder import RunDir
 
 
 #: How the fine-tune genes relate to the checkpoint's: keep the data's genes (new ones freshly
@@ -139,7 +140,7 @@ class TransferReport:
 
     def write(self, run_dir: str | os.PathLike[str]) -> Path:
         """Write the report as ``run_dir/transfer.json`` (atomically)."""
-        path = Path(run_dir) / TRANSFER_FILE
+        path = RunDir(run_dir).transfer
         atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
         return path
 

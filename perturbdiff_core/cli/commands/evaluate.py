@@ -8,21 +8,20 @@ predict its held-out conditions, the same split as the model.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...configuration import parse_overrides, read_yaml
+from ...configuration import parse_overrides
 from ...errors import InputError
 from ...io import atomic_path, check_output_file
-from ...names import ALL_CONDITIONS, CONFIG_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE
+from ...names import ALL_CONDITIONS, METRICS_FILE
 
 if TYPE_CHECKING:  # the data stack is imported when the command runs, not for --help
     import anndata as ad
     import pandas as pd
     from rich.console import Console
 
-    from ...data import DataConfig, PerturbationData, Split
+    from ...data import DataConfig
 
 _EPILOG = f"""\
 metrics.csv is long format: condition, metric, method, value. Rows with condition
@@ -71,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-cells", type=int, default=1000, metavar="N", help="subsample populations to at most N cells for MMD (default: %(default)s)")
     parser.add_argument("--fdr", type=float, default=0.05, help="BH FDR threshold of DE genes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling (default: %(default)s)")
-    parser.add_argument("--out", default="metrics.csv", metavar="metrics.csv", help="output CSV (default: %(default)s)")
+    parser.add_argument("--out", default=METRICS_FILE, metavar=METRICS_FILE, help="output CSV (default: %(default)s)")
     parser.add_argument("--baselines", nargs="+", default=[], metavar="NAME", help="predictor plug-ins to compare with on the same split (needs --run)")
     parser.add_argument("--run", default=None, metavar="DIR", help="the run folder of the prediction: its data, split and training log")
     parser.add_argument("--report", action="store_true", help="also write report.html beside --out")
@@ -85,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ...mmd.etest import build_kernel
     from ...evaluation import compare
     from ...evaluation.verdict import verdict
+    from ...runs.folder import SavedRun
 
     if args.baselines and args.run is None:
         raise InputError(
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             "Give REAL.h5ad (the real cells of the predicted conditions), or --run DIR to read them from the run's data."
         )
     check_output_file(args.out)  # a folder or an unwritable place fails now, not after the metrics
-    folder = RunFolder.load(args.run) if args.run is not None else None
+    folder = SavedRun.load(args.run) if args.run is not None else None
     real = args.real if args.real is not None else folder.real()
     keys = _keys(args, folder.data.config if folder is not None else None)
     predictions: dict[str, ad.AnnData | str] = {args.method: args.pred}
@@ -159,64 +159,6 @@ def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, str 
         "control_label": args.control_label or fallback.control_label,
         "cell_type_key": args.cell_type_key or fallback.cell_type_key,
     }
-
-
-@dataclass
-class RunFolder:
-    """What baselines need from a run folder: its data (the model's genes) and split."""
-
-    path: Path
-    data: PerturbationData
-    split: Split
-
-    @classmethod
-    def load(cls, path: str | Path) -> RunFolder:
-        """Read ``config.yaml``, ``split.json`` and (when present) ``data_state.json`` of a run folder."""
-        from ...data import DataConfig, PerturbationData, Split, load_prepared
-        from ...runs.config import resolve_data_path
-
-        path = Path(path)
-        config_file = path / CONFIG_FILE
-        if not config_file.exists():
-            raise InputError(
-                f"{path} is not a run folder: it has no {CONFIG_FILE}. Give the folder of a perturbdiff run."
-            )
-        config = DataConfig.from_dict(read_yaml(config_file).get("data", {}))
-        config.path = resolve_data_path(config.path)
-        if (path / STATE_FILE).exists():
-            return cls(path, *load_prepared(path, config))  # baselines see the training cells the model saw
-        split = Split.load(path / SPLIT_FILE)  # a run folder without its data state: fit on its training conditions
-        data = PerturbationData(None, config).fit(split.train)
-        split.apply(data)
-        return cls(path, data, split)
-
-    def predict(self, name: str, *, seed: int) -> ad.AnnData:
-        """Predictions of baseline ``name`` fitted on the training conditions, for the test conditions."""
-        from ...evaluation.predictors import as_predictor, predict_anndata
-
-        predictor = as_predictor(name).fit(self.data, self.split.train)
-        return predict_anndata(predictor, self.data, self.split.test, seed=seed)
-
-    def real(self) -> ad.AnnData:
-        """The real cells of the test conditions and their contexts' control cells."""
-        from ...evaluation.predictors import real_anndata
-
-        return real_anndata(self.data, self.split.test)
-
-    def facts(self) -> dict[str, str]:
-        """What the run was (:func:`~perturbdiff_core.runs.provenance.run_facts`), for the report's header."""
-        from ...runs.provenance import run_facts
-        from ...runs.config import config_from_dict
-
-        config = config_from_dict(read_yaml(self.path / CONFIG_FILE))
-        return run_facts(config, test=self.split.test) | {"run folder": str(self.path)}
-
-    def loss_history(self) -> pd.DataFrame | None:
-        """The run's ``train_log.csv``, or ``None`` when it has none."""
-        import pandas as pd
-
-        log = self.path / LOG_FILE
-        return pd.read_csv(log) if log.exists() else None
 
 
 def _print_summary(table: pd.DataFrame, console: Console) -> None:

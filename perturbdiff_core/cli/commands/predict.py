@@ -9,29 +9,14 @@ from typing import TYPE_CHECKING
 
 from ...errors import InputError
 from ...io import check_output_file, check_output_folder, write_new
-from ...names import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    LOG_FILE,
-    METRICS_FILE,
-    NEW_PREDICTIONS,
-    PLUGINS_FILE,
-    POPULATION_KEY,
-    PREDICTIONS_FILE,
-    REPORT_FILE,
-    SPLIT_FILE,
-    STATE_FILE,
-)
+from ...names import METRICS_FILE, NEW_PREDICTIONS, POPULATION_KEY, PREDICTIONS_FILE, REPORT_FILE
+from ...runs.folder import RunDir
 
 if TYPE_CHECKING:  # torch and AnnData are imported when the command runs, not for --help
     import anndata as ad
     import torch
 
     from ...runs.checkpoint import Checkpoint
-
-#: Files of a run folder that predict never replaces.
-RUN_FILES = (PREDICTIONS_FILE, METRICS_FILE, REPORT_FILE, CONFIG_FILE, PLUGINS_FILE, LOG_FILE, SPLIT_FILE, STATE_FILE)
-
 
 _EPILOG = f"""\
 --conditions takes perturbation names (every context of the data where the perturbation
@@ -46,7 +31,7 @@ The output holds the predicted cells with the input's obs keys and the model's g
 real control cells of their contexts unchanged, ready for perturbdiff evaluate or cell-eval; it
 is written atomically. Without --out it is a new file in the run folder,
 {NEW_PREDICTIONS}_<n>.h5ad with the first free n (the name is printed): predict never replaces
-the run's own {PREDICTIONS_FILE}, which its metrics.csv and report.html describe, nor any other
+the run's own {PREDICTIONS_FILE}, which its {METRICS_FILE} and {REPORT_FILE} describe, nor any other
 file of the run (--out naming one is refused). With --populations K every
 condition gets K independent populations (other control draws and noise), labelled in obs
 '{POPULATION_KEY}': perturbdiff evaluate then reports where the real population falls among them
@@ -98,9 +83,10 @@ def check_out(out: str | None, run_dir: Path) -> Path | None:
         check_output_folder(run_dir)
         return None
     path = check_output_file(out)
-    if path.resolve().parent == run_dir.resolve() and path.name in RUN_FILES:
+    files = RunDir(run_dir.resolve())
+    if path.resolve().parent == files.path and path.name in {f.name for f in files.results()}:
         clash = f"would replace the run's own {path.name}"
-    elif run_dir.resolve() / CHECKPOINT_DIR in path.resolve().parents:
+    elif files.checkpoints in path.resolve().parents:
         clash = "lies in the run's own checkpoints folder"
     else:
         return path

@@ -10,7 +10,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ...errors import ConfigError
-from ...names import CONFIG_FILE, LOG_FILE, PLUGINS_FILE, RUNS_DIR
+from ...names import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    LOCK_FILE,
+    LOG_FILE,
+    PLUGINS_FILE,
+    PREVIOUS_CHECKPOINT,
+    RUNS_DIR,
+    SPLIT_FILE,
+    STATE_FILE,
+)
 
 if TYPE_CHECKING:  # torch and the data stack are imported when a command runs, not for --help
     from ...runs.config import RunConfig
@@ -22,11 +33,11 @@ EPILOG = f"""\
   --set train.steps=200 split.holdout=[CD4T] data.batch_key=null
 Resolution: defaults <- CONFIG.yaml <- --set. The run folder (--out, default
 {RUNS_DIR}/<config name>) receives {CONFIG_FILE} (the resolved config), {PLUGINS_FILE}
-(the distribution and version of each plug-in it names), split.json, data_state.json, {LOG_FILE} and checkpoints/last.pt (written atomically).
+(the distribution and version of each plug-in it names), {SPLIT_FILE}, {STATE_FILE}, {LOG_FILE} and {CHECKPOINT_DIR}/{LAST_CHECKPOINT} (written atomically).
 Ctrl-C and SIGTERM save a checkpoint of the last completed step (exit 130 and 143); --resume
 continues it exactly (the same losses as an uninterrupted run). The previous checkpoint is kept
-as checkpoints/previous.pt and used, with a note, when last.pt cannot be read. One run at a time
-holds a run folder (the lock file .perturbdiff.lock names it); a second is refused. A relative data.path that does not exist is looked
+as {CHECKPOINT_DIR}/{PREVIOUS_CHECKPOINT} and used, with a note, when {LAST_CHECKPOINT} cannot be read. One run at a time
+holds a run folder (the lock file {LOCK_FILE} names it); a second is refused. A relative data.path that does not exist is looked
 up by file name in $PERTURBDIFF_DATA (or ../shared/data beside the source tree).
 Several processes or GPUs: torchrun --nproc_per_node N -m perturbdiff_core train ...
 (train.batch_size is the global batch; rank 0 writes the run folder; docs/distributed.md).
@@ -98,6 +109,7 @@ def fit(trainer: Trainer, command: str = "train") -> int:
     """Train; 0 when done, 130 after Ctrl-C and 143 after SIGTERM (checkpoint saved, one line saying how
     to resume ``command``)."""
     from ...runs import distributed
+    from ...runs.folder import RunDir
     from ...runs.training import TrainingInterrupted
 
     try:
@@ -107,7 +119,7 @@ def fit(trainer: Trainer, command: str = "train") -> int:
         if distributed.is_main():
             launch = " under the same torchrun launch" if distributed.world_size() > 1 else ""
             print(
-                f"perturbdiff: {stop}; resume with: perturbdiff {command} {run_dir / CONFIG_FILE} --out {run_dir} "
+                f"perturbdiff: {stop}; resume with: perturbdiff {command} {RunDir(run_dir).config} --out {run_dir} "
                 f"--resume{launch}",
                 file=sys.stderr,
             )
