@@ -65,6 +65,7 @@ def test_train_then_predict(config_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert (ad.read_h5ad(out).obs.perturbation == "C").sum() == 5
 
 
+@pytest.mark.slow
 def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET]) == 0

@@ -98,6 +98,7 @@ def assert_same_run(parallel: Path, single: Path) -> None:
                                    rtol=RTOL, atol=ATOL, equal_nan=True, msg=column)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_train_and_resume_like_one_process(tmp_path: Path) -> None:
     screen = tmp_path / "screen.h5ad"
     synthetic_screen(400, 50, seed=3).write_h5ad(screen)
