@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from perturbdiff_core.runs import distributed
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.io import atomic_write_text
+from perturbdiff_core.runs import distributed
 from perturbdiff_core.runs.config import load_config
 from perturbdiff_core.runs.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_record import machine_line  # noqa: E402
+from machine_record import machine_line
 
 
 def run_config(screen: Path, args: argparse.Namespace) -> list[str]:

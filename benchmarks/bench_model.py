@@ -48,15 +48,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_screen, screen_loader, take  # noqa: E402
-from cases import DEVICE  # noqa: E402
-from machine_record import env_prefix, machine  # noqa: E402
+from bench_loader import BATCHES, CASES, CELLS, B, G, S, case_id, endless, make_screen, screen_loader, take
+from cases import DEVICE
+from machine_record import env_prefix, machine
 
-from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData  # noqa: E402
-from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
-from perturbdiff_core.io import atomic_write_text  # noqa: E402
-from perturbdiff_core.runs.config import ModelConfig, TrainConfig  # noqa: E402
-from perturbdiff_core.runs.training import build_model, make_optimizer, resolve_workers, training_loader  # noqa: E402
+from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.io import atomic_write_text
+from perturbdiff_core.runs.config import ModelConfig, TrainConfig
+from perturbdiff_core.runs.training import build_model, make_optimizer, resolve_workers, training_loader
 
 SIZES = ("tiny", "small", "paper")
 PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")

@@ -20,12 +20,12 @@ from typing import Any
 import anndata as ad
 import pandas as pd
 
-from perturbdiff_core.runs.checkpoint import has_checkpoint, load_run_checkpoint
 from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.config import SplitConfig
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.io import TMP_SUFFIX
 from perturbdiff_core.names import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE
+from perturbdiff_core.runs.checkpoint import has_checkpoint, load_run_checkpoint
 from perturbdiff_core.runs.config import RunConfig, check, config_from_dict, resolved
 from perturbdiff_core.runs.folder import RunDir, RunFolder
 

@@ -332,7 +332,7 @@ def _build(group: str, name: str, factory: Any, params: dict[str, Any]) -> Any:
         return factory(**params)
     except PerturbDiffError:  # the plug-in's own message about its parameters
         raise
-    except Exception as err:  # noqa: BLE001 - any failure inside foreign code
+    except Exception as err:  # any failure inside foreign code
         dist = _distribution(group, name)
         shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "no parameters"
         raise PluginLoadError(

@@ -51,11 +51,11 @@ from .mmd.kernels import Kernel, RadialKernel, as_kernel
 from .mmd.reductions import KernelReduction
 
 if TYPE_CHECKING:  # imported where used: the data layer is heavy for a kernel author's tests
-    from .diffusion.denoisers import Denoiser
-    from .mmd.embeddings import EmbeddingMap
     from .data.encoders import PerturbationEncoder
-    from .evaluation.predictors import Predictor
+    from .diffusion.denoisers import Denoiser
     from .diffusion.schedules import NoiseSchedule
+    from .evaluation.predictors import Predictor
+    from .mmd.embeddings import EmbeddingMap
 
 __all__ = [
     "CheckSkipped",
@@ -700,7 +700,10 @@ def _schedule_betas(schedule: NoiseSchedule) -> None:
         f"{name}: betas() must return a float64 tensor of shape ({t},), got {getattr(betas, 'dtype', type(betas).__name__)} "
         f"{tuple(getattr(betas, 'shape', ()))}.",
     )
-    _require(bool(((betas > 0) & (betas < 1)).all()), f"{name}: every beta must lie in (0, 1); got values in [{betas.min().item():.3g}, {betas.max().item():.3g}].")
+    _require(
+        bool(((betas > 0) & (betas < 1)).all()),
+        f"{name}: every beta must lie in (0, 1); got values in [{betas.min().item():.3g}, {betas.max().item():.3g}].",
+    )
     table = _alpha_bars(schedule)
     _require(table[0].item() == 1.0, f"{name}: alpha_bar(0) = 1 failed: got {table[0].item()!r}.")
 
@@ -835,7 +838,10 @@ def _denoiser_cell_order(denoiser: Denoiser) -> None:
     perm = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(2))
     out = net(x, t, cond, self_cond)
     permuted = cond if cond.template is None else replace(cond, template=cond.template[:, perm])
-    _close(net(x[:, perm], t, permuted, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed", **_denoiser_tolerance(out))
+    _close(
+        net(x[:, perm], t, permuted, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed",
+        **_denoiser_tolerance(out),
+    )
 
 
 def _denoiser_control_order(denoiser: Denoiser) -> None:
@@ -1115,7 +1121,10 @@ def _predictor_seed(predictor: Predictor) -> None:
     condition = data.condition(HELD_OUT)
     a = np.asarray(first.predict(data, condition, 13, seed=3))
     _require(np.array_equal(a, np.asarray(first.predict(data, condition, 13, seed=3))), f"{name}: predict is not deterministic for a given seed.")
-    _require(np.array_equal(a, np.asarray(second.predict(data, condition, 13, seed=3))), f"{name}: two fits on the same data predict differently for the same seed.")
+    _require(
+        np.array_equal(a, np.asarray(second.predict(data, condition, 13, seed=3))),
+        f"{name}: two fits on the same data predict differently for the same seed.",
+    )
 
 
 def _predictor_shift(predictor: Predictor) -> None:
@@ -1155,11 +1164,11 @@ def checks(obj: Any, **options: Any) -> list[NamedCheck]:
     """The named checks of ``obj``'s plug-in group, bound to ``options`` (those of its ``check_*`` kit:
     ``dtype`` for a kernel, ``kernel`` for an estimator or a backend, ``atol`` for an embedding,
     ``perturbations`` for an encoder)."""
-    from .diffusion.denoisers import Denoiser
-    from .mmd.embeddings import EmbeddingMap
     from .data.encoders import PerturbationEncoder
-    from .evaluation.predictors import Predictor
+    from .diffusion.denoisers import Denoiser
     from .diffusion.schedules import NoiseSchedule
+    from .evaluation.predictors import Predictor
+    from .mmd.embeddings import EmbeddingMap
 
     suites: list[tuple[type, Callable[..., list[NamedCheck]]]] = [
         (Kernel, _kernel_checks),

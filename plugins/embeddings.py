@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from perturbdiff_core.mmd.embeddings import EmbeddingMap
 from perturbdiff_core.errors import ConfigError, InputError, PerturbDiffError
+from perturbdiff_core.mmd.embeddings import EmbeddingMap
 from perturbdiff_core.mmd.kernels import Kernel, RadialKernel, as_kernel
 from perturbdiff_core.validation import check_sets, normalized_weights
 

@@ -7,8 +7,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from perturbdiff_core.mmd.embeddings import EmbeddingMap
 from perturbdiff_core.errors import InputError, UnknownPluginError
+from perturbdiff_core.mmd.embeddings import EmbeddingMap
 from perturbdiff_core.mmd.estimators import MMDEstimator, QuadraticMMD, require_pairs
 from perturbdiff_core.mmd.kernels import Kernel
 from perturbdiff_core.mmd.reductions import KernelReduction, as_reduction

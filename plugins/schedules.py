@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from perturbdiff_core.errors import ConfigError
 from perturbdiff_core.diffusion.schedules import NoiseSchedule, betas_from_alpha_bar
+from perturbdiff_core.errors import ConfigError
 
 
 class LinearSchedule(NoiseSchedule):

@@ -8,14 +8,14 @@ import anndata as ad
 import pandas as pd
 import pytest
 import yaml
+from test_cli import assert_one_line_error
+from test_training import TINY_NET
 
-from perturbdiff_core.runs.checkpoint import load_checkpoint
 from perturbdiff_core.cli import main
 from perturbdiff_core.cli.commands.train import fit
 from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.runs.checkpoint import load_checkpoint
 from perturbdiff_core.runs.training import TrainingInterrupted
-from test_cli import assert_one_line_error
-from test_training import TINY_NET
 
 BASELINES = ["control", "context_mean", "linear", "random_train"]
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from perturbdiff_core.runs import distributed
 from perturbdiff_core.data.batch import Conditioning, SetBatch
-from perturbdiff_core.runs.checkpoint import load_checkpoint
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.diffusion.model import RKHSDiffusion
 from perturbdiff_core.errors import ConfigError
+from perturbdiff_core.runs import distributed
+from perturbdiff_core.runs.checkpoint import load_checkpoint
 from perturbdiff_core.runs.config import load_config
 from perturbdiff_core.runs.training import StepBatches, Trainer
 

@@ -16,8 +16,6 @@ import yaml
 
 from perturbdiff_core import names
 from perturbdiff_core.cli import build_parser, main
-from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.evaluation.definitions import DEFINITIONS
 from perturbdiff_core.cli.reference import (
     CONFIG_PAGE,
     METRICS_PAGE,
@@ -26,6 +24,8 @@ from perturbdiff_core.cli.reference import (
     metrics_reference,
     sections,
 )
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.evaluation.definitions import DEFINITIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "run .venv/bin/python scripts/make_docs.py and commit the result"

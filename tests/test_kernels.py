@@ -196,7 +196,7 @@ def test_a_median_lengthscale_cannot_be_read_before_it_is_fixed():
     """Code that forgets to adapt a median kernel must fail, not compute with a placeholder of 1."""
     x, y = data((13, 4), (9, 4), seed=9)
     with pytest.raises(InputError, match="'median' lengthscale.*adapt"):
-        as_kernel("rbf").lengthscale
+        _ = as_kernel("rbf").lengthscale
     assert as_kernel("rbf").adapt(x, y).lengthscale.item() == pytest.approx(np.median(pdist(torch.cat([x, y]).numpy())), rel=1e-12)
 
 

@@ -14,8 +14,7 @@ import scipy.sparse as sp
 
 from perturbdiff_core.cli import main
 from perturbdiff_core.errors import DataError, PerturbDiffError
-from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, wilcoxon_de
-from perturbdiff_core.evaluation import pipeline
+from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, pipeline, wilcoxon_de
 
 #: Genes shifted by each synthetic perturbation: none, few, many (over the top-50 cut-off).
 SHIFTED = (0, 6, 25, 70, 130, 40, 12)

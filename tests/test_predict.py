@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from test_training import tiny_config
 
-from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.cli.commands.predict import predictions
-from perturbdiff_core.runs.prediction import resolve_conditions
 from perturbdiff_core.data import PerturbationData
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError
-from perturbdiff_core.runs.model_predictor import DiffusionPredictor
 from perturbdiff_core.evaluation.predictors import POPULATION_KEY, first_population
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import SampleConfig
+from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+from perturbdiff_core.runs.prediction import resolve_conditions
 from perturbdiff_core.runs.training import Trainer
-from test_training import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

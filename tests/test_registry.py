@@ -186,7 +186,8 @@ def test_a_builtin_name_registered_by_another_distribution_does_not_replace_it(
 def test_a_name_two_other_distributions_register_must_be_qualified(install_fake: InstallFake) -> None:
     install_fake("perturbdiff-first", {"twin": "perturbdiff_plugins.kernels:RBF"})
     install_fake("perturbdiff-second", {"twin": "perturbdiff_plugins.kernels:Laplace"})
-    with pytest.raises(UnknownPluginError, match=r"'twin'.*perturbdiff-first 0.0.1, perturbdiff-second 0.0.1.*perturbdiff-first:twin or perturbdiff-second:twin"):
+    expected = r"'twin'.*perturbdiff-first 0.0.1, perturbdiff-second 0.0.1.*perturbdiff-first:twin or perturbdiff-second:twin"
+    with pytest.raises(UnknownPluginError, match=expected):
         registry.load(KERNELS, "twin")
     assert type(registry.load(KERNELS, "perturbdiff-first:twin")).__name__ == "RBF"
     assert type(registry.load(KERNELS, "perturbdiff-second:twin")).__name__ == "Laplace"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import screen_path, tiny_config  # noqa: F401  (the fixture is used by name)
 
 from perturbdiff_core.errors import ConfigError
 from perturbdiff_core.runs.config import load_config
-from perturbdiff_core.threads import available_cpus, resolve_threads, threads_line
 from perturbdiff_core.runs.training import Trainer
-from test_training import screen_path, tiny_config  # noqa: F401  (the fixture is used by name)
+from perturbdiff_core.threads import available_cpus, resolve_threads, threads_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+from perturbdiff_core.data import EpochSampler
 from perturbdiff_core.data.batch import Conditioning, SetBatch
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
+from perturbdiff_core.mmd.functional import mmd2
 from perturbdiff_core.runs.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -21,12 +25,7 @@ from perturbdiff_core.runs.checkpoint import (
     load_run_checkpoint,
     previous_path,
 )
-from perturbdiff_core.data import EpochSampler
-from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
-from perturbdiff_core.mmd.functional import mmd2
 from perturbdiff_core.runs.config import RunConfig, TrainConfig, load_config
-from perturbdiff_core.runs.transfer import load_init
 from perturbdiff_core.runs.training import (
     LOG_COLUMNS,
     MAX_AUTO_WORKERS,
@@ -41,6 +40,7 @@ from perturbdiff_core.runs.training import (
     resolve_workers,
     training_loader,
 )
+from perturbdiff_core.runs.transfer import load_init
 
 #: A denoiser small enough for many short trainings in the test suite.
 TINY_NET = "model.denoiser_params={size: tiny, hidden: 16, depth: 1, heads: 2}"

@@ -9,13 +9,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from perturbdiff_core.runs.checkpoint import CheckpointError, load_checkpoint
 from perturbdiff_core.cli import main
 from perturbdiff_core.data import DataConfig, SplitConfig, collate_sets, prepare
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.runs.pretraining import UnperturbedSource, concat_unperturbed
+from perturbdiff_core.runs.checkpoint import CheckpointError, load_checkpoint
 from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.pretraining import UnperturbedSource, concat_unperturbed
 from perturbdiff_core.runs.training import Trainer, build_model
 from perturbdiff_core.runs.transfer import TRANSFER_FILE, transfer_weights
 

@@ -13,13 +13,13 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from ..runs.checkpoint import has_checkpoint
 from ..configuration import read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import ALL_CONDITIONS
-from ..runs.pipeline import MODEL, evaluate_run, predict_all
+from ..runs.checkpoint import has_checkpoint
 from ..runs.config import RunConfig, config_from_dict, differences
 from ..runs.folder import RunDir, RunFolder
+from ..runs.pipeline import MODEL, evaluate_run, predict_all
 from ..runs.training import Trainer
 from .grid import Cell, GridSpec, cell_dir
 from .summary import key_metrics, summarize_grid

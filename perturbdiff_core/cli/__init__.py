@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from .. import __version__
-from . import commands
 from ..errors import Interrupted, PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, exit_status
 from ..io import os_error_line
+from . import commands
 
 #: Set to 1 to get the full traceback of a user error instead of the one-line message.
 DEBUG_ENV = "PERTURBDIFF_DEBUG"

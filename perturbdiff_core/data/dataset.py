@@ -21,7 +21,6 @@ import scipy.sparse as sp
 from torch import Tensor
 
 from .. import registry
-from .encoders import PerturbationEncoder, perturbation_parts
 from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
     CellMatrix,
@@ -38,6 +37,7 @@ from .anndata_io import (
     summarize_values,
 )
 from .config import DataConfig
+from .encoders import PerturbationEncoder, perturbation_parts
 from .genes import align_genes, select_genes
 
 #: Joins the parts of a condition label: ``perturbation|cell_type|batch|covariates...``.

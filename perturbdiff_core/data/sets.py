@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .batch import Conditioning, SetBatch
 from ..errors import ConfigError, DataError
+from .batch import Conditioning, SetBatch
 from .dataset import Condition, Context, PerturbationData
 from .pairing import ControlPairing, draw, make_pairing
 

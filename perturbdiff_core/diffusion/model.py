@@ -28,13 +28,13 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data.batch import Conditioning, SetBatch
-from .denoisers import Denoiser
 from ..errors import ConfigError, InputError
-from .parameterization import DataScale, Parameterization, check_parameterization, target, to_x0
 from ..registry import list_plugins, load, resolve
+from ..validation import check_sets
+from .denoisers import Denoiser
+from .parameterization import DataScale, Parameterization, check_parameterization, target, to_x0
 from .samplers import DDIMStep, DDPMStep, SamplerStep, sample, timestep_grid
 from .schedules import NoiseSchedule
-from ..validation import check_sets
 
 #: A plug-in given by name, by ``{"name": ..., **params}`` (as in a YAML config) or as an instance.
 Spec = Any

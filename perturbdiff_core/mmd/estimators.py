@@ -17,9 +17,9 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import InputError
+from ..validation import at_least_float32, check_sets, normalized_weights
 from .kernels import Kernel
 from .reductions import KernelReduction
-from ..validation import at_least_float32, check_sets, normalized_weights
 
 
 class MMDEstimator(ABC):

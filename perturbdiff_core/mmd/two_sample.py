@@ -22,9 +22,9 @@ from scipy.stats import false_discovery_control
 from torch import Tensor
 
 from ..errors import InputError
+from ..validation import at_least_float32, check_sets
 from .estimators import MMDEstimator, QuadraticMMD, as_estimator
 from .kernels import Kernel, as_kernel
-from ..validation import at_least_float32, check_sets
 
 #: Largest pooled set (cells) whose kernel matrix is formed once for the permutation fast
 #: path: 4096 cells is 128 MiB in float64. Larger pools call the estimator per permutation.

@@ -21,13 +21,15 @@ from typing import Any, Literal
 
 import yaml
 
-from .anchor import NO_ANCHOR, check_anchor
 from ..configuration import assign, from_mapping, merge, parse_overrides, read_yaml, to_mapping
 from ..data.anndata_io import DATA_ENV, shared_data_dir
 from ..data.config import DataConfig, SplitConfig
 from ..errors import ConfigError, DataError, UnknownPluginError, first_line
 from ..io import atomic_write_text
-from ..names import CONFIG_FILE, PLUGINS_FILE, RUNS_DIR
+from ..names import CONFIG_FILE as CONFIG_FILE
+from ..names import PLUGINS_FILE as PLUGINS_FILE
+from ..names import RUNS_DIR
+from .anchor import NO_ANCHOR, check_anchor
 from .folder import RunDir
 
 #: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.

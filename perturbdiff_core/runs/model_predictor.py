@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.batch import Conditioning
-from .checkpoint import Checkpoint
 from ..data import prediction_conditioning
+from ..data.batch import Conditioning
 from ..data.dataset import Condition, PerturbationData
 from ..data.output_space import decode_cells, resolve_output_space
 from ..diffusion.model import RKHSDiffusion
 from ..evaluation.predictors import Predictor
+from .checkpoint import Checkpoint
 from .config import SampleConfig
 
 

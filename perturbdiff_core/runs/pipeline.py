@@ -13,17 +13,19 @@ import anndata as ad
 import pandas as pd
 
 from ..evaluation.compare import compare
+from ..evaluation.predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
 from ..evaluation.report import write_report
 from ..io import atomic_path
 from ..mmd.kernels import as_kernel
-from ..names import METRICS_FILE, MODEL, PREDICTIONS_FILE, REPORT_FILE
-from .model_predictor import DiffusionPredictor
+from ..names import METRICS_FILE as METRICS_FILE
+from ..names import MODEL, REPORT_FILE
+from ..names import PREDICTIONS_FILE as PREDICTIONS_FILE
 from ..progress import stage
-from .provenance import run_facts
-from ..evaluation.predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
-from .config import RunConfig
 from ..threads import apply_threads
+from .config import RunConfig
 from .folder import RunDir
+from .model_predictor import DiffusionPredictor
+from .provenance import run_facts
 from .training import Trainer
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import anndata as ad
 import torch
 
-from .anchor import NO_ANCHOR, fit_anchor
-from .checkpoint import Checkpoint
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..errors import DataError, InputError
-from .model_predictor import DiffusionPredictor
 from ..evaluation.predictors import Predictor, predict_anndata
 from ..threads import apply_threads, resolve_threads
+from .anchor import NO_ANCHOR, fit_anchor
+from .checkpoint import Checkpoint
+from .model_predictor import DiffusionPredictor
 
 
 def open_data(

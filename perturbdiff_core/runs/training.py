@@ -34,22 +34,22 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .. import registry
-from . import distributed
-from ..registry import accepts
-from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
-from ..data.batch import SetBatch
-from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from ..data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
+from ..data.batch import SetBatch
 from ..data.loader import seed_worker
 from ..diffusion.model import RKHSDiffusion
 from ..errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from ..io import atomic_path
 from ..names import LOG_FILE
-from .pretraining import marginal_batch, prepare_marginal
 from ..progress import progress_bar, stage
-from .config import ModelConfig, RunConfig, TrainConfig, differences, write_config
-from .summary import run_summary
+from ..registry import accepts
 from ..threads import apply_threads, resolve_threads
+from . import distributed
+from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
+from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
+from .config import ModelConfig, RunConfig, TrainConfig, differences, write_config
+from .pretraining import marginal_batch, prepare_marginal
+from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).

@@ -25,16 +25,15 @@ from typing import Any, Literal
 import anndata as ad
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_path, has_checkpoint, load_checkpoint, load_run_checkpoint
 from ..data.config import DataConfig
 from ..data.dataset import PerturbationData
 from ..diffusion.model import RKHSDiffusion
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
-from ..names import TRANSFER_FILE
+from ..names import TRANSFER_FILE as TRANSFER_FILE
 from ..registry import load
+from .checkpoint import Checkpoint, CheckpointError, checkpoint_path, has_checkpoint, load_checkpoint, load_run_checkpoint
 from .folder import RunDir
-
 
 #: How the fine-tune genes relate to the checkpoint's: keep the data's genes (new ones freshly
 #: initialised) or keep only the data's genes that the checkpoint also has.

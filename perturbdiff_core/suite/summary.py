@@ -25,7 +25,6 @@ from ..runs.folder import RunDir
 from ..runs.pipeline import MODEL
 from .spec import SuiteRun, SuiteSpec, run_dir
 
-
 #: Columns of ``suite.csv``: every row of every run's ``metrics.csv`` with its task and seed.
 LONG_COLUMNS = ("task", "seed", *COLUMNS)
 

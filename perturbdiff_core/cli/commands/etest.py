@@ -61,7 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--control", default="control", help="label of control cells in that column (default: %(default)s)")
     parser.add_argument("--group-by", default=None, help="obs column (e.g. cell_type) to test within; controls come from the same group")
     parser.add_argument("--kernel", default="rbf", help="perturbdiff.kernels plug-in name (default: %(default)s; see 'perturbdiff plugins')")
-    parser.add_argument("--kernel-param", action="append", default=[], metavar="KEY=VALUE", help="kernel parameter, VALUE parsed as YAML; repeatable (e.g. beta=2)")
+    parser.add_argument(
+        "--kernel-param", action="append", default=[], metavar="KEY=VALUE", help="kernel parameter, VALUE parsed as YAML; repeatable (e.g. beta=2)"
+    )
     parser.add_argument("--estimator", default="unbiased", help="perturbdiff.estimators plug-in name (default: %(default)s)")
     parser.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE", help="estimator parameter, VALUE parsed as YAML; repeatable")
     parser.add_argument("--permutations", type=int, default=1000, help="permutations per test (default: %(default)s)")

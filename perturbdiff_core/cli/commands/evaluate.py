@@ -58,11 +58,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("pred", metavar="PRED.h5ad", help="predicted cells (with the control cells)")
-    parser.add_argument("real", metavar="REAL.h5ad", nargs="?", default=None, help="real cells of the same conditions (with the control cells); default with --run: the run's test conditions")
+    parser.add_argument(
+        "real", metavar="REAL.h5ad", nargs="?", default=None,
+        help="real cells of the same conditions (with the control cells); default with --run: the run's test conditions",
+    )
     parser.add_argument("--control-label", default=None, help="label of control cells (default: the run's, else control)")
     parser.add_argument("--perturbation-key", default=None, help="obs column of perturbations (default: the run's, else perturbation)")
     parser.add_argument("--cell-type-key", default=None, help="obs column of cell types; a condition is then (cell type, perturbation) (default: the run's)")
-    parser.add_argument("--replicate-key", default=None, help="obs column of replicates (batch, donor) in the real data and of sampled populations in the prediction")
+    parser.add_argument(
+        "--replicate-key", default=None, help="obs column of replicates (batch, donor) in the real data and of sampled populations in the prediction"
+    )
     parser.add_argument("--method", default="model", help="name of the predictor in the method column (default: %(default)s)")
     parser.add_argument("--kernel", default="energy", help="perturbdiff.kernels plug-in for MMD (default: %(default)s)")
     parser.add_argument("--kernel-param", action="append", default=[], metavar="KEY=VALUE", help="kernel parameter, VALUE parsed as YAML; repeatable")
@@ -81,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
     """Compute the metrics, write the CSV (and report) atomically, print the aggregate table and notes."""
     from rich.console import Console
 
-    from ...mmd.etest import build_kernel
     from ...evaluation import compare
     from ...evaluation.verdict import verdict
+    from ...mmd.etest import build_kernel
     from ...runs.folder import SavedRun
 
     if args.baselines and args.run is None:
