@@ -51,8 +51,8 @@ class BiasedMMD(_QuadraticStatistic):
     Args:
         backend: how the kernel sums are evaluated. ``"dense"``: whole kernel matrices, the
             fastest for small sets, memory ``O(N M)``. ``"chunked"``: blocks of 1024 x 1024,
-            memory bounded at any size, the backward recomputes each block (1.5-2x the dense
-            time). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
+            memory bounded at any size, the backward recomputes each block (its time against
+            dense: ``docs/performance.md``). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
             ``"auto"`` (default) picks per call: dense up to
             :data:`~perturbdiff_core.mmd.reductions.DENSE_MAX_ENTRIES` kernel entries, above
             it keops for CUDA tensors when pykeops imports, else chunked; never keops on CPU.

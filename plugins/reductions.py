@@ -468,8 +468,8 @@ class ChunkedReduction(_BlockReduction):
 
     Never holds more than one block of the kernel per set; the backward recomputes each block
     (one more GEMM per block than dense) instead of keeping them, so exact MMDs over tens of
-    thousands of cells fit in a few hundred MiB (16384 x 2000 cells, forward and backward:
-    about 220 MiB beyond the inputs). Sets that fit in one block are handled as dense.
+    thousands of cells fit in bounded memory (16384 cells of 2000 genes, forward and backward: the
+    peak in ``docs/performance.md``). Sets that fit in one block are handled as dense.
 
     Args:
         block_size: rows and columns per block.

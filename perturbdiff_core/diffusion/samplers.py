@@ -1,4 +1,4 @@
-r"""Reverse-process sampling, kept as three separate pieces (STYLE.md).
+r"""Reverse-process sampling, kept as three separate pieces.
 
 1. the schedule (:math:`\bar\alpha_t`, :mod:`perturbdiff_core.diffusion.schedules`);
 2. the grid of time steps the model is called at, :func:`timestep_grid`, which always starts at

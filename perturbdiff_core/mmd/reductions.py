@@ -84,7 +84,8 @@ class AutoReduction(KernelReduction):
     * ``dense`` up to :data:`DENSE_MAX_ENTRIES` kernel entries: whole matrices and GEMMs, the
       fastest; memory grows as ``N M``.
     * ``chunked`` above it on CPU (and on CUDA without KeOps): blocks of :data:`AUTO_BLOCK_SIZE`
-      squared, memory bounded at any size; the backward recomputes each block (1.5-2x dense).
+      squared, memory bounded at any size; the backward recomputes each block (its cost against dense:
+      ``docs/performance.md``).
     * ``keops`` above it on CUDA tensors when pykeops imports and supports the kernel: linear
       memory, fused GPU kernels. Never chosen for CPU tensors, where it is much slower.
     """
