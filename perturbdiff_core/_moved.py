@@ -19,7 +19,9 @@ import sys
 import warnings
 from types import ModuleType
 
-#: Old module (under ``perturbdiff_core``) -> its new path. Removed in a later release.
+#: Old module (under ``perturbdiff_core``) -> its new path. Removed in a later release. (Two
+#: modules of ``evaluation`` were renamed so that no two modules share a name: ``data.pairing``
+#: and ``runs.pipeline`` keep theirs.)
 MOVED = {
     "anchor": "runs.anchor",
     "batch": "data.batch",
@@ -31,6 +33,8 @@ MOVED = {
     "encoders": "data.encoders",
     "estimators": "mmd.estimators",
     "etest": "mmd.etest",
+    "evaluation.pairing": "evaluation.paired",
+    "evaluation.pipeline": "evaluation.metrics",
     "functional": "mmd.functional",
     "kernels": "mmd.kernels",
     "model_predictor": "runs.model_predictor",
@@ -62,10 +66,11 @@ def new_name(fullname: str) -> str | None:
     prefix = PACKAGE + "."
     if not fullname.startswith(prefix):
         return None
-    head, dot, rest = fullname[len(prefix) :].partition(".")
-    if head not in MOVED:
-        return None
-    return f"{prefix}{MOVED[head]}{dot}{rest}"
+    name = fullname[len(prefix) :]
+    for old, new in MOVED.items():
+        if name == old or name.startswith(old + "."):
+            return f"{prefix}{new}{name[len(old):]}"
+    return None
 
 
 def warn_moved(old: str, new: str, stacklevel: int = 2) -> None:

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from perturbdiff_core.cli import main
 from perturbdiff_core.errors import DataError, PerturbDiffError
-from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, pipeline, wilcoxon_de
+from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, metrics, wilcoxon_de
 
 #: Genes shifted by each synthetic perturbation: none, few, many (over the top-50 cut-off).
 SHIFTED = (0, 6, 25, 70, 130, 40, 12)
@@ -205,8 +205,8 @@ def test_bad_input_fails_before_any_metric(case: str, monkeypatch: pytest.Monkey
     def computed(*args: object, **kwargs: object) -> None:
         raise AssertionError("a metric was computed before the input was checked")
 
-    monkeypatch.setattr(pipeline, "pseudobulk_metrics", computed)
-    monkeypatch.setattr(pipeline, "wilcoxon_de", computed)
+    monkeypatch.setattr(metrics, "pseudobulk_metrics", computed)
+    monkeypatch.setattr(metrics, "wilcoxon_de", computed)
     spoil, options, message = BAD_INPUTS[case]
     pred, real = synthetic_pair(seed=3, genes=20, cells=8, shifted=(3, 3, 3), cell_types=("A", "B"))
     with pytest.raises(DataError, match=message):

@@ -282,7 +282,7 @@ def test_report_header_top_de_genes_and_baselines_in_the_plots(tmp_path, metrics
 
 def test_the_delta_scatter_and_the_pca_show_every_method(predictions, real) -> None:
     from perturbdiff_core.evaluation import report_plots
-    from perturbdiff_core.evaluation.pairing import pair_anndata
+    from perturbdiff_core.evaluation.paired import pair_anndata
 
     paired = {m: pair_anndata(p, real, **KEYS) for m, p in predictions.items()}
     conditions = paired["model"].conditions[:2]

@@ -38,7 +38,7 @@ from . import report_plots as plots
 from .compare import aggregate, best_methods, definition_of
 from .de import FDR_THRESHOLD, top_de_genes, wilcoxon_de
 from .definitions import DEFINITIONS
-from .pairing import Condition, PairedData, pair_anndata
+from .paired import Condition, PairedData, pair_anndata
 from .verdict import verdict
 
 __all__ = ["REPORT_FILE", "KEY_METRICS", "write_report"]

@@ -25,7 +25,7 @@ from ..progress import progress_bar
 from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de
 from .discrimination import DISTANCES, discrimination_scores
 from .distribution import population_calibration, population_mmd2, population_variability, subsample
-from .pairing import Condition, PairedData, pair_anndata
+from .paired import Condition, PairedData, pair_anndata
 from .pseudobulk import correlation, pseudobulk_metrics
 from .realism import realism_metrics
 
