@@ -74,7 +74,7 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
     assert not (run / ".perturbdiff.lock").exists()  # released at the end
     metrics = pd.read_csv(run / "metrics.csv")
     assert set(metrics.method) == {"model", *BASELINES}
-    assert set(metrics.condition) == {"t1/A+B", "t2/A+B", "__all__"}
+    assert set(metrics.condition) == {"A+B|t1", "A+B|t2", "__all__"}  # the labels of split.json
     assert "beats the best baseline" in capsys.readouterr().out
     # A finished run resumed goes straight to prediction and evaluation.
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--resume", "--set", TINY_NET]) == 0

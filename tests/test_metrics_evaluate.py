@@ -106,7 +106,7 @@ def test_a_perfect_prediction_scores_best(pair: tuple[ad.AnnData, ad.AnnData]) -
 def test_cell_types_are_separate_contexts() -> None:
     pred, real = synthetic_pair(seed=1, genes=80, cells=30, shifted=(5, 30, 15), cell_types=("A", "B"))
     joint = _wide(evaluate(pred, real, cell_type_key="cell_type")).drop(index=ALL_CONDITIONS)
-    assert set(joint.index) == {f"{t}/P{i}" for t in "AB" for i in range(3)}
+    assert set(joint.index) == {f"P{i}|{t}" for t in "AB" for i in range(3)}
     for cell_type in "AB":
         keep_p, keep_r = (pred.obs.cell_type == cell_type).to_numpy(), (real.obs.cell_type == cell_type).to_numpy()
         alone = _wide(evaluate(pred[keep_p], real[keep_r], cell_type_key="cell_type")).drop(index=ALL_CONDITIONS)

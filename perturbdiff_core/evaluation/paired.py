@@ -7,7 +7,9 @@ the same genes without duplicates (the same set in a different order is reordere
 order: the metrics do not depend on order, so refusing it would only make users reorder by
 hand); both hold the same conditions; values are finite log1p expression (non-negative, below
 20, not whole numbers only). A condition is a perturbation, or with a cell-type key a
-(cell type, perturbation) pair named ``cell_type/perturbation``.
+(perturbation, cell type) pair labelled ``perturbation|cell_type``: the data's own condition
+label (``split.json``, ``predict --conditions``) with the batch left out, as the metrics pool
+the batches of a cell type.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.anndata_io import CellMatrix, require_label, require_obs_key, require_unique_genes, summarize_values
+from ..data.dataset import LABEL_SEPARATOR
 from ..errors import DataError
 from .predictors import POPULATION_KEY
 
@@ -36,8 +39,8 @@ class Condition:
 
     @property
     def name(self) -> str:
-        """The label in the metrics table: ``perturbation`` or ``cell_type/perturbation``."""
-        return self.perturbation if self.cell_type is None else f"{self.cell_type}/{self.perturbation}"
+        """The label in the metrics table and the report: ``perturbation`` or ``perturbation|cell_type``."""
+        return self.perturbation if self.cell_type is None else LABEL_SEPARATOR.join([self.perturbation, self.cell_type])
 
 
 @dataclass(frozen=True)

@@ -76,18 +76,58 @@ def _new_condition(data: PerturbationData, perturbation: str, context: Context) 
     return Condition(label, perturbation, context, None, 0, False)
 
 
+def _cell_types(data: PerturbationData) -> set[str]:
+    return {c.cell_type for c in data.contexts if c.cell_type is not None}
+
+
+def _in_cell_type(data: PerturbationData, perturbation: str, cell_type: str) -> list[Condition]:
+    """``perturbation`` in every context of ``cell_type`` where it has cells, or in every context of
+    that cell type when it has none."""
+    seen = [c for c in data.perturbed_conditions if c.perturbation == perturbation and c.cell_type == cell_type]
+    contexts = [context for context in data.contexts if context.cell_type == cell_type]
+    return seen or [_new_condition(data, perturbation, context) for context in contexts]
+
+
+def _slash_label(data: PerturbationData, item: str) -> tuple[str, str] | None:
+    """``(cell_type, perturbation)`` of ``cell_type/perturbation``, the label ``metrics.csv`` and the
+    report wrote before they took the data's ``perturbation|cell_type``, when ``item`` starts with one
+    of the data's cell types and a slash; else ``None``. The longest cell type wins, so a cell type
+    may itself hold ``/`` or ``+`` (``CD14+Mono/stimulated``)."""
+    matches = [t for t in _cell_types(data) if item.startswith(f"{t}/") and len(item) > len(t) + 1]
+    if not matches:
+        return None
+    cell_type = max(matches, key=len)
+    return cell_type, item[len(cell_type) + 1 :]
+
+
 def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list[Condition]:
-    """The conditions named by perturbation names or full labels ``perturbation|cell_type|batch``:
-    a perturbation name means every context where it has cells, or every context with control
-    cells when it has none."""
+    """The conditions named by perturbation names or labels.
+
+    - ``perturbation``: every context where it has cells, or every context with control cells
+      when it has none;
+    - ``perturbation|cell_type|batch`` (the parts the data config has): that condition;
+    - ``perturbation|cell_type`` when the data also has a batch key or covariates, as
+      ``metrics.csv`` and the report label a condition (they pool the batches): the perturbation
+      in every context of that cell type;
+    - ``cell_type/perturbation``, the label of ``metrics.csv`` files written by earlier versions:
+      the same.
+    """
     by_label = {c.label: c for c in data.perturbed_conditions}
+    known = {c.perturbation for c in data.perturbed_conditions}
+    by_cell_type = data.config.cell_type_key is not None and (data.config.batch_key is not None or bool(data.config.covariate_keys))
     chosen: list[Condition] = []
     for item in requested:
         if item in by_label:
             chosen.append(by_label[item])
         elif LABEL_SEPARATOR in item:
             perturbation, *parts = item.split(LABEL_SEPARATOR)
-            chosen.append(_new_condition(data, perturbation, _context_of(data, parts, item)))
+            if by_cell_type and len(parts) == 1 and parts[0] in _cell_types(data):
+                chosen += _in_cell_type(data, perturbation, parts[0])
+            else:
+                chosen.append(_new_condition(data, perturbation, _context_of(data, parts, item)))
+        elif item not in known and (pair := _slash_label(data, item)) is not None:
+            cell_type, perturbation = pair
+            chosen += _in_cell_type(data, perturbation, cell_type)
         else:
             seen = [c for c in data.perturbed_conditions if c.perturbation == item]
             chosen += seen or [_new_condition(data, item, context) for context in data.contexts]
