@@ -73,7 +73,7 @@ def new_name(fullname: str) -> str | None:
     return None
 
 
-def warn_moved(old: str, new: str, stacklevel: int = 2) -> None:
+def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
     """The one-line deprecation of an old path."""
     warnings.warn(
         f"{old} moved to {new}; import it from there (the old path is removed in a later release).",
@@ -89,7 +89,7 @@ class _AliasLoader(importlib.abc.Loader):
         self.new = new
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        warn_moved(spec.name, self.new, stacklevel=4)
+        warn_moved(spec.name, self.new)
         module = importlib.import_module(self.new)
         self._spec = module.__spec__
         return module

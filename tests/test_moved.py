@@ -68,13 +68,25 @@ def test_a_moved_package_carries_its_submodules() -> None:
 
 
 def test_the_model_names_of_the_old_diffusion_module() -> None:
+    import perturbdiff_core.diffusion
     from perturbdiff_core.diffusion.model import RKHSDiffusion
 
+    vars(perturbdiff_core.diffusion).pop("RKHSDiffusion", None)  # forwarded once already, in this process
     with pytest.warns(DeprecationWarning, match="perturbdiff_core.diffusion.RKHSDiffusion moved to perturbdiff_core.diffusion.model"):
         from perturbdiff_core.diffusion import RKHSDiffusion as old
     assert old is RKHSDiffusion
     with pytest.raises(ImportError):
         from perturbdiff_core.diffusion import no_such_name  # noqa: F401
+
+
+def test_the_warning_points_at_the_importing_line(tmp_path) -> None:
+    """Python shows a DeprecationWarning by default only where __main__ triggers it: the warning must be
+    attributed to the user's import, not to the import machinery."""
+    script = tmp_path / "user.py"
+    script.write_text("from perturbdiff_core.kernels import Kernel\nfrom perturbdiff_core.diffusion import null_condition\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    lines = [line for line in done.stderr.splitlines() if "DeprecationWarning" in line]
+    assert [line.split(": DeprecationWarning")[0] for line in lines] == [f"{script}:1", f"{script}:2"], done.stderr
 
 
 def test_current_paths_do_not_warn() -> None:

@@ -26,4 +26,5 @@ def __getattr__(name: str) -> Any:
     from .._moved import warn_moved
 
     warn_moved(f"{__name__}.{name}", f"{model.__name__}.{name}")
-    return getattr(model, name)
+    value = globals()[name] = getattr(model, name)  # warned once: ``from ... import`` reads it twice
+    return value
