@@ -6,7 +6,7 @@
 The collection and one ten times smaller (same shards, genes and conditions) are generated once
 under ``--root`` (``$PERTURBDIFF_ATLAS_DIR``, default ``/tmp/perturbdiff_atlas``) by
 ``atlas_collection.py`` and reused; ``--delete`` removes them at the end. Each measurement runs
-``perturbdiff``'s own :class:`~perturbdiff_core.training.Trainer` (``data.path`` = the shard folder,
+``perturbdiff``'s own :class:`~perturbdiff_core.runs.training.Trainer` (``data.path`` = the shard folder,
 tiny CrossDiT, B=8 sets of S=256 cells, 2,000 genes, CPU, one torch thread) in a fresh child
 process, while this process samples the memory of the child and its DataLoader workers:
 
@@ -93,7 +93,7 @@ def peak_rss_mib() -> float:
 def child(spec: dict) -> dict:
     """One measurement in this (fresh) process: time to first step, then training, then the loader alone."""
     from perturbdiff_core import training
-    from perturbdiff_core.run_config import load_config
+    from perturbdiff_core.runs.config import load_config
 
     real_loader = training.training_loader
     training.training_loader = lambda *args, **kwargs: TimedLoader(real_loader(*args, **kwargs))

@@ -3,7 +3,7 @@
     python benchmarks/bench_ddp.py [--processes 1 2] [--steps 20] [--warmup 3] [--output benchmarks/DDP_RESULTS.md]
 
 For each process count the script launches itself under ``torchrun --standalone`` (one thread
-per process, ``OMP_NUM_THREADS=1``); every rank builds the :class:`~perturbdiff_core.training.Trainer`
+per process, ``OMP_NUM_THREADS=1``); every rank builds the :class:`~perturbdiff_core.runs.training.Trainer`
 of a tiny-denoiser run on a synthetic screen (B=8 sets of S=256 cells, G=2000 genes by default),
 trains ``--warmup`` steps, then times ``--steps`` more between barriers. Throughput is
 ``steps * B * S / seconds`` (B is the global batch, so the work per step is the same at every
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from perturbdiff_core import distributed
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.io import atomic_write_text
-from perturbdiff_core.run_config import load_config
-from perturbdiff_core.training import Trainer
+from perturbdiff_core.runs import distributed
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_record import machine_line  # noqa: E402
+from machine_record import machine_line
 
 
 def run_config(screen: Path, args: argparse.Namespace) -> list[str]:

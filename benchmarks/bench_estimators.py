@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cases import (
     ESTIMATORS,
     GEOMLOSS,

@@ -8,7 +8,6 @@ A kernel matrix ``k(x, y)`` is one such GEMM plus the kernel's profile applied e
 from __future__ import annotations
 
 import pytest
-
 from cases import HUGE, KERNELS, LARGE, MODES, TRAINING, cell_sets, gemm_floor, make_kernel, step
 from timing import label, time_case, time_in_child
 

@@ -6,7 +6,7 @@ Shape: ``B=8`` sets of ``S=256`` cells over ``G=2000`` genes, the CrossDiT denoi
 also at the set size and gene count of the bundled CPU demos that train it, and made wider. Parts of a step:
 
 * ``data``: how long the training loop waits for its next SetBatch on the device: the Trainer's
-  loader (:func:`~perturbdiff_core.training.training_loader`, ``train.num_workers: auto``: no
+  loader (:func:`~perturbdiff_core.runs.training.training_loader`, ``train.num_workers: auto``: no
   workers on a CPU, worker processes and pinned memory on a GPU) over an in-memory synthetic screen,
   with a whole training step run (untimed) before each fetch, as in training, so workers build
   batches while steps run;
@@ -48,15 +48,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_loader import B, BATCHES, CASES, CELLS, G, S, case_id, endless, make_screen, screen_loader, take  # noqa: E402
-from cases import DEVICE  # noqa: E402
-from machine_record import env_prefix, machine  # noqa: E402
+from bench_loader import BATCHES, CASES, CELLS, B, G, S, case_id, endless, make_screen, screen_loader, take
+from cases import DEVICE
+from machine_record import env_prefix, machine
 
-from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData  # noqa: E402
-from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
-from perturbdiff_core.io import atomic_write_text  # noqa: E402
-from perturbdiff_core.run_config import ModelConfig, TrainConfig  # noqa: E402
-from perturbdiff_core.training import build_model, make_optimizer, resolve_workers, training_loader  # noqa: E402
+from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.io import atomic_write_text
+from perturbdiff_core.runs.config import ModelConfig, TrainConfig
+from perturbdiff_core.runs.training import build_model, make_optimizer, resolve_workers, training_loader
 
 SIZES = ("tiny", "small", "paper")
 PARTS = ("data", "denoiser", "self_cond", "loss", "ema", "optimizer", "step")

@@ -34,21 +34,21 @@ import anndata as ad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model import header  # noqa: E402
-from cases import DEVICE  # noqa: E402
+from bench_model import header
+from cases import DEVICE
 
-from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
-from perturbdiff_core.prediction import open_data  # noqa: E402
-from perturbdiff_core.data import PerturbationData  # noqa: E402
-from perturbdiff_core.data.synthetic import synthetic_screen  # noqa: E402
-from perturbdiff_core.diffusion import RKHSDiffusion  # noqa: E402
-from perturbdiff_core.errors import PerturbDiffError  # noqa: E402
-from perturbdiff_core.evaluation import aggregate, compare  # noqa: E402
-from perturbdiff_core.io import atomic_write_text  # noqa: E402
-from perturbdiff_core.model_predictor import DiffusionPredictor  # noqa: E402
-from perturbdiff_core.predictors import Predictor, as_predictor, predict_anndata, real_anndata  # noqa: E402
-from perturbdiff_core.run_config import RunConfig, config_from_dict  # noqa: E402
-from perturbdiff_core.training import Trainer  # noqa: E402
+from perturbdiff_core.data import PerturbationData
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.diffusion.model import RKHSDiffusion
+from perturbdiff_core.errors import PerturbDiffError
+from perturbdiff_core.evaluation import aggregate, compare
+from perturbdiff_core.evaluation.predictors import Predictor, as_predictor, predict_anndata, real_anndata
+from perturbdiff_core.io import atomic_write_text
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
+from perturbdiff_core.runs.config import RunConfig, config_from_dict
+from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+from perturbdiff_core.runs.prediction import open_data
+from perturbdiff_core.runs.training import Trainer
 
 DDIM_STEPS = (5, 10, 20, 50, 100, 250)
 DDPM_STEPS = (50, 250, 1000)

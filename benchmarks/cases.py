@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from perturbdiff_core import mmd2
-from perturbdiff_core.kernels import Kernel
+from perturbdiff_core.mmd.kernels import Kernel
 from perturbdiff_core.registry import load
 
 #: The command that produces benchmarks/RESULTS.md (printed in the session header).

@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench files import cases, timing
 
-from cases import REPRODUCE  # noqa: E402
-from machine_record import env_prefix, machine  # noqa: E402
+from cases import REPRODUCE
+from machine_record import env_prefix, machine
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perturbdiff_core.io import atomic_write_text
-
 from cases import EXACT, TRAINING
+
+from perturbdiff_core.io import atomic_write_text
 
 #: Exact estimators at the training shape: time / GEMM floor at most this, per mode.
 FLOOR_TARGETS = {"fwd": 3.5, "fwdbwd": 6.0}

@@ -6,11 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from perturbdiff_core.errors import ConfigError
-
 from cases import DEVICE, TRAINING, Shape
 from peak_memory import measure
+
+from perturbdiff_core.errors import ConfigError
 
 #: Rounds of the cases above the training shape (seconds per call): fixed, after one warm-up.
 LARGE_ROUNDS = 3

@@ -1,8 +1,8 @@
 """``PerturbDiff``: the command line's train, predict and run, for an AnnData in a notebook.
 
-Every call goes through the machinery the commands use (:class:`~perturbdiff_core.training.Trainer`,
-:func:`~perturbdiff_core.prediction.predict_run`, :func:`~perturbdiff_core.pipeline.predict_all` and
-:func:`~perturbdiff_core.pipeline.evaluate_run`), so the same configuration and seed give the same
+Every call goes through the machinery the commands use (:class:`~perturbdiff_core.runs.training.Trainer`,
+:func:`~perturbdiff_core.runs.prediction.predict_run`, :func:`~perturbdiff_core.runs.pipeline.predict_all` and
+:func:`~perturbdiff_core.runs.pipeline.evaluate_run`), so the same configuration and seed give the same
 numbers as ``perturbdiff run``. The model lives in a run folder, as a command's run does: its
 checkpoints make :meth:`PerturbDiff.train` resumable and :meth:`PerturbDiff.save` a copy.
 """
@@ -20,14 +20,14 @@ from typing import Any
 import anndata as ad
 import pandas as pd
 
-from perturbdiff_core.checkpoint import has_checkpoint, load_run_checkpoint
 from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.config import SplitConfig
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.io import TMP_SUFFIX
-from perturbdiff_core.names import CONFIG_FILE, LOCK_FILE, LOG_FILE, PREDICTIONS_FILE, REPORT_FILE
-from perturbdiff_core.run_config import RunConfig, check, config_from_dict, resolved
-from perturbdiff_core.run_folder import RunFolder
+from perturbdiff_core.names import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE
+from perturbdiff_core.runs.checkpoint import has_checkpoint, load_run_checkpoint
+from perturbdiff_core.runs.config import RunConfig, check, config_from_dict, resolved
+from perturbdiff_core.runs.folder import RunDir, RunFolder
 
 from .options import run_config
 
@@ -102,7 +102,7 @@ class PerturbDiff:
 
     def history(self) -> pd.DataFrame:
         """The training log (``train_log.csv``): mean losses per ``train.log_every`` steps, validation MMD."""
-        log = self._trained_dir() / LOG_FILE
+        log = RunDir(self._trained_dir()).train_log
         return pd.read_csv(log) if log.exists() else pd.DataFrame()
 
     def _folder(self) -> Path:
@@ -117,7 +117,7 @@ class PerturbDiff:
         return self.run_dir
 
     def _trainer(self, resume: bool, progress: bool) -> Any:
-        from perturbdiff_core.training import Trainer
+        from perturbdiff_core.runs.training import Trainer
 
         return Trainer(self.config, self._folder(), source=self.adata, resume=resume, progress=progress)
 
@@ -164,8 +164,8 @@ class PerturbDiff:
             populations: independent populations per condition, labelled in obs ``population``.
             device: torch device (default: ``train.device``).
         """
-        from perturbdiff_core.prediction import predict_run
-        from perturbdiff_core.training import resolve_device
+        from perturbdiff_core.runs.prediction import predict_run
+        from perturbdiff_core.runs.training import resolve_device
 
         checkpoint = load_run_checkpoint(self._trained_dir())
         data = str(adata) if isinstance(adata, (str, os.PathLike)) else adata
@@ -187,7 +187,7 @@ class PerturbDiff:
         """What ``perturbdiff run`` does after training: predict the test conditions with the model and
         every ``evaluate.baselines`` predictor, compare them, and write ``predictions.h5ad``,
         ``metrics.csv`` and ``report.html`` into the run folder; returns the metrics (long format)."""
-        from perturbdiff_core.pipeline import evaluate_run, predict_all
+        from perturbdiff_core.runs.pipeline import evaluate_run, predict_all
 
         self._trained_dir()
         with RunFolder(self._folder()) as folder:
@@ -199,12 +199,12 @@ class PerturbDiff:
     @property
     def report(self) -> Path:
         """The run folder's ``report.html`` (written by :meth:`evaluate`)."""
-        return self._trained_dir() / REPORT_FILE
+        return RunDir(self._trained_dir()).report
 
     @property
     def predictions_file(self) -> Path:
         """The run folder's ``predictions.h5ad`` (written by :meth:`evaluate`)."""
-        return self._trained_dir() / PREDICTIONS_FILE
+        return RunDir(self._trained_dir()).predictions
 
     # ---------------------------------------------------------------------- save and load
 
@@ -232,9 +232,9 @@ class PerturbDiff:
         trained from an AnnData in memory (its config then has no ``data.path``).
         """
         folder = Path(path)
-        if not (folder / CONFIG_FILE).is_file() or not has_checkpoint(folder):
-            raise InputError(f"{folder} holds no trained model (no {CONFIG_FILE} and checkpoints/last.pt); give a run folder.")
-        config = config_from_dict(read_yaml(folder / CONFIG_FILE))
+        if not RunDir(folder).config.is_file() or not has_checkpoint(folder):
+            raise InputError(f"{folder} holds no trained model (no {CONFIG_FILE} and {CHECKPOINT_DIR}/{LAST_CHECKPOINT}); give a run folder.")
+        config = config_from_dict(read_yaml(RunDir(folder).config))
         if adata is None and config.data.path is None:
             raise InputError(
                 f"The model in {folder} was trained from an AnnData in memory; pass it: PerturbDiff.load(path, adata)."

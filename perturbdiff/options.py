@@ -1,4 +1,4 @@
-"""From the notebook API's arguments to a checked :class:`~perturbdiff_core.run_config.RunConfig`.
+"""From the notebook API's arguments to a checked :class:`~perturbdiff_core.runs.config.RunConfig`.
 
 The order is the command line's: the defaults, then a base config (a YAML file, a RunConfig or a
 mapping), then the data keys and the split given as arguments, then the options, which are dotted
@@ -15,7 +15,7 @@ from typing import Any
 from perturbdiff_core.configuration import merge, nested, read_yaml
 from perturbdiff_core.data.config import SplitConfig
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.run_config import RunConfig, config_from_dict
+from perturbdiff_core.runs.config import RunConfig, config_from_dict
 
 #: The config's name when neither the base config nor the options give one (names the report).
 DEFAULT_NAME = "notebook"

@@ -2,7 +2,9 @@
 
 The core holds the abstract interfaces (kernels, embedding maps, MMD estimators, kernel
 reductions, noise schedules, denoisers, perturbation encoders), the entry-point registry and
-what composes them. Concrete components are plug-ins found through entry points.
+what composes them. Concrete components are plug-ins found through entry points. The
+sub-packages are layers (``docs/architecture.md``): ``data``, ``mmd``, ``diffusion``,
+``evaluation``, ``runs``, ``ablation`` and ``suite``, ``cli``, over the foundation modules here.
 
 The names below are imported on first use (PEP 562), so importing a light submodule (the
 command line, :mod:`~perturbdiff_core.names`) does not import torch.
@@ -14,6 +16,10 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
+
+_moved.install()  # the module paths from before the layered layout still import, with a warning
+
 try:
     __version__ = version("perturbdiff")
 except PackageNotFoundError:  # running from a source tree that was not installed
@@ -21,27 +27,27 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
-    "EmbeddingMap": "embeddings",
-    "Kernel": "kernels",
-    "KernelReduction": "reductions",
-    "MMDEstimator": "estimators",
+    "EmbeddingMap": "mmd.embeddings",
+    "Kernel": "mmd.kernels",
+    "KernelReduction": "mmd.reductions",
+    "MMDEstimator": "mmd.estimators",
     "PerturbDiffError": "errors",
-    "QuadraticMMD": "estimators",
-    "RadialKernel": "kernels",
+    "QuadraticMMD": "mmd.estimators",
+    "RadialKernel": "mmd.kernels",
     "list_plugins": "registry",
     "load": "registry",
-    "mmd2": "functional",
+    "mmd2": "mmd.functional",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from .embeddings import EmbeddingMap
     from .errors import PerturbDiffError
-    from .estimators import MMDEstimator, QuadraticMMD
-    from .functional import mmd2
-    from .kernels import Kernel, RadialKernel
-    from .reductions import KernelReduction
+    from .mmd.embeddings import EmbeddingMap
+    from .mmd.estimators import MMDEstimator, QuadraticMMD
+    from .mmd.functional import mmd2
+    from .mmd.kernels import Kernel, RadialKernel
+    from .mmd.reductions import KernelReduction
     from .registry import list_plugins, load
 
 

@@ -26,14 +26,14 @@ from .errors import PerturbDiffError, PerturbDiffWarning, PluginLoadError, Unkno
 
 #: Entry-point group -> dotted path of the interface its plug-ins must implement.
 GROUPS: dict[str, str] = {
-    "perturbdiff.kernels": "perturbdiff_core.kernels:Kernel",
-    "perturbdiff.embeddings": "perturbdiff_core.embeddings:EmbeddingMap",
-    "perturbdiff.estimators": "perturbdiff_core.estimators:MMDEstimator",
-    "perturbdiff.backends": "perturbdiff_core.reductions:KernelReduction",
-    "perturbdiff.schedules": "perturbdiff_core.schedules:NoiseSchedule",
-    "perturbdiff.denoisers": "perturbdiff_core.denoisers:Denoiser",
-    "perturbdiff.encoders": "perturbdiff_core.encoders:PerturbationEncoder",
-    "perturbdiff.predictors": "perturbdiff_core.predictors:Predictor",
+    "perturbdiff.kernels": "perturbdiff_core.mmd.kernels:Kernel",
+    "perturbdiff.embeddings": "perturbdiff_core.mmd.embeddings:EmbeddingMap",
+    "perturbdiff.estimators": "perturbdiff_core.mmd.estimators:MMDEstimator",
+    "perturbdiff.backends": "perturbdiff_core.mmd.reductions:KernelReduction",
+    "perturbdiff.schedules": "perturbdiff_core.diffusion.schedules:NoiseSchedule",
+    "perturbdiff.denoisers": "perturbdiff_core.diffusion.denoisers:Denoiser",
+    "perturbdiff.encoders": "perturbdiff_core.data.encoders:PerturbationEncoder",
+    "perturbdiff.predictors": "perturbdiff_core.evaluation.predictors:Predictor",
 }
 
 
@@ -332,7 +332,7 @@ def _build(group: str, name: str, factory: Any, params: dict[str, Any]) -> Any:
         return factory(**params)
     except PerturbDiffError:  # the plug-in's own message about its parameters
         raise
-    except Exception as err:  # noqa: BLE001 - any failure inside foreign code
+    except Exception as err:  # any failure inside foreign code
         dist = _distribution(group, name)
         shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "no parameters"
         raise PluginLoadError(

@@ -46,16 +46,16 @@ from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
 
 from .errors import PerturbDiffError, first_line
-from .estimators import MMDEstimator, as_estimator
-from .kernels import Kernel, RadialKernel, as_kernel
-from .reductions import KernelReduction
+from .mmd.estimators import MMDEstimator, as_estimator
+from .mmd.kernels import Kernel, RadialKernel, as_kernel
+from .mmd.reductions import KernelReduction
 
 if TYPE_CHECKING:  # imported where used: the data layer is heavy for a kernel author's tests
-    from .denoisers import Denoiser
-    from .embeddings import EmbeddingMap
-    from .encoders import PerturbationEncoder
-    from .predictors import Predictor
-    from .schedules import NoiseSchedule
+    from .data.encoders import PerturbationEncoder
+    from .diffusion.denoisers import Denoiser
+    from .diffusion.schedules import NoiseSchedule
+    from .evaluation.predictors import Predictor
+    from .mmd.embeddings import EmbeddingMap
 
 __all__ = [
     "CheckSkipped",
@@ -345,7 +345,7 @@ def _kernel_checks(kernel: Kernel, *, dtype: torch.dtype = torch.float64) -> lis
 
 
 def check_kernel(kernel: Kernel, *, dtype: torch.dtype = torch.float64) -> None:
-    """Check a :class:`~perturbdiff_core.kernels.Kernel` against the kernel contract.
+    """Check a :class:`~perturbdiff_core.mmd.kernels.Kernel` against the kernel contract.
 
     Shapes ``(..., N, G), (..., M, G) -> (..., N, M)``; symmetry ``K(x, y) = K(y, x)^T``;
     ``K(x, x)`` (the ``same=True`` path) equal to ``K(x, x.clone())`` and ``MMD^2(x, x.clone()) = 0``;
@@ -475,7 +475,7 @@ def _estimator_checks(estimator: MMDEstimator | str, kernel: Kernel | str = "rbf
 
 
 def check_estimator(estimator: MMDEstimator | str, kernel: Kernel | str = "rbf", **kernel_params: Any) -> None:
-    """Check an :class:`~perturbdiff_core.estimators.MMDEstimator` against the estimator contract.
+    """Check an :class:`~perturbdiff_core.mmd.estimators.MMDEstimator` against the estimator contract.
 
     Output shape and finiteness; symmetry ``MMD(x, y) = MMD(y, x)``; ``MMD(x, x) = 0`` (biased
     estimators) or ``<= 0`` (U-statistics: for a PSD kernel ``k_ij <= (k_ii + k_jj) / 2``, which
@@ -590,7 +590,7 @@ def _reduction_checks(
 
 
 def check_reduction(reduction: KernelReduction, kernel: Kernel | str, *, dtype: torch.dtype = torch.float64, device: str = "cpu") -> None:
-    """Check a :class:`~perturbdiff_core.reductions.KernelReduction` against a dense reference.
+    """Check a :class:`~perturbdiff_core.mmd.reductions.KernelReduction` against a dense reference.
 
     ``weighted_sum`` (cross sums, ``same=True`` with and without ``exclude_diagonal``) and
     ``mmd_terms``: values and gradients wrt cells and weights must equal the whole kernel matrix
@@ -667,7 +667,7 @@ def _embedding_checks(embedding: EmbeddingMap, *, atol: float = 0.1) -> list[Nam
 
 
 def check_embedding(embedding: EmbeddingMap, *, atol: float = 0.1) -> None:
-    """Check an :class:`~perturbdiff_core.embeddings.EmbeddingMap` against the embedding contract.
+    """Check an :class:`~perturbdiff_core.mmd.embeddings.EmbeddingMap` against the embedding contract.
 
     Fitted on the pooled cells of a few sets (float64): ``fit`` returns the map; for explicit maps,
     features ``(..., N, D)`` that are finite and batch = loop, and (weighted) mean embeddings that are
@@ -700,7 +700,10 @@ def _schedule_betas(schedule: NoiseSchedule) -> None:
         f"{name}: betas() must return a float64 tensor of shape ({t},), got {getattr(betas, 'dtype', type(betas).__name__)} "
         f"{tuple(getattr(betas, 'shape', ()))}.",
     )
-    _require(bool(((betas > 0) & (betas < 1)).all()), f"{name}: every beta must lie in (0, 1); got values in [{betas.min().item():.3g}, {betas.max().item():.3g}].")
+    _require(
+        bool(((betas > 0) & (betas < 1)).all()),
+        f"{name}: every beta must lie in (0, 1); got values in [{betas.min().item():.3g}, {betas.max().item():.3g}].",
+    )
     table = _alpha_bars(schedule)
     _require(table[0].item() == 1.0, f"{name}: alpha_bar(0) = 1 failed: got {table[0].item()!r}.")
 
@@ -717,7 +720,7 @@ def _schedule_monotone(schedule: NoiseSchedule) -> None:
 
 def _schedule_final(schedule: NoiseSchedule) -> None:
     """``alpha_bar(T)`` is small: step ``T`` is (almost) pure noise, where sampling starts."""
-    from .schedules import MAX_FINAL_ALPHA_BAR
+    from .diffusion.schedules import MAX_FINAL_ALPHA_BAR
 
     final = _alpha_bars(schedule)[-1].item()
     _require(final <= MAX_FINAL_ALPHA_BAR, f"{type(schedule).__name__}: alpha_bar(T) = {final:.3g} > {MAX_FINAL_ALPHA_BAR:g}.")
@@ -748,10 +751,10 @@ def _schedule_checks(schedule: NoiseSchedule) -> list[NamedCheck]:
 
 
 def check_schedule(schedule: NoiseSchedule) -> None:
-    """Check a :class:`~perturbdiff_core.schedules.NoiseSchedule` against the schedule contract.
+    """Check a :class:`~perturbdiff_core.diffusion.schedules.NoiseSchedule` against the schedule contract.
 
     ``betas()`` float64 of shape ``(T,)`` in ``(0, 1)``; ``alpha_bar(0) = 1``; ``alpha_bar`` strictly
-    decreasing; ``alpha_bar(T) <=`` :data:`~perturbdiff_core.schedules.MAX_FINAL_ALPHA_BAR`;
+    decreasing; ``alpha_bar(T) <=`` :data:`~perturbdiff_core.diffusion.schedules.MAX_FINAL_ALPHA_BAR`;
     ``config()`` YAML-serialisable, with ``num_steps``, rebuilding a schedule with the same betas.
     """
     _run(schedule, _schedule_checks(schedule))
@@ -775,7 +778,7 @@ def _random_denoiser(denoiser: Denoiser) -> Denoiser:
 
 
 def _denoiser_inputs(denoiser: Denoiser, b: int = 3, s: int = 5, sc: int = 7, seed: int = 1) -> tuple[Tensor, Tensor, Any, Tensor]:
-    from .batch import Conditioning
+    from .data.batch import Conditioning
 
     gen = torch.Generator().manual_seed(seed)
     g = denoiser.num_genes
@@ -835,7 +838,10 @@ def _denoiser_cell_order(denoiser: Denoiser) -> None:
     perm = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(2))
     out = net(x, t, cond, self_cond)
     permuted = cond if cond.template is None else replace(cond, template=cond.template[:, perm])
-    _close(net(x[:, perm], t, permuted, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed", **_denoiser_tolerance(out))
+    _close(
+        net(x[:, perm], t, permuted, self_cond[:, perm]), out[:, perm], f"{type(denoiser).__name__}: equivariance over cells failed",
+        **_denoiser_tolerance(out),
+    )
 
 
 def _denoiser_control_order(denoiser: Denoiser) -> None:
@@ -907,7 +913,7 @@ def _denoiser_checks(denoiser: Denoiser) -> list[NamedCheck]:
 
 
 def check_denoiser(denoiser: Denoiser) -> None:
-    """Check a :class:`~perturbdiff_core.denoisers.Denoiser` against the denoiser contract.
+    """Check a :class:`~perturbdiff_core.diffusion.denoisers.Denoiser` against the denoiser contract.
 
     On a float64 copy in evaluation mode with random non-zero weights: the constructor takes
     ``num_genes``, ``perturbation_dim``, ``num_cell_types`` and ``num_batches`` by name and
@@ -1025,7 +1031,7 @@ def _encoder_checks(encoder: PerturbationEncoder, *, perturbations: Sequence[str
 
 
 def check_encoder(encoder: PerturbationEncoder, *, perturbations: Sequence[str] = ENCODER_PERTURBATIONS) -> None:
-    """Check a :class:`~perturbdiff_core.encoders.PerturbationEncoder` (unfitted) against the encoder contract.
+    """Check a :class:`~perturbdiff_core.data.encoders.PerturbationEncoder` (unfitted) against the encoder contract.
 
     Fitted on ``perturbations`` (singles, an ``A+B`` combination and ``control``; give names your
     encoder knows, e.g. those of its lookup table): ``fit`` returns the encoder; ``encode`` gives
@@ -1059,7 +1065,7 @@ def _screen() -> tuple[Any, list[str]]:
 
 
 def _fitted_predictor(predictor: Predictor) -> tuple[Any, Any, list[str]]:
-    from .predictors import Predictor
+    from .evaluation.predictors import Predictor
 
     data, train = _screen()
     model = copy.deepcopy(predictor)
@@ -1084,7 +1090,7 @@ def _predictor_predict(predictor: Predictor) -> None:
 def _predictor_held_out(predictor: Predictor) -> None:
     """Neither ``fit`` nor ``predict`` nor ``shift`` reads the real cells of the held-out condition
     (every ``data.read`` is watched)."""
-    from .predictors import Predictor
+    from .evaluation.predictors import Predictor
 
     name = type(predictor).__name__
     data, train = _screen()
@@ -1115,7 +1121,10 @@ def _predictor_seed(predictor: Predictor) -> None:
     condition = data.condition(HELD_OUT)
     a = np.asarray(first.predict(data, condition, 13, seed=3))
     _require(np.array_equal(a, np.asarray(first.predict(data, condition, 13, seed=3))), f"{name}: predict is not deterministic for a given seed.")
-    _require(np.array_equal(a, np.asarray(second.predict(data, condition, 13, seed=3))), f"{name}: two fits on the same data predict differently for the same seed.")
+    _require(
+        np.array_equal(a, np.asarray(second.predict(data, condition, 13, seed=3))),
+        f"{name}: two fits on the same data predict differently for the same seed.",
+    )
 
 
 def _predictor_shift(predictor: Predictor) -> None:
@@ -1137,7 +1146,7 @@ def _predictor_checks(predictor: Predictor) -> list[NamedCheck]:
 
 
 def check_predictor(predictor: Predictor) -> None:
-    """Check a :class:`~perturbdiff_core.predictors.Predictor` (unfitted) against the predictor contract.
+    """Check a :class:`~perturbdiff_core.evaluation.predictors.Predictor` (unfitted) against the predictor contract.
 
     Fitted on a synthetic screen (A, B, A+B and controls in two cell types) with the condition
     :data:`HELD_OUT` left out: ``fit`` returns the predictor; ``predict`` gives finite floating-point
@@ -1155,11 +1164,11 @@ def checks(obj: Any, **options: Any) -> list[NamedCheck]:
     """The named checks of ``obj``'s plug-in group, bound to ``options`` (those of its ``check_*`` kit:
     ``dtype`` for a kernel, ``kernel`` for an estimator or a backend, ``atol`` for an embedding,
     ``perturbations`` for an encoder)."""
-    from .denoisers import Denoiser
-    from .embeddings import EmbeddingMap
-    from .encoders import PerturbationEncoder
-    from .predictors import Predictor
-    from .schedules import NoiseSchedule
+    from .data.encoders import PerturbationEncoder
+    from .diffusion.denoisers import Denoiser
+    from .diffusion.schedules import NoiseSchedule
+    from .evaluation.predictors import Predictor
+    from .mmd.embeddings import EmbeddingMap
 
     suites: list[tuple[type, Callable[..., list[NamedCheck]]]] = [
         (Kernel, _kernel_checks),

@@ -1,4 +1,4 @@
-"""Baselines with the model's :class:`~perturbdiff_core.predictors.Predictor` interface.
+"""Baselines with the model's :class:`~perturbdiff_core.evaluation.predictors.Predictor` interface.
 
 Each one is fitted on the training conditions only and predicts a held-out condition from the
 control cells of its context; none reads the real cells of the condition it predicts (a
@@ -24,9 +24,9 @@ import numpy as np
 from sklearn.linear_model import Ridge
 
 from perturbdiff_core.data.dataset import Condition, Context, PerturbationData
-from perturbdiff_core.encoders import perturbation_parts
+from perturbdiff_core.data.encoders import perturbation_parts
 from perturbdiff_core.errors import InputError
-from perturbdiff_core.predictors import Predictor
+from perturbdiff_core.evaluation.predictors import Predictor
 
 
 def sample_rows(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from perturbdiff_core.batch import Conditioning
-from perturbdiff_core.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
+from perturbdiff_core.data.batch import Conditioning
+from perturbdiff_core.diffusion.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
 from perturbdiff_core.errors import ConfigError
 
 #: Size presets; ``paper`` is the size of Yuan et al. (2026).
@@ -121,7 +121,7 @@ class CrossDiT(Denoiser):
 
     Example:
         >>> import torch
-        >>> from perturbdiff_core.batch import Conditioning
+        >>> from perturbdiff_core.data.batch import Conditioning
         >>> net = CrossDiT(num_genes=10, perturbation_dim=3, size="tiny")
         >>> cond = Conditioning(torch.randn(2, 7, 10), torch.randn(2, 3), torch.zeros(2, dtype=torch.long),
         ...                     torch.zeros(2, dtype=torch.long))

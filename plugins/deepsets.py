@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from perturbdiff_core.batch import Conditioning
-from perturbdiff_core.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
+from perturbdiff_core.data.batch import Conditioning
+from perturbdiff_core.diffusion.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 64, "depth": 2},

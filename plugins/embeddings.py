@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from perturbdiff_core.embeddings import EmbeddingMap
 from perturbdiff_core.errors import ConfigError, InputError, PerturbDiffError
-from perturbdiff_core.kernels import Kernel, RadialKernel, as_kernel
+from perturbdiff_core.mmd.embeddings import EmbeddingMap
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel, as_kernel
 from perturbdiff_core.validation import check_sets, normalized_weights
 
 
@@ -79,7 +79,7 @@ class ExactEmbedding(_KernelEmbedding):
     the energy distance through :math:`\mathrm{MMD}^2 = \langle\mu_x,\mu_x\rangle + \langle\mu_y,\mu_y\rangle - 2\langle\mu_x,\mu_y\rangle`.
 
     Args:
-        kernel: a ``perturbdiff.kernels`` name or a :class:`~perturbdiff_core.kernels.Kernel`.
+        kernel: a ``perturbdiff.kernels`` name or a :class:`~perturbdiff_core.mmd.kernels.Kernel`.
     """
 
     explicit = False

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from perturbdiff_core.encoders import PerturbationEncoder
+from perturbdiff_core.data.encoders import PerturbationEncoder
 from perturbdiff_core.errors import DataError
 
 

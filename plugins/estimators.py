@@ -7,11 +7,11 @@ import weakref
 import torch
 from torch import Tensor
 
-from perturbdiff_core.embeddings import EmbeddingMap
 from perturbdiff_core.errors import InputError, UnknownPluginError
-from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD, require_pairs
-from perturbdiff_core.kernels import Kernel
-from perturbdiff_core.reductions import KernelReduction, as_reduction
+from perturbdiff_core.mmd.embeddings import EmbeddingMap
+from perturbdiff_core.mmd.estimators import MMDEstimator, QuadraticMMD, require_pairs
+from perturbdiff_core.mmd.kernels import Kernel
+from perturbdiff_core.mmd.reductions import KernelReduction, as_reduction
 from perturbdiff_core.registry import is_registered, names, resolve
 
 
@@ -51,12 +51,12 @@ class BiasedMMD(_QuadraticStatistic):
     Args:
         backend: how the kernel sums are evaluated. ``"dense"``: whole kernel matrices, the
             fastest for small sets, memory ``O(N M)``. ``"chunked"``: blocks of 1024 x 1024,
-            memory bounded at any size, the backward recomputes each block (1.5-2x the dense
-            time). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
+            memory bounded at any size, the backward recomputes each block (its time against
+            dense: ``docs/performance.md``). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
             ``"auto"`` (default) picks per call: dense up to
-            :data:`~perturbdiff_core.reductions.DENSE_MAX_ENTRIES` kernel entries, above
+            :data:`~perturbdiff_core.mmd.reductions.DENSE_MAX_ENTRIES` kernel entries, above
             it keops for CUDA tensors when pykeops imports, else chunked; never keops on CPU.
-            Or any :class:`~perturbdiff_core.reductions.KernelReduction`.
+            Or any :class:`~perturbdiff_core.mmd.reductions.KernelReduction`.
         embedding: evaluate the statistic through this ``perturbdiff.embeddings`` feature map
             instead (``rff``, ``nystrom``), in ``O((N + M) D)``; ``**embedding_params`` are its
             parameters (``num_features``, ``seed``, ...). See :class:`EmbeddingMMD`.

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
-from perturbdiff_core.kernels import Kernel
+from perturbdiff_core.mmd.kernels import Kernel
 
 if TYPE_CHECKING:
     import gpytorch

@@ -1,14 +1,14 @@
 """KeOps kernel reduction: ``w_x^T K(x, y) w_y`` without ever forming the ``N x M`` matrix.
 
 The kernel matrix is a ``pykeops`` ``LazyTensor``: KeOps compiles the formula
-``sum_j f(||x_i - y_j||^2 / l^2) wy_j`` into a fused map-reduce kernel that streams over the
-cells, so memory is ``O((N + M) G)`` and an MMD over 10^5 cells fits anywhere. Gradients to
-``x``, ``y``, the weights and a trainable lengthscale come from KeOps' symbolic autodiff. The
-first call of each new formula (kernel, gene count, dtype) compiles C++ for ~10 s; the binary
-is cached on disk (``pykeops.get_build_folder()``) for later runs. Before its first use in a
-process, a child process compiles and checks a small formula: a KeOps build that crashes on this
-machine (a segmentation fault in its CUDA runtime compiler, say) then makes the backend unavailable,
-with the reason, and ``auto`` falls back to ``chunked``, instead of killing the training process.
+``sum_j f(||x_i - y_j||^2 / l^2) wy_j`` into a fused map-reduce kernel that streams over the cells, so memory is
+``O((N + M) G)`` and an MMD over 10^5 cells fits anywhere. Gradients to ``x``, ``y``, the weights
+and a trainable lengthscale come from KeOps' symbolic autodiff. The first call of each new formula
+(kernel, gene count, dtype) compiles C++ (how long: ``benchmarks/README.md``); the binary is
+cached on disk (``pykeops.get_build_folder()``) for later runs. Before its first use in a process,
+a child process compiles and checks a small formula: a KeOps build that crashes on this machine (a
+segmentation fault in its CUDA runtime compiler, say) then makes the backend unavailable, with the
+reason, and ``auto`` falls back to ``chunked``, instead of killing the training process.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from perturbdiff_core.errors import ConfigError, PluginLoadError
-from perturbdiff_core.kernels import Kernel, RadialKernel, ScaledKernel, SumKernel
-from perturbdiff_core.reductions import KernelReduction
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel, ScaledKernel, SumKernel
+from perturbdiff_core.mmd.reductions import KernelReduction
 
 _INSTALL_HINT = (
     "install pykeops (pip install pykeops) and a C++ compiler with the Python headers "

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from perturbdiff_core.errors import ConfigError, InputError
-from perturbdiff_core.kernels import RadialKernel, as_kernel
+from perturbdiff_core.mmd.kernels import RadialKernel, as_kernel
 
 
 def _safe_sqrt(s: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,8 +24,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from perturbdiff_core.errors import InputError
-from perturbdiff_core.kernels import Kernel, RadialKernel
-from perturbdiff_core.reductions import KernelReduction
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel
+from perturbdiff_core.mmd.reductions import KernelReduction
 
 #: A set's sum with itself is split into this many row spans, each multiplied only against the
 #: columns from its own diagonal block on (10 of 16 blocks' work for 4), a symmetric GEMM, which
@@ -232,7 +233,7 @@ class _RadialSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kernel: RadialKernel, plan: _Plan, inv_l2: Tensor, x: Tensor, wx: Tensor, y: Tensor, wy: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, kernel: RadialKernel, plan: _Plan, inv_l2: Tensor, x: Tensor, wx: Tensor, y: Tensor, wy: Tensor) -> Tensor:  # type: ignore[override]
         need_l2, need_x, need_wx, need_y, need_wy = (n and plan.record for n in ctx.needs_input_grad[2:7])
         keep = plan.dense and (need_l2 or need_x or need_y)  # blocked plans recompute instead
         need_w = {"x": need_wx, "y": need_wy}
@@ -278,7 +279,7 @@ class _RadialSums(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         kernel, plan = ctx.kernel, ctx.plan
         need_l2, need_x, need_wx, need_y, need_wy = ctx.needs_input_grad[2:7]
         inv_l2, x, wx, y, wy, x_norms, y_norms, *rest = ctx.saved_tensors
@@ -430,7 +431,9 @@ class _BlockReduction(KernelReduction):
 
     block_size: int | None = None
 
-    def _sums(self, kernel: Kernel, terms: tuple[str, ...], x: Tensor, wx: Tensor, y: Tensor, wy: Tensor, *, same: bool, exclude: tuple[str, ...]) -> tuple[Tensor, ...]:
+    def _sums(
+        self, kernel: Kernel, terms: tuple[str, ...], x: Tensor, wx: Tensor, y: Tensor, wy: Tensor, *, same: bool, exclude: tuple[str, ...]
+    ) -> tuple[Tensor, ...]:
         engine = _radial_sums if _fast_path(kernel) else _generic_sums
         fits = self.block_size is None or self.block_size >= max(x.shape[-2], y.shape[-2])
         return engine(kernel, terms, x, wx, y, wy, same=same, exclude=exclude, block_size=None if fits else self.block_size)
@@ -465,8 +468,8 @@ class ChunkedReduction(_BlockReduction):
 
     Never holds more than one block of the kernel per set; the backward recomputes each block
     (one more GEMM per block than dense) instead of keeping them, so exact MMDs over tens of
-    thousands of cells fit in a few hundred MiB (16384 x 2000 cells, forward and backward:
-    about 220 MiB beyond the inputs). Sets that fit in one block are handled as dense.
+    thousands of cells fit in bounded memory (16384 cells of 2000 genes, forward and backward: the
+    peak in ``docs/performance.md``). Sets that fit in one block are handled as dense.
 
     Args:
         block_size: rows and columns per block.

@@ -1,4 +1,4 @@
-"""Built-in noise schedules (steps ``t = 1..T``, :math:`\\bar\\alpha_0 = 1`; see perturbdiff_core.schedules)."""
+"""Built-in noise schedules (steps ``t = 1..T``, :math:`\\bar\\alpha_0 = 1`; see perturbdiff_core.diffusion.schedules)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from perturbdiff_core.diffusion.schedules import NoiseSchedule, betas_from_alpha_bar
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.schedules import NoiseSchedule, betas_from_alpha_bar
 
 
 class LinearSchedule(NoiseSchedule):

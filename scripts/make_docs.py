@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perturbdiff_core.cli.reference import CONFIG_PAGE, METRICS_PAGE, config_reference, metrics_reference
 from perturbdiff_core.io import atomic_write_text
-from perturbdiff_core.reference import CONFIG_PAGE, METRICS_PAGE, config_reference, metrics_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,10 +20,10 @@ import pandas as pd
 
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.io import atomic_path, atomic_write_text
-from perturbdiff_core.pretraining import UnperturbedSource, concat_unperturbed
+from perturbdiff_core.runs.pretraining import UnperturbedSource, concat_unperturbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from machine_record import machine_line  # noqa: E402  (the benchmarks' machine record)
+from machine_record import machine_line  # the benchmarks' machine record
 
 PRETRAIN_CONFIG = "examples/pretrain_pbmc.yaml"
 FINETUNE_CONFIG = "examples/kang18_holdout_celltype.yaml"

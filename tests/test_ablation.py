@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_cli import assert_one_line_error
 
 from perturbdiff_core.ablation import GridSpec, cell_dir, read_grid, runner, summary
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError
-from perturbdiff_core.run_config import load_config
-from perturbdiff_core.run_folder import RunFolder
-from test_cli import assert_one_line_error
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CELL = runner.run_cell

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
 import pytest
 import torch
 
-from perturbdiff_core.anchor import anchor_shifts, fit_anchor
 from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData, collate_sets
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.run_config import config_from_dict
+from perturbdiff_core.runs.anchor import anchor_shifts, fit_anchor
+from perturbdiff_core.runs.config import config_from_dict
 
 TEST = ["A+B|t1", "A+B|t2"]
 

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 import perturbdiff as pdiff
-from perturbdiff_core.checkpoint import load_run_checkpoint
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, InputError
-from perturbdiff_core.run_config import load_config
-from perturbdiff_core.training import Trainer
+from perturbdiff_core.runs.checkpoint import load_run_checkpoint
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.training import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ import pytest
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, make_split, prepare
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.evaluation import aggregate, compare
-from perturbdiff_core.predictors import Predictor, as_predictor, predict_anndata, real_anndata
+from perturbdiff_core.evaluation.predictors import Predictor, as_predictor, predict_anndata, real_anndata
 from perturbdiff_plugins.baselines import (
     ContextMeanBaseline,
     ControlBaseline,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
+from test_etest import make_screen
 
 from perturbdiff_core import __version__
 from perturbdiff_core.cli import DEBUG_ENV, main
-from perturbdiff_core.commands import plugins
+from perturbdiff_core.cli.commands import plugins
 from perturbdiff_core.errors import DataError, PerturbDiffNote, PerturbDiffWarning
-from test_etest import make_screen
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_unusable_files_are_one_line(tmp_path: Path, make, fragments: list[str],
 
 def test_perturbdiff_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def warns(args):
-        warnings.warn("3 conditions are left out:\n A, B, C.", PerturbDiffWarning)
-        warnings.warn("took over a stale lock.", PerturbDiffNote)
+        warnings.warn("3 conditions are left out:\n A, B, C.", PerturbDiffWarning, stacklevel=1)
+        warnings.warn("took over a stale lock.", PerturbDiffNote, stacklevel=1)
         return 0
 
     monkeypatch.setattr(plugins, "run", warns)

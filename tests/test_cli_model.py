@@ -8,14 +8,14 @@ import anndata as ad
 import pandas as pd
 import pytest
 import yaml
-
-from perturbdiff_core.checkpoint import load_checkpoint
-from perturbdiff_core.cli import main
-from perturbdiff_core.commands.train import fit
-from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.training import TrainingInterrupted
 from test_cli import assert_one_line_error
 from test_training import TINY_NET
+
+from perturbdiff_core.cli import main
+from perturbdiff_core.cli.commands.train import fit
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.runs.checkpoint import load_checkpoint
+from perturbdiff_core.runs.training import TrainingInterrupted
 
 BASELINES = ["control", "context_mean", "linear", "random_train"]
 
@@ -65,6 +65,7 @@ def test_train_then_predict(config_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert (ad.read_h5ad(out).obs.perturbation == "C").sum() == 5
 
 
+@pytest.mark.slow
 def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET]) == 0
@@ -73,7 +74,7 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
     assert not (run / ".perturbdiff.lock").exists()  # released at the end
     metrics = pd.read_csv(run / "metrics.csv")
     assert set(metrics.method) == {"model", *BASELINES}
-    assert set(metrics.condition) == {"t1/A+B", "t2/A+B", "__all__"}
+    assert set(metrics.condition) == {"A+B|t1", "A+B|t2", "__all__"}  # the labels of split.json
     assert "beats the best baseline" in capsys.readouterr().out
     # A finished run resumed goes straight to prediction and evaluation.
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--resume", "--set", TINY_NET]) == 0

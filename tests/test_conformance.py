@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from perturbdiff_core.denoisers import Denoiser
-from perturbdiff_core.encoders import PerturbationEncoder
+from perturbdiff_core.data.encoders import PerturbationEncoder
+from perturbdiff_core.diffusion.denoisers import Denoiser
+from perturbdiff_core.diffusion.schedules import NoiseSchedule
 from perturbdiff_core.errors import PluginLoadError
-from perturbdiff_core.estimators import MMDEstimator, QuadraticMMD
-from perturbdiff_core.kernels import Kernel, RadialKernel, squared_distances
-from perturbdiff_core.predictors import Predictor
+from perturbdiff_core.evaluation.predictors import Predictor
+from perturbdiff_core.mmd.estimators import MMDEstimator, QuadraticMMD
+from perturbdiff_core.mmd.kernels import Kernel, RadialKernel, squared_distances
 from perturbdiff_core.registry import GROUPS, load, names
-from perturbdiff_core.schedules import NoiseSchedule
 from perturbdiff_core.testing import (
     check_denoiser,
     check_encoder,
@@ -102,7 +102,9 @@ def builtin_plugins() -> dict[str, list[tuple[str, Any]]]:
         ],
         "perturbdiff.predictors": [(n, load_or_none("perturbdiff.predictors", n)) for n in names("perturbdiff.predictors")],
     }
-    built = (lambda entry: (entry[0] if isinstance(entry, tuple) else entry) is not None)
+    def built(entry):
+        return (entry[0] if isinstance(entry, tuple) else entry) is not None
+
     return {group: [(n, e) for n, e in found if built(e)] for group, found in entries.items()}
 
 
@@ -348,12 +350,12 @@ def test_estimator_kit_catches_broken_estimators(estimator: MMDEstimator, match:
 
 
 class KeepsDiagonal(DenseReduction):
-    def weighted_sum(self, kernel, x, y, wx, wy, *, same=False, exclude_diagonal=False):  # noqa: ANN001, ANN201
+    def weighted_sum(self, kernel, x, y, wx, wy, *, same=False, exclude_diagonal=False):
         return super().weighted_sum(kernel, x, y, wx, wy, same=same, exclude_diagonal=False)
 
 
 class FrozenWeights(DenseReduction):
-    def mmd_terms(self, kernel, x, y, wx, wy, *, exclude_diagonal):  # noqa: ANN001, ANN201
+    def mmd_terms(self, kernel, x, y, wx, wy, *, exclude_diagonal):
         return super().mmd_terms(kernel, x, y, wx.detach(), wy.detach(), exclude_diagonal=exclude_diagonal)
 
 
@@ -516,18 +518,18 @@ def test_encoder_kit_catches_broken_encoders(encoder: PerturbationEncoder, match
 class Cheat(ControlBaseline):
     """Returns the real cells of the condition it predicts."""
 
-    def predict(self, data, condition, n_cells, seed):  # noqa: ANN001, ANN201
+    def predict(self, data, condition, n_cells, seed):
         rows = data.cells(condition)
         return data.read(np.resize(rows, n_cells))
 
 
 class Unseeded(ControlBaseline):
-    def predict(self, data, condition, n_cells, seed):  # noqa: ANN001, ANN201
+    def predict(self, data, condition, n_cells, seed):
         return super().predict(data, condition, n_cells, seed) + np.random.default_rng().normal(size=(n_cells, data.n_genes))
 
 
 class WrongShift(ControlBaseline):
-    def shift(self, data, condition):  # noqa: ANN001, ANN201
+    def shift(self, data, condition):
         return np.zeros(data.n_genes + 1)
 
 

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 from scipy.spatial.distance import cdist
+from test_etest import make_screen, numpy_mmd2
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.cli import main
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.registry import list_plugins
-from test_etest import make_screen, numpy_mmd2
 
 try:
     distribution("perturbdiff-example-kernel")

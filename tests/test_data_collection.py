@@ -14,17 +14,16 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig
-from perturbdiff_core.data import sharded
+from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, sharded
 from perturbdiff_core.data.anndata_io import normalize_rows
 from perturbdiff_core.data.collection import collection_paths
 from perturbdiff_core.data.shard_index import INDEX_DIR, cache_locations
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, DataError
 from perturbdiff_core.names import STATE_FILE
-from perturbdiff_core.pretraining import prepare_marginal
-from perturbdiff_core.run_config import load_config
-from perturbdiff_core.training import Trainer
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.pretraining import prepare_marginal
+from perturbdiff_core.runs.training import Trainer
 
 #: Consecutive row ranges of the 900-cell screen that become its three shards.
 CUTS = ((0, 300), (300, 650), (650, 900))

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from perturbdiff_plugins.encoders import LookupEncoder, OneHotEncoder
 
 from perturbdiff_core import registry
-from perturbdiff_core.encoders import PerturbationEncoder, perturbation_parts
+from perturbdiff_core.data.encoders import PerturbationEncoder, perturbation_parts
 from perturbdiff_core.errors import DataError
+from perturbdiff_plugins.encoders import LookupEncoder, OneHotEncoder
 
 TRAIN = ["B", "A", "control", "A+B", "C"]
 

@@ -10,7 +10,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from perturbdiff_core.batch import SetBatch
 from perturbdiff_core.data import (
     ConditionSets,
     Context,
@@ -20,6 +19,7 @@ from perturbdiff_core.data import (
     make_loader,
     prediction_conditioning,
 )
+from perturbdiff_core.data.batch import SetBatch
 from perturbdiff_core.errors import DataError
 
 

@@ -231,7 +231,8 @@ def test_small_conditions_are_left_out_with_a_warning(make_adata):
     b_t2 = np.flatnonzero(((obs.perturbation == "B") & (obs.cell_type == "t2")).to_numpy())
     keep = np.setdiff1d(np.arange(adata.n_obs), np.concatenate([a_t1[1:], b_t2[3:]]))  # A|t1: 1 cell, B|t2: 3
     small = adata[keep].copy()
-    with pytest.warns(PerturbDiffWarning, match=r"2 condition\(s\) with fewer than data.min_cells_per_condition = 5 cells.*A\|t1 \(1 cell\), B\|t2 \(3 cells\)"):
+    expected = r"2 condition\(s\) with fewer than data.min_cells_per_condition = 5 cells.*A\|t1 \(1 cell\), B\|t2 \(3 cells\)"
+    with pytest.warns(PerturbDiffWarning, match=expected):
         data = PerturbationData(small, DataConfig(**CFG))
     assert {c.label for c in data.perturbed_conditions} == {"A|t2", "B|t1", "C|t1", "C|t2", "A+B|t1", "A+B|t2"}
     with warnings.catch_warnings():

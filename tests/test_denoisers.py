@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perturbdiff_core.batch import Conditioning
-from perturbdiff_core.denoisers import Denoiser, SelfConditionedInput
+from perturbdiff_core.data.batch import Conditioning
+from perturbdiff_core.diffusion.denoisers import Denoiser, SelfConditionedInput
 from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.registry import load, names
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from perturbdiff_core.batch import Conditioning, SetBatch
-from perturbdiff_core.diffusion import RKHSDiffusion, null_condition
+from perturbdiff_core.data.batch import Conditioning, SetBatch
+from perturbdiff_core.diffusion.model import RKHSDiffusion, null_condition
+from perturbdiff_core.diffusion.samplers import DDIMStep, sample, timestep_grid
 from perturbdiff_core.errors import ConfigError, InputError
-from perturbdiff_core.functional import mmd2
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.functional import mmd2
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.registry import load
-from perturbdiff_core.samplers import DDIMStep, sample, timestep_grid
 
 G, P = 5, 3
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 import yaml
 
-from perturbdiff_core import distributed
-from perturbdiff_core.batch import Conditioning, SetBatch
-from perturbdiff_core.checkpoint import load_checkpoint
+from perturbdiff_core.data.batch import Conditioning, SetBatch
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.diffusion import RKHSDiffusion
+from perturbdiff_core.diffusion.model import RKHSDiffusion
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.run_config import load_config
-from perturbdiff_core.training import StepBatches, Trainer
+from perturbdiff_core.runs import distributed
+from perturbdiff_core.runs.checkpoint import load_checkpoint
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.training import StepBatches, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,6 +111,7 @@ def write_screen(tmp_path: Path, layout: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["file", "shards"])
 def test_two_cpu_ranks_train_and_resume_like_one_process(tmp_path: Path, layout: str) -> None:
     screen = write_screen(tmp_path, layout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+import tomllib
 import typing
 from pathlib import Path
 
@@ -15,9 +16,7 @@ import yaml
 
 from perturbdiff_core import names
 from perturbdiff_core.cli import build_parser, main
-from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.evaluation.definitions import DEFINITIONS
-from perturbdiff_core.reference import (
+from perturbdiff_core.cli.reference import (
     CONFIG_PAGE,
     METRICS_PAGE,
     config_fields,
@@ -25,6 +24,8 @@ from perturbdiff_core.reference import (
     metrics_reference,
     sections,
 )
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.evaluation.definitions import DEFINITIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "run .venv/bin/python scripts/make_docs.py and commit the result"
@@ -90,6 +91,32 @@ def test_the_readme_commands_parse() -> None:
             parser.parse_args(args)
         except SystemExit:
             pytest.fail(f"the README's 'perturbdiff {' '.join(args)}' does not parse")
+
+
+def bash_lines(text: str) -> list[str]:
+    """The command lines of a text's bash blocks, comments dropped."""
+    return [
+        shlex.join(shlex.split(line, comments=True))
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if shlex.split(line, comments=True)
+    ]
+
+
+def test_ci_runs_the_readme_test_command_then_the_tests_it_leaves_out() -> None:
+    """The first screen gives two commands, the second runs the quick tests; .ci/run runs exactly that, then
+    the KeOps and slow tests, which together with the first step make the whole suite."""
+    readme = (ROOT / "README.md").read_text()
+    first = bash_lines(readme)[:2]
+    assert first[0] == "bash scripts/quickstart.sh"
+    quick = first[1]
+    assert quick == shlex.join([".venv/bin/python", "-m", "pytest", "-q", "-m", "not keops and not slow"])
+    ci = [shlex.join(shlex.split(line)) for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(".venv/bin/python -m pytest")]
+    rest = shlex.join([".venv/bin/python", "-m", "pytest", "-q", "-m", "keops or slow"])
+    assert ci == [quick, rest]
+    assert rest in bash_lines(readme), "the README states the second step too"
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert {m.split(":")[0] for m in markers} >= {"keops", "slow"}
 
 
 @pytest.mark.usefixtures("one_thread")

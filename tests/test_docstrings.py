@@ -26,8 +26,8 @@ def test_latex_becomes_unicode(formula: str, text: str) -> None:
 
 
 def test_roles_and_literals_lose_their_markup() -> None:
-    doc = r"Kernel :math:`\exp(-s)` over ``(..., N, G)``; see :mod:`~perturbdiff_core.training` and :class:`Kernel`."
-    assert plain_text(doc) == "Kernel exp(-s) over (..., N, G); see perturbdiff_core.training and Kernel."
-    assert plain_text(doc, code="`") == "Kernel exp(-s) over `(..., N, G)`; see `perturbdiff_core.training` and `Kernel`."
-    assert plain_text(":func:`~perturbdiff_core.training.resolve_workers`") == "resolve_workers"
+    doc = r"Kernel :math:`\exp(-s)` over ``(..., N, G)``; see :mod:`~perturbdiff_core.runs.training` and :class:`Kernel`."
+    assert plain_text(doc) == "Kernel exp(-s) over (..., N, G); see perturbdiff_core.runs.training and Kernel."
+    assert plain_text(doc, code="`") == "Kernel exp(-s) over `(..., N, G)`; see `perturbdiff_core.runs.training` and `Kernel`."
+    assert plain_text(":func:`~perturbdiff_core.runs.training.resolve_workers`") == "resolve_workers"
     assert plain_text("no markup at all") == "no markup at all"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist, pdist
 
-from perturbdiff_core.embeddings import as_embedding
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.embeddings import as_embedding
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_plugins.embeddings import NotFittedError
 
 # Independent closed forms of the distance d with lengthscale l.
@@ -59,7 +59,9 @@ def test_exact_inner_with_energy_kernel_gives_energy_distance():
     x, y = cells(15, seed=4), cells(11, seed=5, shift=0.7)
     e = as_embedding("exact", kernel="energy")
     got = e.inner(x, x, None, None) + e.inner(y, y, None, None) - 2 * e.inner(x, y, None, None)
-    d = lambda a, b: cdist(a.numpy(), b.numpy()).mean()
+    def d(a, b):
+        return cdist(a.numpy(), b.numpy()).mean()
+
     assert got.item() == pytest.approx(2 * d(x, y) - d(x, x) - d(y, y), rel=1e-10)
 
 
@@ -135,7 +137,9 @@ def test_rff_follows_a_trainable_lengthscale():
     assert np.abs(approx - gram("rbf", x, y, 2.5)).max() < 0.03
     # The gradient reaches the lengthscale: autograd against a central difference.
     small = as_embedding("rff", kernel=kernel, num_features=16, seed=2)
-    loss = lambda: small.features(x).sin().sum()
+    def loss():
+        return small.features(x).sin().sum()
+
     (grad,) = torch.autograd.grad(loss(), kernel.raw_lengthscale)
     with torch.no_grad():
         kernel.raw_lengthscale += 1e-6

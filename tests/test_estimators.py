@@ -12,11 +12,11 @@ from scipy import integrate
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.errors import PerturbDiffError, UnknownPluginError
-from perturbdiff_core.estimators import as_estimator
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd import reductions
+from perturbdiff_core.mmd.estimators import as_estimator
+from perturbdiff_core.mmd.kernels import as_kernel
+from perturbdiff_core.mmd.reductions import AutoReduction
 from perturbdiff_core.registry import load
-from perturbdiff_core import reductions
-from perturbdiff_core.reductions import AutoReduction
 from perturbdiff_plugins import reductions as reduction_plugins
 from perturbdiff_plugins.reductions import ChunkedReduction, DenseReduction
 
@@ -151,7 +151,7 @@ def test_unbiased_embedding_estimator_is_the_u_statistic_of_its_feature_kernel()
     for b in range(2):
         u, v = wx[b] / wx[b].sum(), wy[b] / wy[b].sum()
 
-        def within(phi, w):  # noqa: ANN001, ANN202
+        def within(phi, w):
             pairs = [(i, j) for i in range(len(w)) for j in range(len(w)) if i != j]
             num = sum(w[i] * w[j] * (phi[i] @ phi[j]) for i, j in pairs)
             return num / sum(w[i] * w[j] for i, j in pairs)
@@ -257,9 +257,9 @@ def test_geomloss_energy_is_half_the_biased_energy_distance() -> None:
 # --------------------------------------------------------------------- chunked, gradients, backward
 
 
-def dense_reference(kernel, x, y, wx, wy, exclude):  # noqa: ANN001, ANN201
+def dense_reference(kernel, x, y, wx, wy, exclude):
     """The three MMD sums from the whole kernel matrix through ``kernel.forward`` and plain autograd."""
-    def total(a, b, wa, wb, same):  # noqa: ANN001, ANN202
+    def total(a, b, wa, wb, same):
         k = kernel.forward(a, b, same=same)
         if same and exclude:
             k = k * (1 - torch.eye(k.shape[-1], dtype=k.dtype))
@@ -268,7 +268,7 @@ def dense_reference(kernel, x, y, wx, wy, exclude):  # noqa: ANN001, ANN201
     return total(x, x, wx, wx, True), total(y, y, wy, wy, True), total(x, y, wx, wy, False)
 
 
-def assert_matches_dense_reference(reduction, kernel, x, y, wx, wy, *, exclude: bool, inputs, seed: int, rtol: float, atol: float) -> None:  # noqa: ANN001
+def assert_matches_dense_reference(reduction, kernel, x, y, wx, wy, *, exclude: bool, inputs, seed: int, rtol: float, atol: float) -> None:
     """``reduction.mmd_terms`` equals :func:`dense_reference` in value (``rtol``, ``atol``) and in
     the gradients of a random combination of the three terms to ``inputs`` (ten times looser)."""
     mine = reduction.mmd_terms(kernel, x, y, wx, wy, exclude_diagonal=exclude)
@@ -294,7 +294,7 @@ KERNELS = [
 @pytest.mark.parametrize(("kernel", "params"), KERNELS, ids=[k for k, _ in KERNELS])
 @pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(3)], ids=["dense", "chunked3"])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_reduction_values_and_gradients_equal_plain_autograd(kernel, params, reduction, exclude) -> None:  # noqa: ANN001
+def test_reduction_values_and_gradients_equal_plain_autograd(kernel, params, reduction, exclude) -> None:
     k = as_kernel(kernel, **params).double()
     x, y = rand(2, 10, 4, seed=25).requires_grad_(), rand(2, 7, 4, seed=26, shift=0.3).requires_grad_()
     wx, wy = rand_weights(2, 10, seed=27).requires_grad_(), rand_weights(2, 7, seed=28).requires_grad_()
@@ -306,7 +306,7 @@ def test_reduction_values_and_gradients_equal_plain_autograd(kernel, params, red
 @pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(8)], ids=["dense", "chunked8"])
 @pytest.mark.parametrize("split", [2, 3, 4])
 @pytest.mark.parametrize("kernel", ["energy", "matern52"])
-def test_symmetric_staircase_gram_equals_plain_autograd(monkeypatch, reduction, split: int, kernel: str) -> None:  # noqa: ANN001
+def test_symmetric_staircase_gram_equals_plain_autograd(monkeypatch, reduction, split: int, kernel: str) -> None:
     """Within-set sums over a staircase of row blocks (dense: diagonal blocks and the columns after
     them; chunked: each diagonal block's Gram mirrored), uneven blocks too: values and gradients
     to cells and weights."""
@@ -321,16 +321,16 @@ def test_symmetric_staircase_gram_equals_plain_autograd(monkeypatch, reduction, 
 @pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(8)], ids=["dense", "chunked8"])
 @pytest.mark.parametrize("kernel", ["energy", "rbf"])
 @pytest.mark.parametrize("shift", [0.0, 40.0], ids=["near-origin", "far-from-origin"])
-def test_launch_bound_plan_equals_plain_autograd(monkeypatch, reduction, kernel: str, shift: float) -> None:  # noqa: ANN001
+def test_launch_bound_plan_equals_plain_autograd(monkeypatch, reduction, kernel: str, shift: float) -> None:
     """The plan of GPUs, forced here on the CPU: one GEMM per term (no staircase even where the CPU
     plan splits), always centred, the lengthscale kept as a tensor; values and gradients."""
     centres = []
 
-    def recording_centre(x, sq_norms, *, always):  # noqa: ANN001, ANN202
+    def recording_centre(x, sq_norms, *, always):
         centres.append(original_centre(x, sq_norms, always=always))
         return centres[-1]
 
-    def no_staircase(*args):  # noqa: ANN002, ANN202
+    def no_staircase(*args):
         raise AssertionError("a launch-bound plan must not split a symmetric sum")
 
     original_centre = reduction_plugins._centre
@@ -349,7 +349,7 @@ def test_launch_bound_plan_equals_plain_autograd(monkeypatch, reduction, kernel:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the launch-bound plan on its own device)")
 @pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(128)], ids=["dense", "chunked128"])
 @pytest.mark.parametrize("kernel", ["energy", "rbf"])
-def test_gpu_float32_agrees_with_cpu_float64(reduction, kernel: str) -> None:  # noqa: ANN001
+def test_gpu_float32_agrees_with_cpu_float64(reduction, kernel: str) -> None:
     x64 = rand(2, 300, 20, seed=60, shift=3.0).requires_grad_()  # enough cells for the CPU plan's staircase
     y64 = rand(2, 260, 20, seed=61, shift=3.2)
     wx, wy = rand_weights(2, 300, seed=62), rand_weights(2, 260, seed=63)
@@ -369,13 +369,13 @@ def test_gpu_float32_agrees_with_cpu_float64(reduction, kernel: str) -> None:  #
     "reduction", [DenseReduction(), ChunkedReduction(3), ChunkedReduction(64)], ids=["dense", "chunked3", "chunked-one-block"]
 )
 @pytest.mark.parametrize("kernel", ["rbf", "energy", "matern32"])
-def test_hand_written_backward_passes_gradcheck(reduction, kernel: str) -> None:  # noqa: ANN001
+def test_hand_written_backward_passes_gradcheck(reduction, kernel: str) -> None:
     """gradcheck wrt cells and weights (unequal N, M, random weights) and the log-lengthscale."""
     k = as_kernel(kernel, **({} if kernel == "energy" else {"lengthscale": 1.2})).double()
     raw = k.raw_lengthscale.detach().clone()
     del k.raw_lengthscale  # a plain tensor attribute instead, so gradcheck can perturb it
 
-    def f(x, y, wx, wy, raw_l):  # noqa: ANN001, ANN202
+    def f(x, y, wx, wy, raw_l):
         k.raw_lengthscale = raw_l
         kxx, kyy, kxy = reduction.mmd_terms(k, x, y, wx, wy, exclude_diagonal=True)
         return torch.stack([kxx, 0.7 * kyy, kxy])
@@ -403,7 +403,7 @@ def test_gradient_wrt_x_alone_matches() -> None:
 
 
 @pytest.mark.parametrize("reduction", [DenseReduction(), ChunkedReduction(4)], ids=["dense", "chunked4"])
-def test_weighted_sum_same_set_with_two_weight_vectors(reduction) -> None:  # noqa: ANN001
+def test_weighted_sum_same_set_with_two_weight_vectors(reduction) -> None:
     k = as_kernel("energy").double()
     x = rand(2, 9, 3, seed=36).requires_grad_()
     wa, wb = rand_weights(2, 9, seed=37), rand_weights(2, 9, seed=38)
@@ -459,10 +459,10 @@ def stand_in(batch: int, cells: int, device: str) -> SimpleNamespace:
 
 
 class FakeKeOps(reductions.KernelReduction):
-    def supports(self, kernel, device_type):  # noqa: ANN001, ANN201
+    def supports(self, kernel, device_type):
         return True
 
-    def weighted_sum(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    def weighted_sum(self, *args, **kwargs):
         raise AssertionError("not called")
 
 
@@ -516,7 +516,7 @@ def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
         ),
     ],
 )
-def test_bad_input_raises_one_clear_error(make, match: str) -> None:  # noqa: ANN001
+def test_bad_input_raises_one_clear_error(make, match: str) -> None:
     with pytest.raises(PerturbDiffError, match=match):
         make()
 

@@ -21,14 +21,14 @@ from scipy.spatial.distance import cdist
 from scipy.stats import kstest
 from statsmodels.stats.multitest import multipletests
 
-from perturbdiff_core import two_sample
 from perturbdiff_core.cli import main
-from perturbdiff_core.etest import COLUMNS, build_kernel, etest
 from perturbdiff_core.configuration import parse_overrides
 from perturbdiff_core.data.anndata_io import shared_data_dir
 from perturbdiff_core.errors import ConfigError, DataError, InputError
-from perturbdiff_core.estimators import MMDEstimator, as_estimator
-from perturbdiff_core.two_sample import fdr_bh, null_distribution, permutation_test
+from perturbdiff_core.mmd import two_sample
+from perturbdiff_core.mmd.estimators import MMDEstimator, as_estimator
+from perturbdiff_core.mmd.etest import COLUMNS, build_kernel, etest
+from perturbdiff_core.mmd.two_sample import fdr_bh, null_distribution, permutation_test
 
 REAL_DATA = shared_data_dir() / "norman19_mcfaline23.h5ad"
 
@@ -271,7 +271,9 @@ def test_command_leaves_no_file_when_writing_fails(
     err = capsys.readouterr().err.strip().splitlines()
     progress = [line.rsplit(" ", 2)[0] for line in err[:-1]]  # without the seconds
     assert progress == ["E-test: 1/2 tests (50%)", "E-test: 2/2 tests (100%)"]  # progress, then the error
-    assert code == 2 and err[-1] == f"perturbdiff: error: Cannot write {out}: No space left on device; free space on that disk (or write elsewhere) and run again."
+    assert code == 2 and err[-1] == (
+        f"perturbdiff: error: Cannot write {out}: No space left on device; free space on that disk (or write elsewhere) and run again."
+    )
     assert os.listdir(out.parent) == []
 
 

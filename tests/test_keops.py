@@ -18,8 +18,8 @@ from torch import Tensor
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.errors import ConfigError, PluginLoadError
-from perturbdiff_core.estimators import QuadraticMMD
-from perturbdiff_core.kernels import Kernel, as_kernel
+from perturbdiff_core.mmd.estimators import QuadraticMMD
+from perturbdiff_core.mmd.kernels import Kernel, as_kernel
 from perturbdiff_core.registry import list_plugins, load
 from perturbdiff_plugins import keops as keops_module
 from perturbdiff_plugins.keops import KeOpsReduction

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
-from perturbdiff_core.kernels import as_kernel
+from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.validation import check_sets
 
 L = 1.7  # lengthscale of the reference cases; distances in the data are ~0.5 to 6
@@ -196,7 +196,7 @@ def test_a_median_lengthscale_cannot_be_read_before_it_is_fixed():
     """Code that forgets to adapt a median kernel must fail, not compute with a placeholder of 1."""
     x, y = data((13, 4), (9, 4), seed=9)
     with pytest.raises(InputError, match="'median' lengthscale.*adapt"):
-        as_kernel("rbf").lengthscale
+        _ = as_kernel("rbf").lengthscale
     assert as_kernel("rbf").adapt(x, y).lengthscale.item() == pytest.approx(np.median(pdist(torch.cat([x, y]).numpy())), rel=1e-12)
 
 

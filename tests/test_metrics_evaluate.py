@@ -14,8 +14,7 @@ import scipy.sparse as sp
 
 from perturbdiff_core.cli import main
 from perturbdiff_core.errors import DataError, PerturbDiffError
-from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, wilcoxon_de
-from perturbdiff_core.evaluation import pipeline
+from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, metrics, wilcoxon_de
 
 #: Genes shifted by each synthetic perturbation: none, few, many (over the top-50 cut-off).
 SHIFTED = (0, 6, 25, 70, 130, 40, 12)
@@ -107,7 +106,7 @@ def test_a_perfect_prediction_scores_best(pair: tuple[ad.AnnData, ad.AnnData]) -
 def test_cell_types_are_separate_contexts() -> None:
     pred, real = synthetic_pair(seed=1, genes=80, cells=30, shifted=(5, 30, 15), cell_types=("A", "B"))
     joint = _wide(evaluate(pred, real, cell_type_key="cell_type")).drop(index=ALL_CONDITIONS)
-    assert set(joint.index) == {f"{t}/P{i}" for t in "AB" for i in range(3)}
+    assert set(joint.index) == {f"P{i}|{t}" for t in "AB" for i in range(3)}
     for cell_type in "AB":
         keep_p, keep_r = (pred.obs.cell_type == cell_type).to_numpy(), (real.obs.cell_type == cell_type).to_numpy()
         alone = _wide(evaluate(pred[keep_p], real[keep_r], cell_type_key="cell_type")).drop(index=ALL_CONDITIONS)
@@ -206,8 +205,8 @@ def test_bad_input_fails_before_any_metric(case: str, monkeypatch: pytest.Monkey
     def computed(*args: object, **kwargs: object) -> None:
         raise AssertionError("a metric was computed before the input was checked")
 
-    monkeypatch.setattr(pipeline, "pseudobulk_metrics", computed)
-    monkeypatch.setattr(pipeline, "wilcoxon_de", computed)
+    monkeypatch.setattr(metrics, "pseudobulk_metrics", computed)
+    monkeypatch.setattr(metrics, "wilcoxon_de", computed)
     spoil, options, message = BAD_INPUTS[case]
     pred, real = synthetic_pair(seed=3, genes=20, cells=8, shifted=(3, 3, 3), cell_types=("A", "B"))
     with pytest.raises(DataError, match=message):

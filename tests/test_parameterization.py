@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from perturbdiff_core.diffusion.parameterization import PARAMETERIZATIONS, DataScale, target, to_eps, to_v, to_x0
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.parameterization import PARAMETERIZATIONS, DataScale, target, to_eps, to_v, to_x0
 from perturbdiff_core.registry import load
 
 CONVERT = {

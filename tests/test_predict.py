@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from test_training import tiny_config
 
-from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint
-from perturbdiff_core.commands.predict import predictions
-from perturbdiff_core.prediction import resolve_conditions
-from perturbdiff_core.data import PerturbationData
+from perturbdiff_core.cli.commands.predict import predictions
+from perturbdiff_core.data import DataConfig, PerturbationData
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError
-from perturbdiff_core.model_predictor import DiffusionPredictor
-from perturbdiff_core.predictors import POPULATION_KEY, first_population
-from perturbdiff_core.run_config import SampleConfig
-from perturbdiff_core.training import Trainer
-from test_training import tiny_config
+from perturbdiff_core.evaluation.predictors import POPULATION_KEY, first_population
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
+from perturbdiff_core.runs.config import SampleConfig
+from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+from perturbdiff_core.runs.prediction import resolve_conditions
+from perturbdiff_core.runs.training import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,6 +186,38 @@ def test_resolve_conditions_expands_a_perturbation_name(trained: Trainer) -> Non
         resolve_conditions(data, ["control|t1"])
 
 
+def test_resolve_conditions_reads_the_labels_of_older_metrics_files(trained: Trainer) -> None:
+    """metrics.csv and the report wrote cell_type/perturbation before they took the data's labels."""
+    data: PerturbationData = trained.data
+    assert [c.label for c in resolve_conditions(data, ["t2/A+B", "t1/B", "t1/A+C"])] == ["A+B|t2", "B|t1", "A+C|t1"]
+    assert [c.label for c in resolve_conditions(data, ["B"])] == ["B|t1", "B|t2"]  # a name is still a name
+
+
+def test_predict_takes_the_report_labels_whose_cell_type_holds_a_plus() -> None:
+    """The report's 'stimulated|CD14+Mono' (and the older 'CD14+Mono/stimulated') are that perturbation in that
+    cell type, not a combination of the perturbations 'CD14' and 'Mono/stimulated'; with a batch key, in every
+    batch of the cell type (the metrics pool them)."""
+    screen = synthetic_screen(400, 20, seed=4, perturbations=("stimulated",), cell_types=("CD14+Mono", "CD4T"), batches=("b1", "b2"))
+    for batch_key, expected in ((None, ["stimulated|CD14+Mono"]), ("batch", ["stimulated|CD14+Mono|b1", "stimulated|CD14+Mono|b2"])):
+        data = PerturbationData(screen, DataConfig(cell_type_key="cell_type", batch_key=batch_key)).fit()
+        for label in ("stimulated|CD14+Mono", "CD14+Mono/stimulated"):
+            chosen = resolve_conditions(data, [label])
+            assert [c.label for c in chosen] == expected and all(c.n_cells > 0 for c in chosen)
+        with pytest.raises(DataError, match="never seen"):  # an unknown perturbation is named as one, in its cell type
+            resolve_conditions(data, ["Z|CD4T"])
+
+
+def test_the_metrics_label_a_condition_as_the_data_does() -> None:
+    """One label format: evaluation's Condition.name is the data's label without the batch."""
+    from perturbdiff_core.evaluation.paired import Condition as Evaluated
+
+    screen = synthetic_screen(300, 20, seed=4, perturbations=("stimulated",), cell_types=("CD14+Mono",))
+    data = PerturbationData(screen, DataConfig(cell_type_key="cell_type")).fit()
+    (condition,) = data.perturbed_conditions
+    assert Evaluated(condition.perturbation, condition.cell_type).name == condition.label == "stimulated|CD14+Mono"
+    assert Evaluated("stimulated", None).name == "stimulated"
+
+
 def test_populations_are_independent_draws_whose_first_is_the_plain_prediction(trained: Trainer) -> None:
     checkpoint = load_checkpoint(checkpoint_path(trained.run_dir))
     checkpoint.run_config.sample.output_space = "continuous"  # the barely trained model decodes to zeros
@@ -202,7 +234,7 @@ def test_populations_are_independent_draws_whose_first_is_the_plain_prediction(t
 
 
 def test_genes_without_a_significant_change_keep_the_donor_values() -> None:
-    from perturbdiff_core.model_predictor import keep_unchanged
+    from perturbdiff_core.runs.model_predictor import keep_unchanged
 
     g = torch.Generator().manual_seed(0)
     donors = torch.poisson(torch.full((200, 6), 2.0), generator=g)

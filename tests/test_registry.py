@@ -15,7 +15,7 @@ import pytest
 from perturbdiff_core import registry
 from perturbdiff_core.cli import main
 from perturbdiff_core.errors import PerturbDiffError, PluginLoadError, UnknownPluginError
-from perturbdiff_core.kernels import Kernel
+from perturbdiff_core.mmd.kernels import Kernel
 
 KERNELS = "perturbdiff.kernels"
 
@@ -119,7 +119,7 @@ def test_resolve_passes_instances_and_rejects_other_types() -> None:
 # --------------------------------------------------------------------------- name collisions
 
 IMPOSTOR = (
-    "from perturbdiff_core.kernels import RadialKernel\n"
+    "from perturbdiff_core.mmd.kernels import RadialKernel\n"
     "class Impostor(RadialKernel):\n"
     "    '''An impostor: twice the Gaussian kernel.'''\n"
     "    def profile(self, s):\n"
@@ -186,7 +186,8 @@ def test_a_builtin_name_registered_by_another_distribution_does_not_replace_it(
 def test_a_name_two_other_distributions_register_must_be_qualified(install_fake: InstallFake) -> None:
     install_fake("perturbdiff-first", {"twin": "perturbdiff_plugins.kernels:RBF"})
     install_fake("perturbdiff-second", {"twin": "perturbdiff_plugins.kernels:Laplace"})
-    with pytest.raises(UnknownPluginError, match=r"'twin'.*perturbdiff-first 0.0.1, perturbdiff-second 0.0.1.*perturbdiff-first:twin or perturbdiff-second:twin"):
+    expected = r"'twin'.*perturbdiff-first 0.0.1, perturbdiff-second 0.0.1.*perturbdiff-first:twin or perturbdiff-second:twin"
+    with pytest.raises(UnknownPluginError, match=expected):
         registry.load(KERNELS, "twin")
     assert type(registry.load(KERNELS, "perturbdiff-first:twin")).__name__ == "RBF"
     assert type(registry.load(KERNELS, "perturbdiff-second:twin")).__name__ == "Laplace"
@@ -195,8 +196,8 @@ def test_a_name_two_other_distributions_register_must_be_qualified(install_fake:
 
 
 def test_a_qualified_name_works_in_a_run_config(install_fake: InstallFake) -> None:
-    from perturbdiff_core.run_config import config_from_dict
-    from perturbdiff_core.training import PLACEHOLDER_SIZES, _model, check_plugins
+    from perturbdiff_core.runs.config import config_from_dict
+    from perturbdiff_core.runs.training import PLACEHOLDER_SIZES, _model, check_plugins
 
     install_fake("perturbdiff-impostor", {"rbf": "perturbdiff_impostor:Impostor"}, modules={"perturbdiff_impostor": IMPOSTOR})
     config = config_from_dict({"model": {"kernel": "perturbdiff-impostor:rbf", "kernel_params": {"lengthscale": 2.0}}})
@@ -208,9 +209,9 @@ def test_a_qualified_name_works_in_a_run_config(install_fake: InstallFake) -> No
 
 # ------------------------------------------------------------------- abstract plug-in classes
 
-HALF_KERNEL = "from perturbdiff_core.kernels import Kernel\nclass Half(Kernel):\n    '''Forgot forward.'''\n"
+HALF_KERNEL = "from perturbdiff_core.mmd.kernels import Kernel\nclass Half(Kernel):\n    '''Forgot forward.'''\n"
 HALF_SCHEDULE = (
-    "from perturbdiff_core.schedules import NoiseSchedule\n"
+    "from perturbdiff_core.diffusion.schedules import NoiseSchedule\n"
     "class Half(NoiseSchedule):\n"
     "    '''Implements alpha_bar, as an old CONTRIBUTING said, instead of betas and config.'''\n"
     "    def alpha_bar(self, t):\n"

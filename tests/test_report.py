@@ -27,11 +27,11 @@ from perturbdiff_core.evaluation import (
     summary_line,
     versus_best_baseline,
 )
-from perturbdiff_core.evaluation.verdict import verdict, worse_than
+from perturbdiff_core.evaluation.predictors import as_predictor, predict_anndata, real_anndata
 from perturbdiff_core.evaluation.report import REPORT_FILE, write_report
-from perturbdiff_core.predictors import as_predictor, predict_anndata, real_anndata
-from perturbdiff_core.run_config import CONFIG_FILE
-from perturbdiff_core.training import LOG_FILE
+from perturbdiff_core.evaluation.verdict import verdict, worse_than
+from perturbdiff_core.runs.config import CONFIG_FILE
+from perturbdiff_core.runs.training import LOG_FILE
 
 KEYS = {"perturbation_key": "perturbation", "control_label": "control", "cell_type_key": "cell_type"}
 BASELINES = ("control", "context_mean", "linear")
@@ -272,7 +272,7 @@ def test_report_header_top_de_genes_and_baselines_in_the_plots(tmp_path, metrics
     # The DE section's counts are the evaluation's, per condition.
     per_condition = metrics[(metrics.method == "model") & (metrics.condition != ALL_CONDITIONS)]
     counts = per_condition.pivot(index="condition", columns="metric", values="value")
-    for condition, row in counts.iterrows():
+    for _condition, row in counts.iterrows():
         line = f"model calls {int(row.de_nsig_counts_pred)} DE genes against {int(row.de_nsig_counts_real)} real"
         assert line in text, line
     de_rows = [row for row in page.rows if len(row) == 6 and row[0][0] != "gene"]
@@ -282,7 +282,7 @@ def test_report_header_top_de_genes_and_baselines_in_the_plots(tmp_path, metrics
 
 def test_the_delta_scatter_and_the_pca_show_every_method(predictions, real) -> None:
     from perturbdiff_core.evaluation import report_plots
-    from perturbdiff_core.evaluation.pairing import pair_anndata
+    from perturbdiff_core.evaluation.paired import pair_anndata
 
     paired = {m: pair_anndata(p, real, **KEYS) for m, p in predictions.items()}
     conditions = paired["model"].conditions[:2]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_report import KEYS, metrics, predictions, real, screen  # noqa: F401  (module fixtures, used by name)
 
 from perturbdiff_core.evaluation.report import write_report
-from test_report import KEYS, metrics, predictions, real, screen  # noqa: F401  (module fixtures, used by name)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

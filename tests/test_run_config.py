@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from perturbdiff_core.commands.train import add_run_arguments
+from perturbdiff_core.cli.commands.train import add_run_arguments
 from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.anndata_io import DATA_ENV
 from perturbdiff_core.errors import ConfigError, DataError
-from perturbdiff_core.run_config import (
+from perturbdiff_core.runs.config import (
     RunConfig,
     config_from_dict,
     differences,
@@ -175,7 +175,7 @@ def test_changing_a_plugin_with_set_resets_its_parameters(tmp_path: Path, overri
 
 
 def test_every_plugin_key_with_parameters_is_reset(tmp_path: Path) -> None:
-    from perturbdiff_core.run_config import plugin_params_keys
+    from perturbdiff_core.runs.config import plugin_params_keys
 
     assert plugin_params_keys() == {
         "data.encoder": "data.encoder_params",
@@ -202,7 +202,7 @@ def test_a_plugin_named_without_parameters_gets_none(tmp_path: Path) -> None:
 
 PLAIN_DENOISER = """
 import torch
-from perturbdiff_core.denoisers import Denoiser
+from perturbdiff_core.diffusion.denoisers import Denoiser
 
 class Plain(Denoiser):
     '''A per-cell linear map: no size presets.'''
@@ -221,7 +221,7 @@ class Plain(Denoiser):
 
 
 def test_a_third_party_denoiser_replaces_the_bundled_one_with_set(install_fake: Callable[..., None]) -> None:
-    from perturbdiff_core.training import check_plugins
+    from perturbdiff_core.runs.training import check_plugins
 
     install_fake("perturbdiff-plain", {"plain": "perturbdiff_plain:Plain"}, group="perturbdiff.denoisers", modules={"perturbdiff_plain": PLAIN_DENOISER})
     config = load_config(EXAMPLES[0], ["model.denoiser=plain"])  # the bundled config gives {size: tiny}
@@ -234,7 +234,7 @@ def test_a_third_party_denoiser_replaces_the_bundled_one_with_set(install_fake: 
 
 def test_suite_and_grid_layers_reset_the_parameters_too(tmp_path: Path) -> None:
     from perturbdiff_core.ablation.grid import read_grid
-    from perturbdiff_core.run_config import override
+    from perturbdiff_core.runs.config import override
     from perturbdiff_core.suite.spec import read_suite
 
     assert override(BASE, {"model": {"denoiser": "deepsets"}})["model"]["denoiser_params"] == {}

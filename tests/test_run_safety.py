@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from perturbdiff_core.checkpoint import checkpoint_path, load_checkpoint, previous_path
-from perturbdiff_core.cli import DEBUG_ENV, main
-from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.run_folder import LOCK_FILE
 from test_cli import assert_one_line_error
 from test_training import TINY_NET
+
+from perturbdiff_core.cli import DEBUG_ENV, main
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint, previous_path
+from perturbdiff_core.runs.folder import LOCK_FILE
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from perturbdiff_core.diffusion.samplers import DDIMStep, DDPMStep, sample, timestep_grid
 from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.registry import load
-from perturbdiff_core.samplers import DDIMStep, DDPMStep, sample, timestep_grid
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from perturbdiff_core.diffusion.schedules import MAX_FINAL_ALPHA_BAR, NoiseSchedule
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
 from perturbdiff_core.registry import load, names
-from perturbdiff_core.schedules import MAX_FINAL_ALPHA_BAR, NoiseSchedule
 
 SCHEDULES = ["linear", "cosine", "power_cosine"]
 
@@ -118,7 +118,7 @@ def test_bad_time_steps_and_parameters_raise_clear_errors():
     with pytest.raises(InputError, match="noise has shape"):
         sched.q_sample(torch.zeros(2, 3, 4), torch.tensor([1, 2]), torch.zeros(2, 3, 5))
     with pytest.raises(ConfigError, match="not pure noise"):
-        load("perturbdiff.schedules", "linear", num_steps=50).alpha_bars
+        _ = load("perturbdiff.schedules", "linear", num_steps=50).alpha_bars
     with pytest.raises(ConfigError, match="beta_start"):
         load("perturbdiff.schedules", "linear", beta_start=0.1, beta_end=0.01)
     with pytest.raises(ConfigError, match="num_steps"):

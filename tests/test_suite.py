@@ -12,13 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_ablation import BASE
+from test_cli import assert_one_line_error
 
 from perturbdiff_core.ablation import runner
-from perturbdiff_core.checkpoint import checkpoint_path
 from perturbdiff_core.cli import main
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.run_config import RunConfig, write_config
+from perturbdiff_core.runs.checkpoint import checkpoint_path
+from perturbdiff_core.runs.config import RunConfig, write_config
 from perturbdiff_core.suite import (
     LONG_COLUMNS,
     SKIPPED,
@@ -31,8 +33,6 @@ from perturbdiff_core.suite import (
     task_means,
     versus_baselines,
 )
-from test_ablation import BASE
-from test_cli import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import screen_path, tiny_config  # noqa: F401  (the fixture is used by name)
 
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.run_config import load_config
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.training import Trainer
 from perturbdiff_core.threads import available_cpus, resolve_threads, threads_line
-from perturbdiff_core.training import Trainer
-from test_training import screen_path, tiny_config  # noqa: F401  (the fixture is used by name)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,7 +43,7 @@ def test_threads_must_be_positive_or_auto() -> None:
 def test_every_training_step_runs_with_the_threads_asked_for(screen_path: Path, tmp_path, monkeypatch, threads) -> None:  # noqa: F811
     """The data preparation resets the count (as numba does on its first parallel call); each step
     still computes with ``train.threads``, read inside the loss by a spy."""
-    training = sys.modules["perturbdiff_core.training"]
+    training = sys.modules["perturbdiff_core.runs.training"]
     prepare = training.prepare
 
     def prepare_like_numba(*args, **kwargs):

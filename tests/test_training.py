@@ -12,8 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from perturbdiff_core.batch import Conditioning, SetBatch
-from perturbdiff_core.checkpoint import (
+from perturbdiff_core.data import EpochSampler
+from perturbdiff_core.data.batch import Conditioning, SetBatch
+from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
+from perturbdiff_core.mmd.functional import mmd2
+from perturbdiff_core.runs.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     checkpoint_path,
@@ -21,13 +25,8 @@ from perturbdiff_core.checkpoint import (
     load_run_checkpoint,
     previous_path,
 )
-from perturbdiff_core.data import EpochSampler
-from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
-from perturbdiff_core.functional import mmd2
-from perturbdiff_core.run_config import RunConfig, TrainConfig, load_config
-from perturbdiff_core.transfer import load_init
-from perturbdiff_core.training import (
+from perturbdiff_core.runs.config import RunConfig, TrainConfig, load_config
+from perturbdiff_core.runs.training import (
     LOG_COLUMNS,
     MAX_AUTO_WORKERS,
     StepBatches,
@@ -41,6 +40,7 @@ from perturbdiff_core.training import (
     resolve_workers,
     training_loader,
 )
+from perturbdiff_core.runs.transfer import load_init
 
 #: A denoiser small enough for many short trainings in the test suite.
 TINY_NET = "model.denoiser_params={size: tiny, hidden: 16, depth: 1, heads: 2}"
@@ -500,7 +500,7 @@ def test_a_run_records_where_its_plugins_came_from(screen_path: Path, tmp_path: 
 
     from perturbdiff_core import __version__
     from perturbdiff_core.errors import PerturbDiffWarning
-    from perturbdiff_core.run_config import PLUGINS_FILE, config_from_dict
+    from perturbdiff_core.runs.config import PLUGINS_FILE, config_from_dict
 
     run = tmp_path / "run"
     config = tiny_config(screen_path)

@@ -9,15 +9,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from perturbdiff_core.checkpoint import CheckpointError, load_checkpoint
 from perturbdiff_core.cli import main
 from perturbdiff_core.data import DataConfig, SplitConfig, collate_sets, prepare
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.pretraining import UnperturbedSource, concat_unperturbed
-from perturbdiff_core.run_config import load_config
-from perturbdiff_core.training import Trainer, build_model
-from perturbdiff_core.transfer import TRANSFER_FILE, transfer_weights
+from perturbdiff_core.runs.checkpoint import CheckpointError, load_checkpoint
+from perturbdiff_core.runs.config import load_config
+from perturbdiff_core.runs.pretraining import UnperturbedSource, concat_unperturbed
+from perturbdiff_core.runs.training import Trainer, build_model
+from perturbdiff_core.runs.transfer import TRANSFER_FILE, transfer_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,10 +184,10 @@ def test_train_fraction_keeps_the_expected_cells(screens) -> None:
 
 
 def test_evaluate_refits_baselines_on_the_run_training_fraction(screens, tmp_path: Path) -> None:
-    from perturbdiff_core.commands.evaluate import RunFolder
+    from perturbdiff_core.runs.folder import SavedRun
 
     trainer = train(screens[0], tmp_path / "run", *HOLDOUT, "split.train_fraction=0.05", "train.steps=1")
-    folder = RunFolder.load(tmp_path / "run")
+    folder = SavedRun.load(tmp_path / "run")
     for label in trainer.split.train:
         assert np.array_equal(folder.data.cells(label), trainer.data.cells(label))
 

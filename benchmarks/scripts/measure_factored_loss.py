@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_model import OVERHEAD, TARGET_SHARE, B, G, S, header, setup, step_times, sync
 from cases import DEVICE
-from perturbdiff_plugins.estimators import UnbiasedMMD
-from perturbdiff_plugins.kernels import Energy
 
 from perturbdiff_core.io import atomic_write_text
+from perturbdiff_plugins.estimators import UnbiasedMMD
+from perturbdiff_plugins.kernels import Energy
 
 
 def factored_loss(h: Tensor, weight: Tensor, bias: Tensor, y: Tensor, kernel: Energy) -> tuple[Tensor, Tensor]:

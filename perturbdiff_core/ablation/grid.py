@@ -17,7 +17,7 @@ from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
 from ..names import CELLS_DIR
 from ..registry import is_registered, load, names
-from ..run_config import RunConfig, config_from_dict, override, resolved
+from ..runs.config import RunConfig, config_from_dict, override, resolved
 
 #: Top-level keys of a grid file.
 GRID_KEYS = ("base", "set", "grid", "exclude", "metrics")

@@ -13,14 +13,14 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from ..checkpoint import has_checkpoint
 from ..configuration import read_yaml
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import ALL_CONDITIONS
-from ..pipeline import METRICS_FILE, MODEL, evaluate_run, predict_all
-from ..run_config import CONFIG_FILE, RunConfig, config_from_dict, differences
-from ..run_folder import RunFolder
-from ..training import Trainer
+from ..runs.checkpoint import has_checkpoint
+from ..runs.config import RunConfig, config_from_dict, differences
+from ..runs.folder import RunDir, RunFolder
+from ..runs.pipeline import MODEL, evaluate_run, predict_all
+from ..runs.training import Trainer
 from .grid import Cell, GridSpec, cell_dir
 from .summary import key_metrics, summarize_grid
 
@@ -30,7 +30,7 @@ IGNORED_ON_RESUME = ("data.path", "train.device", "train.num_workers", "train.th
 
 def cell_status(folder: Path) -> str:
     """``done`` (metrics written), ``resume`` (a checkpoint) or ``new``."""
-    if (folder / METRICS_FILE).is_file():
+    if RunDir(folder).metrics.is_file():
         return "done"
     return "resume" if has_checkpoint(folder) else "new"
 
@@ -43,7 +43,7 @@ def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
 
 def check_folder(folder: Path, config: RunConfig) -> None:
     """ConfigError when ``folder`` holds a run of another configuration than ``config`` (its results would be stale)."""
-    saved_file = folder / CONFIG_FILE
+    saved_file = RunDir(folder).config
     if not saved_file.is_file():
         return
     saved = config_from_dict(read_yaml(saved_file)).to_dict()  # keys added since it was written take their defaults
@@ -61,7 +61,7 @@ def run_cell(config: RunConfig, folder: Path, *, progress: bool = True) -> pd.Da
     """Train (or resume) one cell, predict its test conditions, write ``metrics.csv`` and ``report.html``.
 
     The steps of ``perturbdiff run`` without its command line, in the folder held by this process
-    (:class:`~perturbdiff_core.run_folder.RunFolder`); returns the metrics table.
+    (:class:`~perturbdiff_core.runs.folder.RunFolder`); returns the metrics table.
     """
     with RunFolder(folder) as claimed:
         trainer = Trainer(config, folder, resume=has_checkpoint(folder), progress=progress)

@@ -18,7 +18,8 @@ from ..names import ABLATION_MARKDOWN_FILE as MARKDOWN_FILE
 from ..names import ABLATION_PLOT_FILE as PLOT_FILE
 from ..names import ABLATION_TABLE_FILE as TABLE_FILE
 from ..names import CELLS_FILE
-from ..pipeline import METRICS_FILE, MODEL
+from ..runs.folder import RunDir
+from ..runs.pipeline import MODEL
 from .grid import SUMMARY_COLUMNS, Cell, GridSpec, cell_dir
 
 
@@ -41,9 +42,9 @@ def collect(cells: Sequence[Cell], out: str | os.PathLike[str]) -> pd.DataFrame:
     """The aggregate (``__all__``) rows of every cell's ``metrics.csv`` with one column per axis label."""
     frames = []
     for cell in cells:
-        path = cell_dir(out, cell) / METRICS_FILE
+        path = RunDir(cell_dir(out, cell)).metrics
         if not path.is_file():
-            raise PerturbDiffError(f"Cell {cell.name} has no {METRICS_FILE} yet; run the grid to finish it.")
+            raise PerturbDiffError(f"Cell {cell.name} has no {path.name} yet; run the grid to finish it.")
         metrics = pd.read_csv(path)
         rows = metrics[metrics.condition == ALL_CONDITIONS].drop(columns="condition")
         frames.append(rows.assign(**cell.labels)[[*cell.labels, "metric", "method", "value"]])

@@ -21,12 +21,10 @@ import scipy.sparse as sp
 from torch import Tensor
 
 from .. import registry
-from ..encoders import PerturbationEncoder, perturbation_parts
 from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
     normalize_rows,
     require_cells,
-    text_codes,
     require_complete,
     require_genes,
     require_label,
@@ -34,8 +32,10 @@ from .anndata_io import (
     require_unique_genes,
     require_valid_values,
     summarize_values,
+    text_codes,
 )
 from .config import DataConfig
+from .encoders import PerturbationEncoder, perturbation_parts
 from .genes import align_genes, select_genes
 from .sources import PERTURBATION_ROLE, open_source, worker_start_method
 

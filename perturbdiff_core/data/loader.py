@@ -72,7 +72,7 @@ def make_loader(
     drop_last: bool = False,
     shifts: Mapping[str, np.ndarray] | None = None,
 ) -> DataLoader:
-    """A DataLoader of :class:`~perturbdiff_core.batch.SetBatch` over ``conditions``.
+    """A DataLoader of :class:`~perturbdiff_core.data.batch.SetBatch` over ``conditions``.
 
     ``train=True``: shuffled, new sets each epoch, controls paired by ``data.config.control_pairing``.
     ``train=False`` (validation, test): fixed order and the same sets every pass, random controls

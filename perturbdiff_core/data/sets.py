@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..batch import Conditioning, SetBatch
 from ..errors import ConfigError, DataError
+from .batch import Conditioning, SetBatch
 from .dataset import Condition, Context, PerturbationData
 from .pairing import ControlPairing, draw, make_pairing
 
@@ -31,7 +31,7 @@ class ConditionSets(Dataset):
         pairing: ``random``, ``ot`` or a :class:`ControlPairing` (default ``data.config.control_pairing``).
         samples_per_condition: sets per condition per epoch.
         shifts: condition label -> ``(G,)`` anchor shift (``model.anchor``, see
-            :mod:`~perturbdiff_core.anchor`), added to every item as ``shift``; ``None``: no anchor.
+            :mod:`~perturbdiff_core.runs.anchor`), added to every item as ``shift``; ``None``: no anchor.
 
     Items are dicts: ``target`` and ``control`` ``(S, G)`` float32, ``perturbation`` ``(P,)``,
     ``cell_type`` and ``batch`` long scalars, ``condition`` the label (and ``shift`` ``(G,)``

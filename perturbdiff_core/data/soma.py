@@ -14,6 +14,7 @@ command runs look at a seeded sample of :data:`CHECK_CELLS` passing cells, not a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -102,7 +103,7 @@ class SomaMatrix:
         )
         return block[inverse]
 
-    def blocks(self, size: int = SCAN_ROWS):
+    def blocks(self, size: int = SCAN_ROWS) -> Iterator[sp.csr_matrix]:
         """Consecutive blocks of at most ``size`` rows covering every row."""
         for start in range(0, self.shape[0], size):
             yield self.rows(np.arange(start, min(start + size, self.shape[0])))

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..encoders import perturbation_parts
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from .config import SPLIT_KINDS, SplitConfig
 from .dataset import Condition, PerturbationData
+from .encoders import perturbation_parts
 
 #: Marks the version of a saved split.
 SPLIT_FORMAT = "perturbdiff.split/1"

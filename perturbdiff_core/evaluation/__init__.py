@@ -16,8 +16,8 @@ from .de import DEResult, de_metrics, wilcoxon_de
 from .definitions import DEFINITIONS, MetricDefinition
 from .discrimination import discrimination_scores
 from .distribution import population_variability
-from .pipeline import ALL_CONDITIONS, COLUMNS, evaluate
-from .pairing import Condition, PairedData, pair_anndata
+from .metrics import ALL_CONDITIONS, COLUMNS, evaluate
+from .paired import Condition, PairedData, pair_anndata
 from .pseudobulk import log2_fold_change, pseudobulk_metrics
 from .realism import realism_metrics
 

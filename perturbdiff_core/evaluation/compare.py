@@ -18,11 +18,11 @@ import pandas as pd
 
 from ..data.anndata_io import read_anndata
 from ..errors import InputError
-from ..estimators import MMDEstimator
-from ..kernels import Kernel
+from ..mmd.estimators import MMDEstimator
+from ..mmd.kernels import Kernel
 from .de import FDR_THRESHOLD
 from .definitions import DEFINITIONS, MetricDefinition
-from .pipeline import ALL_CONDITIONS, COLUMNS, evaluate
+from .metrics import ALL_CONDITIONS, COLUMNS, evaluate
 
 #: Outcomes of the model against the best baseline on one metric.
 OUTCOMES = ("beats", "loses", "ties")

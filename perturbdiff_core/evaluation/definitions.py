@@ -1,7 +1,7 @@
 """What every metric of :func:`~perturbdiff_core.evaluation.evaluate` means, and how it relates to cell-eval.
 
 ``cell_eval`` is ``"same"`` where the value agrees with cell-eval 0.8 to 1e-6 on the same files
-(checked by ``tests/test_metrics_cell_eval.py``), ``""`` where cell-eval has no such metric,
+(checked by ``test_agrees_with_cell_eval`` in ``tests/test_metrics_evaluate.py``), ``""`` where cell-eval has no such metric,
 or the reason it differs. Differences common to every ``"same"`` metric, by design:
 
 - cell-eval casts DE tables to float32 before thresholding FDRs and ranking fold changes; we

@@ -14,9 +14,9 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from ..estimators import MMDEstimator
-from ..functional import mmd2
-from ..kernels import Kernel
+from ..mmd.estimators import MMDEstimator
+from ..mmd.functional import mmd2
+from ..mmd.kernels import Kernel
 
 
 def subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:

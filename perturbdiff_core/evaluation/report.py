@@ -38,7 +38,7 @@ from . import report_plots as plots
 from .compare import aggregate, best_methods, definition_of
 from .de import FDR_THRESHOLD, top_de_genes, wilcoxon_de
 from .definitions import DEFINITIONS
-from .pairing import Condition, PairedData, pair_anndata
+from .paired import Condition, PairedData, pair_anndata
 from .verdict import verdict
 
 __all__ = ["REPORT_FILE", "KEY_METRICS", "write_report"]
@@ -130,7 +130,7 @@ def write_report(
             column but ``lr`` is drawn, ``val*`` columns (NaN where not measured) in their own panel.
         max_conditions: the per-condition plots show the first this many conditions.
         seed: seed of the cell subsampling and of the PCA.
-        run_info: what was run, ``label -> text`` (see :func:`~perturbdiff_core.provenance.run_facts`),
+        run_info: what was run, ``label -> text`` (see :func:`~perturbdiff_core.runs.provenance.run_facts`),
             shown at the top.
     """
     if model not in predictions:

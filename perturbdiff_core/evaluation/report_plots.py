@@ -18,7 +18,7 @@ from sklearn.decomposition import PCA
 from ..errors import InputError
 from .compare import definition_of
 from .distribution import subsample
-from .pairing import Condition, PairedData
+from .paired import Condition, PairedData
 
 #: Colour and marker of the model; baselines take the following ones in order.
 MODEL_COLOUR = "#1f77b4"

@@ -18,7 +18,7 @@ from ..data.splits import make_split
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import definition_of
 from ..names import TASKS_DIR
-from ..run_config import RunConfig, config_from_dict, override, resolved
+from ..runs.config import RunConfig, config_from_dict, override, resolved
 
 #: Top-level keys of a suite file, and the keys of one task.
 SUITE_KEYS = ("seeds", "set", "metrics", "tasks")

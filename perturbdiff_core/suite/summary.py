@@ -21,9 +21,9 @@ from ..names import SUITE_FILE
 from ..names import SUITE_MARKDOWN_FILE as MARKDOWN_FILE
 from ..names import SUITE_PLOT_FILE as PLOT_FILE
 from ..names import SUITE_SUMMARY_FILE as SUMMARY_FILE
-from ..pipeline import METRICS_FILE, MODEL
+from ..runs.folder import RunDir
+from ..runs.pipeline import MODEL
 from .spec import SuiteRun, SuiteSpec, run_dir
-
 
 #: Columns of ``suite.csv``: every row of every run's ``metrics.csv`` with its task and seed.
 LONG_COLUMNS = ("task", "seed", *COLUMNS)
@@ -73,9 +73,9 @@ def collect(runs: Sequence[SuiteRun], out: str | os.PathLike[str]) -> pd.DataFra
     """Every row of every run's ``metrics.csv`` (all conditions and ``__all__``) with its task and seed."""
     frames = []
     for run in runs:
-        path = run_dir(out, run) / METRICS_FILE
+        path = RunDir(run_dir(out, run)).metrics
         if not path.is_file():
-            raise PerturbDiffError(f"Run {run.name} has no {METRICS_FILE} yet; run the suite to finish it.")
+            raise PerturbDiffError(f"Run {run.name} has no {path.name} yet; run the suite to finish it.")
         frames.append(pd.read_csv(path).assign(task=run.task, seed=run.seed)[list(LONG_COLUMNS)])
     return pd.concat(frames, ignore_index=True)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from perturbdiff_core.errors import InputError
-from perturbdiff_core.kernels import RadialKernel
+from perturbdiff_core.mmd.kernels import RadialKernel
 
 __all__ = ["RationalQuadratic"]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.spatial.distance import cdist
-
 from perturbdiff_example_kernel import RationalQuadratic
+from scipy.spatial.distance import cdist
 
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0])

@@ -1,0 +1,188 @@
+"""``perturbdiff evaluate``: every metric of a prediction (and of baselines) against the real data.
+
+Writes ``metrics.csv`` and, with ``--report``, ``report.html`` beside it. Baselines need the run
+folder that made the prediction (``--run DIR``): they are fitted on its training conditions and
+predict its held-out conditions, the same split as the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...configuration import parse_overrides
+from ...errors import InputError
+from ...io import atomic_path, check_output_file
+from ...names import ALL_CONDITIONS, METRICS_FILE
+
+if TYPE_CHECKING:  # the data stack is imported when the command runs, not for --help
+    import anndata as ad
+    import pandas as pd
+    from rich.console import Console
+
+    from ...data import DataConfig
+
+_EPILOG = f"""\
+metrics.csv is long format: condition, metric, method, value. Rows with condition
+'{ALL_CONDITIONS}' hold the mean over conditions (NaN skipped) and the metrics defined across
+conditions (pearson_edistance, de_spearman_sig). Both files are log1p expression on the same
+genes (the prediction is reordered to the real gene order), hold the same conditions and the
+control cells. Metric names follow cell-eval where the definitions match; see
+perturbdiff_core.evaluation.DEFINITIONS.
+
+Baselines (perturbdiff.predictors plug-ins: control, context_mean, linear, random_train, ...)
+are compared on the same conditions: with --run DIR they are fitted on the training
+conditions of DIR/split.json (data from DIR/config.yaml and DIR/data_state.json) and predict
+its test conditions, which PRED must hold. Without REAL.h5ad the run's real test cells
+are read from its data. The run's data keys are the defaults of --perturbation-key,
+--control-label and --cell-type-key, and its train_log.csv is the loss curve of --report.
+Example:
+
+  perturbdiff evaluate runs/x/predictions.h5ad --run runs/x \\
+      --baselines control context_mean linear random_train --report --out runs/x/eval/metrics.csv
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``perturbdiff evaluate``."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="metrics of predicted against real cells (pseudobulk, DE, discrimination, MMD)",
+        description=(
+            "Compare a predicted with a real AnnData per held-out condition and on average: "
+            "pseudobulk, differential expression, perturbation discrimination, MMD and, with "
+            "--replicate-key, population variability. Writes the table atomically."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("pred", metavar="PRED.h5ad", help="predicted cells (with the control cells)")
+    parser.add_argument(
+        "real", metavar="REAL.h5ad", nargs="?", default=None,
+        help="real cells of the same conditions (with the control cells); default with --run: the run's test conditions",
+    )
+    parser.add_argument("--control-label", default=None, help="label of control cells (default: the run's, else control)")
+    parser.add_argument("--perturbation-key", default=None, help="obs column of perturbations (default: the run's, else perturbation)")
+    parser.add_argument("--cell-type-key", default=None, help="obs column of cell types; a condition is then (cell type, perturbation) (default: the run's)")
+    parser.add_argument(
+        "--replicate-key", default=None, help="obs column of replicates (batch, donor) in the real data and of sampled populations in the prediction"
+    )
+    parser.add_argument("--method", default="model", help="name of the predictor in the method column (default: %(default)s)")
+    parser.add_argument("--kernel", default="energy", help="perturbdiff.kernels plug-in for MMD (default: %(default)s)")
+    parser.add_argument("--kernel-param", action="append", default=[], metavar="KEY=VALUE", help="kernel parameter, VALUE parsed as YAML; repeatable")
+    parser.add_argument("--estimator", default="unbiased", help="perturbdiff.estimators plug-in for MMD (default: %(default)s)")
+    parser.add_argument("--max-cells", type=int, default=1000, metavar="N", help="subsample populations to at most N cells for MMD (default: %(default)s)")
+    parser.add_argument("--fdr", type=float, default=0.05, help="BH FDR threshold of DE genes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling (default: %(default)s)")
+    parser.add_argument("--out", default=METRICS_FILE, metavar=METRICS_FILE, help="output CSV (default: %(default)s)")
+    parser.add_argument("--baselines", nargs="+", default=[], metavar="NAME", help="predictor plug-ins to compare with on the same split (needs --run)")
+    parser.add_argument("--run", default=None, metavar="DIR", help="the run folder of the prediction: its data, split and training log")
+    parser.add_argument("--report", action="store_true", help="also write report.html beside --out")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the metrics, write the CSV (and report) atomically, print the aggregate table and notes."""
+    from rich.console import Console
+
+    from ...evaluation import compare
+    from ...evaluation.verdict import verdict
+    from ...mmd.etest import build_kernel
+    from ...runs.folder import SavedRun
+
+    if args.baselines and args.run is None:
+        raise InputError(
+            "--baselines needs --run DIR: baselines are fitted on that run's training conditions "
+            "(DIR/config.yaml, DIR/split.json) and predict its test conditions."
+        )
+    if args.real is None and args.run is None:
+        raise InputError(
+            "Give REAL.h5ad (the real cells of the predicted conditions), or --run DIR to read them from the run's data."
+        )
+    check_output_file(args.out)  # a folder or an unwritable place fails now, not after the metrics
+    folder = SavedRun.load(args.run) if args.run is not None else None
+    real = args.real if args.real is not None else folder.real()
+    keys = _keys(args, folder.data.config if folder is not None else None)
+    predictions: dict[str, ad.AnnData | str] = {args.method: args.pred}
+    for name in args.baselines:
+        if name in predictions:
+            raise InputError(
+                f"Method name {name!r} is given twice; rename the model with --method or drop the duplicate."
+            )
+        predictions[name] = folder.predict(name, seed=args.seed)
+    table = compare(
+        predictions,
+        real,
+        **keys,
+        replicate_key=args.replicate_key,
+        kernel=build_kernel(args.kernel, parse_overrides(args.kernel_param, flag="--kernel-param")),
+        kernel_name=args.kernel,
+        estimator=args.estimator,
+        max_cells=args.max_cells,
+        fdr_threshold=args.fdr,
+        seed=args.seed,
+        progress=True,
+    )
+    with atomic_path(args.out) as tmp:
+        table.to_csv(tmp, index=False)
+    err = Console(stderr=True)
+    if args.report:
+        from ...evaluation.report import write_report  # matplotlib: imported only when drawing
+
+        path = write_report(
+            Path(args.out).parent,
+            table,
+            predictions=predictions,
+            real=real,
+            **keys,
+            loss_history=folder.loss_history() if folder is not None else None,
+            model=args.method,
+            seed=args.seed,
+            run_info=folder.facts() if folder is not None else {"predictions": args.pred, "real cells": str(args.real)},
+        )
+        err.print(f"Wrote {path}", markup=False, highlight=False)
+    for note in table.attrs.get("notes", []):
+        err.print(f"perturbdiff: note: {note}", markup=False, highlight=False)
+    out = Console()
+    _print_summary(table, out)
+    if len(predictions) > 1:
+        for sentence in verdict(table, args.method):
+            out.print(sentence.text, markup=False, highlight=False)
+    n_conditions = table.loc[table.condition != ALL_CONDITIONS, "condition"].nunique()
+    err.print(f"Wrote {len(table)} rows ({n_conditions} conditions) to {args.out}", markup=False, highlight=False)
+    return 0
+
+
+def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, str | None]:
+    """The obs keys: given on the command line, else the run's, else the defaults."""
+    from ...data import DataConfig
+
+    fallback = config if config is not None else DataConfig()
+    return {
+        "perturbation_key": args.perturbation_key or fallback.perturbation_key,
+        "control_label": args.control_label or fallback.control_label,
+        "cell_type_key": args.cell_type_key or fallback.cell_type_key,
+    }
+
+
+def _print_summary(table: pd.DataFrame, console: Console) -> None:
+    """The aggregate row of every metric, one column per method, with the metric's best value."""
+    from rich import box
+    from rich.table import Table
+
+    from ...evaluation import definition_of
+
+    rows = table[table.condition == ALL_CONDITIONS]
+    methods = list(rows.method.unique())
+    wide = rows.pivot(index="metric", columns="method", values="value").loc[rows.metric.unique(), methods]
+    shown = Table(title=f"Mean over conditions ({ALL_CONDITIONS})", title_justify="left", box=box.SIMPLE_HEAD)
+    shown.add_column("metric", justify="left", no_wrap=True)
+    for method in methods:
+        shown.add_column(str(method), justify="right")
+    shown.add_column("best", justify="right")
+    for metric, values in wide.iterrows():
+        definition = definition_of(str(metric))
+        best = "" if definition is None or definition.best is None else f"{definition.best:g}"
+        shown.add_row(str(metric), *(f"{v:.4g}" for v in values), best)
+    console.print(shown)

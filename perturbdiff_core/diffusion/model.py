@@ -1,0 +1,448 @@
+r"""The RKHS diffusion model: a set denoiser trained with a squared error plus an MMD between populations.
+
+For a batch of sets :math:`x_0` (``SetBatch.target``, ``(B, S, G)``) the training loss is
+
+.. math::
+    \mathcal L = \frac1B \sum_b \Big[\frac{1}{SG}\|f_\theta(x_t, t, c) - y\|^2
+        + \lambda\, \mathrm{MMD}_k^2\big(\hat x_0^{(b)}, x_0^{(b)}\big)\Big],
+
+with :math:`t \sim U\{1..T\}`, :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}\epsilon`,
+:math:`y` the target of the prediction parameterisation (``x0``, ``eps`` or ``v``) and
+:math:`\hat x_0` the clean-set estimate derived from the prediction (Yuan et al. 2026: ``x0``
+prediction, energy kernel, :math:`\lambda = 1`). Training also uses self-conditioning (Chen et
+al. 2022, "Analog bits", section 3) and condition dropout for classifier-free guidance (Ho &
+Salimans 2022). The schedule, the denoiser, the kernel and the estimator are plug-ins, each one
+configuration line away.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..data.batch import Conditioning, SetBatch
+from ..errors import ConfigError, InputError
+from ..registry import list_plugins, load, resolve
+from ..validation import check_sets
+from .denoisers import Denoiser
+from .parameterization import DataScale, Parameterization, check_parameterization, target, to_x0
+from .samplers import DDIMStep, DDPMStep, SamplerStep, sample, timestep_grid
+from .schedules import NoiseSchedule
+
+#: A plug-in given by name, by ``{"name": ..., **params}`` (as in a YAML config) or as an instance.
+Spec = Any
+
+
+def _build(group: str, spec: Spec) -> tuple[Any, dict[str, Any] | None]:
+    """The plug-in instance for ``spec`` and, unless an instance was given, its ``{"name", **params}``."""
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        if not isinstance(params.get("name"), str):
+            raise ConfigError(f"a {group} entry given as a mapping needs a 'name' key with the plug-in name, got {dict(spec)}.")
+        name = params.pop("name")
+        return load(group, name, **params), {"name": name, **params}
+    if isinstance(spec, str):
+        return load(group, spec), {"name": spec}
+    return resolve(group, spec), None
+
+
+def _plugin_name(group: str, obj: Any) -> str:
+    """The entry-point name under which ``type(obj)`` is registered in ``group`` (metadata only)."""
+    target_path = f"{type(obj).__module__}:{type(obj).__qualname__}"
+    for info in list_plugins(group):
+        if info.target == target_path:
+            return info.name
+    raise ConfigError(
+        f"{type(obj).__name__} is not registered in the {group!r} entry-point group, so a model using "
+        f"it cannot be saved as a configuration; register it or pass a registered plug-in."
+    )
+
+
+def _cat_conditions(a: Conditioning, b: Conditioning) -> Conditioning:
+    """Two conditionings stacked along the set dimension (fields that are ``None`` in both stay ``None``)."""
+    pairs = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in fields(Conditioning)}
+    return Conditioning(**{k: None if x is None and y is None else torch.cat([x, y]) for k, (x, y) in pairs.items()})
+
+
+def null_condition(cond: Conditioning, drop: Tensor | None = None) -> Conditioning:
+    """``cond`` with the perturbation encoding zeroed (the null condition of guidance) where ``drop`` ``(B,)`` is true (everywhere if ``None``)."""
+    p = cond.perturbation
+    zeroed = torch.zeros_like(p) if drop is None else p.masked_fill(drop.unsqueeze(-1), 0.0)
+    return replace(cond, perturbation=zeroed)
+
+
+class RKHSDiffusion(nn.Module):
+    r"""Set diffusion with an MSE + :math:`\lambda`-weighted MMD^2 loss, guidance, self-conditioning and EMA.
+
+    Args:
+        denoiser: a :class:`Denoiser`, or ``{"name": "cross_dit", "num_genes": ..., ...}``.
+        schedule: noise schedule name (``"cosine"``, ``"linear"``, ``"power_cosine"``), mapping or instance.
+        kernel: kernel for the MMD term (name, mapping such as ``{"name": "rbf", "lengthscale":
+            "median"}``, or instance); ``"energy"`` by default, as in the paper.
+        estimator: MMD estimator (``"unbiased"`` by default; ``"biased"``, ...).
+        mmd_weight: :math:`\lambda`; 0 trains on the squared error alone (and skips the MMD).
+        prediction: what the denoiser outputs: ``"x0"`` (paper), ``"eps"``, ``"v"`` or ``"edm"`` (x0
+            preconditioned by the per-gene data scale, see :mod:`~perturbdiff_core.diffusion.parameterization`;
+            set the scale with :meth:`fit_data_scale` before training).
+        self_condition_prob: probability that a training step feeds the network its own
+            (detached) x0 estimate (Chen et al. 2022 use 0.5, drawn once per batch); 0 disables
+            self-conditioning, in training and sampling.
+        cond_drop_prob: probability that a set's perturbation encoding is zeroed in training, so
+            the same network also learns the null condition used by classifier-free guidance.
+        relative_to_control: diffuse each set relative to an origin, the mean of its control set
+            plus the anchor shift the conditioning carries (``cond.shift``, ``model.anchor``; none
+            means 0): the target and the control set are shifted by that origin before noising and
+            the samples shifted back, so the model learns what the anchor misses rather than the
+            expression level of a context (a held-out cell line, say). Radial kernels and the
+            MSE are translation invariant, so the loss terms keep their values.
+        origin: with ``relative_to_control``, ``"set"`` (one origin per set, as above) or ``"cell"``:
+            each target cell's origin is the control cell at the same place of the control set plus
+            the anchor shift, so a sampled cell is a real control cell plus a learned change and
+            keeps that cell's gene-level detail (its zeros and counts) wherever the change is small.
+            Needs target and control sets of the same size.
+        ema_decay: decay of the exponential moving average of the denoiser weights
+            (``torch.optim.swa_utils``); ``None`` keeps no average.
+
+    Training mode draws ``t``, the noise, the condition dropout and the self-conditioning coin;
+    evaluation mode (``model.eval()``) drops no condition and never self-conditions, so a
+    validation loss with fixed ``t`` and ``noise`` is deterministic.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser | Mapping[str, Any],
+        schedule: Spec = "cosine",
+        *,
+        kernel: Spec = "energy",
+        estimator: Spec = "unbiased",
+        mmd_weight: float = 1.0,
+        prediction: Parameterization = "x0",
+        self_condition_prob: float = 0.5,
+        cond_drop_prob: float = 0.1,
+        ema_decay: float | None = 0.999,
+        relative_to_control: bool = False,
+        origin: str = "set",
+    ) -> None:
+        super().__init__()
+        for name, value in (("self_condition_prob", self_condition_prob), ("cond_drop_prob", cond_drop_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {value!r}.")
+        if not mmd_weight >= 0:
+            raise ConfigError(f"mmd_weight must be >= 0, got {mmd_weight!r}.")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must lie in [0, 1) or be None, got {ema_decay!r}.")
+        self.denoiser, denoiser_spec = _build("perturbdiff.denoisers", denoiser)
+        self.schedule, schedule_spec = _build("perturbdiff.schedules", schedule)
+        self.kernel, kernel_spec = _build("perturbdiff.kernels", kernel)
+        self.estimator, estimator_spec = _build("perturbdiff.estimators", estimator)
+        self._specs = {"denoiser": denoiser_spec, "schedule": schedule_spec, "kernel": kernel_spec, "estimator": estimator_spec}
+        _ = self.schedule.alpha_bars  # validate the schedule now rather than at the first step
+        self.mmd_weight = float(mmd_weight)
+        self.prediction = check_parameterization(prediction)
+        self.self_condition_prob = float(self_condition_prob)
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.ema_decay = ema_decay
+        self.relative_to_control = bool(relative_to_control)
+        if origin not in ("set", "cell"):
+            raise ConfigError(f"origin must be 'set' or 'cell', got {origin!r}.")
+        self.origin = origin
+        genes = self.denoiser.num_genes
+        self.register_buffer("data_mean", torch.zeros(genes))  # the edm preconditioning's per-gene mean and scale
+        self.register_buffer("data_scale", torch.ones(genes))
+        self.ema: AveragedModel | None = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)  # never trained: optimizers skip it even given model.parameters()
+
+    # ----------------------------------------------------------------- configuration
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this model with :meth:`from_config` (YAML/JSON-serialisable)."""
+        specs = {}
+        for key, group, obj in (
+            ("denoiser", "perturbdiff.denoisers", self.denoiser),
+            ("schedule", "perturbdiff.schedules", self.schedule),
+            ("kernel", "perturbdiff.kernels", self.kernel),
+            ("estimator", "perturbdiff.estimators", self.estimator),
+        ):
+            given = self._specs[key]
+            if isinstance(obj, (Denoiser, NoiseSchedule)):  # these describe themselves
+                specs[key] = {"name": given["name"] if given else _plugin_name(group, obj), **obj.config()}
+            elif given is not None:
+                specs[key] = given
+            else:
+                raise ConfigError(
+                    f"the {key} was given as a built {type(obj).__name__}, whose parameters cannot be "
+                    f"saved; give it by name, e.g. {key}={{'name': ..., **params}}."
+                )
+        return {
+            **specs,
+            "mmd_weight": self.mmd_weight,
+            "prediction": self.prediction,
+            "self_condition_prob": self.self_condition_prob,
+            "cond_drop_prob": self.cond_drop_prob,
+            "ema_decay": self.ema_decay,
+            "relative_to_control": self.relative_to_control,
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RKHSDiffusion:
+        """A fresh (untrained) model from :meth:`config`'s output; load a ``state_dict`` for the weights."""
+        known = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"unknown model configuration keys {unknown}; the known keys are {sorted(known)}.")
+        return cls(**config)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should update (the denoiser's, and any trainable kernel's)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------- training
+    def loss(
+        self,
+        batch: SetBatch,
+        generator: torch.Generator | None = None,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, Tensor]:
+        """Loss terms on one batch: ``loss`` (differentiable), ``mse`` and ``mmd`` (detached, averaged over sets).
+
+        ``t`` ``(B,)`` and ``noise`` ``(B, S, G)`` fix the random draws (e.g. for a validation
+        loss); otherwise they are drawn from ``generator``, which must live on the batch's device.
+        ``shard = (k, n)`` says the batch is part ``k`` of ``n`` equal consecutive parts of a global
+        batch (data-parallel training): ``t``, the noise and the condition dropout are drawn for the
+        global batch and sliced, and the self-conditioning coin is shared, so the mean of the parts'
+        gradients is the global batch's.
+        """
+        x0, cond = batch.target, batch.cond
+        self._check_batch(x0, cond)
+        x0 = x0.to(next(self.denoiser.parameters()).dtype)
+        if self.relative_to_control:
+            cond, origin = self._relative(cond)
+            x0 = x0 - origin
+        b, device = x0.shape[0], x0.device
+        k, n = shard
+        total, part = b * n, slice(k * b, (k + 1) * b)  # the global batch, and this batch's positions in it
+        if t is None:
+            t = torch.randint(1, self.schedule.num_steps + 1, (total,), generator=generator, device=device)[part]
+        elif t.shape != (b,) or t.dtype != torch.long or (t < 1).any() or (t > self.schedule.num_steps).any():
+            raise InputError(f"t must be a long tensor of shape ({b},) with values in [1, {self.schedule.num_steps}].")
+        if noise is None:
+            noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)[part]
+        ab = self.schedule.alpha_bar(t)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        self_cond = None
+        if self.training:
+            if self.cond_drop_prob > 0:
+                cond = null_condition(cond, torch.rand(total, generator=generator, device=device)[part] < self.cond_drop_prob)
+            if self.self_condition_prob > 0 and torch.rand((), generator=generator, device=device) < self.self_condition_prob:
+                with torch.no_grad():
+                    self_cond = self._to_x0(self.denoiser(x_t, t, cond), x_t, ab)
+        pred = self.denoiser(x_t, t, cond, self_cond)
+        cell_origin = origin if self.relative_to_control and self.origin == "cell" else None
+        mse, mmd = self.denoising_loss(pred, x0, noise, x_t, ab, cell_origin)
+        per_set = mse if mmd is None else mse + self.mmd_weight * mmd
+        terms = {"mse": mse.mean().detach(), "loss": per_set.mean()}
+        if mmd is not None:
+            terms["mmd"] = mmd.mean().detach()
+        return terms
+
+    def denoising_loss(
+        self, pred: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor, alpha_bar: Tensor, cell_origin: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-set squared error of the denoiser's output ``pred`` and MMD^2 of the clean sets it
+        implies against ``x0`` (None when ``mmd_weight`` is 0), each ``(B,)``. With per-cell origins
+        ``cell_origin`` ``(B, S, G)`` (``origin="cell"``) the MMD compares the populations with their
+        origins added back: a population is not moved by one vector there, so the MMD of the residuals would differ."""
+        # One fused kernel forward and backward (a difference and a square would each write a set-sized tensor).
+        goal = target(self.prediction, x0, noise, alpha_bar, self._data())
+        mse = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2))
+        if self.mmd_weight == 0:
+            return mse, None
+        estimate = self._to_x0(pred, x_t, alpha_bar)
+        if cell_origin is not None:
+            estimate, x0 = estimate + cell_origin, x0 + cell_origin
+        return mse, self.estimator(estimate, x0, self.kernel)
+
+    @torch.no_grad()
+    def fit_data_scale(self, x0: Tensor, floor: float = 1e-2) -> None:
+        """Set the ``edm`` preconditioning's per-gene mean and scale from clean sets ``(B, S, G)``
+        (in the frame the model diffuses: pass sets through :meth:`frame`); scales below ``floor`` are raised to it."""
+        cells = x0.reshape(-1, x0.shape[-1]).to(self.data_mean.dtype)
+        self.data_mean.copy_(cells.mean(0))
+        self.data_scale.copy_(cells.std(0).clamp_min(floor))
+
+    def frame(self, x0: Tensor, cond: Conditioning) -> Tensor:
+        """Clean sets ``x0`` as the model diffuses them: minus each set's origin when ``relative_to_control``."""
+        return x0 - self._relative(cond)[1] if self.relative_to_control else x0
+
+    def _data(self) -> DataScale | None:
+        return DataScale(self.data_mean, self.data_scale) if self.prediction == "edm" else None
+
+    def _to_x0(self, pred: Tensor, x_t: Tensor, alpha_bar: Tensor) -> Tensor:
+        return to_x0(pred, self.prediction, x_t, alpha_bar, self._data())
+
+    def update_ema(self) -> None:
+        r"""Move the averaged weights towards the current ones: :math:`\bar w \leftarrow d\,\bar w + (1 - d)\,w` (call after each optimizer step)."""
+        if self.ema is None:
+            raise ConfigError("this model keeps no EMA (ema_decay=None); build it with an ema_decay to average weights.")
+        self.ema.update_parameters(self.denoiser)
+
+    # ----------------------------------------------------------------- prediction
+    def predict_x0(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        self_cond: Tensor | None = None,
+        *,
+        guidance: float = 1.0,
+        denoiser: Denoiser | None = None,
+    ) -> Tensor:
+        r"""Clean-set estimate with classifier-free guidance :math:`\hat x_0 = u + w (c - u)`.
+
+        ``c`` is the conditional and ``u`` the null-condition (zero perturbation) estimate.
+        Convention: ``w = 1`` is no guidance (the conditional model alone, one network call),
+        ``w = 0`` the unconditional model, ``w > 1`` amplifies the perturbation effect. (Ho &
+        Salimans 2022 write :math:`(1 + w')c - w'u`, i.e. :math:`w' = w - 1`.) Guidance is linear,
+        so combining x0 estimates equals combining predictions in any parameterisation.
+        """
+        net = self.denoiser if denoiser is None else denoiser
+        ab = self.schedule.alpha_bar(t)
+        if guidance == 1.0:
+            return self._to_x0(net(x_t, t, cond, self_cond), x_t, ab)
+        both = net(
+            torch.cat([x_t, x_t]),
+            torch.cat([t, t]),
+            _cat_conditions(cond, null_condition(cond)),
+            None if self_cond is None else torch.cat([self_cond, self_cond]),
+        )
+        x0_cond, x0_uncond = self._to_x0(both, torch.cat([x_t, x_t]), torch.cat([ab, ab])).chunk(2)
+        return x0_uncond + guidance * (x0_cond - x0_uncond)
+
+    def sampling_denoiser(self, use_ema: bool | None = None) -> Denoiser:
+        """The EMA weights (``True``), the raw weights (``False``), or the EMA once it has been updated (``None``)."""
+        has_ema = self.ema is not None and int(self.ema.n_averaged) > 0
+        if use_ema is None:
+            use_ema = has_ema
+        if use_ema and not has_ema:
+            raise ConfigError(
+                "use_ema=True but the EMA has never been updated (or ema_decay=None); call update_ema() "
+                "after optimizer steps, or sample with use_ema=False."
+            )
+        return self.ema.module if use_ema else self.denoiser
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Conditioning,
+        num_cells: int | None = None,
+        *,
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float | None = None,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_ema: bool | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Generate ``(B, num_cells, G)`` perturbed sets for ``cond``, starting from pure noise at ``t = T``.
+
+        Args:
+            cond: conditioning of each set to generate (its control sets give ``B``).
+            num_cells: cells per generated set; the control set size by default.
+            sampler: ``"ddim"`` (Song et al. 2021) or ``"ddpm"`` (ancestral, Ho et al. 2020).
+            steps: number of network evaluations (respaced grid from ``t = T``); doubled
+                internally in batch size when ``guidance != 1``.
+            eta: DDIM stochasticity in [0, 1] (0 by default); not used by ``"ddpm"``.
+            guidance: classifier-free guidance weight, ``1`` means none (see :meth:`predict_x0`).
+                With self-conditioning both branches see the previous step's guided estimate.
+            generator: random source for the initial noise and stochastic steps.
+            use_ema: see :meth:`sampling_denoiser`.
+        """
+        step = self._make_step(sampler, eta)
+        origin = 0.0
+        if self.relative_to_control:
+            cond, origin = self._relative(cond)
+        if guidance != 1.0 and self.cond_drop_prob == 0:
+            raise ConfigError(
+                f"guidance={guidance} needs the unconditional model, but this model was built with "
+                f"cond_drop_prob=0 and never learned it; sample with guidance=1 or train with cond_drop_prob > 0."
+            )
+        if not guidance >= 0:
+            raise ConfigError(f"guidance must be >= 0 (1 means no guidance), got {guidance!r}.")
+        net = self.sampling_denoiser(use_ema)
+        b, num_control = cond.control.shape[:2]
+        num_cells = num_control if num_cells is None else num_cells
+        if not isinstance(num_cells, int) or num_cells < 1:
+            raise InputError(f"num_cells must be a positive integer, got {num_cells!r}.")
+        if self.relative_to_control and self.origin == "cell" and num_cells != num_control:
+            raise InputError(
+                f"a model with per-cell origins samples one cell per control cell ({num_control}), not {num_cells}; "
+                f"pass control sets of the size wanted."
+            )
+        use_self_cond = self.self_condition_prob > 0
+
+        def model_fn(x_t: Tensor, t: Tensor, prev_x0: Tensor | None) -> Tensor:
+            return self.predict_x0(x_t, t, cond, prev_x0 if use_self_cond else None, guidance=guidance, denoiser=net)
+
+        param = next(net.parameters())
+        return origin + sample(
+            model_fn,
+            (b, num_cells, net.num_genes),
+            self.schedule,
+            timestep_grid(self.schedule.num_steps, steps),
+            step,
+            generator=generator,
+            device=param.device,
+            dtype=param.dtype,
+            progress=progress,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _relative(self, cond: Conditioning) -> tuple[Conditioning, Tensor]:
+        """``cond`` with its control sets moved by the origin of each set, ``(B, 1, G)``: the control
+        mean plus the anchor shift (when ``cond.shift`` is given), and the origin of every target
+        cell: that one, or with ``origin="cell"`` each control cell plus the shift, ``(B, S, G)``."""
+        shift = 0.0 if cond.shift is None else cond.shift.unsqueeze(-2).to(cond.control.dtype)
+        centre = cond.control.mean(dim=-2, keepdim=True) + shift
+        control = cond.control - centre
+        if self.origin == "cell":
+            return replace(cond, control=control, template=control), cond.control + shift
+        return replace(cond, control=control), centre
+
+    @staticmethod
+    def _make_step(sampler: str, eta: float | None) -> SamplerStep:
+        if sampler == "ddim":
+            return DDIMStep(0.0 if eta is None else eta)
+        if sampler == "ddpm":
+            if eta is not None:
+                raise ConfigError("eta only applies to sampler='ddim' (DDPM is DDIM with eta=1); drop it.")
+            return DDPMStep()
+        raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}.")
+
+    @staticmethod
+    def _check_batch(x0: Tensor, cond: Conditioning) -> None:
+        check_sets(x0, cond.control, name_x="batch.target", name_y="batch.cond.control")
+        if x0.dim() != 3 or cond.control.dim() != 3 or cond.control.shape[0] != x0.shape[0]:
+            raise InputError(
+                f"batch.target must be (sets, cells, genes) and batch.cond.control must have as many sets; got "
+                f"{tuple(x0.shape)} and {tuple(cond.control.shape)}."
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"prediction={self.prediction!r}, mmd_weight={self.mmd_weight}, schedule={self.schedule!r}, "
+            f"estimator={self.estimator!r}, self_condition_prob={self.self_condition_prob}, "
+            f"cond_drop_prob={self.cond_drop_prob}, ema_decay={self.ema_decay}"
+        )

@@ -1,0 +1,488 @@
+"""The configuration of a run (``perturbdiff train`` / ``run``): small typed dataclasses from YAML.
+
+Resolution order: the defaults below, then the YAML file, then ``--set key=value`` overrides
+(values parsed as YAML). Unknown keys list the valid ones; ill-typed values name the key.
+The resolved tree is written to the run folder as ``config.yaml``, so a run can be repeated
+from that file alone.
+
+A relative ``data.path`` that does not exist is also looked up by its file name in the shared
+data folder (``$PERTURBDIFF_DATA`` when set, else ``../shared/data`` beside the source tree),
+so the bundled configs (``data.path: ../shared/data/<file>``) run from any folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..configuration import assign, from_mapping, merge, parse_overrides, read_yaml, to_mapping
+from ..data.anndata_io import DATA_ENV, shared_data_dir
+from ..data.config import DataConfig, SplitConfig
+from ..errors import ConfigError, DataError, UnknownPluginError, first_line
+from ..io import atomic_write_text
+from ..names import CONFIG_FILE as CONFIG_FILE
+from ..names import PLUGINS_FILE as PLUGINS_FILE
+from ..names import RUNS_DIR
+from .anchor import NO_ANCHOR, check_anchor
+from .folder import RunDir
+
+#: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.
+PLUGIN_KEYS: dict[str, str] = {
+    "model.denoiser": "perturbdiff.denoisers",
+    "model.schedule": "perturbdiff.schedules",
+    "model.kernel": "perturbdiff.kernels",
+    "model.estimator": "perturbdiff.estimators",
+    "model.anchor": "perturbdiff.predictors",
+    "data.encoder": "perturbdiff.encoders",
+    "evaluate.kernel": "perturbdiff.kernels",
+    "evaluate.baselines": "perturbdiff.predictors",
+}
+
+
+@dataclass
+class ModelConfig:
+    """The diffusion model (``model.*``): plug-in names with their parameters, and the loss weights.
+
+    Attributes:
+        denoiser: ``perturbdiff.denoisers`` plug-in (``cross_dit``, ``deepsets``, ...).
+        denoiser_params: the denoiser's size parameters (``size``: ``tiny``, ``small`` or ``paper``;
+            ``hidden``, ``depth``, ``heads``, ...); the data dimensions are filled in from the data.
+        schedule: ``perturbdiff.schedules`` plug-in (``cosine``, ``linear``, ``power_cosine``).
+        schedule_params: the schedule's keyword arguments.
+        kernel: ``perturbdiff.kernels`` plug-in of the MMD term (``energy``, as in the paper, ``rbf``,
+            ``matern32``, ...; ``perturbdiff plugins`` lists them).
+        kernel_params: the kernel's keyword arguments (e.g. ``lengthscale: median`` or a number).
+        estimator: ``perturbdiff.estimators`` plug-in (``unbiased``, ``biased``, ...).
+        estimator_params: the estimator's keyword arguments.
+        mmd_weight: the paper's lambda: loss = MSE + lambda * MMD^2; 0 trains on the MSE alone.
+        prediction: what the denoiser outputs: ``x0`` (the paper's), ``eps``, ``v``, or ``edm`` (x0
+            preconditioned by the per-gene data scale).
+        self_condition_prob: probability that a training step feeds the network its own x0 estimate
+            (self-conditioning); 0 disables it in training and sampling.
+        cond_drop_prob: probability that a training set's perturbation encoding is zeroed, so the
+            network also learns the null condition of classifier-free guidance (``sample.guidance``).
+        ema_decay: decay of the exponential moving average of the weights used for sampling;
+            ``null`` keeps no average.
+        relative_to_control: the older spelling of ``anchor: control`` (used when ``anchor`` is ``none``).
+        anchor: ``none``, or a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
+            ``linear``, ...): the model then diffuses each set relative to its control set's mean
+            plus the anchor's predicted shift, and adds it back when sampling (see
+            :mod:`~perturbdiff_core.runs.anchor`).
+        origin: ``cell`` (each target cell is diffused as a change of the control cell at its place,
+            plus the anchor's shift when there is one, so predicted cells keep real cells' zeros
+            and counts where nothing changes) or ``set`` (one origin per set: the control mean plus
+            the anchor's shift with an anchor, none without).
+    """
+
+    denoiser: str = "cross_dit"
+    denoiser_params: dict[str, Any] = field(default_factory=lambda: {"size": "tiny"})
+    schedule: str = "cosine"
+    schedule_params: dict[str, Any] = field(default_factory=dict)
+    kernel: str = "energy"
+    kernel_params: dict[str, Any] = field(default_factory=dict)
+    estimator: str = "unbiased"
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    mmd_weight: float = 1.0
+    prediction: Literal["x0", "eps", "v", "edm"] = "x0"
+    self_condition_prob: float = 0.5
+    cond_drop_prob: float = 0.1
+    ema_decay: float | None = 0.999
+    relative_to_control: bool = False
+    anchor: str = "none"
+    origin: Literal["set", "cell"] = "cell"
+
+    @property
+    def anchor_name(self) -> str:
+        """The anchor in effect: ``anchor``, or ``control`` for ``relative_to_control: true`` without one."""
+        return "control" if self.anchor == NO_ANCHOR and self.relative_to_control else self.anchor
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (``train.*``): AdamW with linear warm-up then cosine decay to 0, clipped gradients.
+
+    Attributes:
+        steps: optimizer steps; ``batch_size`` sets of ``data.set_size`` cells per step.
+        batch_size: sets per step (the global batch under torchrun).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: steps of linear learning-rate warm-up before the cosine decay to 0.
+        grad_clip: largest global gradient norm (``None``: no clipping).
+        context_drop_prob: probability that a training set's cell type (and, independently, its
+            batch) is replaced by ``<unknown>``, the index a held-out cell type or batch gets, so
+            the model learns to predict unseen contexts from their control cells.
+        num_workers: DataLoader worker processes (batches are identical for any number); ``auto``:
+            none on a CPU, up to 4 per process on a GPU (see :func:`~perturbdiff_core.runs.training.resolve_workers`).
+        val_every: steps between validation MMDs on the split's validation conditions (0: never).
+        val_sets: fixed sets per validation condition.
+        val_sampling_steps: DDIM steps per validation sample.
+        checkpoint_every: steps between checkpoints (``checkpoints/last.pt``; also written at the end).
+        log_every: steps per row of ``train_log.csv`` (the mean of those steps' losses).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: CPU threads torch computes with; ``auto``: ``OMP_NUM_THREADS`` when set, else
+            the CPUs this process may use (see :mod:`~perturbdiff_core.threads`). On a machine shared
+            with other jobs, 1 is often the fastest for the tiny model.
+        objective: ``conditional`` (perturbed sets from their controls) or ``marginal``
+            (pre-training on control cells alone, perturbation zeroed; see :mod:`perturbdiff_core.runs.pretraining`).
+        init_from: a run folder or checkpoint whose weights start this run (genes and vocabularies
+            aligned by name, see :mod:`perturbdiff_core.runs.transfer`); ``steps`` may then be 0 (zero-shot).
+        init_genes: ``pad`` (the data's genes; genes new to the checkpoint start fresh) or
+            ``intersect`` (only the data's genes the checkpoint also has).
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    context_drop_prob: float = 0.0
+    num_workers: int | Literal["auto"] = "auto"
+    val_every: int = 500
+    val_sets: int = 1
+    val_sampling_steps: int = 20
+    checkpoint_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+    threads: int | Literal["auto"] = "auto"
+    objective: Literal["conditional", "marginal"] = "conditional"
+    init_from: str | None = None
+    init_genes: Literal["pad", "intersect"] = "pad"
+
+
+@dataclass
+class SampleConfig:
+    """Prediction (``sample.*``): sampler, steps, guidance, and how many cells per condition.
+
+    Attributes:
+        sampler: ``ddim`` (deterministic with ``eta`` 0) or ``ddpm`` (ancestral).
+        steps: denoising steps per sample.
+        eta: DDIM's stochasticity in [0, 1] (ignored by ``ddpm``).
+        guidance: classifier-free guidance weight; 1 means none (see
+            :meth:`~perturbdiff_core.diffusion.model.RKHSDiffusion.predict_x0`).
+        n_cells: cells predicted per condition; ``null``: as many as the real condition has.
+        chunk_sets: bounds memory: at most that many sets of ``data.set_size`` cells are denoised at once.
+        output_space: where predicted cells are written (see :mod:`~perturbdiff_core.data.output_space`):
+            ``counts`` moves each cell to the nearest point of a real cell's count lattice (exact
+            zeros, real detection rates), ``continuous`` keeps the sampled values, ``auto`` picks
+            ``counts`` when the context's control cells lie on a lattice.
+        rounding: onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
+            probabilities that keep each value's mean).
+        change_z: genes whose predicted mean change from the control cells the sets were sampled
+            from is below ``change_z`` standard errors keep those control cells' values (see
+            :func:`~perturbdiff_core.runs.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
+        nonnegative: clip continuous predictions at 0 (log1p values are never negative).
+        populations: independent populations drawn per test condition by ``perturbdiff run``: the
+            first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
+            population falls among the predicted ones; at least 10 for ``population_coverage``).
+    """
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 1.0
+    n_cells: int | None = None
+    chunk_sets: int = 16
+    output_space: Literal["auto", "counts", "continuous"] = "auto"
+    rounding: Literal["nearest", "stochastic"] = "stochastic"
+    change_z: float | None = 4.0
+    nonnegative: bool = True
+    populations: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``evaluate.*``): which baselines to compare with, and the MMD kernel and cap.
+
+    Attributes:
+        baselines: ``perturbdiff.predictors`` plug-ins fitted on the training conditions and
+            compared with the model on the test conditions (``control`` predicts no change).
+        kernel: ``perturbdiff.kernels`` plug-in of the ``mmd2_<kernel>`` metric.
+        max_cells: populations are subsampled to at most this many cells for the MMD metrics.
+    """
+
+    baselines: list[str] = field(default_factory=lambda: ["control", "context_mean", "linear", "random_train"])
+    kernel: str = "energy"
+    max_cells: int = 1000
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: the sections below, a seed and a name.
+
+    Attributes:
+        seed: seed of the model's initialisation, the training stream, sampling and evaluation.
+        name: the run's name (default: the YAML file's name): ``runs/<name>`` and the report's title.
+    """
+
+    seed: int = 0
+    name: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (YAML / JSON ready) that :func:`config_from_dict` turns back into this config."""
+        return to_mapping(self)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """A checked :class:`RunConfig` from a nested mapping (defaults fill what is missing).
+
+    A plug-in named without its parameters gets none: the default parameters belong to the default
+    plug-in (``model.denoiser: mlp`` alone must not hand ``mlp`` the default ``{size: tiny}``).
+    """
+    for name_key, params_key in plugin_params_keys().items():
+        name = _lookup(values, name_key)
+        if name is not _MISSING and name != _lookup(_defaults(), name_key) and _lookup(values, params_key) is _MISSING:
+            values = assign(values, params_key, {})
+    config = from_mapping(RunConfig, values)
+    check(config)
+    return config
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of a nested mapping, or ``_MISSING``."""
+    for part in key.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _defaults() -> dict[str, Any]:
+    """The default configuration as a nested mapping."""
+    return RunConfig().to_dict()
+
+
+@cache
+def plugin_params_keys() -> dict[str, str]:
+    """Every config key naming a plug-in that has a parameters key beside it -> that key
+    (``model.kernel`` -> ``model.kernel_params``, ``data.encoder`` -> ``data.encoder_params``, ...)."""
+    keys = {}
+    for section, values in _defaults().items():
+        if isinstance(values, Mapping):
+            keys |= {f"{section}.{k}": f"{section}.{k}_params" for k in values if f"{k}_params" in values}
+    return keys
+
+
+def override(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with a layer of ``overrides`` (``--set`` pairs, a suite's or grid's ``set:``) merged in.
+
+    Keys merge as :func:`~perturbdiff_core.configuration.merge` does (an empty mapping clears), except
+    that a layer changing a plug-in's name (``model.denoiser``, ``model.kernel``, ``data.encoder``, ...)
+    also replaces its parameters: with those the same layer gives, else with none. The old plug-in's
+    parameters mean nothing to the new one (the bundled ``{size: tiny}`` breaks a third-party denoiser).
+    """
+    merged = merge(values, overrides)
+    for name_key, params_key in plugin_params_keys().items():
+        name = _lookup(overrides, name_key)
+        if name is _MISSING:
+            continue
+        before = _lookup(values, name_key)
+        if name == (_lookup(_defaults(), name_key) if before is _MISSING else before):
+            continue
+        given = _lookup(overrides, params_key)
+        merged = assign(merged, params_key, {} if given is _MISSING else given)
+    return merged
+
+
+def check(config: RunConfig) -> None:
+    """Range checks the types cannot express; ConfigError naming the key and the valid range."""
+    if config.train.steps < (0 if config.train.init_from else 1):
+        raise ConfigError(f"train.steps must be at least 1 (0 only with train.init_from), got {config.train.steps}.")
+    positive = {
+        "train.batch_size": config.train.batch_size,
+        "train.val_sets": config.train.val_sets,
+        "train.val_sampling_steps": config.train.val_sampling_steps,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.log_every": config.train.log_every,
+        "sample.steps": config.sample.steps,
+        "sample.chunk_sets": config.sample.chunk_sets,
+        "sample.populations": config.sample.populations,
+        "evaluate.max_cells": config.evaluate.max_cells,
+        "data.min_cells_per_condition": config.data.min_cells_per_condition,
+    }
+    non_negative = {
+        "seed": config.seed,  # seeds feed numpy's SeedSequence, which takes no negative numbers
+        "split.seed": config.split.seed,
+        "train.warmup_steps": config.train.warmup_steps,
+        "train.val_every": config.train.val_every,
+        "train.weight_decay": config.train.weight_decay,
+    }
+    if config.train.num_workers != "auto":
+        non_negative["train.num_workers"] = config.train.num_workers
+    if config.train.threads != "auto":
+        positive["train.threads"] = config.train.threads
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}.")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}.")
+    if not config.train.lr > 0:
+        raise ConfigError(f"train.lr must be positive, got {config.train.lr}.")
+    unit = {  # checked here so a run fails before training, not when it samples or reads new data
+        "train.context_drop_prob": config.train.context_drop_prob,
+        "sample.eta": config.sample.eta,
+        "data.max_missing_genes": config.data.max_missing_genes,
+    }
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {value}.")
+    if config.train.grad_clip is not None and not config.train.grad_clip > 0:
+        raise ConfigError(f"train.grad_clip must be positive or null (no clipping), got {config.train.grad_clip}.")
+    check_anchor(config.model.anchor)
+    if config.model.anchor_name not in (NO_ANCHOR, "control") and config.train.objective == "marginal":
+        raise ConfigError(
+            f"model.anchor = {config.model.anchor_name} needs perturbed training conditions; marginal pre-training "
+            f"(train.objective: marginal) has none. Set model.anchor: none for pre-training."
+        )
+    if config.data.perturbation_key is None and config.train.objective != "marginal":
+        raise ConfigError(
+            "data.perturbation_key is null (every cell unperturbed), which only marginal pre-training can use; "
+            "set train.objective: marginal, or name the obs column of the perturbation."
+        )
+    if config.sample.n_cells is not None and config.sample.n_cells < 1:
+        raise ConfigError(f"sample.n_cells must be a positive integer or null, got {config.sample.n_cells}.")
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults <- YAML file ``path`` (optional) <- ``key=value`` overrides; ``name`` defaults to the file stem."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    values = override(values, parse_overrides(overrides))
+    config = config_from_dict(values)
+    if config.name is None and path is not None:
+        config = replace(config, name=Path(path).stem)
+    return config
+
+
+def resolve_data_path(path: str | list[str] | None) -> str | list[str] | None:
+    """``path`` made absolute; a missing relative path is also looked up by file name in the shared data folder.
+
+    A list (a collection's shards) is resolved entry by entry; a glob is made absolute and expanded
+    when the data are read; a URI (``s3://...``, a SOMA experiment) is kept as it is.
+    """
+    if path is None:
+        return None
+    if isinstance(path, list):
+        return [resolve_data_path(p) for p in path]
+    if "://" in path:
+        return path
+    if set("*?[") & set(path):
+        return os.path.abspath(os.path.expanduser(path))
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute():
+        return str(given.resolve()) if given.exists() else str(given)
+    fallback = shared_data_dir() / given.name
+    if fallback.exists():
+        return str(fallback.resolve())
+    raise DataError(
+        f"No such data file: {path} (relative to {Path.cwd()}), nor {fallback}. Run from the folder the "
+        f"path is relative to, give an absolute data.path, or set {DATA_ENV} to the folder holding {given.name}."
+    )
+
+
+def resolved(config: RunConfig) -> RunConfig:
+    """``config`` with ``data.path`` resolved (see :func:`resolve_data_path`) and ``train.init_from`` made absolute."""
+    init_from = config.train.init_from and str(Path(config.train.init_from).expanduser().resolve())
+    return replace(
+        config,
+        data=replace(config.data, path=resolve_data_path(config.data.path)),
+        train=replace(config.train, init_from=init_from),
+    )
+
+
+def run_dir_for(config: RunConfig, out: str | os.PathLike[str] | None) -> Path:
+    """``out``, or ``runs/<config name>`` (``runs/run`` for a config without a name)."""
+    return Path(out) if out is not None else Path(RUNS_DIR) / (config.name or "run")
+
+
+def write_config(config: RunConfig, run_dir: str | os.PathLike[str]) -> Path:
+    """Write the resolved configuration as ``run_dir/config.yaml`` and where its plug-ins came from as
+    ``run_dir/plugins.yaml`` (:func:`plugin_records`), both atomically.
+
+    The records live in a file of their own so that ``config.yaml`` stays a config that
+    ``perturbdiff train`` reads back unchanged.
+    """
+    files = RunDir(run_dir)
+    atomic_write_text(files.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(files.plugins, yaml.safe_dump(plugin_records(config), sort_keys=False))
+    return files.config
+
+
+def _config_value(config: RunConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def plugin_records(config: RunConfig) -> dict[str, Any]:
+    """Config key -> ``{group, name, distribution, version}`` of the plug-in it names (a list of them for
+    ``evaluate.baselines``), from metadata alone; names that resolve to nothing (``model.anchor: none``,
+    a plug-in not installed) are left out."""
+    from ..registry import plugin_info
+
+    def record(group: str, name: Any) -> dict[str, str] | None:
+        if not isinstance(name, str):
+            return None
+        try:
+            return plugin_info(group, name).record() | {"name": name}  # the name as the config gives it
+        except UnknownPluginError:
+            return None
+
+    records: dict[str, Any] = {}
+    for key, group in PLUGIN_KEYS.items():
+        value = _config_value(config, key)
+        if isinstance(value, list):
+            found = [r for r in (record(group, v) for v in value) if r is not None]
+            if found:
+                records[key] = found
+        elif (found := record(group, value)) is not None:
+            records[key] = found
+    return records
+
+
+def plugin_mismatches(records: Mapping[str, Any]) -> list[str]:
+    """How the installed plug-ins differ from ``records`` (:func:`plugin_records` of an earlier run):
+    one phrase per plug-in now provided by another distribution or version, or no longer installed."""
+    from ..registry import canonical_distribution, plugin_info
+
+    found = []
+    for key, value in records.items():
+        for rec in value if isinstance(value, list) else [value]:
+            if not isinstance(rec, Mapping) or not {"group", "name", "distribution", "version"} <= set(rec):
+                continue
+            was = f"{rec['distribution']} {rec['version']}"
+            try:
+                now = plugin_info(str(rec["group"]), str(rec["name"]))
+            except UnknownPluginError as err:
+                found.append(f"{key} {rec['name']!r} came from {was} and does not resolve now ({first_line(err, 120)})")
+                continue
+            same = canonical_distribution(now.distribution) == canonical_distribution(str(rec["distribution"]))
+            if not same or now.version != str(rec["version"]):
+                found.append(f"{key} {rec['name']!r} came from {was}, now from {now.distribution} {now.version}")
+    return found
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            keys += differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            keys.append(prefix + key)
+    return keys

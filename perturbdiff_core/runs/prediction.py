@@ -1,0 +1,204 @@
+"""Predicting with a trained run: its data (or a new file read on its genes), the conditions named
+by labels, the run's anchor fitted again, and the predicted AnnData.
+
+Shared by ``perturbdiff predict`` and the notebook API (:mod:`perturbdiff`), so both sample the
+same cells for the same arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+
+import anndata as ad
+import torch
+
+from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
+from ..data.sources import data_available
+from ..errors import DataError, InputError
+from ..evaluation.predictors import Predictor, predict_anndata
+from ..threads import apply_threads, resolve_threads
+from .anchor import NO_ANCHOR, fit_anchor
+from .checkpoint import Checkpoint
+from .model_predictor import DiffusionPredictor
+
+
+def open_data(
+    checkpoint: Checkpoint, data: str | ad.AnnData | None = None, run_data: ad.AnnData | None = None
+) -> PerturbationData:
+    """Cells to predict from, read with the run's genes: ``data`` (another file or AnnData, genes aligned
+    by name; missing genes reported in one stderr line), else the run's own data (``run_data`` when the
+    run was trained from an AnnData in memory, else its ``data.path``)."""
+    config = checkpoint.run_config.data
+    source: ad.AnnData | None = None
+    if isinstance(data, ad.AnnData):
+        source = data
+    elif data is not None:
+        config = replace(config, path=data, source="h5ad", obs_filter=None)  # another file, read as it is
+    elif run_data is not None:
+        source = run_data
+    elif not data_available(config.path):
+        raise DataError(f"The run's data file {config.path} is not available here; pass the file with --data.")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*genes are missing from this data", category=UserWarning)
+        opened = PerturbationData.from_state(checkpoint.data_state, source, config)
+    if opened.missing_genes:
+        shown = ", ".join(opened.missing_genes[:5]) + (", ..." if len(opened.missing_genes) > 5 else "")
+        where = config.path if source is None else "the AnnData given"
+        print(
+            f"perturbdiff: note: {len(opened.missing_genes)} of the model's {opened.n_genes} genes are missing from "
+            f"{where} and are read as zeros: {shown}",
+            file=sys.stderr,
+        )
+    return opened
+
+
+def _context_of(data: PerturbationData, parts: list[str], label: str) -> Context:
+    """The context named by the parts of a label after the perturbation, in the data config's order."""
+    cfg = data.config
+    expected = ["cell_type"] * (cfg.cell_type_key is not None) + ["batch"] * (cfg.batch_key is not None) + cfg.covariate_keys
+    if len(parts) != len(expected):
+        form = LABEL_SEPARATOR.join(["perturbation", *expected])
+        raise InputError(f"Condition label {label!r} has {len(parts)} context part(s); this run's labels read {form!r}.")
+    values = dict(zip(expected, parts))
+    context = Context(values.get("cell_type"), values.get("batch"), tuple(parts[len(parts) - len(cfg.covariate_keys):]))
+    data.control_cells(context)  # DataError listing the contexts with controls when there are none
+    return context
+
+
+def _new_condition(data: PerturbationData, perturbation: str, context: Context) -> Condition:
+    """A condition without cells in ``data`` (predicted from its context's controls)."""
+    if perturbation == data.config.control_label:
+        raise InputError(f"{perturbation!r} is the control label; name perturbed conditions.")
+    label = LABEL_SEPARATOR.join([perturbation, context.label]) if context.label else perturbation
+    return Condition(label, perturbation, context, None, 0, False)
+
+
+def _cell_types(data: PerturbationData) -> set[str]:
+    return {c.cell_type for c in data.contexts if c.cell_type is not None}
+
+
+def _in_cell_type(data: PerturbationData, perturbation: str, cell_type: str) -> list[Condition]:
+    """``perturbation`` in every context of ``cell_type`` where it has cells, or in every context of
+    that cell type when it has none."""
+    seen = [c for c in data.perturbed_conditions if c.perturbation == perturbation and c.cell_type == cell_type]
+    contexts = [context for context in data.contexts if context.cell_type == cell_type]
+    return seen or [_new_condition(data, perturbation, context) for context in contexts]
+
+
+def _slash_label(data: PerturbationData, item: str) -> tuple[str, str] | None:
+    """``(cell_type, perturbation)`` of ``cell_type/perturbation``, the label ``metrics.csv`` and the
+    report wrote before they took the data's ``perturbation|cell_type``, when ``item`` starts with one
+    of the data's cell types and a slash; else ``None``. The longest cell type wins, so a cell type
+    may itself hold ``/`` or ``+`` (``CD14+Mono/stimulated``)."""
+    matches = [t for t in _cell_types(data) if item.startswith(f"{t}/") and len(item) > len(t) + 1]
+    if not matches:
+        return None
+    cell_type = max(matches, key=len)
+    return cell_type, item[len(cell_type) + 1 :]
+
+
+def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list[Condition]:
+    """The conditions named by perturbation names or labels.
+
+    - ``perturbation``: every context where it has cells, or every context with control cells
+      when it has none;
+    - ``perturbation|cell_type|batch`` (the parts the data config has): that condition;
+    - ``perturbation|cell_type`` when the data also has a batch key or covariates, as
+      ``metrics.csv`` and the report label a condition (they pool the batches): the perturbation
+      in every context of that cell type;
+    - ``cell_type/perturbation``, the label of ``metrics.csv`` files written by earlier versions:
+      the same.
+    """
+    by_label = {c.label: c for c in data.perturbed_conditions}
+    known = {c.perturbation for c in data.perturbed_conditions}
+    by_cell_type = data.config.cell_type_key is not None and (data.config.batch_key is not None or bool(data.config.covariate_keys))
+    chosen: list[Condition] = []
+    for item in requested:
+        if item in by_label:
+            chosen.append(by_label[item])
+        elif LABEL_SEPARATOR in item:
+            perturbation, *parts = item.split(LABEL_SEPARATOR)
+            if by_cell_type and len(parts) == 1 and parts[0] in _cell_types(data):
+                chosen += _in_cell_type(data, perturbation, parts[0])
+            else:
+                chosen.append(_new_condition(data, perturbation, _context_of(data, parts, item)))
+        elif item not in known and (pair := _slash_label(data, item)) is not None:
+            cell_type, perturbation = pair
+            chosen += _in_cell_type(data, perturbation, cell_type)
+        else:
+            seen = [c for c in data.perturbed_conditions if c.perturbation == item]
+            chosen += seen or [_new_condition(data, item, context) for context in data.contexts]
+    data.encoder.encode([c.perturbation for c in chosen])  # an unencodable perturbation fails before sampling
+    return chosen
+
+
+def run_anchor(
+    checkpoint: Checkpoint, data: PerturbationData | None, run_data: ad.AnnData | None = None
+) -> Predictor | None:
+    """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's own
+    data, or else of the run's data: ``run_data`` or its file); ``None`` for a run without an anchor."""
+    name = checkpoint.run_config.model.anchor_name
+    if name == NO_ANCHOR:
+        return None
+    train_data = open_data(checkpoint, None, run_data) if data is None else data
+    checkpoint.split.apply(train_data)
+    return fit_anchor(name, train_data, checkpoint.split.train)
+
+
+def predict_run(
+    checkpoint: Checkpoint,
+    *,
+    device: torch.device,
+    data: str | ad.AnnData | None = None,
+    run_data: ad.AnnData | None = None,
+    conditions: Sequence[str] | None = None,
+    n_cells: int | None = None,
+    seed: int | None = None,
+    populations: int = 1,
+    progress: bool = True,
+) -> ad.AnnData:
+    """Predicted cells (and the real control cells of their contexts) from ``checkpoint``.
+
+    Args:
+        device: where to sample.
+        data: another ``.h5ad`` path or AnnData whose control cells to use (genes aligned by name);
+            default the run's own data: ``run_data`` (the AnnData it was trained from) or its file.
+        conditions: perturbation names or condition labels (:func:`resolve_conditions`); default
+            the run's test conditions, or with ``data`` every perturbed condition in it.
+        n_cells: cells per condition; default ``sample.n_cells``, else as many as the real condition.
+        seed: sampling seed; default the run's seed.
+        populations: independent populations per condition (obs ``population``).
+    """
+    if seed is not None and seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {seed}.")
+    opened = open_data(checkpoint, data, run_data)
+    apply_threads(resolve_threads(checkpoint.run_config.train.threads))  # reading the data may have reset it
+    if conditions:
+        chosen = resolve_conditions(opened, conditions)
+    elif data is None:
+        chosen = [opened.condition(c) for c in checkpoint.split.test]
+    else:
+        chosen = opened.perturbed_conditions
+        if not chosen:
+            where = "The AnnData given" if isinstance(data, ad.AnnData) else data
+            raise InputError(f"{where} has no perturbed cells; name what to predict with --conditions and --n-cells.")
+    n_cells = n_cells if n_cells is not None else checkpoint.run_config.sample.n_cells
+    if n_cells is not None and n_cells < 1:
+        raise InputError(f"--n-cells must be a positive integer, got {n_cells}.")
+    empty = [c.label for c in chosen if c.n_cells == 0]
+    if empty and n_cells is None:
+        raise InputError(
+            f"Condition(s) {', '.join(empty[:5])} have no cells in the data, so the number of cells to predict is "
+            f"unknown; pass --n-cells N."
+        )
+    if populations < 1:
+        raise InputError(f"--populations must be a positive integer, got {populations}.")
+    anchor = run_anchor(checkpoint, opened if data is None else None, run_data)
+    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device, anchor=anchor)
+    seed = checkpoint.run_config.seed if seed is None else seed
+    return predict_anndata(
+        predictor, opened, chosen, n_cells=n_cells, seed=seed, populations=populations, progress=progress
+    )

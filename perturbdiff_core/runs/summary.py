@@ -1,0 +1,64 @@
+"""What a run is about to do, in a few lines printed before training: data, split, model, budget.
+
+So a user sees at once that the right file, genes and held-out conditions were picked, how big
+the model is and how long the run will train, before the first step. Example::
+
+    data   kang18_pbmc_ifnb.h5ad: 1975 cells, 1000 of 6998 genes (highly variable)
+    split  holdout_cell_type: 12 training (2 also validation), 1 test condition
+           held out: CD14+Mono -> stimulated|CD14+Mono
+    model  cross_dit (tiny), 0.52 M parameters; energy kernel, unbiased estimator, lambda 1
+    train  1000 steps x 8 sets of 128 cells on cpu, training with 1 thread
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..data.sources import data_path_name
+from ..threads import threads_line
+
+if TYPE_CHECKING:
+    from .training import Trainer
+
+#: Held-out conditions named in the summary before it says "... and N more".
+SHOWN = 6
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _names(values: Sequence[str], shown: int = SHOWN) -> str:
+    more = f" ... and {len(values) - shown} more" if len(values) > shown else ""
+    return ", ".join(values[:shown]) + more
+
+
+def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
+    """The lines printed before ``trainer`` trains (``source_name``: how to call data given in memory)."""
+    config, data, split = trainer.config, trainer.data, trainer.split
+    where = source_name or data_path_name(config.data.path)
+    genes = f"{data.n_genes} genes"
+    if config.data.n_genes is not None or config.data.gene_list is not None:
+        how = "highly variable" if config.data.n_genes is not None else "from data.gene_list"
+        genes = f"{data.n_genes} of {data.total_genes} genes ({how})"
+    kind = "reloaded from " + Path(config.split.file).name if config.split.file else config.split.kind
+    held = f"held out: {_names([str(h) for h in config.split.holdout])} -> " if config.split.holdout else "test: "
+    model = config.model
+    size = model.denoiser_params.get("size")
+    parameters = sum(p.numel() for p in trainer.model.denoiser.parameters())
+    anchor = f", anchor {model.anchor_name}" if model.anchor_name != "none" else ""
+    start = f" (resuming at step {trainer.step})" if trainer.step else ""
+    source = [f"       {data.source_report}"] if data.source_report else []
+    return [
+        f"data   {where}: {data.matrix.shape[0]} cells, {genes}",
+        *source,
+        f"split  {kind}: {_plural(len(split.train), 'training condition')} ({len(split.val)} also validation), "
+        f"{_plural(len(split.test), 'test condition')}",
+        f"       {held}{_names(split.test)}",
+        f"model  {model.denoiser}{f' ({size})' if size else ''}, {parameters / 1e6:.2f} M parameters; "
+        f"{model.kernel} kernel, {model.estimator} estimator, lambda {model.mmd_weight:g}{anchor}",
+        f"train  {config.train.steps} steps x {config.train.batch_size} sets of {config.data.set_size} cells on "
+        f"{trainer.device}{start}, {threads_line(trainer.threads)}",
+    ]
