@@ -152,9 +152,7 @@ def test_no_module_spells_a_run_folder_file_name() -> None:
         names.PREVIOUS_CHECKPOINT, names.LOCK_FILE, names.LOG_FILE, names.PREDICTIONS_FILE, names.METRICS_FILE,
         names.REPORT_FILE, names.TRANSFER_FILE,
     }
-    # training.py is being changed on another branch (issue 19's data work); its two file paths move
-    # to RunDir after that merge, so that the two changes do not collide.
-    later = {repo / "perturbdiff_core" / "names.py", repo / "perturbdiff_core" / "runs" / "training.py"}
+    later = {repo / "perturbdiff_core" / "names.py"}
     found = []
     for path in sorted([*(repo / "perturbdiff_core").rglob("*.py"), *(repo / "perturbdiff").rglob("*.py")]):
         if path in later:

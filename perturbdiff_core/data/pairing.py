@@ -109,7 +109,7 @@ class OTPairing(ControlPairing):
         embedded = self.embedding[context]
         m = min(len(controls), self.pool_factor * size)
         pool = rng.choice(len(controls), m, replace=False) if len(controls) > m else np.arange(len(controls))
-        with threadpool_limits(1, user_api="blas"):  # small products: threads only contend (10-30x slower)
+        with threadpool_limits(1, user_api="blas"):  # small products: threads only contend
             t = self.pca.transform(target)
             c = embedded[pool]
             cost = (t * t).sum(1)[:, None] + (c * c).sum(1)[None, :] - 2.0 * t @ c.T

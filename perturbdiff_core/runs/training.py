@@ -41,7 +41,6 @@ from ..data.sources import data_path_name
 from ..diffusion.model import RKHSDiffusion
 from ..errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from ..io import atomic_path
-from ..names import LOG_FILE
 from ..progress import progress_bar, stage
 from ..registry import accepts
 from ..threads import apply_threads, resolve_threads
@@ -49,6 +48,7 @@ from . import distributed
 from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, write_config
+from .folder import RunDir
 from .pretraining import marginal_batch, prepare_marginal
 from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
@@ -189,7 +189,7 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over ``params`` with the run's learning rate and weight decay; fused where torch has the
-    kernel for every parameter (about 5x faster than the default per-tensor steps on a CPU)."""
+    kernel for every parameter."""
     fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused or None)
 
@@ -442,7 +442,7 @@ class Trainer:
         if changed:
             raise ConfigError(
                 f"Cannot resume {self.run_dir}: the config changes {', '.join(changed)}, which define the training "
-                f"run. Resume with the run's own {self.run_dir / 'config.yaml'}, or start a new run with --out."
+                f"run. Resume with the run's own {RunDir(self.run_dir).config}, or start a new run with --out."
             )
 
     # ------------------------------------------------------------------------------ loop
@@ -574,7 +574,7 @@ class Trainer:
 
     def write_log(self) -> Path:
         """Write :meth:`log` to ``run_dir/train_log.csv`` atomically (rank 0 only)."""
-        path = self.run_dir / LOG_FILE
+        path = RunDir(self.run_dir).train_log
         if distributed.is_main():
             with atomic_path(path) as tmp:
                 self.log().to_csv(tmp, index=False)
