@@ -191,7 +191,7 @@ class SampleConfig:
     chunk_sets: int = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     rounding: Literal["nearest", "stochastic"] = "stochastic"
-    change_z: float | None = 6.0
+    change_z: float | None = 4.0
     nonnegative: bool = True
     populations: int = 10
 
