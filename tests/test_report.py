@@ -30,8 +30,8 @@ from perturbdiff_core.evaluation import (
 from perturbdiff_core.evaluation.predictors import as_predictor, predict_anndata, real_anndata
 from perturbdiff_core.evaluation.report import REPORT_FILE, write_report
 from perturbdiff_core.evaluation.verdict import verdict, worse_than
+from perturbdiff_core.names import LOG_FILE
 from perturbdiff_core.runs.config import CONFIG_FILE
-from perturbdiff_core.runs.training import LOG_FILE
 
 KEYS = {"perturbation_key": "perturbation", "control_label": "control", "cell_type_key": "cell_type"}
 BASELINES = ("control", "context_mean", "linear")
