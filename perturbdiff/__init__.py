@@ -16,10 +16,10 @@ numbers. The core library is :mod:`perturbdiff_core`; names load on first use (P
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from perturbdiff_core import __version__
+from perturbdiff_core._lazy import lazy_exports
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -36,14 +36,4 @@ if TYPE_CHECKING:
     from .options import run_config
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule on first access."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,11 +12,11 @@ command line, :mod:`~perturbdiff_core.names`) does not import torch.
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import _moved
+from ._lazy import lazy_exports
 
 _moved.install()  # the module paths from before the layered layout still import, with a warning
 
@@ -51,14 +51,4 @@ if TYPE_CHECKING:
     from .registry import list_plugins, load
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule on first access."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
