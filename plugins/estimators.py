@@ -53,10 +53,12 @@ class BiasedMMD(_QuadraticStatistic):
             fastest for small sets, memory ``O(N M)``. ``"chunked"``: blocks of 1024 x 1024,
             memory bounded at any size, the backward recomputes each block (its time against
             dense: ``docs/performance.md``). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
-            ``"auto"`` (default) picks per call: dense up to
-            :data:`~perturbdiff_core.mmd.reductions.DENSE_MAX_ENTRIES` kernel entries, above
-            it keops for CUDA tensors when pykeops imports, else chunked; never keops on CPU.
-            Or any :class:`~perturbdiff_core.mmd.reductions.KernelReduction`.
+            ``"auto"`` (default) picks per call among the registered backends by what each
+            declares (:meth:`~perturbdiff_core.mmd.reductions.KernelReduction.applies`): dense up to
+            :data:`~perturbdiff_plugins.reductions.DENSE_MAX_ENTRIES` kernel entries, above
+            it keops for CUDA tensors when pykeops runs, else chunked; never keops on CPU.
+            Or any other ``perturbdiff.backends`` plug-in name, or a
+            :class:`~perturbdiff_core.mmd.reductions.KernelReduction`.
         embedding: evaluate the statistic through this ``perturbdiff.embeddings`` feature map
             instead (``rff``, ``nystrom``), in ``O((N + M) D)``; ``**embedding_params`` are its
             parameters (``num_features``, ``seed``, ...). See :class:`EmbeddingMMD`.

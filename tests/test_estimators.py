@@ -11,13 +11,13 @@ import torch
 from scipy import integrate
 
 from perturbdiff_core import mmd2
-from perturbdiff_core.errors import PerturbDiffError, UnknownPluginError
-from perturbdiff_core.mmd import reductions
+from perturbdiff_core.errors import ConfigError, PerturbDiffError, UnknownPluginError
 from perturbdiff_core.mmd.estimators import as_estimator
 from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.mmd.reductions import AutoReduction
 from perturbdiff_core.registry import load
 from perturbdiff_plugins import reductions as reduction_plugins
+from perturbdiff_plugins.keops import KeOpsReduction
 from perturbdiff_plugins.reductions import ChunkedReduction, DenseReduction
 
 # ------------------------------------------------------------------ independent float64 references
@@ -458,27 +458,68 @@ def stand_in(batch: int, cells: int, device: str) -> SimpleNamespace:
     return SimpleNamespace(shape=torch.Size([batch, cells, 2000]), device=torch.device(device))
 
 
-class FakeKeOps(reductions.KernelReduction):
-    def supports(self, kernel, device_type):
+def test_auto_follows_the_builtin_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dense up to its max_entries; above it keops on CUDA where it runs, else chunked; never keops on CPU."""
+
+    def keops_runs(self, kernel, device_type):
+        assert device_type == "cuda", "the KeOps probe must not run for CPU tensors"
         return True
 
-    def weighted_sum(self, *args, **kwargs):
-        raise AssertionError("not called")
-
-
-def test_auto_backend_never_picks_keops_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeKeOps()
-    monkeypatch.setattr(reductions, "_keops_backend", lambda: fake)  # as if pykeops imported
+    monkeypatch.setattr(KeOpsReduction, "supports", keops_runs)  # as if pykeops compiled here
     auto, kernel = AutoReduction(), as_kernel("rbf")
     for cells in (8, 256, 4096, 100_000):
         chosen = auto.choose(kernel, stand_in(8, cells, "cpu"), stand_in(8, cells, "cpu"))
-        assert chosen is not fake
-        assert isinstance(chosen, DenseReduction if 8 * 3 * cells**2 <= reductions.DENSE_MAX_ENTRIES else ChunkedReduction)
+        assert isinstance(chosen, DenseReduction if 8 * 3 * cells**2 <= DenseReduction.max_entries else ChunkedReduction)
     # The choice is per call: on CUDA tensors the same object picks KeOps for large sets only.
-    assert auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")) is fake
+    assert isinstance(auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")), KeOpsReduction)
     assert isinstance(auto.choose(kernel, stand_in(8, 64, "cuda"), stand_in(8, 64, "cuda")), DenseReduction)
-    monkeypatch.setattr(reductions, "_keops_backend", lambda: None)  # pykeops missing: chunked
+    monkeypatch.setattr(KeOpsReduction, "supports", lambda self, kernel, device_type: False)  # pykeops missing: chunked
     assert isinstance(auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")), ChunkedReduction)
+
+
+FAKE_BACKENDS = """
+from perturbdiff_plugins.reductions import DenseReduction
+
+
+class SmallCpuSums(DenseReduction):
+    priority = 100
+    max_entries = 10_000
+    devices = ("cpu",)
+
+
+class NeedsParameters(DenseReduction):
+    priority = 1000
+
+    def __init__(self, size):
+        self.size = size
+"""
+
+
+def test_auto_picks_a_registered_backend_by_its_declaration(install_fake) -> None:
+    """A third-party backend takes the calls it declares (a size limit, a device) by its priority;
+    one that cannot be built with defaults is left out of auto, without breaking it."""
+    install_fake(
+        "perturbdiff-fake-backends",
+        {"small_cpu": "perturbdiff_fake_backends:SmallCpuSums", "needs_parameters": "perturbdiff_fake_backends:NeedsParameters"},
+        group="perturbdiff.backends",
+        modules={"perturbdiff_fake_backends": FAKE_BACKENDS},
+    )
+    auto, kernel = AutoReduction(), as_kernel("rbf")
+    assert type(auto.choose(kernel, stand_in(2, 40, "cpu"), stand_in(2, 40, "cpu"))).__name__ == "SmallCpuSums"  # 9600 entries
+    assert type(auto.choose(kernel, stand_in(2, 41, "cpu"), stand_in(2, 41, "cpu"))) is DenseReduction  # 10086
+    assert type(auto.choose(kernel, stand_in(2, 40, "cuda"), stand_in(2, 40, "cuda"))) is DenseReduction
+    assert "NeedsParameters" not in [type(b).__name__ for b in auto.backends]
+    x, y = rand(2, 7, 3, seed=45), rand(2, 5, 3, seed=46, shift=0.3)
+    dense = as_estimator("unbiased", backend="dense")(x, y, kernel)
+    torch.testing.assert_close(as_estimator("unbiased", backend="small_cpu")(x, y, kernel), dense, rtol=0, atol=0)
+    torch.testing.assert_close(as_estimator("unbiased")(x, y, kernel), dense, rtol=0, atol=0)
+
+
+def test_auto_with_no_backend_that_applies_says_so() -> None:
+    auto = AutoReduction()
+    auto.backends = [b for b in auto.backends if b.max_entries is not None]  # only dense: bounded
+    with pytest.raises(ConfigError, match="No registered MMD backend applies to RBF on cpu"):
+        auto.choose(as_kernel("rbf"), stand_in(8, 100_000, "cpu"), stand_in(8, 100_000, "cpu"))
 
 
 def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
