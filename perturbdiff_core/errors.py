@@ -73,6 +73,12 @@ class PerturbDiffWarning(UserWarning):
     the command line prints it as one line ``perturbdiff: warning: ...``."""
 
 
+class PerturbDiffDeprecationWarning(PerturbDiffWarning, DeprecationWarning):
+    """A name that still works but is deprecated; the message names its replacement. A
+    :class:`DeprecationWarning` (hidden by default outside ``__main__`` and tests) that the command
+    line prints as one line ``perturbdiff: warning: ...``, since configs are where old names live."""
+
+
 class PerturbDiffNote(PerturbDiffWarning):
     """What perturbdiff did on the user's behalf (a stale lock taken over, a fallback used);
     printed as one line ``perturbdiff: note: ...``."""

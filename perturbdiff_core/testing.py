@@ -195,17 +195,17 @@ def _kernel_same_path(kernel: Kernel, *, dtype: torch.dtype) -> None:
 
 
 def _kernel_definite(kernel: Kernel, *, dtype: torch.dtype) -> None:
-    """Positive semi-definiteness, or for ``conditionally_negative_definite`` kernels ``H K H`` PSD, on 12
+    """Positive semi-definiteness, or for ``conditionally_positive_definite`` kernels ``H K H`` PSD, on 12
     points and on 200-point sets spread over scales 0.1 to 10 (float64)."""
     name = type(kernel).__name__
     k = copy.deepcopy(kernel).double()
     (z,) = _data((2, 12, 4), dtype=torch.float64, seed=2)
     for points, where in ((z, "12 points"), (_spread_points(), "200 points at scales 0.1 to 10")):
         gram = k(points, points)
-        if kernel.conditionally_negative_definite:
+        if kernel.conditionally_positive_definite:
             n = gram.shape[-1]
             centring = torch.eye(n, dtype=gram.dtype) - 1.0 / n
-            gram, what = centring @ gram @ centring, "conditional definiteness (H K H PSD for CND kernels)"
+            gram, what = centring @ gram @ centring, "conditional definiteness (H K H PSD for conditionally PD kernels)"
         else:
             what = "positive semi-definiteness"
         eig = torch.linalg.eigvalsh(0.5 * (gram + gram.transpose(-1, -2)))
@@ -349,7 +349,7 @@ def check_kernel(kernel: Kernel, *, dtype: torch.dtype = torch.float64) -> None:
 
     Shapes ``(..., N, G), (..., M, G) -> (..., N, M)``; symmetry ``K(x, y) = K(y, x)^T``;
     ``K(x, x)`` (the ``same=True`` path) equal to ``K(x, x.clone())`` and ``MMD^2(x, x.clone()) = 0``;
-    positive semi-definiteness (or, for ``conditionally_negative_definite`` kernels such as
+    positive semi-definiteness (or, for ``conditionally_positive_definite`` kernels such as
     ``-||x - y||``, ``c^T K c >= 0`` whenever ``sum(c) = 0``, i.e. ``H K H`` PSD with the centring
     matrix ``H``) on 12 points and on 200-point sets at scales 0.1 to 10; batch broadcasting equal to a
     loop over sets; ``diag=True`` equal to the diagonal; float32 agreeing with float64; and, in float64,

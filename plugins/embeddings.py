@@ -202,7 +202,7 @@ class Nystrom(_KernelEmbedding):
         if rcond is not None and not (isinstance(rcond, float) and 0.0 <= rcond < 1.0):
             raise InputError(f"rcond must be a float in [0, 1) or None, got {rcond!r}.")
         super().__init__(kernel)
-        if self.kernel.conditionally_negative_definite:
+        if self.kernel.conditionally_positive_definite:
             raise ConfigError(
                 f"Nystrom features need a positive-definite kernel; {type(self.kernel).__name__} is "
                 f"only conditionally positive definite (no feature map). Use the exact embedding for it."

@@ -1,13 +1,21 @@
-"""Built-in MMD^2 estimators: quadratic (V and U statistics), linear-time, feature-map and blocked."""
+"""Built-in MMD^2 estimators: the statistics (quadratic V and U, linear-time, feature-map).
+
+How a quadratic statistic's kernel sums are evaluated (dense, blocked, KeOps) is its ``backend``,
+a ``perturbdiff.backends`` plug-in, not an estimator of its own; the old estimator names
+``chunked`` and ``keops`` remain as deprecated aliases.
+"""
 
 from __future__ import annotations
 
+import warnings
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from perturbdiff_core.errors import InputError, UnknownPluginError
+from perturbdiff_core.errors import InputError, PerturbDiffDeprecationWarning, UnknownPluginError
 from perturbdiff_core.mmd.embeddings import EmbeddingMap
 from perturbdiff_core.mmd.estimators import MMDEstimator, QuadraticMMD, require_pairs
 from perturbdiff_core.mmd.kernels import Kernel
@@ -19,13 +27,26 @@ class _QuadraticStatistic(QuadraticMMD):
     """A V- or U-statistic evaluated exactly by a reduction or, given ``embedding``, through an
     explicit feature map (:class:`EmbeddingMMD`): the same statistic under the approximate kernel."""
 
-    def __init__(self, backend: str | KernelReduction, unbiased: bool, embedding: str | None, embedding_params: dict[str, object]) -> None:
+    def __init__(
+        self,
+        backend: str | KernelReduction,
+        backend_params: Mapping[str, Any] | None,
+        unbiased: bool,
+        embedding: str | None,
+        embedding_params: dict[str, object],
+    ) -> None:
+        name = type(self).__name__
         if embedding is None and embedding_params:
             raise InputError(
-                f"{type(self).__name__} got feature-map parameters {sorted(embedding_params)} without an "
+                f"{name} got feature-map parameters {sorted(embedding_params)} without an "
                 f"embedding; add embedding='rff' (or 'nystrom'), or drop them."
             )
-        super().__init__(as_reduction(backend), unbiased=unbiased)
+        if embedding is not None and (not isinstance(backend, str) or backend != "auto" or backend_params):
+            raise InputError(
+                f"{name} got embedding={embedding!r} and a backend: a feature map sums no kernel matrices, "
+                f"so no backend applies to it; drop backend (and backend_params) or the embedding."
+            )
+        super().__init__(as_reduction(backend, **dict(backend_params or {})), unbiased=unbiased)
         self.features = None if embedding is None else EmbeddingMMD(embedding, unbiased=unbiased, **embedding_params)
 
     def adapt_kernel(self, kernel: Kernel, x: Tensor, y: Tensor) -> Kernel:
@@ -49,55 +70,86 @@ class BiasedMMD(_QuadraticStatistic):
     empirical measures); integer weights equal repeated cells.
 
     Args:
-        backend: how the kernel sums are evaluated. ``"dense"``: whole kernel matrices, the
-            fastest for small sets, memory ``O(N M)``. ``"chunked"``: blocks of 1024 x 1024,
-            memory bounded at any size, the backward recomputes each block (its time against
-            dense: ``docs/performance.md``). ``"keops"``: streamed by KeOps, linear memory, fast on GPUs only.
-            ``"auto"`` (default) picks per call: dense up to
-            :data:`~perturbdiff_core.mmd.reductions.DENSE_MAX_ENTRIES` kernel entries, above
-            it keops for CUDA tensors when pykeops imports, else chunked; never keops on CPU.
-            Or any :class:`~perturbdiff_core.mmd.reductions.KernelReduction`.
+        backend: how the kernel sums are evaluated, a ``perturbdiff.backends`` plug-in. ``"dense"``:
+            whole kernel matrices, the fastest for small sets, memory ``O(N M)``. ``"chunked"``:
+            blocks of ``block_size`` (1024) squared, memory bounded at any size, the backward
+            recomputes each block (its time against dense: ``docs/performance.md``). ``"keops"``:
+            streamed by KeOps, linear memory, fast on GPUs only.
+            ``"auto"`` (default) picks per call among the registered backends by what each
+            declares (:meth:`~perturbdiff_core.mmd.reductions.KernelReduction.applies`): dense up to
+            :data:`~perturbdiff_plugins.reductions.DENSE_MAX_ENTRIES` kernel entries, above
+            it keops for CUDA tensors when pykeops runs, else chunked; never keops on CPU.
+            Or a :class:`~perturbdiff_core.mmd.reductions.KernelReduction`. All give the same
+            statistic, up to rounding.
+        backend_params: parameters of the named backend, e.g. ``{"block_size": 256}`` for chunked.
         embedding: evaluate the statistic through this ``perturbdiff.embeddings`` feature map
             instead (``rff``, ``nystrom``), in ``O((N + M) D)``; ``**embedding_params`` are its
             parameters (``num_features``, ``seed``, ...). See :class:`EmbeddingMMD`.
     """
 
-    def __init__(self, backend: str | KernelReduction = "auto", embedding: str | None = None, **embedding_params: object) -> None:
-        super().__init__(backend, False, embedding, embedding_params)
+    def __init__(
+        self,
+        backend: str | KernelReduction = "auto",
+        embedding: str | None = None,
+        *,
+        backend_params: Mapping[str, Any] | None = None,
+        **embedding_params: object,
+    ) -> None:
+        super().__init__(backend, backend_params, False, embedding, embedding_params)
 
 
 class UnbiasedMMD(_QuadraticStatistic):
     r"""Unbiased U-statistic (Gretton et al. 2012, Lemma 6): within-set sums skip :math:`i = j`.
 
-    Can be negative; its expectation is the population MMD^2. Same ``backend`` and
-    ``embedding`` choices as :class:`BiasedMMD`.
+    Can be negative; its expectation is the population MMD^2. Same ``backend``,
+    ``backend_params`` and ``embedding`` choices as :class:`BiasedMMD`.
     """
 
-    def __init__(self, backend: str | KernelReduction = "auto", embedding: str | None = None, **embedding_params: object) -> None:
-        super().__init__(backend, True, embedding, embedding_params)
+    def __init__(
+        self,
+        backend: str | KernelReduction = "auto",
+        embedding: str | None = None,
+        *,
+        backend_params: Mapping[str, Any] | None = None,
+        **embedding_params: object,
+    ) -> None:
+        super().__init__(backend, backend_params, True, embedding, embedding_params)
 
 
-class ChunkedMMD(QuadraticMMD):
-    """Exact MMD^2 over ``block_size``-square blocks: bounded memory at any set size.
+def _backend_alias(alias: str, backend: str, backend_params: dict[str, Any], unbiased: bool) -> QuadraticMMD:
+    """The statistic that the deprecated estimator name ``alias`` stands for, with a warning naming it."""
+    statistic = "unbiased" if unbiased else "biased"
+    in_code, in_config = f"backend={backend!r}", f"backend: {backend}"
+    if backend_params:
+        in_code += f", backend_params={backend_params!r}"
+        in_config += ", backend_params: {" + ", ".join(f"{k}: {v}" for k, v in backend_params.items()) + "}"
+    warnings.warn(
+        f"The estimator {alias!r} is deprecated: use the estimator {statistic!r} with {in_code} (in a config: "
+        f"estimator: {statistic}, estimator_params: {{{in_config}}}); the alias is removed in a later release.",
+        PerturbDiffDeprecationWarning,
+        stacklevel=3,
+    )
+    statistic_class = UnbiasedMMD if unbiased else BiasedMMD
+    return statistic_class(backend, backend_params=backend_params)
+
+
+def deprecated_chunked(block_size: int = 1024, unbiased: bool = True) -> QuadraticMMD:
+    """Deprecated estimator name ``chunked``: ``unbiased`` (or ``biased``) with ``backend="chunked"``.
 
     Args:
         block_size: rows and columns of the largest kernel block held at once.
         unbiased: U-statistic (default) or V-statistic.
     """
-
-    def __init__(self, block_size: int = 1024, unbiased: bool = True) -> None:
-        super().__init__(resolve("perturbdiff.backends", "chunked", block_size=block_size), unbiased=unbiased)
+    return _backend_alias("chunked", "chunked", {"block_size": block_size}, unbiased)
 
 
-class KeOpsMMD(QuadraticMMD):
-    """Exact MMD^2 streamed by KeOps (the ``keops`` backend plug-in): linear memory, best on GPUs.
+def deprecated_keops(unbiased: bool = True) -> QuadraticMMD:
+    """Deprecated estimator name ``keops``: ``unbiased`` (or ``biased``) with ``backend="keops"``.
 
     Args:
         unbiased: U-statistic (default) or V-statistic.
     """
-
-    def __init__(self, unbiased: bool = True) -> None:
-        super().__init__(resolve("perturbdiff.backends", "keops"), unbiased=unbiased)
+    return _backend_alias("keops", "keops", {}, unbiased)
 
 
 def _pair_mean(k: Tensor, u: Tensor, v: Tensor) -> Tensor:

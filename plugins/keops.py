@@ -8,7 +8,7 @@ and a trainable lengthscale come from KeOps' symbolic autodiff. The first call o
 cached on disk (``pykeops.get_build_folder()``) for later runs. Before its first use in a process,
 a child process compiles and checks a small formula: a KeOps build that crashes on this machine (a
 segmentation fault in its CUDA runtime compiler, say) then makes the backend unavailable, with the
-reason, and ``auto`` falls back to ``chunked``, instead of killing the training process.
+reason, and ``auto`` passes over it (to ``chunked``), instead of killing the training process.
 """
 
 from __future__ import annotations
@@ -149,7 +149,13 @@ class KeOpsReduction(KernelReduction):
 
     Slower than the dense GEMM path for small sets (and much slower on CPU); the choice for
     large sets on a GPU. Evaluates radial kernels and their sums and positive multiples.
+
+    ``backend="auto"``: on CUDA tensors only, preferred to ``chunked`` where dense does not apply
+    and :meth:`supports` the kernel (pykeops imports and passes its probe).
     """
+
+    priority = 20
+    devices = ("cuda",)
 
     def supports(self, kernel: Kernel, device_type: str) -> bool:
         return keops_evaluable(kernel) and _keops_problem(device_type) is None

@@ -167,7 +167,7 @@ class Energy(RadialKernel):
     it reduces to twice the squared difference of the means. Its lengthscale is fixed at 1.
     """
 
-    conditionally_negative_definite = True
+    conditionally_positive_definite = True
 
     def __init__(self, beta: float = 1.0) -> None:
         ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta <= 2

@@ -37,6 +37,10 @@ SYMMETRIC_SPLIT = 4
 #: than the cost of the extra small operations.
 SYMMETRIC_SPLIT_MIN_ROWS = 256
 
+#: ``backend="auto"`` gives the dense backend calls of up to this many kernel entries
+#: (``batch * (N^2 + M^2 + N M)`` for an MMD; float32: 128 MiB per kernel matrix held).
+DENSE_MAX_ENTRIES = 2**25
+
 _TERMS = ("xx", "yy", "xy")
 _CENTRE_CELLS = 64
 
@@ -457,7 +461,12 @@ class DenseReduction(_BlockReduction):
     (each set's Gram with itself on 10 of 16 blocks), 3 below and on GPUs (see :func:`_launch_bound`);
     backward one GEMM per term and differentiated side (training with only ``x`` differentiated: 2);
     the scaled distances are kept for the backward.
+
+    ``backend="auto"``: first choice, up to :data:`DENSE_MAX_ENTRIES` kernel entries per call.
     """
+
+    priority = 30
+    max_entries = DENSE_MAX_ENTRIES
 
     def __repr__(self) -> str:
         return "DenseReduction()"
@@ -471,9 +480,13 @@ class ChunkedReduction(_BlockReduction):
     thousands of cells fit in bounded memory (16384 cells of 2000 genes, forward and backward: the
     peak in ``docs/performance.md``). Sets that fit in one block are handled as dense.
 
+    ``backend="auto"``: the fallback, at any size on any device (with the default ``block_size``).
+
     Args:
         block_size: rows and columns per block.
     """
+
+    priority = 10
 
     def __init__(self, block_size: int = 1024) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:

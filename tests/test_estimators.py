@@ -11,13 +11,13 @@ import torch
 from scipy import integrate
 
 from perturbdiff_core import mmd2
-from perturbdiff_core.errors import PerturbDiffError, UnknownPluginError
-from perturbdiff_core.mmd import reductions
-from perturbdiff_core.mmd.estimators import as_estimator
+from perturbdiff_core.errors import ConfigError, PerturbDiffError, PerturbDiffWarning, UnknownPluginError
+from perturbdiff_core.mmd.estimators import QuadraticMMD, as_estimator
 from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.mmd.reductions import AutoReduction
 from perturbdiff_core.registry import load
 from perturbdiff_plugins import reductions as reduction_plugins
+from perturbdiff_plugins.keops import KeOpsReduction
 from perturbdiff_plugins.reductions import ChunkedReduction, DenseReduction
 
 # ------------------------------------------------------------------ independent float64 references
@@ -72,16 +72,35 @@ def rand_weights(*shape: int, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------- brute-force agreement
 
 
+#: Every built-in backend, with parameters that make it do its own work on small sets (chunked: several blocks).
+BACKENDS = [
+    pytest.param("auto", {}, id="auto"),
+    pytest.param("dense", {}, id="dense"),
+    pytest.param("chunked", {"block_size": 4}, id="chunked4"),
+    pytest.param("keops", {}, id="keops", marks=pytest.mark.keops),
+]
+
+
+def skip_unless_it_runs(backend: str, kernel) -> None:
+    """Skip, with the reason, when the named backend cannot evaluate ``kernel`` here (KeOps without a compiler)."""
+    reduction = load("perturbdiff.backends", backend) if backend != "auto" else None
+    if reduction is not None and not reduction.supports(kernel, "cpu"):
+        pytest.skip(f"the {backend} backend cannot run {type(kernel).__name__} on this machine")
+
+
 @pytest.mark.parametrize("kernel", sorted(PROFILES))
-@pytest.mark.parametrize("estimator", ["biased", "unbiased", "chunked"])
-def test_quadratic_estimators_match_double_loops(kernel: str, estimator: str) -> None:
+@pytest.mark.parametrize("statistic", ["biased", "unbiased"])
+@pytest.mark.parametrize(("backend", "backend_params"), BACKENDS)
+def test_quadratic_estimators_match_double_loops(kernel: str, statistic: str, backend: str, backend_params: dict) -> None:
+    """Every backend gives the weighted V- and U-statistic of float64 double loops, on random sets."""
     x, y = rand(2, 9, 3, seed=0), rand(2, 6, 3, seed=1, shift=0.4)
     wx, wy = rand_weights(2, 9, seed=2), rand_weights(2, 6, seed=3)
     l = 1.3
-    params = {} if kernel == "energy" else {"lengthscale": l}
-    est = load("perturbdiff.estimators", "chunked", block_size=4) if estimator == "chunked" else as_estimator(estimator)
-    got = est(x, y, as_kernel(kernel, **params), x_weights=wx, y_weights=wy)
-    unbiased = estimator != "biased"
+    k = as_kernel(kernel, **({} if kernel == "energy" else {"lengthscale": l}))
+    skip_unless_it_runs(backend, k)
+    est = as_estimator(statistic, backend=backend, backend_params=backend_params)
+    got = est(x, y, k, x_weights=wx, y_weights=wy)
+    unbiased = statistic == "unbiased"
     want = [brute_mmd(kernel, l, x[b].numpy(), y[b].numpy(), wx[b].numpy(), wy[b].numpy(), unbiased=unbiased) for b in range(2)]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
 
@@ -458,27 +477,68 @@ def stand_in(batch: int, cells: int, device: str) -> SimpleNamespace:
     return SimpleNamespace(shape=torch.Size([batch, cells, 2000]), device=torch.device(device))
 
 
-class FakeKeOps(reductions.KernelReduction):
-    def supports(self, kernel, device_type):
+def test_auto_follows_the_builtin_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dense up to its max_entries; above it keops on CUDA where it runs, else chunked; never keops on CPU."""
+
+    def keops_runs(self, kernel, device_type):
+        assert device_type == "cuda", "the KeOps probe must not run for CPU tensors"
         return True
 
-    def weighted_sum(self, *args, **kwargs):
-        raise AssertionError("not called")
-
-
-def test_auto_backend_never_picks_keops_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeKeOps()
-    monkeypatch.setattr(reductions, "_keops_backend", lambda: fake)  # as if pykeops imported
+    monkeypatch.setattr(KeOpsReduction, "supports", keops_runs)  # as if pykeops compiled here
     auto, kernel = AutoReduction(), as_kernel("rbf")
     for cells in (8, 256, 4096, 100_000):
         chosen = auto.choose(kernel, stand_in(8, cells, "cpu"), stand_in(8, cells, "cpu"))
-        assert chosen is not fake
-        assert isinstance(chosen, DenseReduction if 8 * 3 * cells**2 <= reductions.DENSE_MAX_ENTRIES else ChunkedReduction)
+        assert isinstance(chosen, DenseReduction if 8 * 3 * cells**2 <= DenseReduction.max_entries else ChunkedReduction)
     # The choice is per call: on CUDA tensors the same object picks KeOps for large sets only.
-    assert auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")) is fake
+    assert isinstance(auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")), KeOpsReduction)
     assert isinstance(auto.choose(kernel, stand_in(8, 64, "cuda"), stand_in(8, 64, "cuda")), DenseReduction)
-    monkeypatch.setattr(reductions, "_keops_backend", lambda: None)  # pykeops missing: chunked
+    monkeypatch.setattr(KeOpsReduction, "supports", lambda self, kernel, device_type: False)  # pykeops missing: chunked
     assert isinstance(auto.choose(kernel, stand_in(8, 100_000, "cuda"), stand_in(8, 100_000, "cuda")), ChunkedReduction)
+
+
+FAKE_BACKENDS = """
+from perturbdiff_plugins.reductions import DenseReduction
+
+
+class SmallCpuSums(DenseReduction):
+    priority = 100
+    max_entries = 10_000
+    devices = ("cpu",)
+
+
+class NeedsParameters(DenseReduction):
+    priority = 1000
+
+    def __init__(self, size):
+        self.size = size
+"""
+
+
+def test_auto_picks_a_registered_backend_by_its_declaration(install_fake) -> None:
+    """A third-party backend takes the calls it declares (a size limit, a device) by its priority;
+    one that cannot be built with defaults is left out of auto, without breaking it."""
+    install_fake(
+        "perturbdiff-fake-backends",
+        {"small_cpu": "perturbdiff_fake_backends:SmallCpuSums", "needs_parameters": "perturbdiff_fake_backends:NeedsParameters"},
+        group="perturbdiff.backends",
+        modules={"perturbdiff_fake_backends": FAKE_BACKENDS},
+    )
+    auto, kernel = AutoReduction(), as_kernel("rbf")
+    assert type(auto.choose(kernel, stand_in(2, 40, "cpu"), stand_in(2, 40, "cpu"))).__name__ == "SmallCpuSums"  # 9600 entries
+    assert type(auto.choose(kernel, stand_in(2, 41, "cpu"), stand_in(2, 41, "cpu"))) is DenseReduction  # 10086
+    assert type(auto.choose(kernel, stand_in(2, 40, "cuda"), stand_in(2, 40, "cuda"))) is DenseReduction
+    assert "NeedsParameters" not in [type(b).__name__ for b in auto.backends]
+    x, y = rand(2, 7, 3, seed=45), rand(2, 5, 3, seed=46, shift=0.3)
+    dense = as_estimator("unbiased", backend="dense")(x, y, kernel)
+    torch.testing.assert_close(as_estimator("unbiased", backend="small_cpu")(x, y, kernel), dense, rtol=0, atol=0)
+    torch.testing.assert_close(as_estimator("unbiased")(x, y, kernel), dense, rtol=0, atol=0)
+
+
+def test_auto_with_no_backend_that_applies_says_so() -> None:
+    auto = AutoReduction()
+    auto.backends = [b for b in auto.backends if b.max_entries is not None]  # only dense: bounded
+    with pytest.raises(ConfigError, match="No registered MMD backend applies to RBF on cpu"):
+        auto.choose(as_kernel("rbf"), stand_in(8, 100_000, "cpu"), stand_in(8, 100_000, "cpu"))
 
 
 def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
@@ -486,6 +546,58 @@ def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
     assert isinstance(as_estimator("unbiased").reduction, AutoReduction)
     dense = as_estimator("unbiased", backend="dense")(x, y, as_kernel("rbf"))
     torch.testing.assert_close(mmd2(x, y, "rbf", "unbiased"), dense, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------- deprecated estimator aliases
+
+
+@pytest.mark.parametrize(
+    ("params", "statistic", "block_size"), [({}, "unbiased", 1024), ({"block_size": 4}, "unbiased", 4), ({"block_size": 3, "unbiased": False}, "biased", 3)]
+)
+def test_the_chunked_estimator_is_a_deprecated_alias_with_the_same_numbers(params: dict, statistic: str, block_size: int) -> None:
+    """``chunked`` warns, naming its replacement, and computes exactly what the new spelling and the
+    old class (a QuadraticMMD over a ChunkedReduction) compute: values and gradients, float64."""
+    x, y = rand(2, 9, 3, seed=60), rand(2, 7, 3, seed=61, shift=0.3)
+    wx, wy = rand_weights(2, 9, seed=62), rand_weights(2, 7, seed=63)
+    kernel = as_kernel("matern32", lengthscale=1.2)
+    replacement = rf"use the estimator '{statistic}' with backend='chunked', backend_params=\{{'block_size': {block_size}\}}"
+    with pytest.warns(DeprecationWarning, match=rf"'chunked' is deprecated: {replacement}"):
+        alias = as_estimator("chunked", **params)
+    new = as_estimator(statistic, backend="chunked", backend_params={"block_size": block_size})
+    old = QuadraticMMD(ChunkedReduction(block_size), unbiased=statistic == "unbiased")
+
+    def value_and_grad(estimator):
+        x_ = x.clone().requires_grad_(True)
+        value = estimator(x_, y, kernel, x_weights=wx, y_weights=wy)
+        return value, torch.autograd.grad(value.sum(), x_)[0]
+
+    got = value_and_grad(alias)
+    for reference in (new, old):
+        assert all(torch.equal(a, b) for a, b in zip(got, value_and_grad(reference)))
+
+
+def test_the_keops_estimator_is_a_deprecated_alias() -> None:
+    replacement = r"use the estimator 'biased' with backend='keops' .*estimator_params: \{backend: keops\}"
+    with pytest.warns(DeprecationWarning, match=f"'keops' is deprecated: {replacement}") as record:
+        alias = as_estimator("keops", unbiased=False)
+    assert issubclass(record[0].category, PerturbDiffWarning)  # so the command line prints it, as one line
+    assert not alias.unbiased and isinstance(alias.reduction, KeOpsReduction)
+
+
+@pytest.mark.keops
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_the_keops_alias_computes_what_the_keops_backend_does(unbiased: bool) -> None:
+    kernel = as_kernel("rbf", lengthscale=1.4)
+    skip_unless_it_runs("keops", kernel)
+    x, y = rand(2, 9, 3, seed=64), rand(2, 7, 3, seed=65, shift=0.3)
+    wx, wy = rand_weights(2, 9, seed=66), rand_weights(2, 7, seed=67)
+    with pytest.warns(DeprecationWarning):
+        alias = as_estimator("keops", unbiased=unbiased)
+    statistic = "unbiased" if unbiased else "biased"
+    got = alias(x, y, kernel, x_weights=wx, y_weights=wy)
+    assert torch.equal(got, as_estimator(statistic, backend="keops")(x, y, kernel, x_weights=wx, y_weights=wy))
+    dense = as_estimator(statistic, backend="dense")(x, y, kernel, x_weights=wx, y_weights=wy)
+    torch.testing.assert_close(got, dense, rtol=1e-10, atol=1e-12)
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -508,7 +620,9 @@ def test_auto_is_the_default_backend_and_agrees_with_dense() -> None:
         (lambda: mmd2(torch.randn(2, 3), torch.randn(2, 3), x_weights=-torch.ones(2)), "non-negative"),
         (lambda: mmd2(torch.randn(3, 4), torch.randn(3, 4), estimator="quadratik"), "known names: .*unbiased"),
         (lambda: as_estimator("biased", backend="gpu"), "'auto' or one of: chunked, dense"),
-        (lambda: as_estimator("chunked", block_size=0), "block_size"),
+        (lambda: as_estimator("unbiased", backend="chunked", backend_params={"block_size": 0}), "block_size"),
+        (lambda: as_estimator("unbiased", backend_params={"block_size": 8}), r"backend='auto' builds .*\['block_size'\] need a named backend"),
+        (lambda: as_estimator("biased", backend="chunked", embedding="rff"), "no backend applies to it"),
         (lambda: as_estimator("embedding", embedding="fourier"), "known: .*rff"),
         (
             lambda: mmd2(torch.randn(4, 2), torch.randn(4, 2), estimator="linear", x_weights=torch.tensor([1.0, 0, 1, 0])),
@@ -524,8 +638,10 @@ def test_bad_input_raises_one_clear_error(make, match: str) -> None:
 def test_unknown_names_are_lookup_errors_listing_known_ones() -> None:
     with pytest.raises(UnknownPluginError, match="linear"):
         as_estimator("nope")
-    with pytest.raises(UnknownPluginError, match="keops"):
+    with pytest.raises(UnknownPluginError, match=r"Unknown MMD backend 'nope'; choose 'auto' or one of: chunked, dense, keops\."):
         as_estimator("unbiased", backend="nope")
+    with pytest.raises(UnknownPluginError, match=r"'chunkd' \(did you mean 'chunked'\?\)"):
+        as_estimator("biased", backend="chunkd")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

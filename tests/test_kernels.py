@@ -15,7 +15,8 @@ from torch.func import functional_call
 
 from perturbdiff_core import mmd2
 from perturbdiff_core.errors import ConfigError, InputError, UnknownPluginError
-from perturbdiff_core.mmd.kernels import as_kernel
+from perturbdiff_core.mmd.embeddings import as_embedding
+from perturbdiff_core.mmd.kernels import RadialKernel, as_kernel
 from perturbdiff_core.validation import check_sets
 
 L = 1.7  # lengthscale of the reference cases; distances in the data are ~0.5 to 6
@@ -148,7 +149,31 @@ def test_energy_distance_is_conditionally_negative_definite(beta):
     assert ((c.unsqueeze(-2) @ distance @ c.unsqueeze(-1)).squeeze() < 0).all()
     # Only conditionally: the kernel matrix itself (zero trace) is indefinite.
     assert (torch.linalg.eigvalsh(-distance).min(-1).values < -1e-3).all()
-    assert kernel.conditionally_negative_definite
+    assert kernel.conditionally_positive_definite and not as_kernel("rbf").conditionally_positive_definite
+
+
+def test_the_old_name_conditionally_negative_definite_still_works_with_a_warning():
+    """Read, set or declared by a third-party subclass, the old name means the new one."""
+    energy, rbf = as_kernel("energy"), as_kernel("rbf")
+    with pytest.warns(DeprecationWarning, match="renamed conditionally_positive_definite"):
+        assert energy.conditionally_negative_definite is True
+    with pytest.warns(DeprecationWarning):
+        assert (rbf + 2.0 * energy).conditionally_negative_definite is True  # sums and multiples inherit it
+    with pytest.warns(DeprecationWarning):
+        rbf.conditionally_negative_definite = True
+    assert rbf.conditionally_positive_definite is True
+
+    with pytest.warns(DeprecationWarning, match="NegativeDistance: Kernel.conditionally_negative_definite is renamed"):
+
+        class NegativeDistance(RadialKernel):
+            conditionally_negative_definite = True
+
+            def profile(self, s):
+                return -s.sqrt()
+
+    assert NegativeDistance().conditionally_positive_definite is True
+    with pytest.raises(ConfigError, match="only conditionally positive definite"):
+        as_embedding("nystrom", kernel=NegativeDistance(lengthscale=1.0))
 
 
 def test_energy_beta_two_is_twice_squared_mean_difference():

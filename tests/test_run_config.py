@@ -185,7 +185,7 @@ def test_every_plugin_key_with_parameters_is_reset(tmp_path: Path) -> None:
         "model.estimator": "model.estimator_params",
     }
     base = {
-        "model": {"schedule": "linear", "schedule_params": {"num_steps": 1000}, "estimator": "chunked", "estimator_params": {"block_size": 64}},
+        "model": {"schedule": "linear", "schedule_params": {"num_steps": 1000}, "estimator": "unbiased", "estimator_params": {"backend": "chunked"}},
         "data": {"encoder": "lookup", "encoder_params": {"path": "table.csv"}},
     }
     config = load_config(write(tmp_path, base), ["model.schedule=cosine", "model.estimator=biased", "data.encoder=onehot"])

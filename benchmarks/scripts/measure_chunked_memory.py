@@ -34,7 +34,8 @@ def child(cells: int, genes: int, block_size: int, unbiased: bool) -> None:
     x = torch.randn(1, cells, genes, generator=gen).requires_grad_(True)
     y = torch.randn(1, cells, genes, generator=gen) + 0.1
     kernel = load("perturbdiff.kernels", "rbf", lengthscale=float(2 * genes) ** 0.5)
-    estimator = load("perturbdiff.estimators", "chunked", block_size=block_size, unbiased=unbiased)
+    statistic = "unbiased" if unbiased else "biased"
+    estimator = load("perturbdiff.estimators", statistic, backend="chunked", backend_params={"block_size": block_size})
     before = _resident_kib()
     start = time.perf_counter()
     value = estimator(x, y, kernel)

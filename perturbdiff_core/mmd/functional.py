@@ -27,7 +27,8 @@ def mmd2(
         kernel: a ``perturbdiff.kernels`` plug-in name (``"rbf"``, ``"energy"``, ...) or a
             :class:`~perturbdiff_core.mmd.kernels.Kernel`.
         estimator: a ``perturbdiff.estimators`` plug-in name (``"unbiased"``, ``"biased"``,
-            ``"linear"``, ``"embedding"``, ``"chunked"``, ``"keops"``) or an instance.
+            ``"linear"``, ``"embedding"``) or an instance; how ``unbiased`` and ``biased`` evaluate
+            their kernel sums is their ``backend`` (``as_estimator("unbiased", backend="chunked")``).
         x_weights, y_weights: optional non-negative per-cell weights ``(..., N)``, ``(..., M)``.
         **kernel_params: parameters of the named kernel, e.g. ``lengthscale="median"``.
 

@@ -11,24 +11,44 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, PerturbDiffDeprecationWarning
 from ..validation import check_sets
 
 
 class Kernel(nn.Module, ABC):
     """A positive-definite kernel on cells, or the negative of a conditionally negative-definite distance."""
 
-    #: True for kernels ``k = -d`` with ``d`` a conditionally negative-definite distance such as
-    #: ``||x - y||^beta``: ``k`` is then only *conditionally positive* definite
-    #: (``c^T K c >= 0`` when ``sum(c) = 0``), not positive definite, so it has no feature map,
-    #: but MMD^2 (weights of opposite sums) is still a valid (energy) distance.
-    conditionally_negative_definite: bool = False
+    #: True for kernels that are only *conditionally* positive definite: ``c^T K c >= 0`` only
+    #: when ``sum(c) = 0``, such as ``k = -d`` for a conditionally negative-definite distance
+    #: ``d = ||x - y||^beta``. Such a kernel has no feature map, but MMD^2 (weights of opposite
+    #: sums) is still a valid (energy) distance. False for positive-definite kernels.
+    conditionally_positive_definite: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that still declares the old name ``conditionally_negative_definite`` keeps working, with a warning."""
+        super().__init_subclass__(**kwargs)
+        if "conditionally_negative_definite" in cls.__dict__:
+            _warn_renamed_flag(cls.__name__, stacklevel=3)
+            cls.conditionally_positive_definite = cls.__dict__["conditionally_negative_definite"]
+            delattr(cls, "conditionally_negative_definite")  # reads go through the property below
+
+    @property
+    def conditionally_negative_definite(self) -> bool:
+        """Deprecated name of :attr:`conditionally_positive_definite`: it named the distance ``-k``, not the kernel."""
+        _warn_renamed_flag(type(self).__name__, stacklevel=3)
+        return self.conditionally_positive_definite
+
+    @conditionally_negative_definite.setter
+    def conditionally_negative_definite(self, value: bool) -> None:
+        _warn_renamed_flag(type(self).__name__, stacklevel=3)
+        self.conditionally_positive_definite = value
 
     def __call__(self, x: Tensor, y: Tensor | None = None, *, diag: bool = False) -> Tensor:
         """Validated kernel matrix; a data-dependent (median) kernel is first adapted to ``x, y``."""
@@ -82,13 +102,22 @@ class Kernel(nn.Module, ABC):
     __rmul__ = __mul__
 
 
+def _warn_renamed_flag(owner: str, *, stacklevel: int) -> None:
+    warnings.warn(
+        f"{owner}: Kernel.conditionally_negative_definite is renamed conditionally_positive_definite (what it says of "
+        f"the kernel: c^T K c >= 0 when sum(c) = 0); use the new name, the old one is removed in a later release.",
+        PerturbDiffDeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
 class SumKernel(Kernel):
     r"""Sum of kernels, :math:`k(x, y) = \sum_i k_i(x, y)`."""
 
     def __init__(self, *kernels: Kernel) -> None:
         super().__init__()
         self.kernels = nn.ModuleList(kernels)
-        self.conditionally_negative_definite = any(k.conditionally_negative_definite for k in kernels)
+        self.conditionally_positive_definite = any(k.conditionally_positive_definite for k in kernels)
 
     @property
     def adaptive(self) -> bool:
@@ -108,7 +137,7 @@ class ScaledKernel(Kernel):
         super().__init__()
         self.base = base
         self.scale = scale
-        self.conditionally_negative_definite = base.conditionally_negative_definite
+        self.conditionally_positive_definite = base.conditionally_positive_definite
 
     @property
     def adaptive(self) -> bool:

@@ -3,37 +3,58 @@
 Quadratic-time MMD estimators are written once against this one operation, so the same
 estimator runs on a dense kernel matrix, on memory-bounded blocks, or on a KeOps LazyTensor
 that never forms the ``N x M`` matrix (the GeomLoss design). The backends are plug-ins of the
-``perturbdiff.backends`` group; :class:`AutoReduction` picks one of them per call.
+``perturbdiff.backends`` group. Each declares where it applies (:meth:`KernelReduction.applies`:
+a largest call, the devices, the kernels it evaluates) and how much ``backend="auto"`` prefers it
+(:attr:`KernelReduction.priority`); :class:`AutoReduction` picks among the registered ones by
+those declarations, per call, so the core names none of them.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from functools import cache
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import PerturbDiffError, UnknownPluginError
+from ..errors import ConfigError, InputError, PerturbDiffError, UnknownPluginError, did_you_mean
 from .kernels import Kernel
 
 _GROUP = "perturbdiff.backends"
-#: ``backend="auto"`` uses the ``dense`` backend up to this many kernel entries per call
-#: (``batch * (N^2 + M^2 + N M)`` for an MMD); above it ``chunked`` on CPU, ``keops`` on CUDA.
-DENSE_MAX_ENTRIES = 2**25
-#: Block size of the ``chunked`` backend that ``backend="auto"`` picks.
-AUTO_BLOCK_SIZE = 1024
 _TERMS = ("xx", "yy", "xy")
 
 
 class KernelReduction(ABC):
-    """Computes ``sum_ij wx_i K(x_i, y_j) wy_j`` for each set pair, differentiably."""
+    """Computes ``sum_ij wx_i K(x_i, y_j) wy_j`` for each set pair, differentiably.
+
+    The class attributes are the backend's declaration to ``backend="auto"``; they do not limit
+    what it computes when named explicitly.
+    """
+
+    #: ``backend="auto"`` takes, among the backends that :meth:`applies` to a call, the one of
+    #: highest priority (ties: the first by name). Higher means faster where it applies.
+    priority: int = 0
+    #: The largest call ``backend="auto"`` gives this backend, in kernel entries
+    #: (``batch * (N^2 + M^2 + N M)`` for an MMD): its memory grows with them. None: any size.
+    max_entries: int | None = None
+    #: Device types (``"cpu"``, ``"cuda"``, ...) on which ``backend="auto"`` uses it. None: any.
+    devices: tuple[str, ...] | None = None
 
     def supports(self, kernel: Kernel, device_type: str) -> bool:
         """True when this backend can evaluate ``kernel`` on ``device_type``."""
         return True
+
+    def applies(self, kernel: Kernel, device_type: str, entries: int) -> bool:
+        """Whether ``backend="auto"`` may use this backend for a call of ``entries`` kernel entries.
+
+        Within :attr:`max_entries`, on one of :attr:`devices`, and :meth:`supports` the kernel
+        there, checked last since it may be costly (a compiler probe).
+        """
+        if self.max_entries is not None and entries > self.max_entries:
+            return False
+        if self.devices is not None and device_type not in self.devices:
+            return False
+        return self.supports(kernel, device_type)
 
     @abstractmethod
     def weighted_sum(
@@ -66,48 +87,49 @@ class KernelReduction(ABC):
         return kxx, kyy, kxy
 
 
-@cache
-def _keops_backend() -> KernelReduction | None:
-    """The registered ``keops`` backend when pykeops imports, else None (checked once)."""
-    from ..registry import resolve
+def _registered_backends() -> list[KernelReduction]:
+    """Every ``perturbdiff.backends`` plug-in built with its defaults, most preferred first.
 
-    try:
-        importlib.import_module("pykeops")
-        return resolve(_GROUP, "keops")
-    except (ImportError, PerturbDiffError):
-        return None
+    One that fails to import or to build without parameters is left out: it is still usable by
+    name, and ``perturbdiff plugins`` reports why it is broken.
+    """
+    from ..registry import names, resolve
+
+    built = []
+    for name in names(_GROUP):
+        try:
+            built.append(resolve(_GROUP, name))
+        except PerturbDiffError:
+            continue
+    return sorted(built, key=lambda backend: -backend.priority)  # stable: ties stay in name order
 
 
 class AutoReduction(KernelReduction):
-    """Chooses a registered backend per call from the tensors' device and the kernel's size.
+    """Per call, the registered backend of highest :attr:`~KernelReduction.priority` that
+    :meth:`~KernelReduction.applies` to the tensors' device, the call's size and the kernel.
 
-    * ``dense`` up to :data:`DENSE_MAX_ENTRIES` kernel entries: whole matrices and GEMMs, the
-      fastest; memory grows as ``N M``.
-    * ``chunked`` above it on CPU (and on CUDA without KeOps): blocks of :data:`AUTO_BLOCK_SIZE`
-      squared, memory bounded at any size; the backward recomputes each block (its cost against dense:
-      ``docs/performance.md``).
-    * ``keops`` above it on CUDA tensors when pykeops imports and supports the kernel: linear
-      memory, fused GPU kernels. Never chosen for CPU tensors, where it is much slower.
+    The built-in declarations give: ``dense`` (whole matrices, the fastest) up to its
+    ``max_entries``; above it ``keops`` on CUDA tensors where pykeops runs and evaluates the
+    kernel; else ``chunked`` (bounded memory at any size). The backends are built once, with
+    their defaults, when this object is.
     """
 
     def __init__(self) -> None:
-        from ..registry import resolve
-
-        self.dense = resolve(_GROUP, "dense")
-        self.chunked = resolve(_GROUP, "chunked", block_size=AUTO_BLOCK_SIZE)
+        self.backends = _registered_backends()
 
     def choose(self, kernel: Kernel, x: Tensor, y: Tensor, *, terms: tuple[str, ...] = _TERMS) -> KernelReduction:
         """The backend for this call; ``terms`` are the sums it needs (``"xx"``, ``"yy"``, ``"xy"``)."""
         batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]).numel()
         sizes = {"x": x.shape[-2], "y": y.shape[-2]}
         entries = batch * sum(sizes[t[0]] * sizes[t[1]] for t in terms)
-        if entries <= DENSE_MAX_ENTRIES:
-            return self.dense
-        if x.device.type == "cuda":
-            keops = _keops_backend()
-            if keops is not None and keops.supports(kernel, "cuda"):
-                return keops
-        return self.chunked
+        for backend in self.backends:
+            if backend.applies(kernel, x.device.type, entries):
+                return backend
+        raise ConfigError(
+            f"No registered MMD backend applies to {type(kernel).__name__} on {x.device.type} for "
+            f"{entries} kernel entries (registered: {', '.join(type(b).__name__ for b in self.backends) or 'none'}); "
+            f"name a backend instead of 'auto'."
+        )
 
     def weighted_sum(
         self,
@@ -132,14 +154,21 @@ class AutoReduction(KernelReduction):
         return "AutoReduction()"
 
 
-def as_reduction(spec: Any) -> KernelReduction:
-    """A :class:`KernelReduction` from ``"auto"``, a ``perturbdiff.backends`` plug-in name, or an instance."""
+def as_reduction(spec: Any, /, **params: Any) -> KernelReduction:
+    """A :class:`KernelReduction` from ``"auto"``, a ``perturbdiff.backends`` plug-in name (built
+    with ``params``), or an instance."""
     from ..registry import is_registered, names, resolve
 
+    known = names(_GROUP)
     if isinstance(spec, str) and spec == "auto":
+        if params:
+            raise InputError(
+                f"backend='auto' builds every backend with its defaults; the parameters {sorted(params)} "
+                f"need a named backend, one of: {', '.join(known)}."
+            )
         return AutoReduction()
     if isinstance(spec, str) and not is_registered(_GROUP, spec):
         raise UnknownPluginError(
-            f"Unknown MMD backend {spec!r}; choose 'auto' or one of: {', '.join(names(_GROUP))}."
+            f"Unknown MMD backend {spec!r}{did_you_mean(spec, known)}; choose 'auto' or one of: {', '.join(known)}."
         )
-    return resolve(_GROUP, spec)
+    return resolve(_GROUP, spec, **params)

@@ -58,8 +58,9 @@ class ModelConfig:
         kernel: ``perturbdiff.kernels`` plug-in of the MMD term (``energy``, as in the paper, ``rbf``,
             ``matern32``, ...; ``perturbdiff plugins`` lists them).
         kernel_params: the kernel's keyword arguments (e.g. ``lengthscale: median`` or a number).
-        estimator: ``perturbdiff.estimators`` plug-in (``unbiased``, ``biased``, ...).
-        estimator_params: the estimator's keyword arguments.
+        estimator: ``perturbdiff.estimators`` plug-in, the statistic (``unbiased``, ``biased``, ...).
+        estimator_params: the estimator's keyword arguments; for ``unbiased`` and ``biased``,
+            ``backend`` (``auto``, ``dense``, ``chunked``, ``keops``) and ``backend_params``.
         mmd_weight: the paper's lambda: loss = MSE + lambda * MMD^2; 0 trains on the MSE alone.
         prediction: what the denoiser outputs: ``x0`` (the paper's), ``eps``, ``v``, or ``edm`` (x0
             preconditioned by the per-gene data scale).
