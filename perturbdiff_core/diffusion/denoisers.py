@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constraints import Positive
 from ..data.batch import Conditioning
 from ..errors import ConfigError, InputError
 
@@ -114,8 +115,7 @@ def resolve_size(presets: Mapping[str, Mapping[str, int]], size: str, **override
     sizes = dict(presets[size])
     sizes.update({k: v for k, v in overrides.items() if v is not None})
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        Positive.check(value, name, integer=True)
     return sizes
 
 

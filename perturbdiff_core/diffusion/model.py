@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..constraints import HalfOpenUnit, NonNegative, UnitInterval
 from ..data.batch import Conditioning, SetBatch
 from ..errors import ConfigError, InputError
 from ..registry import list_plugins, load, resolve
@@ -131,13 +132,12 @@ class RKHSDiffusion(nn.Module):
         origin: str = "set",
     ) -> None:
         super().__init__()
-        for name, value in (("self_condition_prob", self_condition_prob), ("cond_drop_prob", cond_drop_prob)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1], got {value!r}.")
-        if not mmd_weight >= 0:
-            raise ConfigError(f"mmd_weight must be >= 0, got {mmd_weight!r}.")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must lie in [0, 1) or be None, got {ema_decay!r}.")
+        # The ranges of the config fields these come from (ModelConfig), for callers building the model in Python.
+        UnitInterval.check(self_condition_prob, "self_condition_prob")
+        UnitInterval.check(cond_drop_prob, "cond_drop_prob")
+        NonNegative.check(mmd_weight, "mmd_weight")
+        if ema_decay is not None:
+            HalfOpenUnit.check(ema_decay, "ema_decay", alternatives=("None",))
         self.denoiser, denoiser_spec = _build("perturbdiff.denoisers", denoiser)
         self.schedule, schedule_spec = _build("perturbdiff.schedules", schedule)
         self.kernel, kernel_spec = _build("perturbdiff.kernels", kernel)
@@ -379,8 +379,7 @@ class RKHSDiffusion(nn.Module):
                 f"guidance={guidance} needs the unconditional model, but this model was built with "
                 f"cond_drop_prob=0 and never learned it; sample with guidance=1 or train with cond_drop_prob > 0."
             )
-        if not guidance >= 0:
-            raise ConfigError(f"guidance must be >= 0 (1 means no guidance), got {guidance!r}.")
+        NonNegative.check(guidance, "guidance")
         net = self.sampling_denoiser(use_ema)
         b, num_control = cond.control.shape[:2]
         num_cells = num_control if num_cells is None else num_cells

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..constraints import Positive
 from ..errors import ConfigError, InputError
 
 #: Largest :math:`\bar\alpha_T` accepted: sampling starts from :math:`x_T \sim N(0, I)`, which is
@@ -49,9 +50,7 @@ class NoiseSchedule(ABC):
     """
 
     def __init__(self, num_steps: int) -> None:
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-        self.num_steps = num_steps
+        self.num_steps = Positive.check(num_steps, "num_steps", integer=True)
 
     @abstractmethod
     def betas(self) -> Tensor:
