@@ -30,6 +30,7 @@ from ..io import atomic_write_text
 from ..names import CONFIG_FILE as CONFIG_FILE
 from ..names import PLUGINS_FILE as PLUGINS_FILE
 from ..names import RUNS_DIR
+from ..registry import PluginSpec
 from .anchor import NO_ANCHOR, check_anchor
 from .folder import RunDir
 
@@ -277,6 +278,12 @@ def plugin_params_keys() -> dict[str, str]:
         if isinstance(values, Mapping):
             keys |= {f"{section}.{k}": f"{section}.{k}_params" for k in values if f"{k}_params" in values}
     return keys
+
+
+def plugin_spec(section: Any, key: str) -> PluginSpec:
+    """The plug-in a config section names at ``key``, with the parameters of ``<key>_params`` beside it
+    (``plugin_spec(config.model, "kernel")``): the YAML keeps the two keys, the code one spec."""
+    return PluginSpec(getattr(section, key), dict(getattr(section, f"{key}_params")))
 
 
 def override(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
