@@ -1,7 +1,9 @@
 """Typed configuration: dataclasses from YAML, ``key=value`` overrides, strict key checking.
 
 No config framework: a config is a tree of small dataclasses; :func:`from_mapping` builds one
-from a nested dict, rejecting unknown keys (listing the valid ones) and ill-typed values.
+from a nested dict, rejecting unknown keys (listing the valid ones), ill-typed values, and numbers
+outside the range a field's annotation declares (``Annotated[float, UnitInterval]``, see
+:mod:`~perturbdiff_core.constraints`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .constraints import Range
 from .errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
@@ -23,6 +26,8 @@ T = TypeVar("T")
 def _type_name(tp: Any) -> str:
     """``tp`` as a user reads it: ``int or 'auto'``, ``float or null``, ``list[str]``."""
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
     if origin is typing.Literal:
@@ -36,6 +41,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """``value`` checked against the annotation ``tp`` (and built, for nested dataclasses)."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is typing.Annotated:
+        value = _coerce(value, typing.get_args(tp)[0], where)
+        check_range(value, tp, where)
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -84,6 +93,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def check_range(value: Any, tp: Any, where: str) -> None:
+    """ConfigError naming ``where`` when the number ``value`` lies outside the :class:`~perturbdiff_core.constraints.Range`
+    of the annotation ``tp`` (``Annotated[int | None, Positive]``); ``null`` and the type's other
+    non-numeric choices (``'auto'``) pass, as do annotations without a range."""
+    if typing.get_origin(tp) is not typing.Annotated or value is None or isinstance(value, str):
+        return
+    base, *marks = typing.get_args(tp)
+    arms = typing.get_args(base) if typing.get_origin(base) in (typing.Union, types.UnionType) else (base,)
+    alternatives = tuple(_type_name(arm) for arm in arms if arm not in (int, float))
+    for mark in marks:
+        if isinstance(mark, Range):
+            mark.check(value, where, integer=int in arms and float not in arms, alternatives=alternatives)
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """The range checks of :func:`from_mapping` on a config dataclass built in Python (whose constructor
+    only stores values), nested sections included: for library code handed such a config."""
+    hints = typing.get_type_hints(type(config), include_extras=True)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+        else:
+            check_range(value, hints[f.name], prefix + f.name)
+
+
 def from_mapping(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, Mapping):
@@ -96,7 +131,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> 
             f"Unknown config key{'s' if len(unknown) > 1 else ''} {named}; valid keys here: "
             f"{', '.join(prefix + k for k in fields)}."
         )
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)

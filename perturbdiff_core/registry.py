@@ -9,20 +9,25 @@ breaking the others.
 Names are unique per group only within a distribution. When another distribution registers a
 built-in's name, the built-in (distribution ``perturbdiff``) wins and resolving the plain name warns;
 ``distribution:name`` (``my-pkg:rbf``) picks one explicitly, wherever a plug-in name is accepted.
+
+A plug-in with its parameters is a :class:`PluginSpec`; what :func:`load` builds carries the spec it
+was built from as ``plugin_spec``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .errors import PerturbDiffError, PerturbDiffWarning, PluginLoadError, UnknownPluginError, did_you_mean, first_line
+from .errors import ConfigError, PerturbDiffError, PerturbDiffWarning, PluginLoadError, UnknownPluginError, did_you_mean, first_line
 
 #: Entry-point group -> dotted path of the interface its plug-ins must implement.
 GROUPS: dict[str, str] = {
@@ -290,6 +295,46 @@ def _load_entry_point(group: str, spec: str) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plug-in by name with its parameters: what a config's ``model.kernel`` + ``model.kernel_params``,
+    an ablation grid's ``{name: ..., **params}`` and a checkpoint's model configuration each hold.
+
+    ``name`` may be qualified by its distribution (``my-pkg:rbf``). A plug-in built by :meth:`build`
+    (or :func:`load`) carries the spec it was built from as ``plugin_spec``, so the name it was loaded
+    under is known without searching the entry points.
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, spec: str | Mapping[str, Any] | PluginSpec, *, where: str = "a plug-in") -> PluginSpec:
+        """A spec from a name (``"rbf"``, ``"my-pkg:rbf"``), a mapping ``{"name": ..., **params}`` or a spec.
+
+        ``where`` names the value in the ConfigError a malformed one raises.
+        """
+        if isinstance(spec, PluginSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(spec)
+        if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+            params = dict(spec)
+            return cls(params.pop("name"), params)
+        raise ConfigError(
+            f"{where} must be a plug-in name or a mapping with a 'name' key (the plug-in name) and its "
+            f"parameters, got {spec!r}."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **params}``, YAML ready; :meth:`from_any` reads it back."""
+        return {"name": self.name, **self.params}
+
+    def build(self, group: str) -> Any:
+        """The plug-in of ``group`` built with the parameters (see :func:`load`)."""
+        return load(group, self.name, **self.params)
+
+
 def accepts(group: str, name: str, parameter: str) -> bool:
     """Whether plug-in ``name`` of ``group`` takes the keyword ``parameter`` (imports it, builds nothing)."""
     factory = _load_entry_point(group, name)
@@ -300,7 +345,8 @@ def accepts(group: str, name: str, parameter: str) -> bool:
 
 
 def load(group: str, name: str, /, **params: Any) -> Any:
-    """Import plug-in ``name`` of ``group`` and build it with keyword ``params``.
+    """Import plug-in ``name`` of ``group`` and build it with keyword ``params``; the object carries
+    ``plugin_spec``, a :class:`PluginSpec` of ``name`` as given and ``params``.
 
     ``name`` may be qualified by its distribution, ``my-pkg:rbf``: needed when two distributions other
     than perturbdiff register the same name. When another distribution registers a built-in's name,
@@ -322,6 +368,8 @@ def load(group: str, name: str, /, **params: Any) -> Any:
             f"Plug-in {name!r} ({group}) built a {type(obj).__name__}, not a "
             f"{interface.__name__}; fix the plug-in."
         )
+    with contextlib.suppress(AttributeError):  # an object without a __dict__ (__slots__) cannot carry it
+        obj.__dict__["plugin_spec"] = PluginSpec(name, dict(params))  # past __setattr__: frozen dataclasses too
     return obj
 
 

@@ -12,12 +12,11 @@ never mix.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perturbdiff_core.constraints import Positive
 from perturbdiff_core.data.batch import Conditioning
 from perturbdiff_core.diffusion.denoisers import ConditionEmbedding, Denoiser, SelfConditionedInput, resolve_size
 from perturbdiff_core.errors import ConfigError
@@ -146,9 +145,8 @@ class CrossDiT(Denoiser):
         sizes = resolve_size(PRESETS, size, hidden=hidden, depth=depth, heads=heads)
         if sizes["hidden"] % sizes["heads"]:
             raise ConfigError(f"hidden ({sizes['hidden']}) must be a multiple of heads ({sizes['heads']}).")
-        if not mlp_ratio > 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {mlp_ratio!r}.")
-        self.size, self.sizes, self.mlp_ratio = size, sizes, float(mlp_ratio)
+        Positive.check(mlp_ratio, "mlp_ratio")
+        self.record_arguments(**sizes)  # the configuration names the preset's sizes
         h = sizes["hidden"]
         self.embed_target = SelfConditionedInput(num_genes, h, templates)
         self.embed_control = nn.Linear(num_genes, h)
@@ -178,6 +176,3 @@ class CrossDiT(Denoiser):
         for block in self.blocks:
             x, y = block(x, y, c)
         return self.final(x, c)
-
-    def config(self) -> dict[str, Any]:
-        return {**self.data_config(), "size": self.size, **self.sizes, "mlp_ratio": self.mlp_ratio}

@@ -7,8 +7,6 @@ cells, invariant to the order of the control cells, and each set is processed on
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -59,13 +57,13 @@ class DeepSetsDenoiser(Denoiser):
         templates: bool = False,
     ) -> None:
         super().__init__(num_genes, perturbation_dim, num_cell_types, num_batches, templates=templates)
-        self.size = size
-        self.sizes = resolve_size(PRESETS, size, hidden=hidden, depth=depth)
-        h = self.sizes["hidden"]
+        sizes = resolve_size(PRESETS, size, hidden=hidden, depth=depth)
+        self.record_arguments(**sizes)  # the configuration names the preset's sizes
+        h = sizes["hidden"]
         self.embed_target = SelfConditionedInput(num_genes, h, templates)
         self.embed_control = nn.Sequential(nn.Linear(num_genes, h), nn.SiLU(), nn.Linear(h, h))
         self.condition = ConditionEmbedding(perturbation_dim, num_cell_types, num_batches, h)
-        self.layers = nn.ModuleList(EquivariantLayer(h) for _ in range(self.sizes["depth"]))
+        self.layers = nn.ModuleList(EquivariantLayer(h) for _ in range(sizes["depth"]))
         self.out_norm = nn.LayerNorm(h)
         self.out = nn.Linear(h, num_genes)
         nn.init.zeros_(self.out.weight)  # the prediction starts at 0, like CrossDiT's adaLN-Zero output
@@ -78,6 +76,3 @@ class DeepSetsDenoiser(Denoiser):
         for layer in self.layers:
             h = layer(h, control, c)
         return self.out(self.out_norm(h))
-
-    def config(self) -> dict[str, Any]:
-        return {**self.data_config(), "size": self.size, **self.sizes}

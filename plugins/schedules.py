@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,9 +26,6 @@ class LinearSchedule(NoiseSchedule):
 
     def betas(self) -> Tensor:
         return torch.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=torch.float64)
-
-    def config(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
 
 
 class CosineSchedule(NoiseSchedule):
@@ -59,9 +55,6 @@ class CosineSchedule(NoiseSchedule):
     def betas(self) -> Tensor:
         return betas_from_alpha_bar(self.unclipped_alpha_bar(), self.max_beta)
 
-    def config(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "s": self.s, "max_beta": self.max_beta}
-
 
 class PowerCosineSchedule(CosineSchedule):
     r"""Cosine schedule raised to a power: :math:`\bar\alpha_t = (f(t) / f(0))^{p}`.
@@ -81,6 +74,3 @@ class PowerCosineSchedule(CosineSchedule):
 
     def unclipped_alpha_bar(self) -> Tensor:
         return super().unclipped_alpha_bar().pow(self.power)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "power": self.power}

@@ -11,7 +11,10 @@ CORE = REPO / "perturbdiff_core"
 #: From the bottom up, as in docs/architecture.md; a module's layer is its first folder under
 #: perturbdiff_core, or its name for a top-level module.
 LAYERS: list[set[str]] = [
-    {"__init__", "_lazy", "_moved", "errors", "names", "io", "progress", "threads", "registry", "configuration", "validation", "docstrings"},
+    {
+        "__init__", "_lazy", "_moved", "errors", "names", "io", "progress", "threads", "registry", "configuration",
+        "constraints", "arguments", "validation", "docstrings",
+    },
     {"data"},
     {"mmd"},
     {"diffusion"},

@@ -113,7 +113,7 @@ def test_run_says_what_it_does_in_plain_lines_when_stderr_is_a_file(
         (["predict", "--run", "{tmp}/nothing"], ["No run folder"]),
         (["predict", "--run", "{tmp}", "--device", "cpu"], ["No checkpoint"]),
         (["predict", "--run", "{tmp}", "--device", "cuda:99"], ["--device = 'cuda:99'", "cpu"]),
-        (["train", "{config}", "--set", "seed=-1"], ["seed must be >= 0"]),
+        (["train", "{config}", "--set", "seed=-1"], ["seed = -1 is out of range"]),
         (["train", "{config}", "--set", "train.device=cuda:99"], ["train.device = 'cuda:99'", "auto"]),
         (["run", "{config}", "--set", "split.holdout=[Q+R]"], ["Q+R"]),
     ],

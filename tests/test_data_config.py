@@ -33,8 +33,8 @@ def test_round_trip_through_dicts():
     assert DataConfig.from_dict(data.to_dict()) == data
     assert DataConfig.from_dict({"gene_list": "genes.txt"}).gene_list == "genes.txt"
     assert DataConfig.from_dict({"gene_list": ["g1", "g2"]}).gene_list == ["g1", "g2"]
-    split = SplitConfig.from_dict({"kind": "holdout_cell_type", "holdout": ["CD4T"], "few_shot_fraction": 1})
-    assert isinstance(split.few_shot_fraction, float)
+    split = SplitConfig.from_dict({"kind": "holdout_cell_type", "holdout": ["CD4T"], "train_fraction": 1})
+    assert isinstance(split.train_fraction, float)
     assert SplitConfig.from_dict(split.to_dict()) == split
 
 

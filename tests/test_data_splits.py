@@ -122,7 +122,7 @@ def test_reloaded_split_on_data_without_its_conditions(data, make_adata, tmp_pat
         (
             SplitConfig(kind="few_shot", holdout=["t1"], few_shot_fraction=1.0),
             ConfigError,
-            r"few_shot_fraction must be in \(0, 1\)",
+            r"split.few_shot_fraction = 1.0 is out of range; set split.few_shot_fraction to a number in \(0, 1\)",
         ),
         (SplitConfig(kind="random", holdout=["t1"]), ConfigError, "leave split.holdout empty"),
         (SplitConfig(kind="holdout_cell_type", holdout=["t1", "t2", "t3"]), DataError, "no training conditions"),

@@ -15,6 +15,7 @@ from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.mmd.functional import mmd2
 from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.registry import load
+from perturbdiff_plugins.kernels import RBF
 
 G, P = 5, 3
 
@@ -314,8 +315,10 @@ def test_configuration_errors_are_clear():
         RKHSDiffusion(denoiser(), prediction="score")
     with pytest.raises(ConfigError, match="cond_drop_prob"):
         RKHSDiffusion(denoiser(), cond_drop_prob=1.5)
-    built_kernel = RKHSDiffusion(denoiser(), kernel=as_kernel("rbf", lengthscale=2.0))
-    with pytest.raises(ConfigError, match="give it by name"):
+    loaded_kernel = RKHSDiffusion(denoiser(), kernel=as_kernel("rbf", lengthscale=2.0))  # carries the name it was loaded under
+    assert loaded_kernel.config()["kernel"] == {"name": "rbf", "lengthscale": 2.0}
+    built_kernel = RKHSDiffusion(denoiser(), kernel=RBF(lengthscale=2.0))
+    with pytest.raises(ConfigError, match="built directly.*give it by name"):
         built_kernel.config()
 
 

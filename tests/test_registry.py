@@ -213,7 +213,7 @@ HALF_KERNEL = "from perturbdiff_core.mmd.kernels import Kernel\nclass Half(Kerne
 HALF_SCHEDULE = (
     "from perturbdiff_core.diffusion.schedules import NoiseSchedule\n"
     "class Half(NoiseSchedule):\n"
-    "    '''Implements alpha_bar, as an old CONTRIBUTING said, instead of betas and config.'''\n"
+    "    '''Implements alpha_bar, as an old CONTRIBUTING said, instead of betas.'''\n"
     "    def alpha_bar(self, t):\n"
     "        return 1.0 - t / self.num_steps\n"
 )
@@ -234,11 +234,11 @@ def test_an_abstract_class_is_broken_not_healthy(
     message = str(err.value)
     assert "'half' (perturbdiff.kernels) from perturbdiff-half-kernel" in message
     assert "abstract" in message and "does not implement forward" in message
-    with pytest.raises(PluginLoadError, match=r"'half' \(perturbdiff.schedules\) from perturbdiff-half-schedule.*betas, config"):
+    with pytest.raises(PluginLoadError, match=r"'half' \(perturbdiff.schedules\) from perturbdiff-half-schedule.*does not implement betas\. Implement it"):
         registry.load("perturbdiff.schedules", "half", num_steps=10)
 
     monkeypatch.setenv("COLUMNS", "400")
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     (row,) = [line for line in out.splitlines() if "perturbdiff-half-schedule" in line]
-    assert "BROKEN" in row and "betas, config" in row
+    assert "BROKEN" in row and "does not implement betas" in row

@@ -77,16 +77,16 @@ def test_set_takes_several_pairs_per_flag_and_repeats(tmp_path: Path) -> None:
         (["train.steps=many"], ["train.steps", "int"]),
         (["train.steps=0"], ["train.steps", "at least 1"]),
         (["model.prediction=noise"], ["model.prediction", "x0"]),
-        (["train.grad_clip=-1.0"], ["train.grad_clip"]),
+        (["train.grad_clip=-1.0"], ["train.grad_clip = -1.0", "a number > 0 or null"]),
         (["train.grad_clip=abc"], ["train.grad_clip", "float or null"]),
         (["train.num_workers=many"], ["train.num_workers", "int or 'auto'"]),
-        (["train.num_workers=-1"], ["train.num_workers", ">= 0"]),
+        (["train.num_workers=-1"], ["train.num_workers = -1", "an integer >= 0 or 'auto'"]),
         (["split.kind=sideways"], ["split.kind", "holdout_cell_type"]),
-        (["sample.eta=3"], ["sample.eta must lie in [0, 1], got 3.0"]),
-        (["seed=-1"], ["seed must be >= 0, got -1"]),
-        (["split.seed=-2"], ["split.seed must be >= 0, got -2"]),  # found before training, not when sampling
-        (["data.max_missing_genes=2"], ["data.max_missing_genes must lie in [0, 1]"]),
-        (["data.min_cells_per_condition=0"], ["data.min_cells_per_condition must be at least 1"]),
+        (["sample.eta=3"], ["sample.eta = 3.0 is out of range; set sample.eta to a number in [0, 1]."]),
+        (["seed=-1"], ["seed = -1 is out of range; set seed to an integer >= 0."]),
+        (["split.seed=-2"], ["split.seed = -2 is out of range", "an integer >= 0"]),  # found before training, not when sampling
+        (["data.max_missing_genes=2"], ["data.max_missing_genes = 2.0", "a number in [0, 1]"]),
+        (["data.min_cells_per_condition=0"], ["data.min_cells_per_condition = 0", "an integer > 0"]),
         (["seed"], ["key=value"]),
     ],
 )

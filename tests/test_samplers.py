@@ -37,7 +37,7 @@ def test_full_grid_is_every_step():
 def test_grid_rejects_more_steps_than_the_schedule():
     with pytest.raises(ConfigError, match="at most 10"):
         timestep_grid(10, 11)
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match="num_sampling_steps = 0 is out of range; set num_sampling_steps to an integer > 0"):
         timestep_grid(10, 0)
 
 

@@ -16,8 +16,8 @@ from ..configuration import assign, dotted_keys, merge, nested, parse_overrides,
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
 from ..names import CELLS_DIR
-from ..registry import is_registered, load, names
-from ..runs.config import RunConfig, config_from_dict, override, resolved
+from ..registry import PluginSpec, is_registered, names
+from ..runs.config import RunConfig, config_from_dict, override, plugin_spec, resolved
 
 #: Top-level keys of a grid file.
 GRID_KEYS = ("base", "set", "grid", "exclude", "metrics")
@@ -200,8 +200,8 @@ def _parse_value(key: str, value: Any, params_key: str | None, path: Path) -> Ax
     if not isinstance(extra, Mapping):
         raise ConfigError(f"{where} has set: {extra!r}; it must map dotted config keys to values.")
     if params_key is not None and "name" in rest:
-        name = rest.pop("name")
-        sets, default = {key: name, params_key: rest}, name
+        spec = PluginSpec.from_any(rest, where=where)
+        sets, default = {key: spec.name, params_key: spec.params}, spec.name
     elif set(rest) == {"value"}:
         sets, default = ({key: rest["value"]} | ({params_key: {}} if params_key else {})), rest["value"]
     else:
@@ -266,7 +266,7 @@ def check_plugins(config: RunConfig) -> None:
             if not is_registered(group, name):
                 raise ConfigError(f"{key} = {name!r} is not installed; known: {', '.join(names(group))}.")
         else:
-            load(group, name, **getattr(model, f"{key.split('.')[1]}_params"))
+            plugin_spec(model, key.split(".")[1]).build(group)
     for key, group, values in (
         ("evaluate.kernel", "perturbdiff.kernels", [config.evaluate.kernel]),
         ("evaluate.baselines", "perturbdiff.predictors", config.evaluate.baselines),

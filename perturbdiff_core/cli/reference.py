@@ -1,5 +1,5 @@
 """Reference pages generated from the code, so they cannot drift from it: ``docs/config.md`` from the
-config dataclasses (every key with its type, default and docstring text) and ``docs/metrics.md``
+config dataclasses (every key with its type and range, default and docstring text) and ``docs/metrics.md``
 from the metric definitions.
 
 ``python scripts/make_docs.py`` writes both; ``tests/test_docs.py`` fails when a committed page
@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Any
 
+from ..constraints import Range
 from ..docstrings import plain_text
 
 #: The generated pages, relative to the repository root.
@@ -56,13 +57,18 @@ def summary(cls: type) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
-def type_text(tp: Any) -> str:
-    """A type as a reader writes it in YAML terms: ``int or "auto"``, ``list of str``, ``"x0" | "eps"``."""
+def type_text(tp: Any, limits: Range | None = None) -> str:
+    """A type as a reader writes it in YAML terms: ``int or "auto"``, ``list of str``, ``"x0" | "eps"``,
+    with the range of an annotated number: ``float in [0, 1] or null``, ``int > 0 or "auto"``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return type_text(args[0], next((mark for mark in args[1:] if isinstance(mark, Range)), None))
+    if tp in (int, float) and limits is not None:
+        return f"{tp.__name__} {limits.text}"
     if origin is typing.Literal:
         return " | ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        parts = [type_text(a) for a in args if a is not type(None)]
+        parts = [type_text(a, limits) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"list of {type_text(args[0])}" if args else "list"
@@ -113,7 +119,7 @@ def config_fields() -> list[tuple[str, str, str, str]]:
     """``(dotted key, type, default, description)`` of every leaf key of a run config."""
     rows = []
     for prefix, cls in sections():
-        hints, described = typing.get_type_hints(cls), attributes(cls)
+        hints, described = typing.get_type_hints(cls, include_extras=True), attributes(cls)
         for field in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[field.name]):
                 continue  # a section, documented by its own table
@@ -146,7 +152,7 @@ def config_reference() -> str:
         if prefix:
             parts += [f"## `{prefix}`", "", _cell(summary(cls)), ""]
         parts += ["| key | type | default | description |", "|---|---|---|---|"]
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         for field in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[field.name]):
                 continue

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from ..configuration import from_mapping
+from ..constraints import HalfOpenUnit, NonNegative, OpenUnit, Positive, Range, UnitInterval
 
 SplitKind = Literal[
     "holdout_cell_type", "holdout_batch", "holdout_perturbation", "holdout_combination", "few_shot", "random"
@@ -81,7 +82,7 @@ class DataConfig:
     dose_key: str | None = None
     covariate_keys: list[str] = field(default_factory=list)
     combination_separator: str = "+"
-    n_genes: int | None = None
+    n_genes: Annotated[int | None, Positive] = None
     gene_list: list[str] | str | None = None
     normalize: bool = False
     backed: bool = False
@@ -92,12 +93,12 @@ class DataConfig:
     soma_layer: str | None = None
     soma_var_column: str | None = None
     soma_context: dict[str, Any] = field(default_factory=dict)
-    set_size: int = 256
+    set_size: Annotated[int, Positive] = 256
     control_pairing: PairingName = "random"
     encoder: str = "onehot"
     encoder_params: dict[str, Any] = field(default_factory=dict)
-    max_missing_genes: float = 0.1
-    min_cells_per_condition: int = 5
+    max_missing_genes: Annotated[float, UnitInterval] = 0.1
+    min_cells_per_condition: Annotated[int, Positive] = 5
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
@@ -131,12 +132,12 @@ class SplitConfig:
 
     kind: SplitKind = "random"
     holdout: list[str] = field(default_factory=list)
-    few_shot_fraction: float = 0.2
+    few_shot_fraction: Annotated[float, OpenUnit] = 0.2
     few_shot_on: Literal["cell_type", "batch"] = "cell_type"
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
-    train_fraction: float = 1.0
-    seed: int = 0
+    test_fraction: Annotated[float, OpenUnit] = 0.2
+    val_fraction: Annotated[float, HalfOpenUnit] = 0.1
+    train_fraction: Annotated[float, Range(0, 1, closed_left=False)] = 1.0
+    seed: Annotated[int, NonNegative] = 0
     file: str | None = None
 
     @classmethod

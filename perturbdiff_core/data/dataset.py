@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from torch import Tensor
 
 from .. import registry
+from ..configuration import check_ranges
 from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
     normalize_rows,
@@ -102,6 +103,7 @@ class PerturbationData:
             vocabularies and encoder are reused instead of being fitted.
 
     Raises:
+        ConfigError: a ``config`` value out of its range (``data.set_size: 0``).
         DataError: naming the problem and the fix, for every check in the module docstring.
 
     Example:
@@ -117,6 +119,7 @@ class PerturbationData:
         *,
         state: dict[str, Any] | None = None,
     ) -> None:
+        check_ranges(config, "data.")  # a DataConfig built in Python has not been checked yet
         self.config = config
         opened = open_source(source, config)
         obs, genes, self.matrix = opened.obs, opened.genes, opened.matrix

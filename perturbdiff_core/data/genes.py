@@ -68,8 +68,6 @@ def select_genes(
         return wanted
     if n_genes is None:
         return genes.astype(str).tolist()
-    if n_genes < 1:
-        raise ConfigError(f"data.n_genes must be a positive integer, got {n_genes}.")
     if n_genes > len(genes):
         raise DataError(
             f"Fewer genes than requested: data.n_genes is {n_genes} but the data has only "

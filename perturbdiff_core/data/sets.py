@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..constraints import Positive
+from ..errors import DataError
 from .batch import Conditioning, SetBatch
 from .dataset import Condition, Context, PerturbationData
 from .pairing import ControlPairing, draw, make_pairing
@@ -54,10 +55,8 @@ class ConditionSets(Dataset):
         if not self.conditions:
             raise DataError("No conditions to draw sets from; check the split.")
         self.set_size = data.config.set_size if set_size is None else set_size
-        if self.set_size < 1 or samples_per_condition < 1:
-            raise ConfigError(
-                f"set_size and samples_per_condition must be positive, got {self.set_size} and {samples_per_condition}."
-            )
+        Positive.check(self.set_size, "set_size", integer=True)
+        Positive.check(samples_per_condition, "samples_per_condition", integer=True)
         self.seed = seed
         self.samples_per_condition = samples_per_condition
         self.pairing = make_pairing(data.config.control_pairing if pairing is None else pairing).fit(data)

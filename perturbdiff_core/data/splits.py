@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..configuration import check_ranges
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from .config import SPLIT_KINDS, SplitConfig
@@ -73,8 +74,6 @@ class Split:
         label's rank), so every user of the data (training, resuming, baselines) sees the same cells."""
         self.check(data)
         fraction = self.config.train_fraction
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"split.train_fraction must be in (0, 1], got {fraction}.")
         if fraction == 1:
             return
         for i, label in enumerate(sorted(self.train)):
@@ -93,13 +92,6 @@ def _count(fraction: float, n: int) -> int:
     return min(n - 1, max(1, round(fraction * n)))
 
 
-def _require_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value < 1):
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ConfigError(f"split.{name} must be in {interval}, got {value}.")
-
-
 def make_split(data: PerturbationData, config: SplitConfig) -> Split:
     """Split ``data``'s perturbed conditions as ``config`` says (or reload ``config.file``).
 
@@ -108,6 +100,7 @@ def make_split(data: PerturbationData, config: SplitConfig) -> Split:
         DataError: a held-out value absent from the data (valid values listed), one with zero
             perturbed cells, a combination whose parts are not seen alone in training, an empty side.
     """
+    check_ranges(config, "split.")
     if config.file is not None:
         split = Split.load(config.file)
         split.check(data)
@@ -124,7 +117,6 @@ def make_split(data: PerturbationData, config: SplitConfig) -> Split:
         raise DataError(f"The {config.kind} split leaves no training conditions; hold out fewer values.")
     if not test:
         raise DataError(f"The {config.kind} split holds out no condition; check split.holdout.")
-    _require_fraction("val_fraction", config.val_fraction, allow_zero=True)
     n_val = round(config.val_fraction * len(train))
     if config.val_fraction > 0:
         n_val = max(1, n_val)
@@ -224,7 +216,6 @@ def _few_shot(data: PerturbationData, config: SplitConfig, conditions: list[Cond
     field = config.few_shot_on
     _require_key(data, config, field)
     _require_holdout(config)
-    _require_fraction("few_shot_fraction", config.few_shot_fraction)
     _require_present(data, field, config.holdout, {getattr(c, field) for c in conditions}, field.replace("_", " "))
     rng = np.random.default_rng([config.seed, 0])
     test = []
@@ -243,7 +234,6 @@ def _few_shot(data: PerturbationData, config: SplitConfig, conditions: list[Cond
 def _random(data: PerturbationData, config: SplitConfig, conditions: list[Condition]) -> list[Condition]:
     if config.holdout:
         raise ConfigError("split.kind random draws its test conditions itself; leave split.holdout empty.")
-    _require_fraction("test_fraction", config.test_fraction)
     if len(conditions) < 2:
         raise DataError(f"A random split needs at least 2 perturbed conditions, the data has {len(conditions)}.")
     rng = np.random.default_rng([config.seed, 0])

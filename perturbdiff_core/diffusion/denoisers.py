@@ -5,9 +5,10 @@ Contract: ``forward(x_t (B, S, G), t (B,) long, cond: Conditioning, self_cond (B
 Cells carry no position, so a denoiser must be permutation-equivariant over the cells of
 ``x_t`` (and ``self_cond``), invariant to the order of the control cells, and treat the sets of
 a batch independently. The constructor takes the data dimensions (``num_genes``,
-``perturbation_dim``, ``num_cell_types``, ``num_batches``) plus size parameters, and
-:meth:`Denoiser.config` returns all of them, so ``load("perturbdiff.denoisers", name,
-**config)`` rebuilds the network from a saved configuration.
+``perturbation_dim``, ``num_cell_types``, ``num_batches``) plus size parameters; the base class
+captures them (:class:`~perturbdiff_core.arguments.CapturesArguments`) and :meth:`Denoiser.config`
+returns all of them, so ``load("perturbdiff.denoisers", name, **config)`` rebuilds the network from
+a saved configuration.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..arguments import CapturesArguments
+from ..constraints import Positive
 from ..data.batch import Conditioning
 from ..errors import ConfigError, InputError
 
 
-class Denoiser(nn.Module, ABC):
+class Denoiser(CapturesArguments, nn.Module, ABC):
     """A network ``(x_t, t, cond, self_cond) -> prediction`` over batches of cell sets.
 
     ``templates=True`` (injected by a model with per-cell origins) says ``cond.template`` gives
@@ -58,9 +61,13 @@ class Denoiser(nn.Module, ABC):
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, self_cond: Tensor | None = None) -> Tensor:
         """Prediction ``(B, S, G)`` for noisy sets ``x_t`` at steps ``t``; ``self_cond`` is a previous x0 estimate."""
 
-    @abstractmethod
     def config(self) -> dict[str, Any]:
-        """Every constructor keyword argument (data dimensions and sizes), JSON/YAML-serialisable."""
+        """Every constructor keyword argument (data dimensions and sizes, as captured), JSON/YAML-serialisable;
+        ``templates`` only when set, as checkpoints have always stored it (a model with per-cell origins sets it)."""
+        config = super().config()
+        if not config.get("templates"):
+            config.pop("templates", None)
+        return config
 
     def data_config(self) -> dict[str, Any]:
         """The data dimensions (and ``templates`` when set), the part of :meth:`config` every denoiser shares."""
@@ -114,8 +121,7 @@ def resolve_size(presets: Mapping[str, Mapping[str, int]], size: str, **override
     sizes = dict(presets[size])
     sizes.update({k: v for k, v in overrides.items() if v is not None})
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        Positive.check(value, name, integer=True)
     return sizes
 
 

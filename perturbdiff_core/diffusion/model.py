@@ -27,42 +27,26 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..constraints import HalfOpenUnit, NonNegative, UnitInterval
 from ..data.batch import Conditioning, SetBatch
 from ..errors import ConfigError, InputError
-from ..registry import list_plugins, load, resolve
+from ..registry import PluginSpec, resolve
 from ..validation import check_sets
 from .denoisers import Denoiser
 from .parameterization import DataScale, Parameterization, check_parameterization, target, to_x0
 from .samplers import DDIMStep, DDPMStep, SamplerStep, sample, timestep_grid
 from .schedules import NoiseSchedule
 
-#: A plug-in given by name, by ``{"name": ..., **params}`` (as in a YAML config) or as an instance.
+#: A plug-in given by name, by ``{"name": ..., **params}`` (as in a YAML config), as a PluginSpec or as an instance.
 Spec = Any
 
 
-def _build(group: str, spec: Spec) -> tuple[Any, dict[str, Any] | None]:
-    """The plug-in instance for ``spec`` and, unless an instance was given, its ``{"name", **params}``."""
-    if isinstance(spec, Mapping):
-        params = dict(spec)
-        if not isinstance(params.get("name"), str):
-            raise ConfigError(f"a {group} entry given as a mapping needs a 'name' key with the plug-in name, got {dict(spec)}.")
-        name = params.pop("name")
-        return load(group, name, **params), {"name": name, **params}
-    if isinstance(spec, str):
-        return load(group, spec), {"name": spec}
-    return resolve(group, spec), None
-
-
-def _plugin_name(group: str, obj: Any) -> str:
-    """The entry-point name under which ``type(obj)`` is registered in ``group`` (metadata only)."""
-    target_path = f"{type(obj).__module__}:{type(obj).__qualname__}"
-    for info in list_plugins(group):
-        if info.target == target_path:
-            return info.name
-    raise ConfigError(
-        f"{type(obj).__name__} is not registered in the {group!r} entry-point group, so a model using "
-        f"it cannot be saved as a configuration; register it or pass a registered plug-in."
-    )
+def _build(group: str, spec: Spec) -> Any:
+    """The plug-in instance for ``spec``; one built here, or by :func:`~perturbdiff_core.registry.load`,
+    carries its :class:`~perturbdiff_core.registry.PluginSpec` as ``plugin_spec``."""
+    if isinstance(spec, (str, Mapping, PluginSpec)):
+        return PluginSpec.from_any(spec, where=f"the {group} entry").build(group)
+    return resolve(group, spec)
 
 
 def _cat_conditions(a: Conditioning, b: Conditioning) -> Conditioning:
@@ -131,18 +115,16 @@ class RKHSDiffusion(nn.Module):
         origin: str = "set",
     ) -> None:
         super().__init__()
-        for name, value in (("self_condition_prob", self_condition_prob), ("cond_drop_prob", cond_drop_prob)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1], got {value!r}.")
-        if not mmd_weight >= 0:
-            raise ConfigError(f"mmd_weight must be >= 0, got {mmd_weight!r}.")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must lie in [0, 1) or be None, got {ema_decay!r}.")
-        self.denoiser, denoiser_spec = _build("perturbdiff.denoisers", denoiser)
-        self.schedule, schedule_spec = _build("perturbdiff.schedules", schedule)
-        self.kernel, kernel_spec = _build("perturbdiff.kernels", kernel)
-        self.estimator, estimator_spec = _build("perturbdiff.estimators", estimator)
-        self._specs = {"denoiser": denoiser_spec, "schedule": schedule_spec, "kernel": kernel_spec, "estimator": estimator_spec}
+        # The ranges of the config fields these come from (ModelConfig), for callers building the model in Python.
+        UnitInterval.check(self_condition_prob, "self_condition_prob")
+        UnitInterval.check(cond_drop_prob, "cond_drop_prob")
+        NonNegative.check(mmd_weight, "mmd_weight")
+        if ema_decay is not None:
+            HalfOpenUnit.check(ema_decay, "ema_decay", alternatives=("None",))
+        self.denoiser = _build("perturbdiff.denoisers", denoiser)
+        self.schedule = _build("perturbdiff.schedules", schedule)
+        self.kernel = _build("perturbdiff.kernels", kernel)
+        self.estimator = _build("perturbdiff.estimators", estimator)
         _ = self.schedule.alpha_bars  # validate the schedule now rather than at the first step
         self.mmd_weight = float(mmd_weight)
         self.prediction = check_parameterization(prediction)
@@ -163,24 +145,23 @@ class RKHSDiffusion(nn.Module):
 
     # ----------------------------------------------------------------- configuration
     def config(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this model with :meth:`from_config` (YAML/JSON-serialisable)."""
+        """Keyword arguments that rebuild this model with :meth:`from_config` (YAML/JSON-serialisable).
+
+        Each plug-in is ``{"name": ..., **params}``: the name it was loaded under, and the denoiser's and
+        the schedule's every constructor argument (their ``config()``), the kernel's and the estimator's
+        parameters as given.
+        """
         specs = {}
-        for key, group, obj in (
-            ("denoiser", "perturbdiff.denoisers", self.denoiser),
-            ("schedule", "perturbdiff.schedules", self.schedule),
-            ("kernel", "perturbdiff.kernels", self.kernel),
-            ("estimator", "perturbdiff.estimators", self.estimator),
-        ):
-            given = self._specs[key]
-            if isinstance(obj, (Denoiser, NoiseSchedule)):  # these describe themselves
-                specs[key] = {"name": given["name"] if given else _plugin_name(group, obj), **obj.config()}
-            elif given is not None:
-                specs[key] = given
-            else:
+        for key, obj in (("denoiser", self.denoiser), ("schedule", self.schedule), ("kernel", self.kernel), ("estimator", self.estimator)):
+            spec = getattr(obj, "plugin_spec", None)
+            if spec is None:
                 raise ConfigError(
-                    f"the {key} was given as a built {type(obj).__name__}, whose parameters cannot be "
-                    f"saved; give it by name, e.g. {key}={{'name': ..., **params}}."
+                    f"the {key} was given as a {type(obj).__name__} built directly, so the plug-in name and parameters "
+                    f"that rebuild it are unknown; give it by name, e.g. {key}={{'name': ..., **params}}, or build it "
+                    f"with perturbdiff_core.registry.load(group, name, **params)."
                 )
+            params = obj.config() if isinstance(obj, (Denoiser, NoiseSchedule)) else spec.params  # these describe themselves
+            specs[key] = PluginSpec(spec.name, params).to_dict()
         return {
             **specs,
             "mmd_weight": self.mmd_weight,
@@ -379,8 +360,7 @@ class RKHSDiffusion(nn.Module):
                 f"guidance={guidance} needs the unconditional model, but this model was built with "
                 f"cond_drop_prob=0 and never learned it; sample with guidance=1 or train with cond_drop_prob > 0."
             )
-        if not guidance >= 0:
-            raise ConfigError(f"guidance must be >= 0 (1 means no guidance), got {guidance!r}.")
+        NonNegative.check(guidance, "guidance")
         net = self.sampling_denoiser(use_ema)
         b, num_control = cond.control.shape[:2]
         num_cells = num_control if num_cells is None else num_cells

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..constraints import Positive, UnitInterval
 from ..errors import ConfigError, InputError
 from .parameterization import to_eps
 from .schedules import NoiseSchedule, expand_as_sets
@@ -36,8 +37,7 @@ def timestep_grid(num_steps_total: int, num_sampling_steps: int) -> Tensor:
     loop then steps to ``t = 0``. ``n = T`` gives every step ``T, T-1, ..., 1``.
     """
     for name, value in (("num_steps_total", num_steps_total), ("num_sampling_steps", num_sampling_steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        Positive.check(value, name, integer=True)
     if num_sampling_steps > num_steps_total:
         raise ConfigError(
             f"cannot sample in {num_sampling_steps} steps from a {num_steps_total}-step schedule; "
@@ -115,9 +115,7 @@ class DDIMStep(SamplerStep):
     """
 
     def __init__(self, eta: float = 0.0) -> None:
-        if not 0.0 <= eta <= 1.0:
-            raise ConfigError(f"DDIM eta must lie in [0, 1] (0: deterministic, 1: DDPM variance), got {eta!r}.")
-        self.eta = float(eta)
+        self.eta = float(UnitInterval.check(eta, "eta"))
 
     def mean_std(self, x_t: Tensor, x0_pred: Tensor, alpha_bar_t: Tensor, alpha_bar_prev: Tensor) -> tuple[Tensor, Tensor]:
         eps = to_eps(x0_pred, "x0", x_t, alpha_bar_t)

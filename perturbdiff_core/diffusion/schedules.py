@@ -3,9 +3,9 @@ r"""Noise schedules: :math:`\bar\alpha_t` over the integer time steps of a DDPM.
 Convention (Ho et al. 2020): ``t = 0`` is clean data with :math:`\bar\alpha_0 = 1`; ``t = 1..T``
 are the noisy steps, ``T = num_steps``, and
 :math:`\bar\alpha_t = \prod_{s=1}^{t} (1 - \beta_s)`. Training draws ``t`` from ``1..T``;
-sampling always starts at ``t = T`` and ends at ``t = 0``. A schedule is a plain object with a
-serialisable :meth:`NoiseSchedule.config`: ``load("perturbdiff.schedules", name, **config)``
-rebuilds it.
+sampling always starts at ``t = T`` and ends at ``t = 0``. A schedule is a plain object whose
+constructor arguments the base class captures (:class:`~perturbdiff_core.arguments.CapturesArguments`):
+``load("perturbdiff.schedules", name, **schedule.config())`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..arguments import CapturesArguments
+from ..constraints import Positive
 from ..errors import ConfigError, InputError
 
 #: Largest :math:`\bar\alpha_T` accepted: sampling starts from :math:`x_T \sim N(0, I)`, which is
@@ -41,25 +43,19 @@ def betas_from_alpha_bar(alpha_bar: Tensor, max_beta: float) -> Tensor:
     return (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-class NoiseSchedule(ABC):
+class NoiseSchedule(CapturesArguments, ABC):
     r"""The forward process :math:`q(x_t \mid x_0) = N(\sqrt{\bar\alpha_t} x_0, (1 - \bar\alpha_t) I)`.
 
-    Subclasses implement :meth:`betas` (float64, steps ``1..T``) and :meth:`config` (the
-    keyword arguments that rebuild them). Everything else derives from the betas.
+    Subclasses implement :meth:`betas` (float64, steps ``1..T``); :meth:`config` returns the
+    constructor's keyword arguments, captured by the base class. Everything else derives from the betas.
     """
 
     def __init__(self, num_steps: int) -> None:
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-        self.num_steps = num_steps
+        self.num_steps = Positive.check(num_steps, "num_steps", integer=True)
 
     @abstractmethod
     def betas(self) -> Tensor:
         r""":math:`\beta_1, \dots, \beta_T` as a float64 tensor ``(T,)``, each in ``(0, 1)``."""
-
-    @abstractmethod
-    def config(self) -> dict[str, Any]:
-        """The constructor keyword arguments (JSON/YAML-serialisable) that rebuild this schedule."""
 
     @cached_property
     def alpha_bars(self) -> Tensor:

@@ -17,11 +17,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from ..configuration import assign, from_mapping, merge, parse_overrides, read_yaml, to_mapping
+from ..configuration import assign, check_ranges, from_mapping, merge, parse_overrides, read_yaml, to_mapping
+from ..constraints import HalfOpenUnit, NonNegative, Positive, Range, UnitInterval
 from ..data.anndata_io import DATA_ENV, shared_data_dir
 from ..data.config import DataConfig, SplitConfig
 from ..errors import ConfigError, DataError, UnknownPluginError, first_line
@@ -29,6 +30,7 @@ from ..io import atomic_write_text
 from ..names import CONFIG_FILE as CONFIG_FILE
 from ..names import PLUGINS_FILE as PLUGINS_FILE
 from ..names import RUNS_DIR
+from ..registry import PluginSpec
 from .anchor import NO_ANCHOR, check_anchor
 from .folder import RunDir
 
@@ -89,11 +91,11 @@ class ModelConfig:
     kernel_params: dict[str, Any] = field(default_factory=dict)
     estimator: str = "unbiased"
     estimator_params: dict[str, Any] = field(default_factory=dict)
-    mmd_weight: float = 1.0
+    mmd_weight: Annotated[float, NonNegative] = 1.0
     prediction: Literal["x0", "eps", "v", "edm"] = "x0"
-    self_condition_prob: float = 0.5
-    cond_drop_prob: float = 0.1
-    ema_decay: float | None = 0.999
+    self_condition_prob: Annotated[float, UnitInterval] = 0.5
+    cond_drop_prob: Annotated[float, UnitInterval] = 0.1
+    ema_decay: Annotated[float | None, HalfOpenUnit] = 0.999
     relative_to_control: bool = False
     anchor: str = "none"
     origin: Literal["set", "cell"] = "cell"
@@ -137,21 +139,21 @@ class TrainConfig:
             ``intersect`` (only the data's genes the checkpoint also has).
     """
 
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float | None = 1.0
-    context_drop_prob: float = 0.0
-    num_workers: int | Literal["auto"] = "auto"
-    val_every: int = 500
-    val_sets: int = 1
-    val_sampling_steps: int = 20
-    checkpoint_every: int = 500
-    log_every: int = 50
+    steps: Annotated[int, NonNegative] = 2000
+    batch_size: Annotated[int, Positive] = 8
+    lr: Annotated[float, Positive] = 1e-4
+    weight_decay: Annotated[float, NonNegative] = 0.0
+    warmup_steps: Annotated[int, NonNegative] = 100
+    grad_clip: Annotated[float | None, Positive] = 1.0
+    context_drop_prob: Annotated[float, UnitInterval] = 0.0
+    num_workers: Annotated[int | Literal["auto"], NonNegative] = "auto"
+    val_every: Annotated[int, NonNegative] = 500
+    val_sets: Annotated[int, Positive] = 1
+    val_sampling_steps: Annotated[int, Positive] = 20
+    checkpoint_every: Annotated[int, Positive] = 500
+    log_every: Annotated[int, Positive] = 50
     device: str = "auto"
-    threads: int | Literal["auto"] = "auto"
+    threads: Annotated[int | Literal["auto"], Positive] = "auto"
     objective: Literal["conditional", "marginal"] = "conditional"
     init_from: str | None = None
     init_genes: Literal["pad", "intersect"] = "pad"
@@ -185,16 +187,16 @@ class SampleConfig:
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    guidance: float = 1.0
-    n_cells: int | None = None
-    chunk_sets: int = 16
+    steps: Annotated[int, Positive] = 50
+    eta: Annotated[float, UnitInterval] = 0.0
+    guidance: Annotated[float, NonNegative] = 1.0
+    n_cells: Annotated[int | None, Positive] = None
+    chunk_sets: Annotated[int, Positive] = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     rounding: Literal["nearest", "stochastic"] = "stochastic"
     change_z: float | None = 4.0
     nonnegative: bool = True
-    populations: int = 10
+    populations: Annotated[int, Positive] = 10
 
 
 @dataclass
@@ -210,7 +212,7 @@ class EvalConfig:
 
     baselines: list[str] = field(default_factory=lambda: ["control", "context_mean", "linear", "random_train"])
     kernel: str = "energy"
-    max_cells: int = 1000
+    max_cells: Annotated[int, Range(2)] = 1000
 
 
 @dataclass
@@ -222,7 +224,7 @@ class RunConfig:
         name: the run's name (default: the YAML file's name): ``runs/<name>`` and the report's title.
     """
 
-    seed: int = 0
+    seed: Annotated[int, NonNegative] = 0
     name: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -279,6 +281,12 @@ def plugin_params_keys() -> dict[str, str]:
     return keys
 
 
+def plugin_spec(section: Any, key: str) -> PluginSpec:
+    """The plug-in a config section names at ``key``, with the parameters of ``<key>_params`` beside it
+    (``plugin_spec(config.model, "kernel")``): the YAML keeps the two keys, the code one spec."""
+    return PluginSpec(getattr(section, key), dict(getattr(section, f"{key}_params")))
+
+
 def override(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with a layer of ``overrides`` (``--set`` pairs, a suite's or grid's ``set:``) merged in.
 
@@ -301,50 +309,12 @@ def override(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
 
 
 def check(config: RunConfig) -> None:
-    """Range checks the types cannot express; ConfigError naming the key and the valid range."""
-    if config.train.steps < (0 if config.train.init_from else 1):
+    """ConfigError naming the key and the fix for a value out of its annotated range (checked when the
+    config loads, and again here for a config changed in Python: ``PerturbDiff.train(steps=...)``), or
+    for keys whose values do not go together."""
+    check_ranges(config)
+    if config.train.steps == 0 and not config.train.init_from:
         raise ConfigError(f"train.steps must be at least 1 (0 only with train.init_from), got {config.train.steps}.")
-    positive = {
-        "train.batch_size": config.train.batch_size,
-        "train.val_sets": config.train.val_sets,
-        "train.val_sampling_steps": config.train.val_sampling_steps,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "train.log_every": config.train.log_every,
-        "sample.steps": config.sample.steps,
-        "sample.chunk_sets": config.sample.chunk_sets,
-        "sample.populations": config.sample.populations,
-        "evaluate.max_cells": config.evaluate.max_cells,
-        "data.min_cells_per_condition": config.data.min_cells_per_condition,
-    }
-    non_negative = {
-        "seed": config.seed,  # seeds feed numpy's SeedSequence, which takes no negative numbers
-        "split.seed": config.split.seed,
-        "train.warmup_steps": config.train.warmup_steps,
-        "train.val_every": config.train.val_every,
-        "train.weight_decay": config.train.weight_decay,
-    }
-    if config.train.num_workers != "auto":
-        non_negative["train.num_workers"] = config.train.num_workers
-    if config.train.threads != "auto":
-        positive["train.threads"] = config.train.threads
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}.")
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}.")
-    if not config.train.lr > 0:
-        raise ConfigError(f"train.lr must be positive, got {config.train.lr}.")
-    unit = {  # checked here so a run fails before training, not when it samples or reads new data
-        "train.context_drop_prob": config.train.context_drop_prob,
-        "sample.eta": config.sample.eta,
-        "data.max_missing_genes": config.data.max_missing_genes,
-    }
-    for key, value in unit.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key} must lie in [0, 1], got {value}.")
-    if config.train.grad_clip is not None and not config.train.grad_clip > 0:
-        raise ConfigError(f"train.grad_clip must be positive or null (no clipping), got {config.train.grad_clip}.")
     check_anchor(config.model.anchor)
     if config.model.anchor_name not in (NO_ANCHOR, "control") and config.train.objective == "marginal":
         raise ConfigError(
@@ -356,8 +326,6 @@ def check(config: RunConfig) -> None:
             "data.perturbation_key is null (every cell unperturbed), which only marginal pre-training can use; "
             "set train.objective: marginal, or name the obs column of the perturbation."
         )
-    if config.sample.n_cells is not None and config.sample.n_cells < 1:
-        raise ConfigError(f"sample.n_cells must be a positive integer or null, got {config.sample.n_cells}.")
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> RunConfig:

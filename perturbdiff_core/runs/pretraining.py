@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..configuration import check_ranges
 from ..data.batch import SetBatch
 from ..data.config import DataConfig, SplitConfig
 from ..data.dataset import PerturbationData
@@ -36,14 +37,13 @@ PERTURBATION, CELL_TYPE, SOURCE, CONTROL = "perturbation", "cell_type", "source"
 
 def marginal_split(data: PerturbationData, config: SplitConfig) -> Split:
     """Every context's control condition trains; ``val_fraction`` of them (seeded) also validate; no test."""
+    check_ranges(config, "split.")
     if config.holdout or config.file is not None or config.train_fraction != 1.0:
         raise ConfigError(
             "train.objective marginal trains on the control cells of every context; leave split.holdout, "
             "split.file and split.train_fraction unset."
         )
     controls = sorted(c.label for c in data.conditions if c.is_control)
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise ConfigError(f"split.val_fraction must be in [0, 1), got {config.val_fraction}.")
     n_val = max(1, round(config.val_fraction * len(controls))) if config.val_fraction > 0 else 0
     rng = np.random.default_rng([config.seed, 1])
     val = sorted(np.array(controls)[rng.choice(len(controls), n_val, replace=False)].tolist())

@@ -33,7 +33,6 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .. import registry
 from ..data import ConditionSets, EpochSampler, PerturbationData, Split, collate_sets, load_prepared, make_loader, prepare
 from ..data.batch import SetBatch
 from ..data.loader import seed_worker
@@ -42,12 +41,12 @@ from ..diffusion.model import RKHSDiffusion
 from ..errors import STOP_SIGNALS, ConfigError, Interrupted, NonFiniteError, PerturbDiffError
 from ..io import atomic_path
 from ..progress import progress_bar, stage
-from ..registry import accepts
+from ..registry import PluginSpec, accepts
 from ..threads import apply_threads, resolve_threads
 from . import distributed
 from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
-from .config import ModelConfig, RunConfig, TrainConfig, differences, write_config
+from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .folder import RunDir
 from .pretraining import marginal_batch, prepare_marginal
 from .summary import run_summary
@@ -118,10 +117,6 @@ def _unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _spec(name: str, params: dict[str, Any]) -> str | dict[str, Any]:
-    return {"name": name, **params} if params else name
-
-
 def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
     """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies)."""
     sizes = {
@@ -143,7 +138,7 @@ def check_plugins(config: RunConfig) -> None:
     """Build every plug-in a run names (the model at placeholder data sizes, the perturbation encoder),
     so a misspelt name or a bad parameter fails in a second, before the data are read."""
     _model(config.model, PLACEHOLDER_SIZES)
-    registry.load("perturbdiff.encoders", config.data.encoder, **config.data.encoder_params)
+    plugin_spec(config.data, "encoder").build("perturbdiff.encoders")
 
 
 def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
@@ -155,12 +150,12 @@ def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
         )
     # per-cell origins: a denoiser that can read each target cell's control cell is told to
     templates = {"templates": True} if config.origin == "cell" and accepts(DENOISERS, config.denoiser, "templates") else {}
-    denoiser = {"name": config.denoiser, **sizes, **config.denoiser_params, **templates}
+    denoiser = PluginSpec(config.denoiser, {**sizes, **config.denoiser_params, **templates})
     return RKHSDiffusion(
         denoiser,
-        _spec(config.schedule, config.schedule_params),
-        kernel=_spec(config.kernel, config.kernel_params),
-        estimator=_spec(config.estimator, config.estimator_params),
+        plugin_spec(config, "schedule"),
+        kernel=plugin_spec(config, "kernel"),
+        estimator=plugin_spec(config, "estimator"),
         mmd_weight=config.mmd_weight,
         prediction=config.prediction,
         self_condition_prob=config.self_condition_prob,
