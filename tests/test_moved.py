@@ -102,3 +102,19 @@ def test_current_paths_do_not_warn() -> None:
 def test_an_unknown_path_still_fails() -> None:
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("perturbdiff_core.no_such_module")
+
+
+def test_the_evaluated_condition_is_named_apart_from_the_data_condition() -> None:
+    """The metrics' condition was renamed EvaluatedCondition; the old name still works with a warning, from
+    both modules that exported it."""
+    from perturbdiff_core.data.dataset import Condition
+    from perturbdiff_core.errors import PerturbDiffDeprecationWarning
+    from perturbdiff_core.evaluation import EvaluatedCondition
+
+    assert EvaluatedCondition is not Condition
+    with pytest.warns(PerturbDiffDeprecationWarning, match="renamed EvaluatedCondition"):
+        from perturbdiff_core.evaluation.paired import Condition as old_paired
+    with pytest.warns(PerturbDiffDeprecationWarning, match="renamed EvaluatedCondition"):
+        from perturbdiff_core.evaluation import Condition as old_package
+    assert old_paired is old_package is EvaluatedCondition
+    assert EvaluatedCondition("stimulated", "B").name == "stimulated|B"

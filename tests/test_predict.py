@@ -209,7 +209,7 @@ def test_predict_takes_the_report_labels_whose_cell_type_holds_a_plus() -> None:
 
 def test_the_metrics_label_a_condition_as_the_data_does() -> None:
     """One label format: evaluation's Condition.name is the data's label without the batch."""
-    from perturbdiff_core.evaluation.paired import Condition as Evaluated
+    from perturbdiff_core.evaluation.paired import EvaluatedCondition as Evaluated
 
     screen = synthetic_screen(300, 20, seed=4, perturbations=("stimulated",), cell_types=("CD14+Mono",))
     data = PerturbationData(screen, DataConfig(cell_type_key="cell_type")).fit()

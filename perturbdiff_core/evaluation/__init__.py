@@ -17,7 +17,7 @@ from .definitions import DEFINITIONS, MetricDefinition
 from .discrimination import discrimination_scores
 from .distribution import population_variability
 from .metrics import ALL_CONDITIONS, COLUMNS, evaluate
-from .paired import Condition, PairedData, pair_anndata
+from .paired import EvaluatedCondition, PairedData, pair_anndata
 from .pseudobulk import log2_fold_change, pseudobulk_metrics
 from .realism import realism_metrics
 
@@ -25,7 +25,7 @@ __all__ = [
     "ALL_CONDITIONS",
     "COLUMNS",
     "DEFINITIONS",
-    "Condition",
+    "EvaluatedCondition",
     "DEResult",
     "MetricDefinition",
     "PairedData",
@@ -45,3 +45,12 @@ __all__ = [
     "versus_best_baseline",
     "wilcoxon_de",
 ]
+
+
+def __getattr__(name: str) -> type[EvaluatedCondition]:
+    """``Condition``, the old name of :class:`EvaluatedCondition`, with the warning of :mod:`.paired`."""
+    if name == "Condition":
+        from . import paired
+
+        return paired.Condition
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

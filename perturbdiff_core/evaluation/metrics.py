@@ -25,7 +25,7 @@ from ..progress import progress_bar
 from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de
 from .discrimination import DISTANCES, discrimination_scores
 from .distribution import population_calibration, population_mmd2, population_variability, subsample
-from .paired import Condition, PairedData, pair_anndata
+from .paired import EvaluatedCondition, PairedData, pair_anndata
 from .pseudobulk import correlation, pseudobulk_metrics
 from .realism import realism_metrics
 
@@ -133,12 +133,12 @@ class _Evaluation:
         return subsample(cells, self.max_cells, self.rng)
 
     def run(
-        self, conditions: Iterable[Condition], *, with_variability: bool
+        self, conditions: Iterable[EvaluatedCondition], *, with_variability: bool
     ) -> tuple[list[tuple[str, str, float]], list[str]]:
         """Rows ``(condition, metric, value)`` and the notes; ``conditions`` are ``data.conditions``
         (or a progress bar over them)."""
-        per_condition: dict[Condition, dict[str, float]] = {}
-        deltas: dict[Condition, tuple[np.ndarray, np.ndarray]] = {}
+        per_condition: dict[EvaluatedCondition, dict[str, float]] = {}
+        deltas: dict[EvaluatedCondition, tuple[np.ndarray, np.ndarray]] = {}
         edistances = np.empty((len(self.data.conditions), 2))
         nsig = np.empty((len(self.data.conditions), 2))
         for i, c in enumerate(conditions):
@@ -170,7 +170,7 @@ class _Evaluation:
         rows.append((ALL_CONDITIONS, "pearson_edistance", correlation("pearson", edistances[:, 1], edistances[:, 0])))
         return rows, [_note(reason, names) for reason, names in self.notes.items()]
 
-    def _de(self, condition: Condition, real: DEResult, pred: DEResult) -> dict[str, float]:
+    def _de(self, condition: EvaluatedCondition, real: DEResult, pred: DEResult) -> dict[str, float]:
         values = de_metrics(real, pred, threshold=self.fdr_threshold)
         if values["de_nsig_counts_real"] == 0:
             reason = (
@@ -180,7 +180,7 @@ class _Evaluation:
             self.notes.setdefault(reason, []).append(condition.name)
         return values
 
-    def _variability(self, condition: Condition) -> dict[str, float]:
+    def _variability(self, condition: EvaluatedCondition) -> dict[str, float]:
         pops = [
             [self._sample(p) for p in side.replicate_populations(condition)] for side in (self.data.pred, self.data.real)
         ]
@@ -190,7 +190,7 @@ class _Evaluation:
             self.notes.setdefault(f"{stem}: {reason}", []).append(condition.name)
         return {f"{stem}_{k}": v for k, v in values.items()}
 
-    def _calibration(self, condition: Condition) -> dict[str, float]:
+    def _calibration(self, condition: EvaluatedCondition) -> dict[str, float]:
         """Where the real population(s) fall among the prediction's sampled populations (none: no metric).
 
         Real populations are the condition's replicates (batches, donors) when the real data has
@@ -217,10 +217,10 @@ class _Evaluation:
         }
 
     def _discrimination(
-        self, deltas: dict[Condition, tuple[np.ndarray, np.ndarray]]
-    ) -> dict[Condition, dict[str, float]]:
+        self, deltas: dict[EvaluatedCondition, tuple[np.ndarray, np.ndarray]]
+    ) -> dict[EvaluatedCondition, dict[str, float]]:
         """Discrimination scores, each condition ranked among the conditions of its cell type."""
-        out: dict[Condition, dict[str, float]] = {c: {} for c in deltas}
+        out: dict[EvaluatedCondition, dict[str, float]] = {c: {} for c in deltas}
         genes = self.data.genes
         for cell_type in self.controls:
             group = [c for c in deltas if c.cell_type == cell_type]

@@ -14,6 +14,7 @@ the batches of a cell type.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import anndata as ad
@@ -23,7 +24,7 @@ import scipy.sparse as sp
 
 from ..data.anndata_io import CellMatrix, require_label, require_obs_key, require_unique_genes, summarize_values
 from ..data.dataset import LABEL_SEPARATOR
-from ..errors import DataError
+from ..errors import DataError, PerturbDiffDeprecationWarning
 from .predictors import POPULATION_KEY
 
 #: Largest value accepted as log1p expression (log1p(5e8) is about 20).
@@ -31,8 +32,13 @@ MAX_LOG1P = 20.0
 
 
 @dataclass(frozen=True)
-class Condition:
-    """One evaluated condition: a perturbation, in one cell type when the data has several."""
+class EvaluatedCondition:
+    """One evaluated condition: a perturbation, in one cell type when the data has several.
+
+    Not :class:`perturbdiff_core.data.dataset.Condition` (a perturbation in one full context, with
+    its dose and cell count): this one pools the batches of a cell type, as the metrics do. Both
+    write the same label, ``perturbation|cell_type``.
+    """
 
     perturbation: str
     cell_type: str | None
@@ -41,6 +47,19 @@ class Condition:
     def name(self) -> str:
         """The label in the metrics table and the report: ``perturbation`` or ``perturbation|cell_type``."""
         return self.perturbation if self.cell_type is None else LABEL_SEPARATOR.join([self.perturbation, self.cell_type])
+
+
+def __getattr__(name: str) -> type[EvaluatedCondition]:
+    """``Condition``, this class's name before it was renamed apart from the data layer's, with a warning."""
+    if name == "Condition":
+        warnings.warn(
+            "perturbdiff_core.evaluation.paired.Condition is renamed EvaluatedCondition (the data layer has its "
+            "own Condition); the old name is removed in a later release.",
+            PerturbDiffDeprecationWarning,
+            stacklevel=2,
+        )
+        return EvaluatedCondition
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -54,12 +73,12 @@ class Side:
     """
 
     matrix: np.ndarray | sp.csr_matrix
-    rows: dict[Condition, np.ndarray]
+    rows: dict[EvaluatedCondition, np.ndarray]
     control_rows: dict[str | None, np.ndarray]
-    populations: dict[Condition, list[np.ndarray]]
+    populations: dict[EvaluatedCondition, list[np.ndarray]]
     sampled: bool = False
 
-    def cells(self, condition: Condition) -> np.ndarray:
+    def cells(self, condition: EvaluatedCondition) -> np.ndarray:
         """Dense float64 ``(cells, genes)`` expression of ``condition``."""
         return _dense(self.matrix[self.rows[condition]])
 
@@ -67,7 +86,7 @@ class Side:
         """Dense float64 ``(cells, genes)`` expression of the control cells of ``cell_type``."""
         return _dense(self.matrix[self.control_rows[cell_type]])
 
-    def replicate_populations(self, condition: Condition) -> list[np.ndarray]:
+    def replicate_populations(self, condition: EvaluatedCondition) -> list[np.ndarray]:
         """The cells of ``condition`` split by population (sorted by label); ``[]`` without populations."""
         return [_dense(self.matrix[rows]) for rows in self.populations.get(condition, [])]
 
@@ -77,7 +96,7 @@ class PairedData:
     """A validated prediction/real pair on the same genes (real order) and the same conditions."""
 
     genes: np.ndarray
-    conditions: list[Condition]
+    conditions: list[EvaluatedCondition]
     pred: Side
     real: Side
 
@@ -134,7 +153,7 @@ def pair_anndata(
     return PairedData(real.var_names.to_numpy(dtype=str), conditions, sides[0], sides[1])
 
 
-def _populations(column: pd.Series, rows: dict[Condition, np.ndarray]) -> dict[Condition, list[np.ndarray]]:
+def _populations(column: pd.Series, rows: dict[EvaluatedCondition, np.ndarray]) -> dict[EvaluatedCondition, list[np.ndarray]]:
     """The rows of each condition split by the labels of ``column``, labels in natural order (``2`` before ``10``)."""
     labels = column.astype(str).to_numpy()
     out = {}
@@ -157,10 +176,10 @@ def _labels(adata: ad.AnnData, perturbation_key: str, cell_type_key: str | None)
 
 def _same_conditions(
     pred_labels: tuple[np.ndarray, np.ndarray], real_labels: tuple[np.ndarray, np.ndarray], control_label: str
-) -> list[Condition]:
-    def found(labels: tuple[np.ndarray, np.ndarray]) -> set[Condition]:
+) -> list[EvaluatedCondition]:
+    def found(labels: tuple[np.ndarray, np.ndarray]) -> set[EvaluatedCondition]:
         return {
-            Condition(p, t or None) for p, t in set(zip(*labels, strict=True)) if p != control_label
+            EvaluatedCondition(p, t or None) for p, t in set(zip(*labels, strict=True)) if p != control_label
         }
 
     in_pred, in_real = found(pred_labels), found(real_labels)

@@ -38,7 +38,7 @@ from . import report_plots as plots
 from .compare import aggregate, best_methods, definition_of
 from .de import FDR_THRESHOLD, top_de_genes, wilcoxon_de
 from .definitions import DEFINITIONS
-from .paired import Condition, PairedData, pair_anndata
+from .paired import EvaluatedCondition, PairedData, pair_anndata
 from .verdict import verdict
 
 __all__ = ["REPORT_FILE", "KEY_METRICS", "write_report"]
@@ -205,7 +205,7 @@ def _split_rows(wide: pd.DataFrame) -> tuple[list[str], list[str], dict[str, str
 # ------------------------------------------------------------------------------------ html
 
 
-def _meta(conditions: Sequence[Condition], wide: pd.DataFrame, model: str) -> str:
+def _meta(conditions: Sequence[EvaluatedCondition], wide: pd.DataFrame, model: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = html.escape(", ".join(map(str, wide.columns)))
     n = len(conditions)

@@ -18,7 +18,7 @@ from sklearn.decomposition import PCA
 from ..errors import InputError
 from .compare import definition_of
 from .distribution import subsample
-from .paired import Condition, PairedData
+from .paired import EvaluatedCondition, PairedData
 
 #: Colour and marker of the model; baselines take the following ones in order.
 MODEL_COLOUR = "#1f77b4"
@@ -105,13 +105,13 @@ def loss(history: pd.DataFrame) -> Figure:
     return fig
 
 
-def _delta(paired: PairedData, side: str, condition: Condition) -> np.ndarray:
+def _delta(paired: PairedData, side: str, condition: EvaluatedCondition) -> np.ndarray:
     """Per-gene mean of ``condition`` minus its own control mean, on the ``pred`` or ``real`` side."""
     cells = getattr(paired, side)
     return cells.cells(condition).mean(0) - cells.control(condition.cell_type).mean(0)
 
 
-def deltas(paired: Mapping[str, PairedData], conditions: Sequence[Condition], model: str) -> Figure:
+def deltas(paired: Mapping[str, PairedData], conditions: Sequence[EvaluatedCondition], model: str) -> Figure:
     """Per condition: every method's predicted per-gene delta against the real one, with Pearson r."""
     fig, axes = grid(len(conditions), PANELS_PER_ROW, PANEL)
     look = styles(list(paired), model)
@@ -138,7 +138,7 @@ def deltas(paired: Mapping[str, PairedData], conditions: Sequence[Condition], mo
 
 def pca(
     paired: Mapping[str, PairedData],
-    conditions: Sequence[Condition],
+    conditions: Sequence[EvaluatedCondition],
     model: str,
     seed: int,
     per_group: int = 300,
