@@ -1,8 +1,10 @@
-"""Built-in MMD^2 estimators: the statistics (quadratic V and U, linear-time, feature-map).
+"""Built-in MMD^2 estimators, four statistics: ``biased`` (V), ``unbiased`` (U), ``linear`` and ``embedding``.
 
 How a quadratic statistic's kernel sums are evaluated (dense, blocked, KeOps) is its ``backend``,
 a ``perturbdiff.backends`` plug-in, not an estimator of its own; the old estimator names
-``chunked`` and ``keops`` remain as deprecated aliases.
+``chunked`` and ``keops`` remain as deprecated aliases. The random-feature (``rff``, ``nystrom``)
+statistic is the ``embedding`` estimator; ``biased`` and ``unbiased`` given ``embedding=``, an
+older spelling of it, remain as deprecated aliases too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from perturbdiff_core.errors import InputError, PerturbDiffDeprecationWarning, UnknownPluginError
@@ -24,8 +27,8 @@ from perturbdiff_core.registry import is_registered, names, resolve
 
 
 class _QuadraticStatistic(QuadraticMMD):
-    """A V- or U-statistic evaluated exactly by a reduction or, given ``embedding``, through an
-    explicit feature map (:class:`EmbeddingMMD`): the same statistic under the approximate kernel."""
+    """A V- or U-statistic evaluated exactly by a reduction or, given the deprecated ``embedding``,
+    by the :class:`EmbeddingMMD` it stands for (the same statistic under the approximate kernel)."""
 
     def __init__(
         self,
@@ -38,16 +41,16 @@ class _QuadraticStatistic(QuadraticMMD):
         name = type(self).__name__
         if embedding is None and embedding_params:
             raise InputError(
-                f"{name} got feature-map parameters {sorted(embedding_params)} without an "
-                f"embedding; add embedding='rff' (or 'nystrom'), or drop them."
+                f"{name} got feature-map parameters {sorted(embedding_params)}; those belong to the "
+                f"embedding estimator: use estimator='embedding' with embedding='rff' (or 'nystrom'), or drop them."
             )
         if embedding is not None and (not isinstance(backend, str) or backend != "auto" or backend_params):
             raise InputError(
                 f"{name} got embedding={embedding!r} and a backend: a feature map sums no kernel matrices, "
-                f"so no backend applies to it; drop backend (and backend_params) or the embedding."
+                f"so no backend applies to it; use estimator='embedding' for the feature map, or drop the embedding."
             )
         super().__init__(as_reduction(backend, **dict(backend_params or {})), unbiased=unbiased)
-        self.features = None if embedding is None else EmbeddingMMD(embedding, unbiased=unbiased, **embedding_params)
+        self.features = None if embedding is None else _embedding_alias(embedding, unbiased, embedding_params)
 
     def adapt_kernel(self, kernel: Kernel, x: Tensor, y: Tensor) -> Kernel:
         if self.features is not None:
@@ -67,7 +70,9 @@ class BiasedMMD(_QuadraticStatistic):
     r"""Biased V-statistic :math:`w_x^\top K_{xx} w_x + w_y^\top K_{yy} w_y - 2 w_x^\top K_{xy} w_y`.
 
     Non-negative for positive-definite kernels (a squared RKHS distance between the weighted
-    empirical measures); integer weights equal repeated cells.
+    empirical measures); integer weights equal repeated cells. Exact: ``backend`` only chooses
+    how its kernel sums run; the statistic under a random-feature approximation of the kernel is
+    the ``embedding`` estimator (:class:`EmbeddingMMD`).
 
     Args:
         backend: how the kernel sums are evaluated, a ``perturbdiff.backends`` plug-in. ``"dense"``:
@@ -82,9 +87,9 @@ class BiasedMMD(_QuadraticStatistic):
             Or a :class:`~perturbdiff_core.mmd.reductions.KernelReduction`. All give the same
             statistic, up to rounding.
         backend_params: parameters of the named backend, e.g. ``{"block_size": 256}`` for chunked.
-        embedding: evaluate the statistic through this ``perturbdiff.embeddings`` feature map
-            instead (``rff``, ``nystrom``), in ``O((N + M) D)``; ``**embedding_params`` are its
-            parameters (``num_features``, ``seed``, ...). See :class:`EmbeddingMMD`.
+        embedding: deprecated (warns): the same statistic through a feature map is the
+            ``embedding`` estimator, :class:`EmbeddingMMD`; this builds that estimator, with
+            ``**embedding_params``, and returns its values.
     """
 
     def __init__(
@@ -101,8 +106,9 @@ class BiasedMMD(_QuadraticStatistic):
 class UnbiasedMMD(_QuadraticStatistic):
     r"""Unbiased U-statistic (Gretton et al. 2012, Lemma 6): within-set sums skip :math:`i = j`.
 
-    Can be negative; its expectation is the population MMD^2. Same ``backend``,
-    ``backend_params`` and ``embedding`` choices as :class:`BiasedMMD`.
+    Can be negative; its expectation is the population MMD^2. Same ``backend`` and
+    ``backend_params`` choices as :class:`BiasedMMD`; ``embedding`` is deprecated as there, for
+    ``EmbeddingMMD(embedding, unbiased=True)``.
     """
 
     def __init__(
@@ -116,21 +122,40 @@ class UnbiasedMMD(_QuadraticStatistic):
         super().__init__(backend, backend_params, True, embedding, embedding_params)
 
 
+def _in_config(params: Mapping[str, Any]) -> str:
+    """``params`` as a YAML flow mapping, the way a run config spells them: ``{embedding: rff, unbiased: true}``."""
+    return yaml.safe_dump(dict(params), default_flow_style=True, sort_keys=False, width=1_000_000).strip()
+
+
 def _backend_alias(alias: str, backend: str, backend_params: dict[str, Any], unbiased: bool) -> QuadraticMMD:
     """The statistic that the deprecated estimator name ``alias`` stands for, with a warning naming it."""
     statistic = "unbiased" if unbiased else "biased"
-    in_code, in_config = f"backend={backend!r}", f"backend: {backend}"
-    if backend_params:
-        in_code += f", backend_params={backend_params!r}"
-        in_config += ", backend_params: {" + ", ".join(f"{k}: {v}" for k, v in backend_params.items()) + "}"
+    params: dict[str, Any] = {"backend": backend} | ({"backend_params": backend_params} if backend_params else {})
+    in_code = ", ".join(f"{k}={v!r}" for k, v in params.items())
     warnings.warn(
         f"The estimator {alias!r} is deprecated: use the estimator {statistic!r} with {in_code} (in a config: "
-        f"estimator: {statistic}, estimator_params: {{{in_config}}}); the alias is removed in a later release.",
+        f"estimator: {statistic}, estimator_params: {_in_config(params)}); the alias is removed in a later release.",
         PerturbDiffDeprecationWarning,
         stacklevel=3,
     )
     statistic_class = UnbiasedMMD if unbiased else BiasedMMD
     return statistic_class(backend, backend_params=backend_params)
+
+
+def _embedding_alias(embedding: str, unbiased: bool, embedding_params: dict[str, object]) -> EmbeddingMMD:
+    """The ``embedding`` estimator that the deprecated ``biased``/``unbiased`` with ``embedding=`` stands for,
+    with a warning naming it."""
+    statistic = "unbiased" if unbiased else "biased"
+    params: dict[str, Any] = {"embedding": embedding} | ({"unbiased": True} if unbiased else {}) | embedding_params
+    in_code = ", ".join(f"{k}={v!r}" for k, v in params.items())
+    warnings.warn(
+        f"The estimator {statistic!r} given embedding={embedding!r} is deprecated: use the estimator 'embedding' "
+        f"with {in_code} (in a config: estimator: embedding, estimator_params: {_in_config(params)}), the same "
+        f"statistic; {statistic!r} takes no embedding in a later release.",
+        PerturbDiffDeprecationWarning,
+        stacklevel=4,
+    )
+    return EmbeddingMMD(embedding, unbiased=unbiased, **embedding_params)
 
 
 def deprecated_chunked(block_size: int = 1024, unbiased: bool = True) -> QuadraticMMD:
@@ -202,6 +227,9 @@ class LinearMMD(MMDEstimator):
 class EmbeddingMMD(MMDEstimator):
     r""":math:`\|\sum_i w^x_i \phi(x_i) - \sum_j w^y_j \phi(y_j)\|^2` with a feature map :math:`\phi`.
 
+    The random-feature statistic: the V- (default) or U-statistic of :class:`BiasedMMD` and
+    :class:`UnbiasedMMD` under the approximate kernel :math:`\phi(x)^\top \phi(y)`, and the one
+    estimator that gives it (``biased``/``unbiased`` with ``embedding=`` are deprecated aliases).
     The map is a ``perturbdiff.embeddings`` plug-in (``rff``, ``nystrom``, ``exact``) built
     from the kernel of the first call, fitted on that call's pooled cells (Nystrom landmarks; a
     ``"median"`` lengthscale is fixed there once, for all later calls, instead of per pair of

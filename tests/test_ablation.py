@@ -309,15 +309,16 @@ def test_bundled_kang18_grid_expands_to_30_valid_cells(kang18_path: Path) -> Non
     spec = read_grid(REPO / "examples" / "ablation_kang18.yaml")
     cells = spec.cells()
     assert len(cells) == 30
-    assert {c.labels["kernel"] for c in cells} == {"energy", "rbf", "mixture", "matern32", "rff-rbf"}
-    assert {c.config.model.estimator for c in cells} == {"biased", "unbiased"}
+    assert {c.labels["kernel"] for c in cells} == {"energy", "rbf", "mixture", "matern32"}
+    assert {c.config.model.estimator for c in cells} == {"biased", "unbiased", "embedding"}
     for cell in cells:
-        model = cell.config.model
-        assert model.estimator == cell.labels["estimator"]
-        rff = cell.labels["kernel"] == "rff-rbf"
-        assert model.estimator_params == ({"embedding": "rff", "num_features": 512} if rff else {})
-        if rff:
+        model, estimator = cell.config.model, cell.labels["estimator"]
+        if estimator.startswith("rff-"):  # random Fourier features of rbf, V- or U-statistic
+            unbiased = {"unbiased": True} if estimator == "rff-unbiased" else {}
+            assert (model.estimator, model.estimator_params) == ("embedding", {"embedding": "rff", "num_features": 512, **unbiased})
             assert model.kernel == "rbf" and model.kernel_params == {"lengthscale": "median"}
+        else:
+            assert (model.estimator, model.estimator_params) == (estimator, {})
     assert {c.config.split.holdout[0] for c in cells} == {"CD14+Mono"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from scipy import integrate
 
 from perturbdiff_core import mmd2
-from perturbdiff_core.errors import ConfigError, PerturbDiffError, PerturbDiffWarning, UnknownPluginError
+from perturbdiff_core.errors import ConfigError, PerturbDiffDeprecationWarning, PerturbDiffError, PerturbDiffWarning, UnknownPluginError
 from perturbdiff_core.mmd.estimators import QuadraticMMD, as_estimator
 from perturbdiff_core.mmd.kernels import as_kernel
 from perturbdiff_core.mmd.reductions import AutoReduction
@@ -186,13 +187,26 @@ def test_unbiased_embedding_estimator_is_the_u_statistic_of_its_feature_kernel()
 
 
 @pytest.mark.parametrize("name", ["biased", "unbiased"])
-def test_quadratic_estimators_through_a_feature_map_equal_the_embedding_estimator(name: str) -> None:
+def test_quadratic_estimators_given_an_embedding_are_deprecated_aliases_of_the_embedding_estimator(name: str) -> None:
     x, y = rand(2, 9, 3, seed=20), rand(2, 7, 3, seed=21, shift=0.5)
+    wx, wy = rand_weights(2, 9, seed=22), rand_weights(2, 7, seed=23)
     kernel = as_kernel("rbf", lengthscale="median")
-    via = load("perturbdiff.estimators", name, embedding="rff", num_features=32, seed=3)
-    direct = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=32, seed=3, unbiased=name == "unbiased")
-    torch.testing.assert_close(via(x, y, kernel), direct(x, y, kernel), rtol=1e-12, atol=1e-12)
-    with pytest.raises(PerturbDiffError, match="without an embedding"):
+    unbiased = name == "unbiased"
+    in_code = "embedding='rff', unbiased=True, num_features=32, seed=3" if unbiased else "embedding='rff', num_features=32, seed=3"
+    in_config = "{embedding: rff, unbiased: true, num_features: 32, seed: 3}" if unbiased else "{embedding: rff, num_features: 32, seed: 3}"
+    replacement = re.escape(f"use the estimator 'embedding' with {in_code} (in a config: estimator: embedding, estimator_params: {in_config})")
+    with pytest.warns(PerturbDiffDeprecationWarning, match=f"'{name}' given embedding='rff' is deprecated: {replacement}"):
+        alias = load("perturbdiff.estimators", name, embedding="rff", num_features=32, seed=3)
+    direct = load("perturbdiff.estimators", "embedding", embedding="rff", num_features=32, seed=3, unbiased=unbiased)
+
+    def value_and_grad(estimator):
+        x_ = x.clone().requires_grad_(True)
+        value = estimator(x_, y, kernel, x_weights=wx, y_weights=wy)
+        return value, torch.autograd.grad(value.sum(), x_)[0]
+
+    assert all(torch.equal(a, b) for a, b in zip(value_and_grad(alias), value_and_grad(direct)))
+    assert alias.unbiased == unbiased and repr(alias) == repr(direct)
+    with pytest.raises(PerturbDiffError, match="belong to the embedding estimator: use estimator='embedding'"):
         load("perturbdiff.estimators", name, num_features=32)
 
 

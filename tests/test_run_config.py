@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
+from perturbdiff_core.ablation.grid import read_grid
 from perturbdiff_core.cli.commands.train import add_run_arguments
 from perturbdiff_core.configuration import read_yaml
 from perturbdiff_core.data.anndata_io import DATA_ENV
-from perturbdiff_core.errors import ConfigError, DataError
+from perturbdiff_core.errors import ConfigError, DataError, PerturbDiffDeprecationWarning
+from perturbdiff_core.mmd.estimators import as_estimator
 from perturbdiff_core.runs.config import (
     RunConfig,
     config_from_dict,
@@ -22,12 +25,15 @@ from perturbdiff_core.runs.config import (
     run_dir_for,
     write_config,
 )
+from perturbdiff_core.suite.spec import read_suite
 
 #: The bundled run configurations (examples/ also holds other kinds of YAML, e.g. ablation grids).
 EXAMPLES = [
     Path(__file__).resolve().parents[1] / "examples" / f"{name}.yaml"
     for name in ("kang18_holdout_celltype", "norman19_holdout_combination", "norman19_holdout_glioma")
 ]
+#: Every YAML file under examples/: run configs, ablation grids, suites.
+ALL_EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").rglob("*.yaml"))
 
 
 def write(tmp_path: Path, values: dict, name: str = "exp.yaml") -> Path:
@@ -244,3 +250,21 @@ def test_suite_and_grid_layers_reset_the_parameters_too(tmp_path: Path) -> None:
     assert read_grid(grid, ["model.denoiser_params.hidden=8"]).base["model"]["denoiser_params"] == {"hidden": 8}
     suite = write(tmp_path, {"tasks": [{"name": "a", "config": "base.yaml", "set": {"model.denoiser": "deepsets"}}]}, "suite.yaml")
     assert read_suite(suite).tasks[0].values["model"]["denoiser_params"] == {}
+
+
+def _configs_of(path: Path) -> list[RunConfig]:
+    """The run configs a bundled YAML file stands for: itself, an ablation grid's cells or a suite's runs."""
+    raw = read_yaml(path)
+    if "grid" in raw:
+        return [cell.config for cell in read_grid(path).cells()]
+    if "tasks" in raw:
+        return [run.config for run in read_suite(path).runs()]
+    return [load_config(path)]
+
+
+@pytest.mark.parametrize("path", ALL_EXAMPLES, ids=[p.stem for p in ALL_EXAMPLES])
+def test_bundled_yaml_uses_no_deprecated_spelling(path: Path, shared_data: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerturbDiffDeprecationWarning)
+        for config in _configs_of(path):  # grids and suites build each cell's plug-ins; build the estimator for all
+            as_estimator(config.model.estimator, **config.model.estimator_params)

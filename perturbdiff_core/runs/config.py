@@ -62,7 +62,9 @@ class ModelConfig:
         kernel_params: the kernel's keyword arguments (e.g. ``lengthscale: median`` or a number).
         estimator: ``perturbdiff.estimators`` plug-in, the statistic (``unbiased``, ``biased``, ...).
         estimator_params: the estimator's keyword arguments; for ``unbiased`` and ``biased``,
-            ``backend`` (``auto``, ``dense``, ``chunked``, ``keops``) and ``backend_params``.
+            ``backend`` (``auto``, ``dense``, ``chunked``, ``keops``) and ``backend_params``; for
+            ``embedding`` (random features), ``embedding`` (``rff``, ``nystrom``), ``unbiased`` and
+            the map's own (``num_features``, ``seed``, ...).
         mmd_weight: the paper's lambda: loss = MSE + lambda * MMD^2; 0 trains on the MSE alone.
         prediction: what the denoiser outputs: ``x0`` (the paper's), ``eps``, ``v``, or ``edm`` (x0
             preconditioned by the per-gene data scale).
