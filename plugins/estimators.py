@@ -30,15 +30,18 @@ class _QuadraticStatistic(QuadraticMMD):
     """A V- or U-statistic evaluated exactly by a reduction or, given the deprecated ``embedding``,
     by the :class:`EmbeddingMMD` it stands for (the same statistic under the approximate kernel)."""
 
+    #: U-statistic (True) or V-statistic (False): the one thing the two public classes set.
+    unbiased_statistic: bool
+
     def __init__(
         self,
-        backend: str | KernelReduction,
-        backend_params: Mapping[str, Any] | None,
-        unbiased: bool,
-        embedding: str | None,
-        embedding_params: dict[str, object],
+        backend: str | KernelReduction = "auto",
+        embedding: str | None = None,
+        *,
+        backend_params: Mapping[str, Any] | None = None,
+        **embedding_params: object,
     ) -> None:
-        name = type(self).__name__
+        name, unbiased = type(self).__name__, self.unbiased_statistic
         if embedding is None and embedding_params:
             raise InputError(
                 f"{name} got feature-map parameters {sorted(embedding_params)}; those belong to the "
@@ -92,15 +95,7 @@ class BiasedMMD(_QuadraticStatistic):
             ``**embedding_params``, and returns its values.
     """
 
-    def __init__(
-        self,
-        backend: str | KernelReduction = "auto",
-        embedding: str | None = None,
-        *,
-        backend_params: Mapping[str, Any] | None = None,
-        **embedding_params: object,
-    ) -> None:
-        super().__init__(backend, backend_params, False, embedding, embedding_params)
+    unbiased_statistic = False
 
 
 class UnbiasedMMD(_QuadraticStatistic):
@@ -111,15 +106,7 @@ class UnbiasedMMD(_QuadraticStatistic):
     ``EmbeddingMMD(embedding, unbiased=True)``.
     """
 
-    def __init__(
-        self,
-        backend: str | KernelReduction = "auto",
-        embedding: str | None = None,
-        *,
-        backend_params: Mapping[str, Any] | None = None,
-        **embedding_params: object,
-    ) -> None:
-        super().__init__(backend, backend_params, True, embedding, embedding_params)
+    unbiased_statistic = True
 
 
 def _in_config(params: Mapping[str, Any]) -> str:
