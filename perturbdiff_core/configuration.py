@@ -8,6 +8,7 @@ outside the range a field's annotation declares (``Annotated[float, UnitInterval
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -50,14 +51,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
-            try:
+            with contextlib.suppress(ConfigError):  # the next arm may fit; the error below names them all
                 return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
         raise ConfigError(f"{where} = {value!r} is not a valid {_type_name(tp)}.")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -17,7 +17,7 @@ from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import DEFINITIONS, definition_of
 from ..names import CELLS_DIR
 from ..registry import PluginSpec, is_registered, names
-from ..runs.config import RunConfig, config_from_dict, override, plugin_spec, resolved
+from ..runs.config import RunConfig, config_from_dict, fingerprint, override, plugin_spec, resolved
 
 #: Top-level keys of a grid file.
 GRID_KEYS = ("base", "set", "grid", "exclude", "metrics")
@@ -119,13 +119,13 @@ class GridSpec:
                 check_plugins(config)
             except PerturbDiffError as err:
                 raise ConfigError(f"{self.source}, cell {name}: {err}") from None
-            fingerprint = yaml.safe_dump({**config.to_dict(), "name": None}, sort_keys=True)
-            if fingerprint in seen:
+            key = fingerprint(config)
+            if key in seen:
                 raise ConfigError(
-                    f"{self.source}: cells {seen[fingerprint]} and {name} have the same configuration (a value's "
+                    f"{self.source}: cells {seen[key]} and {name} have the same configuration (a value's "
                     f"set: overrides another axis); leave one out with an exclude: entry."
                 )
-            seen[fingerprint] = name
+            seen[key] = name
             cells.append(Cell(labels, config))
         if not cells:
             raise ConfigError(f"{self.source}: the exclude: entries leave no cell to run.")

@@ -366,6 +366,12 @@ def resolve_data_path(path: str | list[str] | None) -> str | list[str] | None:
     )
 
 
+def fingerprint(config: RunConfig) -> str:
+    """The configuration apart from its ``name``, as one comparable string: two runs (suite tasks, grid
+    cells) that would train the same model have the same fingerprint."""
+    return yaml.safe_dump({**config.to_dict(), "name": None}, sort_keys=True)
+
+
 def resolved(config: RunConfig) -> RunConfig:
     """``config`` with ``data.path`` resolved (see :func:`resolve_data_path`) and ``train.init_from`` made absolute."""
     init_from = config.train.init_from and str(Path(config.train.init_from).expanduser().resolve())

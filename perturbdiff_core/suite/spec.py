@@ -9,8 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..ablation import check_plugins
 from ..configuration import assign, dotted_keys, nested, parse_overrides, read_yaml
 from ..data import PerturbationData
@@ -18,7 +16,7 @@ from ..data.splits import make_split
 from ..errors import ConfigError, PerturbDiffError
 from ..evaluation import definition_of
 from ..names import TASKS_DIR
-from ..runs.config import RunConfig, config_from_dict, override, resolved
+from ..runs.config import RunConfig, config_from_dict, fingerprint, override, resolved
 
 #: Top-level keys of a suite file, and the keys of one task.
 SUITE_KEYS = ("seeds", "set", "metrics", "tasks")
@@ -101,10 +99,10 @@ class SuiteSpec:
                     check_plugins(config)
                 except PerturbDiffError as err:
                     raise ConfigError(f"{self.source}, task {task.name}: {err}") from None
-                fingerprint = yaml.safe_dump({**config.to_dict(), "name": None}, sort_keys=True)
-                if seen.setdefault(fingerprint, task.name) != task.name:
+                key = fingerprint(config)
+                if seen.setdefault(key, task.name) != task.name:
                     raise ConfigError(
-                        f"{self.source}: tasks {seen[fingerprint]} and {task.name} have the same configuration; "
+                        f"{self.source}: tasks {seen[key]} and {task.name} have the same configuration; "
                         f"change one task's set: (e.g. its split.holdout) or remove it."
                     )
                 runs.append(SuiteRun(task.name, seed, config))
