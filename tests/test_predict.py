@@ -18,7 +18,7 @@ from perturbdiff_core.cli.commands.predict import predictions
 from perturbdiff_core.data import DataConfig, PerturbationData
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import DataError, InputError
+from perturbdiff_core.errors import DataError, InputError, PerturbDiffWarning
 from perturbdiff_core.evaluation.predictors import POPULATION_KEY, first_population
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import SampleConfig
@@ -176,6 +176,23 @@ def test_new_file_aligned_by_gene_name_with_missing_genes_reported(
         if gene != missing:
             expected[:, j] = dense(source[:, gene].X).ravel()
     np.testing.assert_array_equal(adata.X[mask], expected)
+
+
+def test_an_unseen_cell_type_warns_when_the_run_never_trained_the_unknown_context(
+    screen: ad.AnnData, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    path = tmp_path / "screen.h5ad"
+    screen.write_h5ad(path)
+    new = tmp_path / "new.h5ad"
+    synthetic_screen(200, 40, seed=9, perturbations=("A",), cell_types=("t3",)).write_h5ad(new)
+    for drop, warns in (("0", True), ("0.3", False), ("auto", True)):  # auto: 0 here, the test split's A+B is in t1, t2
+        run = tmp_path / f"drop{drop}"
+        Trainer(tiny_config(path, "train.steps=2", "train.val_every=0", f"train.context_drop_prob={drop}"), run,
+                progress=False).fit()
+        recwarn.clear()
+        predictions(load_checkpoint(checkpoint_path(run)), args(run, data=str(new)))
+        messages = [str(w.message) for w in recwarn if issubclass(w.category, PerturbDiffWarning)]
+        assert any("t3 was not in this run's training data" in m and "context_drop_prob" in m for m in messages) is warns
 
 
 def test_resolve_conditions_expands_a_perturbation_name(trained: Trainer) -> None:

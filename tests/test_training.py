@@ -7,12 +7,13 @@ import os
 import signal
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from perturbdiff_core.data import EpochSampler
+from perturbdiff_core.data import DataConfig, EpochSampler, PerturbationData
 from perturbdiff_core.data.batch import Conditioning, SetBatch
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, OutputError, PerturbDiffError, PerturbDiffNote
@@ -26,7 +27,9 @@ from perturbdiff_core.runs.checkpoint import (
     previous_path,
 )
 from perturbdiff_core.runs.config import RunConfig, TrainConfig, load_config
+from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.training import (
+    AUTO_CONTEXT_DROP_PROB,
     LOG_COLUMNS,
     MAX_AUTO_WORKERS,
     StepBatches,
@@ -36,6 +39,7 @@ from perturbdiff_core.runs.training import (
     drop_context,
     lr_factor,
     make_optimizer,
+    resolve_context_drop,
     resolve_device,
     resolve_workers,
     training_loader,
@@ -398,6 +402,35 @@ def test_resume_refuses_a_changed_training_stream_but_allows_more_steps(screen_p
     longer = Trainer(tiny_config(screen_path, "train.steps=10", "train.num_workers=0"), tmp_path / "run", resume=True, progress=False)
     longer.fit()
     assert longer.step == 10
+
+
+def test_auto_context_dropout_trains_the_unknown_context_only_when_the_test_needs_it(
+    screen_path: Path, tmp_path: Path
+) -> None:
+    held_type = tiny_config(screen_path, "split.kind=holdout_cell_type", "split.holdout=[t2]", "train.context_drop_prob=auto")
+    trainer = Trainer(held_type, tmp_path / "type", progress=False)
+    assert trainer.data.unseen_contexts(trainer.split.test) == ["t2"]
+    assert trainer.context_drop_prob == AUTO_CONTEXT_DROP_PROB
+    assert load_config(tmp_path / "type" / "config.yaml").train.context_drop_prob == "auto"  # the rule, as asked
+    assert "context dropout 0.2 (unseen in training: t2)" in "\n".join(run_summary(trainer))
+    trainer.fit(stop_at=2)
+    resumed = Trainer(held_type, tmp_path / "type", resume=True, progress=False)  # "auto" again: the same run
+    assert resumed.context_drop_prob == AUTO_CONTEXT_DROP_PROB and resumed.step == 2
+
+    combination = Trainer(tiny_config(screen_path, "train.context_drop_prob=auto"), tmp_path / "combo", progress=False)
+    assert combination.data.unseen_contexts(combination.split.test) == []  # A+B in t1 and t2, both trained
+    assert combination.context_drop_prob == 0.0
+    assert "context dropout" not in "\n".join(run_summary(combination))
+    assert resolve_context_drop(0.3, combination.data, combination.split.test) == 0.3  # a number is kept
+
+
+def test_unseen_contexts_follow_the_fitted_vocabularies(screen_path: Path) -> None:
+    data = PerturbationData(ad.read_h5ad(screen_path), DataConfig(perturbation_key="perturbation", cell_type_key="cell_type"))
+    data.fit(["A|t1", "B|t1"])
+    assert data.unseen_contexts(["A|t1", "A|t2", "C|t2"]) == ["t2"]
+    untyped = PerturbationData(ad.read_h5ad(screen_path), DataConfig(perturbation_key="perturbation"))
+    untyped.fit(["A"])
+    assert untyped.unseen_contexts(["B"]) == []  # no cell type key: every set is <unknown> in training too
 
 
 # ----------------------------------------------------------------------------- checkpoint errors

@@ -434,6 +434,14 @@ class PerturbationData:
         vocab = self.vocabularies[field]
         return vocab.index(value) if value in vocab[1:] else 0
 
+    def unseen_contexts(self, conditions: Sequence[str | Condition]) -> list[str]:
+        """The cell types and batches of ``conditions`` that the fitted vocabularies lack, sorted: they
+        get :data:`UNKNOWN` (data without a cell type or batch key have none)."""
+        keys = {"cell_type": self.config.cell_type_key, "batch": self.config.batch_key}
+        fields = [field for field, key in keys.items() if key is not None]
+        chosen = [c if isinstance(c, Condition) else self.condition(c) for c in conditions]
+        return sorted({str(getattr(c, f)) for c in chosen for f in fields if self.index(f, getattr(c, f)) == 0})
+
     def encode(self, conditions: Sequence[str | Condition]) -> Tensor:
         """``(n, P)`` perturbation encodings of conditions (with their doses)."""
         chosen = [self.condition(c) for c in conditions]

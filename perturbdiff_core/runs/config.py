@@ -121,7 +121,9 @@ class TrainConfig:
         grad_clip: largest global gradient norm (``None``: no clipping).
         context_drop_prob: probability that a training set's cell type (and, independently, its
             batch) is replaced by ``<unknown>``, the index a held-out cell type or batch gets, so
-            the model learns to predict unseen contexts from their control cells.
+            the model learns to predict unseen contexts from their control cells. ``auto``: 0.2 when
+            a test condition's cell type or batch is not in training, else 0 (see
+            :func:`~perturbdiff_core.runs.training.resolve_context_drop`).
         num_workers: DataLoader worker processes (batches are identical for any number); ``auto``:
             none on a CPU, up to 4 per process on a GPU (see :func:`~perturbdiff_core.runs.training.resolve_workers`).
         val_every: steps between validation MMDs on the split's validation conditions (0: never).
@@ -147,7 +149,7 @@ class TrainConfig:
     weight_decay: Annotated[float, NonNegative] = 0.0
     warmup_steps: Annotated[int, NonNegative] = 100
     grad_clip: Annotated[float | None, Positive] = 1.0
-    context_drop_prob: Annotated[float, UnitInterval] = 0.0
+    context_drop_prob: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     num_workers: Annotated[int | Literal["auto"], NonNegative] = "auto"
     val_every: Annotated[int, NonNegative] = 500
     val_sets: Annotated[int, Positive] = 1

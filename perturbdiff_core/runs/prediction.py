@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import anndata as ad
@@ -17,12 +17,13 @@ import torch
 
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..data.sources import data_available
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, PerturbDiffWarning
 from ..evaluation.predictors import Predictor, predict_anndata
 from ..threads import apply_threads, resolve_threads
 from .anchor import NO_ANCHOR, fit_anchor
 from .checkpoint import Checkpoint
 from .model_predictor import DiffusionPredictor
+from .training import resolve_context_drop
 
 
 def open_data(
@@ -148,6 +149,37 @@ def run_anchor(
     return fit_anchor(name, train_data, checkpoint.split.train)
 
 
+def warn_untrained_context(
+    checkpoint: Checkpoint,
+    data: PerturbationData,
+    conditions: Sequence[Condition],
+    run_data: Callable[[], PerturbationData],
+) -> None:
+    """Warn when ``conditions`` have a cell type or batch training lacked while the run never trained the
+    ``<unknown>`` context they get (``train.context_drop_prob`` 0, or ``auto`` on a split that did not
+    need it): that embedding is still random. ``run_data`` reads the run's own data, called only for
+    ``auto`` (no warning when that data is not available)."""
+    unseen = data.unseen_contexts(conditions)
+    prob = checkpoint.run_config.train.context_drop_prob
+    if not unseen or prob != "auto" and float(prob) > 0:
+        return
+    if prob == "auto":
+        try:
+            trained_on = run_data()
+        except DataError:
+            return
+        if resolve_context_drop(prob, trained_on, checkpoint.split.test) > 0:
+            return
+    warnings.warn(
+        f"{', '.join(unseen[:5])} {'was' if len(unseen) == 1 else 'were'} not in this run's training data and get "
+        f"the <unknown> context, which the run never trained (train.context_drop_prob was 0 for its split): these "
+        f"predictions rest on a random embedding. Train with these contexts held out in the split "
+        f"(train.context_drop_prob: auto), or with train.context_drop_prob above 0.",
+        PerturbDiffWarning,
+        stacklevel=2,
+    )
+
+
 def predict_run(
     checkpoint: Checkpoint,
     *,
@@ -196,7 +228,9 @@ def predict_run(
         )
     if populations < 1:
         raise InputError(f"--populations must be a positive integer, got {populations}.")
-    anchor = run_anchor(checkpoint, opened if data is None else None, run_data)
+    own = opened if data is None else None
+    warn_untrained_context(checkpoint, opened, chosen, lambda: own if own is not None else open_data(checkpoint, None, run_data))
+    anchor = run_anchor(checkpoint, own, run_data)
     predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device, anchor=anchor)
     seed = checkpoint.run_config.seed if seed is None else seed
     return predict_anndata(

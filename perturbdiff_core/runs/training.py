@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from itertools import islice
@@ -83,6 +83,20 @@ def drop_context(batch: SetBatch, prob: float, generator: torch.Generator, shard
     drop = torch.rand((2, b * n), generator=generator, device=cond.cell_type.device)[:, k * b:(k + 1) * b] < prob
     cond = replace(cond, cell_type=cond.cell_type.masked_fill(drop[0], 0), batch=cond.batch.masked_fill(drop[1], 0))
     return replace(batch, cond=cond)
+
+
+#: ``train.context_drop_prob: auto`` where the test conditions hold a cell type or batch training lacks.
+AUTO_CONTEXT_DROP_PROB = 0.2
+
+
+def resolve_context_drop(prob: float | str, data: PerturbationData, test: Sequence[str]) -> float:
+    """``train.context_drop_prob`` as a number. ``auto`` trains the ``<unknown>`` context only when the
+    test conditions need it (:data:`AUTO_CONTEXT_DROP_PROB` where one has a cell type or batch that
+    training lacks), since otherwise each dropped set just loses its context: on norman19's held-out
+    K562 combinations, 0.2 instead of 0 won 4 instead of 5 of 23 suite pairs (README)."""
+    if prob != "auto":
+        return float(prob)
+    return AUTO_CONTEXT_DROP_PROB if data.unseen_contexts(test) else 0.0
 
 
 def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
@@ -388,6 +402,7 @@ class Trainer:
                     self.transfer.write(self.run_dir)
             self.model = model.to(self.device)
         apply_threads(self.threads)  # after the data are read: scanpy's numba calls reset the count
+        self.context_drop_prob = resolve_context_drop(config.train.context_drop_prob, self.data, self.split.test)
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = make_optimizer(self.params, train)
@@ -483,8 +498,8 @@ class Trainer:
         self.model.train()
         lr = self.optimizer.param_groups[0]["lr"]
         batch = self._conditioned(batch.to(self.device, non_blocking=True))  # asynchronous from pinned memory on a GPU
-        if self.config.train.context_drop_prob > 0:
-            batch = drop_context(batch, self.config.train.context_drop_prob, generator, self.part)
+        if self.context_drop_prob > 0:
+            batch = drop_context(batch, self.context_drop_prob, generator, self.part)
         try:
             terms = self.model.loss(batch, generator) if self.ddp is None else self.ddp(batch, generator)
         except NonFiniteError:  # the data were checked when read: NaN or Inf now comes from a diverging model
