@@ -161,7 +161,7 @@ def warn_untrained_context(
     ``auto`` (no warning when that data is not available)."""
     unseen = data.unseen_contexts(conditions)
     prob = checkpoint.run_config.train.context_drop_prob
-    if not unseen or prob != "auto" and float(prob) > 0:
+    if not unseen or (prob != "auto" and float(prob) > 0):
         return
     if prob == "auto":
         try:

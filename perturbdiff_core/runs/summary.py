@@ -35,12 +35,12 @@ def _names(values: Sequence[str], shown: int = SHOWN) -> str:
     return ", ".join(values[:shown]) + more
 
 
-def _context_dropout(prob: float, trainer: Trainer) -> str:
+def _context_dropout(trainer: Trainer) -> str:
     """``, context dropout P`` (and the test's unseen contexts that need it) when training drops contexts."""
-    if not prob:
+    if not trainer.context_drop_prob:
         return ""
     unseen = trainer.data.unseen_contexts(trainer.split.test)
-    return f", context dropout {prob:g}" + (f" (unseen in training: {_names(unseen)})" if unseen else "")
+    return f", context dropout {trainer.context_drop_prob:g}" + (f" (unseen in training: {_names(unseen)})" if unseen else "")
 
 
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
@@ -68,5 +68,5 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
         f"model  {model.denoiser}{f' ({size})' if size else ''}, {parameters / 1e6:.2f} M parameters; "
         f"{model.kernel} kernel, {model.estimator} estimator, lambda {model.mmd_weight:g}{anchor}",
         f"train  {config.train.steps} steps x {config.train.batch_size} sets of {config.data.set_size} cells on "
-        f"{trainer.device}{start}, {threads_line(trainer.threads)}{_context_dropout(trainer.context_drop_prob, trainer)}",
+        f"{trainer.device}{start}, {threads_line(trainer.threads)}{_context_dropout(trainer)}",
     ]
