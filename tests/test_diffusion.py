@@ -412,6 +412,40 @@ def test_an_anchor_shift_moves_the_origin_of_a_relative_model():
     assert relative.sample(anchored.cond, steps=5, guidance=2.0).shape == draw.shape  # guidance keeps the shift
 
 
+@pytest.mark.parametrize("origin", ["cell", "set"])
+def test_absolute_control_levels_show_the_denoiser_the_cells_own_levels(origin):
+    """control_levels="absolute": the denoiser reads each control cell plus the anchor shift (and, with
+    per-cell origins, that as the template) where "centred" reads it minus the set's centre; the
+    origins, and so the frame the model diffuses, stay the same."""
+    kwargs = dict(kernel="energy", self_condition_prob=0.0, ema_decay=None, relative_to_control=True, origin=origin)
+    absolute = randomized(RKHSDiffusion(denoiser(templates=origin == "cell"), control_levels="absolute", **kwargs)).eval()
+    centred = randomized(RKHSDiffusion(denoiser(templates=origin == "cell"), **kwargs)).eval()
+    batch = make_batch(s=8, sc=8)
+    shift = torch.randn(4, G, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    batch = SetBatch(batch.target, Conditioning(**{**vars(batch.cond), "shift": shift}))
+    seen, seen_origin = absolute._relative(batch.cond)
+    centred_seen, centred_origin = centred._relative(batch.cond)
+    torch.testing.assert_close(seen.control, batch.cond.control + shift.unsqueeze(1))
+    torch.testing.assert_close(seen_origin, centred_origin)
+    assert (seen.template is seen.control) if origin == "cell" else seen.template is None
+    t, noise = fixed_draws(batch)
+    frame = batch.target - seen_origin
+    x_t = absolute.schedule.q_sample(frame, t, noise)
+    mse = ((absolute.denoiser(x_t, t, seen) - frame) ** 2).mean(dim=(1, 2))
+    torch.testing.assert_close(absolute.loss(batch, t=t, noise=noise)["mse"], mse.mean())
+    # the same weights (same seed) reading centred cells give another loss: the option reaches the denoiser
+    assert not torch.allclose(absolute.loss(batch, t=t, noise=noise)["loss"], centred.loss(batch, t=t, noise=noise)["loss"])
+
+
+def test_control_levels_are_checked_and_survive_a_config_round_trip():
+    with pytest.raises(ConfigError, match="centred, absolute"):
+        RKHSDiffusion(denoiser(), control_levels="raw")
+    model = RKHSDiffusion(denoiser(), relative_to_control=True, control_levels="absolute")
+    assert RKHSDiffusion.from_config(model.config()).control_levels == "absolute"
+    older = {k: v for k, v in model.config().items() if k != "control_levels"}  # a checkpoint from before the option
+    assert RKHSDiffusion.from_config(older).control_levels == "centred"
+
+
 def test_per_cell_origins_pair_each_target_cell_with_its_control_cell():
     """origin="cell": target cell i is diffused relative to control cell i plus the anchor shift, the
     denoiser reads control cell i as its template, and the MMD compares the populations themselves."""

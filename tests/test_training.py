@@ -573,3 +573,12 @@ def test_a_run_records_where_its_plugins_came_from(screen_path: Path, tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerturbDiffWarning)
         assert load_checkpoint(old).plugins == {}
+
+
+def test_model_control_levels_reaches_the_model() -> None:
+    from perturbdiff_core.runs.config import config_from_dict
+    from perturbdiff_core.runs.training import PLACEHOLDER_SIZES, _model
+
+    assert _model(config_from_dict({}).model, PLACEHOLDER_SIZES).control_levels == "centred"
+    config = config_from_dict({"model": {"control_levels": "absolute"}})
+    assert _model(config.model, PLACEHOLDER_SIZES).control_levels == "absolute"

@@ -49,6 +49,10 @@ def _build(group: str, spec: Spec) -> Any:
     return resolve(group, spec)
 
 
+#: What a relative model's denoiser reads of the control cells: centred on the set, or their own levels.
+CONTROL_LEVELS = ("centred", "absolute")
+
+
 def _cat_conditions(a: Conditioning, b: Conditioning) -> Conditioning:
     """Two conditionings stacked along the set dimension (fields that are ``None`` in both stay ``None``)."""
     pairs = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in fields(Conditioning)}
@@ -91,6 +95,10 @@ class RKHSDiffusion(nn.Module):
             the anchor shift, so a sampled cell is a real control cell plus a learned change and
             keeps that cell's gene-level detail (its zeros and counts) wherever the change is small.
             Needs target and control sets of the same size.
+        control_levels: with ``relative_to_control``, what the denoiser reads of the control cells
+            (and the templates): ``"centred"`` on each set's origin (the centre), so it sees only
+            how cells vary within the set, or ``"absolute"``, the cells plus the anchor shift, so it
+            sees the expression levels that tell one cell type from another.
         ema_decay: decay of the exponential moving average of the denoiser weights
             (``torch.optim.swa_utils``); ``None`` keeps no average.
 
@@ -113,6 +121,7 @@ class RKHSDiffusion(nn.Module):
         ema_decay: float | None = 0.999,
         relative_to_control: bool = False,
         origin: str = "set",
+        control_levels: str = "centred",
     ) -> None:
         super().__init__()
         # The ranges of the config fields these come from (ModelConfig), for callers building the model in Python.
@@ -135,6 +144,9 @@ class RKHSDiffusion(nn.Module):
         if origin not in ("set", "cell"):
             raise ConfigError(f"origin must be 'set' or 'cell', got {origin!r}.")
         self.origin = origin
+        if control_levels not in CONTROL_LEVELS:
+            raise ConfigError(f"control_levels must be one of {', '.join(CONTROL_LEVELS)}, got {control_levels!r}.")
+        self.control_levels = control_levels
         genes = self.denoiser.num_genes
         self.register_buffer("data_mean", torch.zeros(genes))  # the edm preconditioning's per-gene mean and scale
         self.register_buffer("data_scale", torch.ones(genes))
@@ -171,6 +183,8 @@ class RKHSDiffusion(nn.Module):
             "ema_decay": self.ema_decay,
             "relative_to_control": self.relative_to_control,
             "origin": self.origin,
+            # only when not the default, so checkpoints from before the option describe themselves unchanged
+            **({"control_levels": self.control_levels} if self.control_levels != CONTROL_LEVELS[0] else {}),
         }
 
     @classmethod
@@ -391,14 +405,16 @@ class RKHSDiffusion(nn.Module):
 
     # ----------------------------------------------------------------- helpers
     def _relative(self, cond: Conditioning) -> tuple[Conditioning, Tensor]:
-        """``cond`` with its control sets moved by the origin of each set, ``(B, 1, G)``: the control
-        mean plus the anchor shift (when ``cond.shift`` is given), and the origin of every target
-        cell: that one, or with ``origin="cell"`` each control cell plus the shift, ``(B, S, G)``."""
+        """``cond`` with its control sets as the denoiser reads them (see ``control_levels``), and the
+        origin of every target cell: the set's centre ``(B, 1, G)``, the control mean plus the anchor
+        shift (when ``cond.shift`` is given), or with ``origin="cell"`` each control cell plus the
+        shift, ``(B, S, G)``."""
         shift = 0.0 if cond.shift is None else cond.shift.unsqueeze(-2).to(cond.control.dtype)
         centre = cond.control.mean(dim=-2, keepdim=True) + shift
-        control = cond.control - centre
+        moved = cond.control + shift
+        control = cond.control - centre if self.control_levels == "centred" else moved
         if self.origin == "cell":
-            return replace(cond, control=control, template=control), cond.control + shift
+            return replace(cond, control=control, template=control), moved
         return replace(cond, control=control), centre
 
     @staticmethod

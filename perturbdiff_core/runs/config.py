@@ -83,6 +83,9 @@ class ModelConfig:
             plus the anchor's shift when there is one, so predicted cells keep real cells' zeros
             and counts where nothing changes) or ``set`` (one origin per set: the control mean plus
             the anchor's shift with an anchor, none without).
+        control_levels: what the denoiser reads of the control cells and templates: ``centred`` on
+            each set's origin (only the variation within the set), or ``absolute`` (their expression
+            levels, which tell cell types apart; measured in the README, not the default).
     """
 
     denoiser: str = "cross_dit"
@@ -101,6 +104,7 @@ class ModelConfig:
     relative_to_control: bool = False
     anchor: str = "none"
     origin: Literal["set", "cell"] = "cell"
+    control_levels: Literal["centred", "absolute"] = "centred"
 
     @property
     def anchor_name(self) -> str:

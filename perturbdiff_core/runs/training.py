@@ -177,6 +177,7 @@ def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
         ema_decay=config.ema_decay,
         relative_to_control=config.anchor_name != NO_ANCHOR or config.origin == "cell",
         origin=config.origin,
+        control_levels=config.control_levels,
     )
 
 
