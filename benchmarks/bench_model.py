@@ -99,7 +99,7 @@ class Setup:
         data = screen_data(cells, genes)
         torch.manual_seed(0)
         params = {"size": size} if hidden is None else {"size": size, "hidden": hidden}
-        model = build_model(ModelConfig(denoiser_params=params), data).to(DEVICE)
+        model = build_model(ModelConfig(denoiser_params=params), data, "centred").to(DEVICE)
         train = TrainConfig(batch_size=B)  # the defaults: AdamW, train.num_workers auto
         optimizer = make_optimizer(model.trainable_parameters(), train)
         sets = ConditionSets(data, [c.label for c in data.perturbed_conditions])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from perturbdiff_core.data.batch import Conditioning, SetBatch
+from perturbdiff_core.diffusion.hull import nearest_in_hull
 from perturbdiff_core.diffusion.model import RKHSDiffusion, null_condition
 from perturbdiff_core.diffusion.samplers import DDIMStep, sample, timestep_grid
 from perturbdiff_core.errors import ConfigError, InputError
@@ -437,8 +438,43 @@ def test_absolute_control_levels_show_the_denoiser_the_cells_own_levels(origin):
     assert not torch.allclose(absolute.loss(batch, t=t, noise=noise)["loss"], centred.loss(batch, t=t, noise=noise)["loss"])
 
 
+@pytest.mark.parametrize("origin", ["cell", "set"])
+def test_hull_control_levels_move_each_sets_mean_into_the_training_contexts_hull(origin):
+    """control_levels="hull": the denoiser reads the absolute cells with their set's mean replaced by the
+    nearest mixture of the fitted context means; a set whose mean is one of them reads as "absolute"."""
+    kwargs = dict(kernel="energy", self_condition_prob=0.0, ema_decay=None, relative_to_control=True, origin=origin)
+    hull = randomized(RKHSDiffusion(denoiser(templates=origin == "cell"), control_levels="hull", **kwargs)).eval()
+    absolute = randomized(RKHSDiffusion(denoiser(templates=origin == "cell"), control_levels="absolute", **kwargs)).eval()
+    batch = make_batch(s=8, sc=8)
+    with pytest.raises(ConfigError, match="fit_context_levels"):
+        hull._relative(batch.cond)
+    means = batch.cond.control.mean(dim=1)  # (4, G)
+    levels = torch.randn(3, G, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    hull.fit_context_levels(torch.cat([levels, means[:1]]))
+    seen, seen_origin = hull._relative(batch.cond)
+    expected = batch.cond.control - means.unsqueeze(1) + nearest_in_hull(means, hull.context_levels).unsqueeze(1)
+    torch.testing.assert_close(seen.control, expected)
+    torch.testing.assert_close(seen.control[:1], absolute._relative(batch.cond)[0].control[:1])  # its mean is a vertex
+    assert not torch.allclose(seen.control[1:], batch.cond.control[1:])  # the others' means lie outside the hull
+    torch.testing.assert_close(seen_origin, absolute._relative(batch.cond)[1])
+    assert (seen.template is seen.control) if origin == "cell" else seen.template is None
+    with pytest.raises(InputError, match=r"\(contexts, 5 genes\)"):
+        hull.fit_context_levels(torch.zeros(3, G + 1))
+
+
+def test_hull_context_levels_survive_a_checkpoint_round_trip():
+    model = RKHSDiffusion(denoiser(), relative_to_control=True, control_levels="hull")
+    model.fit_context_levels(torch.randn(5, G))
+    rebuilt = RKHSDiffusion.from_config(model.config())
+    assert rebuilt.context_levels.shape == (0, G)
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.context_levels, model.context_levels)
+    plain = RKHSDiffusion(denoiser(), relative_to_control=True)  # other models keep an empty buffer
+    assert RKHSDiffusion.from_config(plain.config()).load_state_dict(plain.state_dict()) is not None
+
+
 def test_control_levels_are_checked_and_survive_a_config_round_trip():
-    with pytest.raises(ConfigError, match="centred, absolute"):
+    with pytest.raises(ConfigError, match="centred, absolute, hull"):
         RKHSDiffusion(denoiser(), control_levels="raw")
     model = RKHSDiffusion(denoiser(), relative_to_control=True, control_levels="absolute")
     assert RKHSDiffusion.from_config(model.config()).control_levels == "absolute"

@@ -202,7 +202,7 @@ def test_a_qualified_name_works_in_a_run_config(install_fake: InstallFake) -> No
     install_fake("perturbdiff-impostor", {"rbf": "perturbdiff_impostor:Impostor"}, modules={"perturbdiff_impostor": IMPOSTOR})
     config = config_from_dict({"model": {"kernel": "perturbdiff-impostor:rbf", "kernel_params": {"lengthscale": 2.0}}})
     check_plugins(config)  # what train and run do first
-    model = _model(config.model, PLACEHOLDER_SIZES)
+    model = _model(config.model, PLACEHOLDER_SIZES, "centred")
     assert type(model.kernel).__name__ == "Impostor"
     assert model.config()["kernel"]["name"] == "perturbdiff-impostor:rbf"  # what a checkpoint rebuilds it from
 

@@ -575,10 +575,67 @@ def test_a_run_records_where_its_plugins_came_from(screen_path: Path, tmp_path: 
         assert load_checkpoint(old).plugins == {}
 
 
-def test_model_control_levels_reaches_the_model() -> None:
+def test_model_control_levels_reaches_the_model(screen_path: Path, tmp_path: Path) -> None:
+    """A named value reaches the model as it is; ``auto`` on held-out combinations (their contexts are
+    trained) is ``centred``, with no line in the run summary."""
     from perturbdiff_core.runs.config import config_from_dict
     from perturbdiff_core.runs.training import PLACEHOLDER_SIZES, _model
 
-    assert _model(config_from_dict({}).model, PLACEHOLDER_SIZES).control_levels == "centred"
+    assert config_from_dict({}).model.control_levels == "auto"
+    with pytest.raises(ConfigError, match="resolve it first"):
+        _model(config_from_dict({}).model, PLACEHOLDER_SIZES)
     config = config_from_dict({"model": {"control_levels": "absolute"}})
     assert _model(config.model, PLACEHOLDER_SIZES).control_levels == "absolute"
+    combination = Trainer(tiny_config(screen_path, "model.control_levels=auto"), tmp_path / "combo", progress=False)
+    assert combination.model.control_levels == "centred"
+    assert "control cells read" not in "\n".join(run_summary(combination))
+
+
+@pytest.mark.parametrize("margin", [-0.01, 0.01])
+def test_auto_control_levels_read_a_held_out_context_at_hull_levels_only_when_the_hull_explains_it(
+    tmp_path: Path, monkeypatch, margin: float
+) -> None:
+    """``auto`` with a held-out cell type: the share of its control mean the training cell types' hull
+    explains, computed from the training contexts' and its own controls, decides against the threshold."""
+    from perturbdiff_core.diffusion.hull import explained_by_hull
+    from perturbdiff_core.runs import levels
+
+    path = tmp_path / "three.h5ad"
+    synthetic_screen(600, 40, cell_types=("t1", "t2", "t3"), seed=4).write_h5ad(path)
+    config = tiny_config(path, "split.kind=holdout_cell_type", "split.holdout=[t3]", "model.control_levels=auto")
+    trainer = Trainer(config, tmp_path / "probe", progress=False)
+    data = trainer.data
+    means = {c.cell_type: torch.from_numpy(data.read(data.control_cells(c)).mean(0, dtype=np.float64)) for c in data.contexts}
+    share = float(explained_by_hull(means["t3"][None], torch.stack([means["t1"], means["t2"]]))[0])
+    assert 0 < share < 1
+    monkeypatch.setattr(levels, "AUTO_HULL_MIN_EXPLAINED", share + margin)
+    resolved = levels.resolve_control_levels("auto", data, trainer.split, seed=5)
+    assert resolved.explained == pytest.approx({"t3": share})
+    assert resolved.name == ("hull" if margin < 0 else "centred")
+    if margin < 0:
+        torch.testing.assert_close(resolved.vertices, torch.stack([means["t1"], means["t2"]]))
+        monkeypatch.setattr("perturbdiff_core.runs.summary.AUTO_HULL_MIN_EXPLAINED", share + margin)
+        trained = Trainer(config, tmp_path / "run", progress=False)
+        assert trained.model.control_levels == "hull"
+        assert f"control cells read hull (auto: the training contexts' control means explain t3 {share:.0%}" in "\n".join(
+            run_summary(trained)
+        )
+
+
+def test_hull_context_levels_come_from_the_training_contexts_only(screen_path: Path, tmp_path: Path) -> None:
+    """model.control_levels: hull fits one control mean per training context, so the held-out cell type's
+    controls never shape the hull; the checkpoint carries the means and a resumed run keeps them."""
+    config = tiny_config(screen_path, "split.kind=holdout_cell_type", "split.holdout=[t2]", "model.control_levels=hull")
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    data = trainer.data
+    trained = {data.condition(c).context for c in trainer.split.train}
+    assert [c.cell_type for c in trained] == ["t1"]
+    expected = np.stack([data.read(data.control_cells(c)).mean(0, dtype=np.float64) for c in trained])
+    torch.testing.assert_close(trainer.model.context_levels, torch.from_numpy(expected).float())
+    held_out = data.read(data.control_cells(next(c for c in data.contexts if c.cell_type == "t2"))).mean(0)
+    assert not np.allclose(trainer.model.context_levels[0].numpy(), held_out)
+    trainer.fit(stop_at=2)
+    rebuilt = load_checkpoint(checkpoint_path(tmp_path / "run")).build_model()
+    torch.testing.assert_close(rebuilt.context_levels, trainer.model.context_levels)
+    resumed = Trainer(config, tmp_path / "run", resume=True, progress=False)
+    torch.testing.assert_close(resumed.model.context_levels, trainer.model.context_levels)

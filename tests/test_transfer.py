@@ -89,7 +89,7 @@ def test_gene_and_vocabulary_alignment_matches_a_hand_built_expectation(pretrain
     checkpoint.model_state = _randomized(checkpoint.model_state, 0)
     config = load_config(None, [*BASE, f"data.path={screens[1]}", *HOLDOUT])
     data, _ = prepare(config.data, config.split)
-    model = build_model(config.model, data)
+    model = build_model(config.model, data, "centred")
     model.load_state_dict(_randomized(model.state_dict(), 1))  # fresh weights that are not zeros
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = transfer_weights(model, checkpoint, data)

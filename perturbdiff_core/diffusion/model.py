@@ -33,6 +33,7 @@ from ..errors import ConfigError, InputError
 from ..registry import PluginSpec, resolve
 from ..validation import check_sets
 from .denoisers import Denoiser
+from .hull import nearest_in_hull
 from .parameterization import DataScale, Parameterization, check_parameterization, target, to_x0
 from .samplers import DDIMStep, DDPMStep, SamplerStep, sample, timestep_grid
 from .schedules import NoiseSchedule
@@ -49,8 +50,9 @@ def _build(group: str, spec: Spec) -> Any:
     return resolve(group, spec)
 
 
-#: What a relative model's denoiser reads of the control cells: centred on the set, or their own levels.
-CONTROL_LEVELS = ("centred", "absolute")
+#: What a relative model's denoiser reads of the control cells: centred on the set, their own levels, or
+#: their levels with the set's mean moved to the nearest mixture of the training contexts' means.
+CONTROL_LEVELS = ("centred", "absolute", "hull")
 
 
 def _cat_conditions(a: Conditioning, b: Conditioning) -> Conditioning:
@@ -97,8 +99,11 @@ class RKHSDiffusion(nn.Module):
             Needs target and control sets of the same size.
         control_levels: with ``relative_to_control``, what the denoiser reads of the control cells
             (and the templates): ``"centred"`` on each set's origin (the centre), so it sees only
-            how cells vary within the set, or ``"absolute"``, the cells plus the anchor shift, so it
-            sees the expression levels that tell one cell type from another.
+            how cells vary within the set, ``"absolute"``, the cells plus the anchor shift, so it
+            sees the expression levels that tell one cell type from another, or ``"hull"``, the
+            absolute cells with their set's mean moved to the nearest mixture of the training
+            contexts' control means (:meth:`fit_context_levels`), so a context training never saw
+            is read at the nearest levels it did see.
         ema_decay: decay of the exponential moving average of the denoiser weights
             (``torch.optim.swa_utils``); ``None`` keeps no average.
 
@@ -150,6 +155,7 @@ class RKHSDiffusion(nn.Module):
         genes = self.denoiser.num_genes
         self.register_buffer("data_mean", torch.zeros(genes))  # the edm preconditioning's per-gene mean and scale
         self.register_buffer("data_scale", torch.ones(genes))
+        self.register_buffer("context_levels", torch.zeros(0, genes))  # control_levels="hull": (contexts, genes)
         self.ema: AveragedModel | None = None
         if ema_decay is not None:
             self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -276,6 +282,24 @@ class RKHSDiffusion(nn.Module):
         cells = x0.reshape(-1, x0.shape[-1]).to(self.data_mean.dtype)
         self.data_mean.copy_(cells.mean(0))
         self.data_scale.copy_(cells.std(0).clamp_min(floor))
+
+    @torch.no_grad()
+    def fit_context_levels(self, levels: Tensor) -> None:
+        """Set the training contexts' control means ``(contexts, genes)``, the vertices of the hull that
+        ``control_levels="hull"`` moves each set's mean into (the trainer sets them from the training split)."""
+        if levels.dim() != 2 or levels.shape[1] != self.data_mean.shape[0] or levels.shape[0] == 0:
+            raise InputError(
+                f"context levels must be (contexts, {self.data_mean.shape[0]} genes) with at least one context; "
+                f"got {tuple(levels.shape)}."
+            )
+        self.context_levels = levels.to(self.data_mean)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """As nn.Module's, with ``context_levels`` first resized to the saved number of contexts."""
+        saved = state_dict.get(prefix + "context_levels")
+        if saved is not None and saved.dim() == 2 and saved.shape[1] == self.context_levels.shape[1]:
+            self.context_levels = self.context_levels.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def frame(self, x0: Tensor, cond: Conditioning) -> Tensor:
         """Clean sets ``x0`` as the model diffuses them: minus each set's origin when ``relative_to_control``."""
@@ -410,12 +434,27 @@ class RKHSDiffusion(nn.Module):
         shift (when ``cond.shift`` is given), or with ``origin="cell"`` each control cell plus the
         shift, ``(B, S, G)``."""
         shift = 0.0 if cond.shift is None else cond.shift.unsqueeze(-2).to(cond.control.dtype)
-        centre = cond.control.mean(dim=-2, keepdim=True) + shift
+        mean = cond.control.mean(dim=-2, keepdim=True)
+        centre = mean + shift
         moved = cond.control + shift
-        control = cond.control - centre if self.control_levels == "centred" else moved
+        if self.control_levels == "centred":
+            control = cond.control - centre
+        elif self.control_levels == "absolute":
+            control = moved
+        else:
+            control = moved - mean + self._in_hull(mean)
         if self.origin == "cell":
             return replace(cond, control=control, template=control), moved
         return replace(cond, control=control), centre
+
+    def _in_hull(self, means: Tensor) -> Tensor:
+        """``means`` moved to the nearest mixtures of the training contexts' control means."""
+        if self.context_levels.shape[0] == 0:
+            raise ConfigError(
+                "control_levels='hull' needs the training contexts' control means: call "
+                "model.fit_context_levels(levels) before training (perturbdiff train does)."
+            )
+        return nearest_in_hull(means, self.context_levels)
 
     @staticmethod
     def _make_step(sampler: str, eta: float | None) -> SamplerStep:

@@ -84,8 +84,12 @@ class ModelConfig:
             and counts where nothing changes) or ``set`` (one origin per set: the control mean plus
             the anchor's shift with an anchor, none without).
         control_levels: what the denoiser reads of the control cells and templates: ``centred`` on
-            each set's origin (only the variation within the set), or ``absolute`` (their expression
-            levels, which tell cell types apart; measured in the README, not the default).
+            each set's origin (only the variation within the set), ``absolute`` (their expression
+            levels, which tell cell types apart), ``hull`` (their levels with the set's mean moved to
+            the nearest mixture of the training contexts' control means, so a held-out context reads
+            as the trained ones nearest it), or ``auto``: ``hull`` where the test has contexts
+            training lacks and the training contexts' means explain at least 25% of each one's
+            (a held-out cell type of a tissue), ``centred`` otherwise (measured in the README).
     """
 
     denoiser: str = "cross_dit"
@@ -104,7 +108,7 @@ class ModelConfig:
     relative_to_control: bool = False
     anchor: str = "none"
     origin: Literal["set", "cell"] = "cell"
-    control_levels: Literal["centred", "absolute"] = "centred"
+    control_levels: Literal["auto", "centred", "absolute", "hull"] = "auto"
 
     @property
     def anchor_name(self) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..data.sources import data_path_name
 from ..threads import threads_line
+from .levels import AUTO_HULL_MIN_EXPLAINED
 
 if TYPE_CHECKING:
     from .training import Trainer
@@ -41,6 +42,17 @@ def _context_dropout(trainer: Trainer) -> str:
         return ""
     unseen = trainer.data.unseen_contexts(trainer.split.test)
     return f", context dropout {trainer.context_drop_prob:g}" + (f" (unseen in training: {_names(unseen)})" if unseen else "")
+
+
+def _control_levels(trainer: Trainer) -> list[str]:
+    """A line on what the denoiser reads of the control cells, unless ``centred`` was simply asked for."""
+    levels = trainer.control_levels
+    if levels.name == "centred" and not levels.explained:
+        return []
+    shares = ", ".join(f"{label} {share:.0%}" for label, share in levels.explained.items())
+    why = (f" (auto: the training contexts' control means explain {shares} of the held-out ones'; hull needs "
+           f"{AUTO_HULL_MIN_EXPLAINED:.0%})") if shares else ""
+    return [f"       control cells read {levels.name}{why}"]
 
 
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
@@ -67,6 +79,7 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
         f"       {held}{_names(split.test)}",
         f"model  {model.denoiser}{f' ({size})' if size else ''}, {parameters / 1e6:.2f} M parameters; "
         f"{model.kernel} kernel, {model.estimator} estimator, lambda {model.mmd_weight:g}{anchor}",
+        *_control_levels(trainer),
         f"train  {config.train.steps} steps x {config.train.batch_size} sets of {config.data.set_size} cells on "
         f"{trainer.device}{start}, {threads_line(trainer.threads)}{_context_dropout(trainer)}",
     ]

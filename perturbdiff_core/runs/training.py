@@ -48,6 +48,7 @@ from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .folder import RunDir
+from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
 from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
@@ -131,15 +132,16 @@ def _unavailable(device: torch.device) -> str | None:
     return None
 
 
-def build_model(config: ModelConfig, data: PerturbationData) -> RKHSDiffusion:
-    """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies)."""
+def build_model(config: ModelConfig, data: PerturbationData, control_levels: str | None = None) -> RKHSDiffusion:
+    """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies);
+    ``control_levels``, when given, replaces the config's (``auto`` resolved by :func:`~.levels.resolve_control_levels`)."""
     sizes = {
         "num_genes": data.n_genes,
         "perturbation_dim": max(1, data.encoder.dim),  # a marginal model's one-hot encoder is empty; it gets zeros
         "num_cell_types": len(data.vocabularies["cell_type"]),
         "num_batches": len(data.vocabularies["batch"]),
     }
-    return _model(config, sizes)
+    return _model(config, sizes, control_levels)
 
 
 DENOISERS = "perturbdiff.denoisers"
@@ -151,16 +153,23 @@ PLACEHOLDER_SIZES = {"num_genes": 8, "perturbation_dim": 2, "num_cell_types": 2,
 def check_plugins(config: RunConfig) -> None:
     """Build every plug-in a run names (the model at placeholder data sizes, the perturbation encoder),
     so a misspelt name or a bad parameter fails in a second, before the data are read."""
-    _model(config.model, PLACEHOLDER_SIZES)
+    _model(config.model, PLACEHOLDER_SIZES, "centred")  # control_levels: auto is resolved once the data are read
     plugin_spec(config.data, "encoder").build("perturbdiff.encoders")
 
 
-def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
-    """The model of ``config`` with a denoiser of the given data sizes."""
+def _model(config: ModelConfig, sizes: dict[str, int], control_levels: str | None = None) -> RKHSDiffusion:
+    """The model of ``config`` with a denoiser of the given data sizes; ``control_levels``, when given,
+    replaces the config's (``auto`` resolved)."""
     reserved = {*sizes, "name", "templates"} & set(config.denoiser_params)
     if reserved:
         raise ConfigError(
             f"model.denoiser_params sets {', '.join(sorted(reserved))}, which come from the data or the model; remove them."
+        )
+    levels = control_levels or config.control_levels
+    if levels == "auto":
+        raise ConfigError(
+            "model.control_levels: auto depends on the data and the split; resolve it first with "
+            "perturbdiff_core.runs.levels.resolve_control_levels and pass the result as control_levels."
         )
     # per-cell origins: a denoiser that can read each target cell's control cell is told to
     templates = {"templates": True} if config.origin == "cell" and accepts(DENOISERS, config.denoiser, "templates") else {}
@@ -177,7 +186,7 @@ def _model(config: ModelConfig, sizes: dict[str, int]) -> RKHSDiffusion:
         ema_decay=config.ema_decay,
         relative_to_control=config.anchor_name != NO_ANCHOR or config.origin == "cell",
         origin=config.origin,
-        control_levels=config.control_levels,
+        control_levels=levels,
     )
 
 
@@ -385,6 +394,7 @@ class Trainer:
             self.split: Split = checkpoint.split
             self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)
+            self.control_levels = ControlLevels(self.model.control_levels)
         else:
             if has_checkpoint(self.run_dir):
                 raise ConfigError(
@@ -396,12 +406,15 @@ class Trainer:
             with reading:
                 self.data, self.split = self._prepare(source, init)
             torch.manual_seed(config.seed)
-            model = build_model(config.model, self.data)
+            self.control_levels = resolve_control_levels(config.model.control_levels, self.data, self.split, config.seed)
+            model = build_model(config.model, self.data, self.control_levels.name)
             if init is not None:
                 self.transfer = transfer_weights(model, init, self.data, source=str(config.train.init_from))
                 if distributed.is_main():
                     self.transfer.write(self.run_dir)
             self.model = model.to(self.device)
+            if self.control_levels.vertices is not None:
+                self.model.fit_context_levels(self.control_levels.vertices)
         apply_threads(self.threads)  # after the data are read: scanpy's numba calls reset the count
         self.context_drop_prob = resolve_context_drop(config.train.context_drop_prob, self.data, self.split.test)
         self.params = self.model.trainable_parameters()
