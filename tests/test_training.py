@@ -617,7 +617,7 @@ def test_auto_control_levels_read_a_held_out_context_at_hull_levels_only_when_th
         monkeypatch.setattr("perturbdiff_core.runs.summary.AUTO_HULL_MIN_EXPLAINED", share + margin)
         trained = Trainer(config, tmp_path / "run", progress=False)
         assert trained.model.control_levels == "hull"
-        assert f"control cells read hull (auto: the training contexts' control means explain t3 {share:.0%}" in "\n".join(
+        assert f"control cells read hull (auto: the training contexts' control means explain {share:.0%} of t3's;" in "\n".join(
             run_summary(trained)
         )
 

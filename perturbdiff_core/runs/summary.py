@@ -49,9 +49,8 @@ def _control_levels(trainer: Trainer) -> list[str]:
     levels = trainer.control_levels
     if levels.name == "centred" and not levels.explained:
         return []
-    shares = ", ".join(f"{label} {share:.0%}" for label, share in levels.explained.items())
-    why = (f" (auto: the training contexts' control means explain {shares} of the held-out ones'; hull needs "
-           f"{AUTO_HULL_MIN_EXPLAINED:.0%})") if shares else ""
+    shares = ", ".join(f"{share:.0%} of {label}'s" for label, share in levels.explained.items())
+    why = f" (auto: the training contexts' control means explain {shares}; hull needs {AUTO_HULL_MIN_EXPLAINED:.0%})" if shares else ""
     return [f"       control cells read {levels.name}{why}"]
 
 
