@@ -37,7 +37,6 @@ class ControlLevels:
     name: str
     vertices: Tensor | None = None
     explained: dict[str, float] = field(default_factory=dict)
-    auto: bool = False
 
 
 def context_means(data: PerturbationData, contexts: Sequence[Context], seed: int) -> Tensor:
@@ -68,11 +67,12 @@ def resolve_control_levels(levels: str, data: PerturbationData, split: Split, se
     vertices = context_means(data, trained, seed)
     if levels == "hull":
         return ControlLevels("hull", vertices)
-    unseen = [c for c in _contexts(data, split.test) if c not in set(trained)]
+    known = set(trained)
+    unseen = [c for c in _contexts(data, split.test) if c not in known]
     if not unseen:
-        return ControlLevels("centred", auto=True)
+        return ControlLevels("centred")
     shares = explained_by_hull(context_means(data, unseen, seed), vertices)
     explained = {c.label: float(share) for c, share in zip(unseen, shares)}
     if min(explained.values()) >= AUTO_HULL_MIN_EXPLAINED:
-        return ControlLevels("hull", vertices, explained, auto=True)
-    return ControlLevels("centred", explained=explained, auto=True)
+        return ControlLevels("hull", vertices, explained)
+    return ControlLevels("centred", explained=explained)
