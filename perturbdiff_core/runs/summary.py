@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..data.sources import data_path_name
 from ..threads import threads_line
-from .levels import AUTO_HULL_MIN_EXPLAINED
+from . import levels as levels_rule
 
 if TYPE_CHECKING:
     from .training import Trainer
@@ -50,7 +50,7 @@ def _control_levels(trainer: Trainer) -> list[str]:
     if levels.name == "centred" and not levels.explained:
         return []
     shares = ", ".join(f"{share:.0%} of {label}'s" for label, share in levels.explained.items())
-    why = f" (auto: the training contexts' control means explain {shares}; hull needs {AUTO_HULL_MIN_EXPLAINED:.0%})" if shares else ""
+    why = f" (auto: the training contexts' control means explain {shares}; hull needs {levels_rule.AUTO_HULL_MIN_EXPLAINED:.0%})" if shares else ""
     return [f"       control cells read {levels.name}{why}"]
 
 
