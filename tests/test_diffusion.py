@@ -473,6 +473,10 @@ def test_hull_context_levels_survive_a_checkpoint_round_trip():
     plain_rebuilt = RKHSDiffusion.from_config(plain.config())
     plain_rebuilt.load_state_dict(plain.state_dict())
     assert plain_rebuilt.context_levels.shape == (0, G)
+    older = {k: v for k, v in plain.state_dict().items() if k != "context_levels"}  # written before the buffer
+    RKHSDiffusion.from_config(plain.config()).load_state_dict(older)
+    with pytest.raises(RuntimeError, match="context_levels"):  # a hull model needs its vertices
+        RKHSDiffusion.from_config(model.config()).load_state_dict(older)
 
 
 def test_control_levels_are_checked_and_survive_a_config_round_trip():

@@ -295,8 +295,12 @@ class RKHSDiffusion(nn.Module):
         self.context_levels = levels.to(self.data_mean)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        """As nn.Module's, with ``context_levels`` first resized to the saved number of contexts."""
-        saved = state_dict.get(prefix + "context_levels")
+        """As nn.Module's, with ``context_levels`` first resized to the saved number of contexts (none in
+        checkpoints written before ``control_levels="hull"`` existed, whose models read no hull)."""
+        key = prefix + "context_levels"
+        if key not in state_dict and self.control_levels != "hull":
+            state_dict[key] = self.context_levels.new_zeros(0, self.context_levels.shape[1])
+        saved = state_dict.get(key)
         if saved is not None and saved.dim() == 2 and saved.shape[1] == self.context_levels.shape[1]:
             self.context_levels = self.context_levels.new_zeros(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, *args)
