@@ -44,7 +44,7 @@ LAST, PREVIOUS = LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 
 
 #: Checkpoint fields that older checkpoints lack: read as empty.
-_OPTIONAL = frozenset({"plugins"})
+_OPTIONAL = frozenset({"plugins", "unseen_context_change"})
 
 
 class CheckpointError(PerturbDiffError):
@@ -58,7 +58,9 @@ class Checkpoint:
     ``history`` is one dict per training step (``loss``, ``mse``, ``mmd``, ``lr``);
     ``validation`` maps a step to its validation MMD^2; ``plugins`` is
     :func:`~perturbdiff_core.runs.config.plugin_records` of the run config, filled in when saved
-    (empty in checkpoints written before it was recorded).
+    (empty in checkpoints written before it was recorded); ``unseen_context_change`` is the share of
+    its change a context training never saw keeps, resolved from the training data when
+    ``sample.unseen_context_change`` is ``auto`` (1, all of it, in checkpoints written before it existed).
     """
 
     step: int
@@ -73,6 +75,7 @@ class Checkpoint:
     validation: dict[int, float]
     version: str = __version__
     plugins: dict[str, Any] = field(default_factory=dict)
+    unseen_context_change: float = 1.0
 
     @property
     def complete(self) -> bool:

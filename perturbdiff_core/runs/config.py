@@ -192,6 +192,10 @@ class SampleConfig:
         change_z: genes whose predicted mean change from the control cells the sets were sampled
             from is below ``change_z`` standard errors keep those control cells' values (see
             :func:`~perturbdiff_core.runs.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
+        unseen_context_change: the share of the sampled change kept by a condition whose cell type or
+            batch training never saw: each of its cells moves that far from its control cell towards the
+            sample (0 predicts the control cells, 1 the sample). ``auto`` measures it on the training
+            conditions (see :mod:`~perturbdiff_core.runs.unseen`); trained contexts always keep all of it.
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
@@ -207,6 +211,7 @@ class SampleConfig:
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     rounding: Literal["nearest", "stochastic"] = "stochastic"
     change_z: float | None = 4.0
+    unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10
 

@@ -19,6 +19,7 @@ from ..data.batch import Conditioning
 from ..data.dataset import Condition, PerturbationData
 from ..data.output_space import decode_cells, resolve_output_space
 from ..diffusion.model import RKHSDiffusion
+from ..errors import InputError
 from ..evaluation.predictors import Predictor
 from .checkpoint import Checkpoint
 from .config import SampleConfig
@@ -39,6 +40,9 @@ class DiffusionPredictor(Predictor):
         device: where sampling runs (the model is moved there).
         anchor: the fitted ``model.anchor`` predictor of a model trained with one (see
             :mod:`~perturbdiff_core.runs.anchor`); ``None`` for a model without.
+        unseen_context_change: the share of the sampled change kept where the condition's cell type or
+            batch was not trained (the run's resolved ``sample.unseen_context_change``, see
+            :mod:`~perturbdiff_core.runs.unseen`); trained contexts keep all of it.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
@@ -52,11 +56,15 @@ class DiffusionPredictor(Predictor):
         *,
         device: torch.device | str = "cpu",
         anchor: Predictor | None = None,
+        unseen_context_change: float = 1.0,
     ) -> None:
+        if not 0.0 <= unseen_context_change <= 1.0:
+            raise InputError(f"unseen_context_change must be in [0, 1], got {unseen_context_change}.")
         self.sample = SampleConfig() if sample is None else sample
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.anchor = anchor
+        self.unseen_context_change = unseen_context_change
 
     @classmethod
     def from_checkpoint(
@@ -67,8 +75,12 @@ class DiffusionPredictor(Predictor):
         device: torch.device | str = "cpu",
         anchor: Predictor | None = None,
     ) -> DiffusionPredictor:
-        """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config)."""
-        return cls(checkpoint.build_model(device), sample or checkpoint.run_config.sample, device=device, anchor=anchor)
+        """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
+        its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
+        sample = sample or checkpoint.run_config.sample
+        setting = sample.unseen_context_change
+        unseen = checkpoint.unseen_context_change if setting == "auto" else float(setting)
+        return cls(checkpoint.build_model(device), sample, device=device, anchor=anchor, unseen_context_change=unseen)
 
     @torch.no_grad()
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
@@ -96,6 +108,8 @@ class DiffusionPredictor(Predictor):
             )
             chunks.append(sampled.cpu())
         cells, donors = torch.cat(chunks).reshape(-1, data.n_genes), cond.control.reshape(-1, data.n_genes)
+        if self.unseen_context_change != 1.0 and data.unseen_contexts([condition]):
+            cells = donors + self.unseen_context_change * (cells - donors)
         if cfg.change_z is not None:
             cells = keep_unchanged(cells[:n_cells], donors[:n_cells], cfg.change_z)
         if space == "counts":

@@ -51,7 +51,10 @@ def predict_all(
     apply_threads(trainer.threads)
     baselines = evaluation_plugins(config) if baselines is None else baselines
     n_cells, seed = config.sample.n_cells, config.seed
-    model = DiffusionPredictor(trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor)
+    model = DiffusionPredictor(
+        trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor,
+        unseen_context_change=trainer.unseen_context_change.scale,
+    )
     predictions = {
         MODEL: predict_anndata(
             model, data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations, progress=trainer.progress

@@ -54,6 +54,22 @@ def _control_levels(trainer: Trainer) -> list[str]:
     return [f"       control cells read {levels.name}{why}"]
 
 
+def _unseen_context_change(trainer: Trainer) -> list[str]:
+    """A line on the share of the change kept in the test's unseen contexts, when the test has any."""
+    unseen = trainer.data.unseen_contexts(trainer.split.test)
+    if not unseen:
+        return []
+    change = trainer.unseen_context_change
+    if change.slope is not None:
+        why = (f" (auto: in training, the other contexts' mean change predicts a context's by a factor {change.slope:.2f}, "
+               f"over {_plural(change.pairs, '(perturbation, context) pair')})")
+    elif trainer.config.sample.unseen_context_change == "auto":
+        why = " (auto: no training perturbation was seen in two contexts, nothing to measure)"
+    else:
+        why = ""
+    return [f"sample predictions for {_names(unseen)} (unseen in training) keep {change.scale:.0%} of the sampled change{why}"]
+
+
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     """The lines printed before ``trainer`` trains (``source_name``: how to call data given in memory)."""
     config, data, split = trainer.config, trainer.data, trainer.split
@@ -81,4 +97,5 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
         *_control_levels(trainer),
         f"train  {config.train.steps} steps x {config.train.batch_size} sets of {config.data.set_size} cells on "
         f"{trainer.device}{start}, {threads_line(trainer.threads)}{_context_dropout(trainer)}",
+        *_unseen_context_change(trainer),
     ]

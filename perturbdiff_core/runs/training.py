@@ -52,6 +52,7 @@ from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
 from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
+from .unseen import UnseenContextChange, resolve_unseen_context_change
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
 LOG_COLUMNS = ("step", "loss", "mse", "mmd", "lr", "val_mmd")
@@ -395,6 +396,10 @@ class Trainer:
             self.split.apply(self.data)
             self.model = checkpoint.build_model(self.device)
             self.control_levels = ControlLevels(self.model.control_levels)
+            setting = config.sample.unseen_context_change
+            self.unseen_context_change = UnseenContextChange(
+                checkpoint.unseen_context_change if setting == "auto" else float(setting)
+            )
         else:
             if has_checkpoint(self.run_dir):
                 raise ConfigError(
@@ -407,6 +412,9 @@ class Trainer:
                 self.data, self.split = self._prepare(source, init)
             torch.manual_seed(config.seed)
             self.control_levels = resolve_control_levels(config.model.control_levels, self.data, self.split, config.seed)
+            self.unseen_context_change = resolve_unseen_context_change(
+                config.sample.unseen_context_change, self.data, self.split, config.seed
+            )
             model = build_model(config.model, self.data, self.control_levels.name)
             if init is not None:
                 self.transfer = transfer_weights(model, init, self.data, source=str(config.train.init_from))
@@ -623,6 +631,7 @@ class Trainer:
             split=self.split,
             history=self.history,
             validation=self.validation,
+            unseen_context_change=self.unseen_context_change.scale,
         )
         self.write_log()
         path = save_checkpoint(self.checkpoint_file, checkpoint, previous=previous_path(self.run_dir))
