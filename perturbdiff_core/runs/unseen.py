@@ -5,7 +5,7 @@ guess carried over from the trained contexts, and the training data can measure 
 worth: predict each training context's change under a perturbation by the mean change of the other
 contexts under it, and fit the one factor that minimises the squared error over every such
 (perturbation, context) pair. ``auto`` scales the change sampled for an unseen context by that factor
-(clipped to [0, 1]). Interferon's change carries across PBMC cell types (0.90-0.92 on kang18, each
+(clipped to [0, 1]). Interferon's change carries across PBMC cell types (0.87-0.90 on kang18, each
 type held out in turn); a CRISPRi knock-down's change in one glioma line says almost nothing about
 another (0.00-0.06), and there the model's carried-over change was worse than predicting the held-out
 line's control cells (README, "How a prediction becomes cells").
