@@ -32,7 +32,8 @@ def three_types(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def held_out_t3(path: Path, *overrides: str):
-    return tiny_config(path, "split.kind=holdout_cell_type", "split.holdout=[t3]", *overrides)
+    """t3 held out, read centred (where ``auto`` measures the factor) unless ``overrides`` say otherwise."""
+    return tiny_config(path, "split.kind=holdout_cell_type", "split.holdout=[t3]", "model.control_levels=centred", *overrides)
 
 
 def test_the_factor_is_the_least_squares_fit_of_each_context_on_the_others_mean() -> None:
@@ -70,7 +71,7 @@ def test_auto_is_measured_on_the_training_conditions_and_never_reads_held_out_ce
     data, split = trainer.data, trainer.split
     assert {data.condition(c).cell_type for c in split.train} == {"t1", "t2"}
     slope, pairs = _training_slope(ad.read_h5ad(three_types), split.train)
-    resolved = resolve_unseen_context_change("auto", data, split, seed=5)
+    resolved = resolve_unseen_context_change("auto", data, split, seed=5, control_levels="centred")
     assert resolved.pairs == pairs == 8  # A, B, C, A+B in t1 and t2
     assert resolved.slope == pytest.approx(slope, rel=1e-9)
     assert resolved.scale == pytest.approx(min(max(slope, 0.0), 1.0))
@@ -82,8 +83,12 @@ def test_auto_is_measured_on_the_training_conditions_and_never_reads_held_out_ce
     dense[held] = np.random.default_rng(1).permutation(dense[held].ravel()).reshape(dense[held].shape) * 3.0
     scrambled.X = dense
     other = Trainer(held_out_t3(three_types), tmp_path / "scrambled", source=scrambled, progress=False)
-    assert resolve_unseen_context_change("auto", other.data, other.split, seed=5) == resolved
-    assert resolve_unseen_context_change(0.3, data, split, seed=5).scale == 0.3  # a number is kept as given
+    assert resolve_unseen_context_change("auto", other.data, other.split, seed=5, control_levels="centred") == resolved
+    assert resolve_unseen_context_change(0.3, data, split, seed=5, control_levels="centred").scale == 0.3  # as given
+    for levels in ("hull", "absolute"):  # the denoiser reads the context's levels: its change is kept whole
+        assert resolve_unseen_context_change("auto", data, split, seed=5, control_levels=levels) == (
+            resolve_unseen_context_change(1.0, data, split, seed=5, control_levels="centred")
+        )
 
 
 def test_the_summary_names_the_unseen_contexts_and_the_measured_factor(three_types: Path, tmp_path: Path) -> None:
@@ -94,6 +99,12 @@ def test_the_summary_names_the_unseen_contexts_and_the_measured_factor(three_typ
         f"the other contexts' mean change predicts a context's by a factor {change.slope:.2f}, over 8 (perturbation, context) pairs)"
     )
     assert expected in run_summary(trainer)
+    hull = Trainer(held_out_t3(three_types, "model.control_levels=hull"), tmp_path / "hull", progress=False)
+    assert hull.unseen_context_change.scale == 1.0
+    assert (
+        "sample predictions for t3 (unseen in training) keep 100% of the sampled change "
+        "(auto: the denoiser reads their control cells' levels, control_levels hull)"
+    ) in run_summary(hull)
     combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B held out in trained types
     assert not any(line.startswith("sample") for line in run_summary(combination))
 

@@ -194,8 +194,9 @@ class SampleConfig:
             :func:`~perturbdiff_core.runs.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
         unseen_context_change: the share of the sampled change kept by a condition whose cell type or
             batch training never saw: each of its cells moves that far from its control cell towards the
-            sample (0 predicts the control cells, 1 the sample). ``auto`` measures it on the training
-            conditions (see :mod:`~perturbdiff_core.runs.unseen`); trained contexts always keep all of it.
+            sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a
+            context centred (``model.control_levels``), the share measured on the training conditions;
+            elsewhere all of it (see :mod:`~perturbdiff_core.runs.unseen`). Trained contexts keep all of it.
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real

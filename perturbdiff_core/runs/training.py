@@ -413,7 +413,7 @@ class Trainer:
             torch.manual_seed(config.seed)
             self.control_levels = resolve_control_levels(config.model.control_levels, self.data, self.split, config.seed)
             self.unseen_context_change = resolve_unseen_context_change(
-                config.sample.unseen_context_change, self.data, self.split, config.seed
+                config.sample.unseen_context_change, self.data, self.split, config.seed, self.control_levels.name
             )
             model = build_model(config.model, self.data, self.control_levels.name)
             if init is not None:

@@ -1,14 +1,18 @@
 """How much of its predicted change a context training never saw keeps (``sample.unseen_context_change``).
 
-In a context the run never trained on (a held-out cell type, line or batch), the model's change is a
-guess carried over from the trained contexts, and the training data can measure what such a guess is
-worth: predict each training context's change under a perturbation by the mean change of the other
-contexts under it, and fit the one factor that minimises the squared error over every such
-(perturbation, context) pair. ``auto`` scales the change sampled for an unseen context by that factor
-(clipped to [0, 1]). Interferon's change carries across PBMC cell types (0.87-0.90 on kang18, each
-type held out in turn); a CRISPRi knock-down's change in one glioma line says almost nothing about
-another (0.00-0.06), and there the model's carried-over change was worse than predicting the held-out
-line's control cells (README, "How a prediction becomes cells").
+Where the denoiser reads an unseen context's control cells centred on their mean
+(``model.control_levels`` ``centred``, what ``auto`` picks for a context the trained ones do not
+span), nothing tells it which context it is: its change there is the trained contexts' change
+carried over blind, and the training data can measure what that is worth. Predict each training
+context's change under a perturbation by the mean change of the other contexts under it, and fit
+the one factor that minimises the squared error over every such (perturbation, context) pair;
+``auto`` scales the change sampled for an unseen context by that factor, clipped to [0, 1]. A
+CRISPRi knock-down's change in one glioma line says almost nothing about another's (0.00-0.06),
+and the model's carried-over change there was worse than predicting the held-out line's control
+cells. Where the denoiser reads the context's levels (``hull``, ``absolute``) it shapes the change
+to that context, and ``auto`` keeps all of it: scaling it by the same factor (0.87-0.90 for held-out
+PBMC cell types, 0.95-0.99 with the others weighted by the hull mixture) cost the held-out
+monocytes more than it gained the T cells (README, "How a prediction becomes cells").
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class UnseenContextChange:
     Attributes:
         scale: the factor in [0, 1] applied to the change sampled for a condition in an unseen context.
         pairs: the (perturbation, context) pairs ``auto`` measured it on; 0 for a number given in the config,
-            or where no training perturbation was seen in two contexts (then ``scale`` is 1: nothing to go by).
+            where the denoiser reads the contexts' levels, or where no training perturbation was seen in
+            two contexts (``scale`` is then 1).
         slope: the measured least-squares factor before clipping (``None`` when nothing was measured).
     """
 
@@ -96,12 +101,17 @@ def training_changes(
     return changes
 
 
-def resolve_unseen_context_change(setting: float | str, data: PerturbationData, split: Split, seed: int) -> UnseenContextChange:
-    """``sample.unseen_context_change`` for a run on ``split``: a number as given; ``auto`` the clipped
-    leave-one-context-out factor of the training conditions (no test or held-out cell is read), 1 when
-    no training perturbation was seen in two contexts."""
+def resolve_unseen_context_change(
+    setting: float | str, data: PerturbationData, split: Split, seed: int, control_levels: str
+) -> UnseenContextChange:
+    """``sample.unseen_context_change`` for a run on ``split`` whose denoiser reads ``control_levels``
+    (resolved): a number as given; ``auto`` 1 unless the levels are ``centred``, then the clipped
+    leave-one-context-out factor of the training conditions (no test or held-out cell is read), or 1
+    when no training perturbation was seen in two contexts."""
     if setting != "auto":
         return UnseenContextChange(float(setting))
+    if control_levels != "centred":
+        return UnseenContextChange(1.0)
     slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
     if slope is None:
         return UnseenContextChange(1.0, pairs)
