@@ -86,9 +86,8 @@ def test_auto_is_measured_on_the_training_conditions_and_never_reads_held_out_ce
     assert resolve_unseen_context_change("auto", other.data, other.split, seed=5, control_levels="centred") == resolved
     assert resolve_unseen_context_change(0.3, data, split, seed=5, control_levels="centred").scale == 0.3  # as given
     for levels in ("hull", "absolute"):  # the denoiser reads the context's levels: its change is kept whole
-        assert resolve_unseen_context_change("auto", data, split, seed=5, control_levels=levels) == (
-            resolve_unseen_context_change(1.0, data, split, seed=5, control_levels="centred")
-        )
+        kept = resolve_unseen_context_change("auto", data, split, seed=5, control_levels=levels)
+        assert (kept.scale, kept.pairs, kept.slope) == (1.0, 0, None)
 
 
 def test_the_summary_names_the_unseen_contexts_and_the_measured_factor(three_types: Path, tmp_path: Path) -> None:
@@ -144,6 +143,7 @@ def test_the_checkpoint_carries_the_resolved_factor(three_types: Path, tmp_path:
     assert DiffusionPredictor.from_checkpoint(checkpoint, given).unseen_context_change == 0.25
     resumed = Trainer(held_out_t3(three_types), run, resume=True, progress=False)
     assert resumed.unseen_context_change.scale == trainer.unseen_context_change.scale
+    assert "as the run resolved it when it started" in "\n".join(run_summary(resumed))
     payload = torch.load(checkpoint_path(run), weights_only=True)
     older = tmp_path / "older.pt"
     torch.save({k: v for k, v in payload.items() if k != "unseen_context_change"}, older)

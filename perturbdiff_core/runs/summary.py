@@ -60,15 +60,7 @@ def _unseen_context_change(trainer: Trainer) -> list[str]:
     if not unseen:
         return []
     change = trainer.unseen_context_change
-    if change.slope is not None:
-        why = (f" (auto: in training, the other contexts' mean change predicts a context's by a factor {change.slope:.2f}, "
-               f"over {_plural(change.pairs, '(perturbation, context) pair')})")
-    elif trainer.config.sample.unseen_context_change == "auto" and trainer.control_levels.name != "centred":
-        why = f" (auto: the denoiser reads their control cells' levels, control_levels {trainer.control_levels.name})"
-    elif trainer.config.sample.unseen_context_change == "auto":
-        why = " (auto: no training perturbation was seen in two contexts, nothing to measure)"
-    else:
-        why = ""
+    why = f" ({change.why})" if change.why else ""
     return [f"sample predictions for {_names(unseen)} (unseen in training) keep {change.scale:.0%} of the sampled change{why}"]
 
 

@@ -397,8 +397,9 @@ class Trainer:
             self.model = checkpoint.build_model(self.device)
             self.control_levels = ControlLevels(self.model.control_levels)
             setting = config.sample.unseen_context_change
-            self.unseen_context_change = UnseenContextChange(
-                checkpoint.unseen_context_change if setting == "auto" else float(setting)
+            self.unseen_context_change = (
+                UnseenContextChange(checkpoint.unseen_context_change, why="auto: as the run resolved it when it started")
+                if setting == "auto" else UnseenContextChange(float(setting))
             )
         else:
             if has_checkpoint(self.run_dir):

@@ -38,11 +38,13 @@ class UnseenContextChange:
             where the denoiser reads the contexts' levels, or where no training perturbation was seen in
             two contexts (``scale`` is then 1).
         slope: the measured least-squares factor before clipping (``None`` when nothing was measured).
+        why: how ``auto`` chose ``scale``, for the run summary (empty for a number given in the config).
     """
 
     scale: float
     pairs: int = 0
     slope: float | None = None
+    why: str = ""
 
 
 def leave_one_context_out_slope(changes: Mapping[tuple[str, Context], np.ndarray]) -> tuple[float | None, int]:
@@ -111,8 +113,10 @@ def resolve_unseen_context_change(
     if setting != "auto":
         return UnseenContextChange(float(setting))
     if control_levels != "centred":
-        return UnseenContextChange(1.0)
+        return UnseenContextChange(1.0, why=f"auto: the denoiser reads their control cells' levels, control_levels {control_levels}")
     slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
     if slope is None:
-        return UnseenContextChange(1.0, pairs)
-    return UnseenContextChange(min(max(slope, 0.0), 1.0), pairs, slope)
+        return UnseenContextChange(1.0, pairs, why="auto: no training perturbation was seen in two contexts, nothing to measure")
+    why = (f"auto: in training, the other contexts' mean change predicts a context's by a factor {slope:.2f}, "
+           f"over {pairs} (perturbation, context) pair{'' if pairs == 1 else 's'}")
+    return UnseenContextChange(min(max(slope, 0.0), 1.0), pairs, slope, why)
