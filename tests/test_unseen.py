@@ -148,3 +148,22 @@ def test_the_checkpoint_carries_the_resolved_factor(three_types: Path, tmp_path:
     older = tmp_path / "older.pt"
     torch.save({k: v for k, v in payload.items() if k != "unseen_context_change"}, older)
     assert load_checkpoint(older).unseen_context_change == 1.0  # written before the factor: all of the change, as then
+
+
+def test_the_factor_reads_a_bounded_sample_of_a_large_screen(three_types: Path, tmp_path: Path, monkeypatch) -> None:
+    """At most FACTOR_PERTURBATIONS perturbations and FACTOR_CELLS cells per condition are read."""
+    from perturbdiff_core.runs import unseen
+
+    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
+    data, split = trainer.data, trainer.split
+    full = unseen.training_changes(data, split.train, seed=5)
+    monkeypatch.setattr(unseen, "FACTOR_PERTURBATIONS", 2)
+    monkeypatch.setattr(unseen, "FACTOR_CELLS", 10)
+    read: list[int] = []
+    original = data.read
+    monkeypatch.setattr(data, "read", lambda rows: read.append(len(rows)) or original(rows))
+    bounded = unseen.training_changes(data, split.train, seed=5)
+    assert len({p for p, _ in bounded}) == 2 and {c.cell_type for _, c in bounded} == {"t1", "t2"}
+    assert set(bounded) < set(full)
+    assert sorted(read)[: len(bounded)] == [10] * len(bounded)  # each condition's 10 cells, then the controls
+    assert all(not np.allclose(bounded[key], full[key]) for key in bounded)  # a sample, not the whole condition

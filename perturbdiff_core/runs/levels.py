@@ -39,15 +39,17 @@ class ControlLevels:
     explained: dict[str, float] = field(default_factory=dict)
 
 
+def mean_of_rows(data: PerturbationData, rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """``(genes,)`` float64 mean of the cells ``rows``, of ``cap`` of them drawn with ``rng`` when there are more."""
+    if len(rows) > cap:
+        rows = np.sort(rng.choice(rows, cap, replace=False))
+    return data.read(rows).mean(0, dtype=np.float64)
+
+
 def context_means(data: PerturbationData, contexts: Sequence[Context], seed: int) -> Tensor:
     """``(contexts, genes)`` float64 control means, of at most :data:`CONTEXT_LEVEL_CELLS` cells each (drawn with ``seed``)."""
     rng = np.random.default_rng(seed)
-    means = []
-    for context in contexts:
-        rows = data.control_cells(context)
-        if len(rows) > CONTEXT_LEVEL_CELLS:
-            rows = np.sort(rng.choice(rows, CONTEXT_LEVEL_CELLS, replace=False))
-        means.append(data.read(rows).mean(0, dtype=np.float64))
+    means = [mean_of_rows(data, data.control_cells(context), CONTEXT_LEVEL_CELLS, rng) for context in contexts]
     return torch.from_numpy(np.stack(means))
 
 

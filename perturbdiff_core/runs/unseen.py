@@ -25,7 +25,13 @@ import numpy as np
 
 from ..data import PerturbationData, Split
 from ..data.dataset import Condition, Context
-from .levels import CONTEXT_LEVEL_CELLS, context_means
+from .levels import context_means, mean_of_rows
+
+#: Perturbed cells read (at most) per training condition for its mean change, and perturbations
+#: (at most, drawn with the run's seed) whose changes are compared: the factor is one number, and
+#: an atlas of thousands of drugs x dozens of lines must not be read whole to estimate it.
+FACTOR_CELLS = 256
+FACTOR_PERTURBATIONS = 64
 
 
 @dataclass(frozen=True)
@@ -82,25 +88,25 @@ def training_changes(
     data: PerturbationData, conditions: Sequence[str], seed: int
 ) -> dict[tuple[str, Context], np.ndarray]:
     """Mean change from their context's control cells of the training conditions whose perturbation
-    (at its dose) was trained in at least two contexts, each mean over at most
-    :data:`~perturbdiff_core.runs.levels.CONTEXT_LEVEL_CELLS` cells (drawn with ``seed``)."""
+    (at its dose) was trained in at least two contexts: of at most :data:`FACTOR_PERTURBATIONS` such
+    perturbations and :data:`FACTOR_CELLS` cells per condition, both drawn with ``seed``."""
     chosen = [data.condition(c) for c in conditions]
     contexts: dict[str, set[Context]] = defaultdict(set)
     for condition in chosen:
         contexts[_key(condition)].add(condition.context)
-    shared = [c for c in chosen if len(contexts[_key(c)]) >= 2]
-    if not shared:
+    keys = sorted(key for key, seen in contexts.items() if len(seen) >= 2)
+    if not keys:
         return {}
     rng = np.random.default_rng(seed)
+    if len(keys) > FACTOR_PERTURBATIONS:
+        keys = sorted(rng.choice(keys, FACTOR_PERTURBATIONS, replace=False))
+    kept = set(keys)
+    shared = [c for c in chosen if _key(c) in kept]
     context_list = sorted({c.context for c in shared}, key=lambda context: context.label)
     controls = dict(zip(context_list, context_means(data, context_list, seed).numpy()))
-    changes = {}
-    for condition in shared:
-        rows = data.cells(condition)
-        if len(rows) > CONTEXT_LEVEL_CELLS:
-            rows = np.sort(rng.choice(rows, CONTEXT_LEVEL_CELLS, replace=False))
-        changes[(_key(condition), condition.context)] = data.read(rows).mean(0, dtype=np.float64) - controls[condition.context]
-    return changes
+    return {
+        (_key(c), c.context): mean_of_rows(data, data.cells(c), FACTOR_CELLS, rng) - controls[c.context] for c in shared
+    }
 
 
 def resolve_unseen_context_change(
