@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -251,13 +252,38 @@ def test_populations_are_independent_draws_whose_first_is_the_plain_prediction(t
 
 
 def test_genes_without_a_significant_change_keep_the_donor_values() -> None:
-    from perturbdiff_core.runs.model_predictor import keep_unchanged
+    from perturbdiff_core.runs.model_predictor import settle_changes
 
     g = torch.Generator().manual_seed(0)
     donors = torch.poisson(torch.full((200, 6), 2.0), generator=g)
     cells = donors + 0.05 * torch.randn(200, 6, generator=g)  # sampler noise around the donors
     cells[:, :2] += 1.0  # genes 0 and 1 really change
-    kept = keep_unchanged(cells, donors, z=3.0)
+    kept = settle_changes(cells, donors, z=3.0, spread=1.0)
     torch.testing.assert_close(kept[:, :2], cells[:, :2])
     torch.testing.assert_close(kept[:, 2:], donors[:, 2:])
-    assert torch.equal(keep_unchanged(cells, donors, z=0.0), torch.where((cells - donors).mean(0) != 0, cells, donors))
+    everywhere = torch.where((cells - donors).mean(0) != 0, cells, donors)
+    assert torch.equal(settle_changes(cells, donors, z=0.0, spread=1.0), everywhere)
+    assert torch.equal(settle_changes(cells, donors, z=None, spread=1.0), cells)
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.3, 0.5])
+def test_change_spread_pulls_each_cells_change_towards_the_mean_change(spread: float) -> None:
+    from perturbdiff_core.runs.model_predictor import settle_changes
+
+    g = torch.Generator().manual_seed(1)
+    donors = torch.poisson(torch.full((150, 8), 3.0), generator=g)
+    cells = donors + torch.randn(150, 8, generator=g) * torch.linspace(0.1, 1.0, 8)
+    cells[:, :4] += torch.tensor([1.5, -1.0, 0.8, 2.0])  # genes 0-3 change; 4-7 carry noise only
+    change = (cells - donors).double()
+    mean = change.mean(0)
+    reference = donors.double() + mean + spread * (change - mean)  # float64, written out
+    moved = mean.abs() > 4.0 * change.std(0) / math.sqrt(150)
+    assert moved[:4].all() and not moved[4:].any()
+    settled = settle_changes(cells, donors, z=4.0, spread=spread)
+    torch.testing.assert_close(settled[:, :4].double(), reference[:, :4], rtol=0, atol=1e-5)
+    assert torch.equal(settled[:, 4:], donors[:, 4:])  # the test reads the sampled changes, not the pulled ones
+    torch.testing.assert_close((settled - donors).mean(0)[:4].double(), mean[:4], rtol=0, atol=1e-5)  # mean kept
+    spread_of = (settled - donors)[:, :4].std(0).double()
+    torch.testing.assert_close(spread_of, spread * change[:, :4].std(0), rtol=0, atol=1e-5)
+    without_test = settle_changes(cells, donors, z=None, spread=spread)
+    torch.testing.assert_close(without_test.double(), reference, rtol=0, atol=1e-5)

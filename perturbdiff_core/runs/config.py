@@ -191,7 +191,12 @@ class SampleConfig:
             probabilities that keep each value's mean).
         change_z: genes whose predicted mean change from the control cells the sets were sampled
             from is below ``change_z`` standard errors keep those control cells' values (see
-            :func:`~perturbdiff_core.runs.model_predictor.keep_unchanged`); ``null`` keeps every sampled value.
+            :func:`~perturbdiff_core.runs.model_predictor.settle_changes`); ``null`` keeps every sampled value.
+        change_spread: how much of its own deviation from the condition's mean change each predicted
+            cell keeps, in [0, 1]: a changed gene of cell ``i`` becomes its control cell plus the mean
+            change plus ``change_spread`` times cell ``i``'s deviation from it. The sampler's per-cell
+            changes vary independently of the control cells they are added to, so at 1 a predicted
+            population is more spread than the real one; 0 gives every cell the mean change.
         unseen_context_change: the share of the sampled change kept by a condition whose cell type or
             batch training never saw: each of its cells moves that far from its control cell towards the
             sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a
@@ -212,6 +217,7 @@ class SampleConfig:
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     rounding: Literal["nearest", "stochastic"] = "stochastic"
     change_z: float | None = 4.0
+    change_spread: Annotated[float, UnitInterval] = 0.5
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10

@@ -110,29 +110,34 @@ class DiffusionPredictor(Predictor):
         cells, donors = torch.cat(chunks).reshape(-1, data.n_genes), cond.control.reshape(-1, data.n_genes)
         if self.unseen_context_change != 1.0 and data.unseen_contexts([condition]):
             cells = donors + self.unseen_context_change * (cells - donors)
-        if cfg.change_z is not None:
-            cells = keep_unchanged(cells[:n_cells], donors[:n_cells], cfg.change_z)
+        cells = settle_changes(cells[:n_cells], donors[:n_cells], cfg.change_z, cfg.change_spread)
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
-            cells = decode_cells(cells[:n_cells], donors[:n_cells], rounding)
-        cells = cells[:n_cells]
+            cells = decode_cells(cells, donors[:n_cells], rounding)
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
 
 
-def keep_unchanged(cells: Tensor, donors: Tensor, z: float) -> Tensor:
-    r"""``cells`` ``(n, G)`` with the genes the prediction does not change significantly copied from ``donors``.
+def settle_changes(cells: Tensor, donors: Tensor, z: float | None, spread: float) -> Tensor:
+    r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
+    prediction does not change significantly copied from ``donors``.
 
-    Cell ``i`` was sampled from donor ``i`` (the control cell at its place). A gene keeps its sampled
-    values where the mean change :math:`\bar d_g` of :math:`d_{ig} = x_{ig} - c_{ig}` exceeds ``z``
-    standard errors, :math:`|\bar d_g| > z\, s_g / \sqrt n`; elsewhere it takes the donors' values, so
-    a gene the model leaves alone is exactly as real control cells have it (its zeros, its counts)
-    instead of carrying the sampler's small errors. ``z = 0`` keeps every gene that changes at all.
+    Cell ``i`` was sampled from donor ``i`` (the control cell at its place), with change
+    :math:`d_{ig} = x_{ig} - c_{ig}` and mean change :math:`\bar d_g`. A gene moves where
+    :math:`|\bar d_g| > z\, s_g / \sqrt n` (every gene for ``z = None``); there cell ``i`` becomes
+    :math:`c_{ig} + \bar d_g + \text{spread}\,(d_{ig} - \bar d_g)`. Elsewhere it takes the donors'
+    values, so a gene the model leaves alone is exactly as real control cells have it (its zeros,
+    its counts) instead of carrying the sampler's small errors. The test reads the sampled changes,
+    so ``spread`` does not change which genes move. Why pull at all: the sampler's per-cell changes
+    vary independently of the donors they are added to, so at ``spread = 1`` the predicted cells
+    are more spread than real ones (``sample.change_spread``).
     """
     change = cells - donors
+    mean = change.mean(0)
+    settled = cells if spread == 1.0 else donors + mean + spread * (change - mean)
     n = change.shape[0]
-    if n < 2:
-        return cells
-    moved = change.mean(0).abs() > z * change.std(0) / math.sqrt(n)
-    return torch.where(moved, cells, donors)
+    if z is None or n < 2:
+        return settled
+    moved = mean.abs() > z * change.std(0) / math.sqrt(n)
+    return torch.where(moved, settled, donors)
