@@ -462,6 +462,20 @@ def test_hull_control_levels_move_each_sets_mean_into_the_training_contexts_hull
         hull.fit_context_levels(torch.zeros(3, G + 1))
 
 
+def test_levels_read_are_the_hull_point_for_a_hull_model_and_the_means_otherwise():
+    """What ``sample.decrease: fraction`` scales a decrease by: the levels the denoiser reads."""
+    means = torch.rand(2, G, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3
+    levels = torch.rand(3, G, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    hull = RKHSDiffusion(denoiser(), relative_to_control=True, control_levels="hull")
+    hull.fit_context_levels(levels)
+    read = hull.levels_read(means)
+    torch.testing.assert_close(read, nearest_in_hull(means, hull.context_levels))
+    assert not torch.allclose(read, means)  # these means lie outside the hull
+    for other in ("centred", "absolute"):
+        model = RKHSDiffusion(denoiser(), relative_to_control=True, control_levels=other)
+        assert model.levels_read(means) is means
+
+
 def test_hull_context_levels_survive_a_checkpoint_round_trip():
     model = RKHSDiffusion(denoiser(), relative_to_control=True, control_levels="hull")
     model.fit_context_levels(torch.randn(5, G))

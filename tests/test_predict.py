@@ -287,3 +287,66 @@ def test_change_spread_pulls_each_cells_change_towards_the_mean_change(spread: f
     torch.testing.assert_close(spread_of, spread * change[:, :4].std(0), rtol=0, atol=1e-5)
     without_test = settle_changes(cells, donors, z=None, spread=spread)
     torch.testing.assert_close(without_test.double(), reference, rtol=0, atol=1e-5)
+
+
+def test_sample_change_spread_reaches_the_predicted_cells(trained: Trainer) -> None:
+    """``sample.change_spread`` s gives donor + mean change + s (change - mean change): linear in s,
+    so with the same seed (same donors, same noise) s = 0.5 lies halfway between s = 0 and s = 1."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    base = SampleConfig(steps=4, chunk_sets=2, output_space="continuous", change_z=None, nonnegative=False)
+    cells = {
+        s: DiffusionPredictor(trained.model, replace(base, change_spread=s)).predict(data, condition, 30, seed=2)
+        for s in (0.0, 0.5, 1.0)
+    }
+    assert not np.allclose(cells[0.0], cells[1.0], atol=1e-3)
+    np.testing.assert_allclose(cells[0.5], (cells[0.0] + cells[1.0]) / 2, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cells[0.5].mean(0), cells[1.0].mean(0), rtol=0, atol=1e-5)  # the mean change is kept
+
+
+def test_a_decrease_takes_the_fraction_of_the_level_read_from_every_cell() -> None:
+    """``sample.decrease: fraction`` against a float64 formula: each donor keeps ``1 + mean / read``
+    of its value (at least 0); a cell without the gene stays at 0; increases are still shifts."""
+    from perturbdiff_core.runs.model_predictor import settle_changes
+
+    g = torch.Generator().manual_seed(2)
+    donors = torch.poisson(torch.full((300, 5), 1.5), generator=g).log1p()  # log1p counts, many zeros
+    donors[:, 4] = 0.0  # a gene no donor expresses
+    cells = donors + 0.2 * torch.randn(300, 5, generator=g)
+    cells += torch.tensor([-0.3, 0.6, -5.0, -0.2, -0.1])  # 0, 2, 3, 4 fall (2 by more than is there), 1 rises
+    change = (cells - donors).double()
+    mean = change.mean(0)
+    for read in (donors.mean(0), 0.5 * donors.mean(0)):  # the donors' own levels, or half of them
+        settled = settle_changes(cells, donors, z=None, spread=0.0, read_levels=read).double()
+        keep = 1 + (mean / read.double().clamp_min(1e-30)).clamp(-1.0, 0.0)
+        decrease = (mean < 0) & (torch.arange(5) != 4)  # gene 4 has nothing to lose a fraction of: a shift
+        expected = torch.where(decrease, donors.double() * keep, donors.double() + mean)
+        torch.testing.assert_close(settled, expected, rtol=0, atol=1e-5)
+        assert settled[:, [0, 2, 3]][donors[:, [0, 2, 3]] == 0].abs().max() == 0  # cells without the gene stay at 0
+        assert settled[:, 2].abs().max() == 0  # a decrease of more than the level read switches the gene off
+    at_own_level = settle_changes(cells, donors, z=None, spread=0.0, read_levels=donors.mean(0))
+    torch.testing.assert_close(  # the mean change is kept where it is within the level, and no cell goes below 0
+        (at_own_level - donors).mean(0)[[0, 1, 3]].double(), mean[[0, 1, 3]], rtol=0, atol=1e-5
+    )
+    assert at_own_level[:, :4].min() >= 0
+    at_half = settle_changes(cells, donors, z=None, spread=0.0, read_levels=0.5 * donors.mean(0))
+    torch.testing.assert_close((at_half - donors).mean(0)[[0, 3]].double(), 2 * mean[[0, 3]], rtol=0, atol=1e-5)
+    shifted = settle_changes(cells, donors, z=None, spread=0.0)  # sample.decrease: shift
+    torch.testing.assert_close(shifted.double(), donors.double() + mean, rtol=0, atol=1e-5)
+    assert shifted.min() < 0
+
+
+def test_sample_decrease_reaches_the_predicted_cells(trained: Trainer) -> None:
+    """At ``change_spread: 0`` a decrease as a fraction never takes a cell below 0; as a shift it does."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    base = SampleConfig(steps=4, chunk_sets=2, output_space="continuous", change_z=None, nonnegative=False, change_spread=0.0)
+    fraction, shift, donors = (
+        DiffusionPredictor(trained.model, config).predict(data, condition, 30, seed=2)
+        for config in (base, replace(base, decrease="shift"), replace(base, change_z=1e9))  # the last moves no gene
+    )
+    assert fraction.min() >= 0 and shift.min() < 0
+    rising = (shift - donors).mean(0) > 0  # genes whose mean change is an increase: the same shift either way
+    assert 0 < rising.sum() < data.n_genes
+    np.testing.assert_allclose(fraction[:, rising], shift[:, rising], rtol=0, atol=1e-5)
+    assert not np.allclose(fraction[:, ~rising], shift[:, ~rising], atol=1e-3)

@@ -451,6 +451,12 @@ class RKHSDiffusion(nn.Module):
             return replace(cond, control=control, template=control), moved
         return replace(cond, control=control), centre
 
+    def levels_read(self, means: Tensor) -> Tensor:
+        """The levels the denoiser reads of control cells whose mean is ``means`` ``(..., G)``: their
+        nearest mixture of the training contexts' means with ``control_levels="hull"``, else ``means``
+        (their own levels, or none at all when centred, where the model's change is its training contexts')."""
+        return self._in_hull(means) if self.relative_to_control and self.control_levels == "hull" else means
+
     def _in_hull(self, means: Tensor) -> Tensor:
         """``means`` moved to the nearest mixtures of the training contexts' control means."""
         if self.context_levels.shape[0] == 0:

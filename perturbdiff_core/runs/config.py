@@ -197,6 +197,11 @@ class SampleConfig:
             change plus ``change_spread`` times cell ``i``'s deviation from it. The sampler's per-cell
             changes vary independently of the control cells they are added to, so at 1 a predicted
             population is more spread than the real one; 0 gives every cell the mean change.
+        decrease: how a gene's predicted mean decrease reaches the cells: ``fraction`` takes the same
+            fraction of every cell's own value (a cell without the gene keeps 0), the fraction of the
+            level the denoiser read (``model.control_levels: hull`` reads a held-out context at its
+            nearest mixture of the training contexts), so a gene a response switches off falls to 0
+            at any level; ``shift`` subtracts the mean decrease from every cell and clips at 0.
         unseen_context_change: the share of the sampled change kept by a condition whose cell type or
             batch training never saw: each of its cells moves that far from its control cell towards the
             sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a
@@ -218,6 +223,7 @@ class SampleConfig:
     rounding: Literal["nearest", "stochastic"] = "stochastic"
     change_z: float | None = 4.0
     change_spread: Annotated[float, UnitInterval] = 0.5
+    decrease: Literal["fraction", "shift"] = "fraction"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10

@@ -110,16 +110,24 @@ class DiffusionPredictor(Predictor):
         cells, donors = torch.cat(chunks).reshape(-1, data.n_genes), cond.control.reshape(-1, data.n_genes)
         if self.unseen_context_change != 1.0 and data.unseen_contexts([condition]):
             cells = donors + self.unseen_context_change * (cells - donors)
-        cells = settle_changes(cells[:n_cells], donors[:n_cells], cfg.change_z, cfg.change_spread)
+        cells, donors = cells[:n_cells], donors[:n_cells]
+        read = self._levels_read(donors) if cfg.decrease == "fraction" else None
+        cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read)
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
-            cells = decode_cells(cells, donors[:n_cells], rounding)
+            cells = decode_cells(cells, donors, rounding)
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
 
+    def _levels_read(self, donors: Tensor) -> Tensor:
+        """``(G,)``: the levels the denoiser read of the control cells ``donors`` (their mean, or its hull point)."""
+        return self.model.levels_read(donors.mean(0).to(self.device)).cpu()
 
-def settle_changes(cells: Tensor, donors: Tensor, z: float | None, spread: float) -> Tensor:
+
+def settle_changes(
+    cells: Tensor, donors: Tensor, z: float | None, spread: float, read_levels: Tensor | None = None
+) -> Tensor:
     r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
     prediction does not change significantly copied from ``donors``.
 
@@ -132,12 +140,37 @@ def settle_changes(cells: Tensor, donors: Tensor, z: float | None, spread: float
     so ``spread`` does not change which genes move. Why pull at all: the sampler's per-cell changes
     vary independently of the donors they are added to, so at ``spread = 1`` the predicted cells
     are more spread than real ones (``sample.change_spread``).
+
+    With ``read_levels`` ``(G,)`` (``sample.decrease: fraction``), a gene whose mean change is a
+    decrease takes :math:`c_{ig}\,(1 + \max(\bar d_g / r_g, -1))` in place of
+    :math:`c_{ig} + \bar d_g`: each cell loses the fraction of its own value that the mean change is
+    of the level read, :math:`r_g`. Where the denoiser read the donors' own mean, this keeps the
+    mean change and puts it on the cells that express the gene, instead of pushing cells at 0 below
+    0 (which clipping then undoes); where it read a hull mixture, the fraction carries to the
+    context's own level.
     """
     change = cells - donors
     mean = change.mean(0)
-    settled = cells if spread == 1.0 else donors + mean + spread * (change - mean)
+    if spread == 1.0 and read_levels is None:
+        settled = cells
+    else:
+        settled = changed_centre(donors, mean, read_levels) + spread * (change - mean)
     n = change.shape[0]
     if z is None or n < 2:
         return settled
     moved = mean.abs() > z * change.std(0) / math.sqrt(n)
     return torch.where(moved, settled, donors)
+
+
+def changed_centre(donors: Tensor, mean: Tensor, read_levels: Tensor | None) -> Tensor:
+    """Each donor moved by the mean change ``mean`` ``(G,)``: a shift, or with ``read_levels`` a decrease
+    as the fraction ``mean / read_levels`` (at most all) of each donor's own value (:func:`settle_changes`).
+
+    A gene no donor expresses has nothing to lose a fraction of and keeps the shift: its cells go
+    below 0, so the per-cell spread added after mostly stays under 0 and is clipped, rather than
+    surfacing as expression the donors never had."""
+    if read_levels is None:
+        return donors + mean
+    fraction = (mean / read_levels.clamp_min(torch.finfo(mean.dtype).tiny)).clamp(-1.0, 0.0)
+    decrease = (mean < 0) & (donors.amax(0) > 0)
+    return torch.where(decrease, donors * (1.0 + fraction), donors + mean)
