@@ -331,6 +331,12 @@ def test_a_decrease_takes_the_fraction_of_the_level_read_from_every_cell() -> No
     assert at_own_level[:, :4].min() >= 0
     at_half = settle_changes(cells, donors, z=None, spread=0.0, read_levels=0.5 * donors.mean(0))
     torch.testing.assert_close((at_half - donors).mean(0)[[0, 3]].double(), 2 * mean[[0, 3]], rtol=0, atol=1e-5)
+    signed = donors - 1.0  # values below 0 (not expression levels): every decrease stays a shift
+    signed_cells = cells - 1.0
+    torch.testing.assert_close(
+        settle_changes(signed_cells, signed, z=None, spread=0.0, read_levels=signed.mean(0)).double(),
+        signed.double() + mean, rtol=0, atol=1e-5,
+    )
     shifted = settle_changes(cells, donors, z=None, spread=0.0)  # sample.decrease: shift
     torch.testing.assert_close(shifted.double(), donors.double() + mean, rtol=0, atol=1e-5)
     assert shifted.min() < 0

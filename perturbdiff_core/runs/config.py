@@ -202,6 +202,7 @@ class SampleConfig:
             level the denoiser read (``model.control_levels: hull`` reads a held-out context at its
             nearest mixture of the training contexts), so a gene a response switches off falls to 0
             at any level; ``shift`` subtracts the mean decrease from every cell and clips at 0.
+            Genes with negative values (data that are not expression levels) always shift.
         unseen_context_change: the share of the sampled change kept by a condition whose cell type or
             batch training never saw: each of its cells moves that far from its control cell towards the
             sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a

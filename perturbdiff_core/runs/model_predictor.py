@@ -168,9 +168,10 @@ def changed_centre(donors: Tensor, mean: Tensor, read_levels: Tensor | None) -> 
 
     A gene no donor expresses has nothing to lose a fraction of and keeps the shift: its cells go
     below 0, so the per-cell spread added after mostly stays under 0 and is clipped, rather than
-    surfacing as expression the donors never had."""
+    surfacing as expression the donors never had. So does a gene with negative values (data that
+    are not non-negative expression, e.g. z-scores), where a fraction of a level means nothing."""
     if read_levels is None:
         return donors + mean
     fraction = (mean / read_levels.clamp_min(torch.finfo(mean.dtype).tiny)).clamp(-1.0, 0.0)
-    decrease = (mean < 0) & (donors.amax(0) > 0)
+    decrease = (mean < 0) & (donors.amax(0) > 0) & (donors.amin(0) >= 0)
     return torch.where(decrease, donors * (1.0 + fraction), donors + mean)
