@@ -356,3 +356,18 @@ def test_sample_decrease_reaches_the_predicted_cells(trained: Trainer) -> None:
     assert 0 < rising.sum() < data.n_genes
     np.testing.assert_allclose(fraction[:, rising], shift[:, rising], rtol=0, atol=1e-5)
     assert not np.allclose(fraction[:, ~rising], shift[:, ~rising], atol=1e-3)
+
+
+def test_sample_increase_reaches_the_predicted_cells(trained: Trainer) -> None:
+    """``sample.increase: reads`` only adds reads to the donors of a rising gene; every other gene is
+    decoded as with ``shift`` (same seed, same rounding draws)."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    base = SampleConfig(steps=4, chunk_sets=2, change_z=None)
+    reads, shift, donors = (
+        DiffusionPredictor(trained.model, config).predict(data, condition, 30, seed=2)
+        for config in (base, replace(base, increase="shift"), replace(base, change_z=1e9))  # the last moves no gene
+    )
+    same = (reads == shift).all(0)
+    assert 0 < same.sum() < data.n_genes
+    assert (reads[:, ~same] >= donors[:, ~same] - 1e-6).all()  # a rising gene's cells only gain reads

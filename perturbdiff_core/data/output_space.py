@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
+from .reads import gain_reads
 
 OutputSpace = Literal["auto", "counts", "continuous"]
 #: ``auto``: ``counts`` when the control cells lie on a count lattice, else ``continuous``;
@@ -69,7 +70,9 @@ def resolve_output_space(space: str, control: Tensor) -> Literal["counts", "cont
     return "counts" if lattice else "continuous"
 
 
-def decode_cells(cells: Tensor, donors: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def decode_cells(
+    cells: Tensor, donors: Tensor, generator: torch.Generator | None = None, *, reads: torch.Generator | None = None
+) -> Tensor:
     r"""Each cell of ``cells`` ``(..., S, G)`` moved to a point of its donor's count lattice.
 
     ``donors`` ``(..., S, G)`` are real cells of the same shape (the control set a sampled set
@@ -79,6 +82,11 @@ def decode_cells(cells: Tensor, donors: Tensor, generator: torch.Generator | Non
     value between the lattice points :math:`L_k = \log(1 + k u)` and :math:`L_{k+1}` goes up with
     probability :math:`(x - L_k) / (L_{k+1} - L_k)`: the decoded value is :math:`x` on average, so
     means over cells (pseudobulk) are kept, small changes included.
+
+    With ``reads`` (cells ``(n, G)`` only), a gene whose mean over ``cells`` is above its donors'
+    is instead decoded as the donors' counts plus new reads that raise its mean as far
+    (:func:`~perturbdiff_core.data.reads.gain_reads`, drawn from ``reads``): each cell gains at its
+    own rate, so cells at 0 of a gene only some cells express mostly stay there.
     """
     if cells.shape != donors.shape:
         raise DataError(f"decode_cells needs one donor per cell: cells {tuple(cells.shape)}, donors {tuple(donors.shape)}.")
@@ -95,4 +103,12 @@ def decode_cells(cells: Tensor, donors: Tensor, generator: torch.Generator | Non
         low, high = torch.log1p(below * units), torch.log1p((below + 1) * units)
         up = ((values - low) / (high - low)).clamp(0.0, 1.0)
         counts = below + (torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device) < up)
-    return torch.log1p(counts * units).to(cells.dtype)
+    decoded = torch.log1p(counts * units)
+    if reads is not None:
+        if cells.dim() != 2:
+            raise DataError(f"decode_cells with reads needs (cells, genes); got {tuple(cells.shape)}.")
+        rising = cells.double().mean(0) > donors.double().mean(0)
+        if bool(rising.any()):
+            donor_counts = torch.round(torch.expm1(donors.double()[:, rising]) / units)
+            decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads)
+    return decoded.to(cells.dtype)

@@ -203,6 +203,12 @@ class SampleConfig:
             nearest mixture of the training contexts), so a gene a response switches off falls to 0
             at any level; ``shift`` subtracts the mean decrease from every cell and clips at 0.
             Genes with negative values (data that are not expression levels) always shift.
+        increase: how a gene's predicted mean increase reaches the cells on a count lattice:
+            ``reads`` keeps each donor's counts and adds new reads at the cell's own rate (a
+            gamma-Poisson posterior, :mod:`~perturbdiff_core.data.reads`) until the mean rises as
+            far, so cells at 0 of a gene only some cells express mostly stay there (the per-cell
+            deviations of ``change_spread`` are replaced by the reads' own noise); ``shift`` adds
+            the increase to every cell and rounds it onto the lattice. Continuous output always shifts.
         unseen_context_change: the share of the sampled change kept by a condition whose cell type or
             batch training never saw: each of its cells moves that far from its control cell towards the
             sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a
@@ -225,6 +231,7 @@ class SampleConfig:
     change_z: float | None = 4.0
     change_spread: Annotated[float, UnitInterval] = 0.5
     decrease: Literal["fraction", "shift"] = "fraction"
+    increase: Literal["reads", "shift"] = "reads"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10

@@ -115,7 +115,8 @@ class DiffusionPredictor(Predictor):
         cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read)
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
-            cells = decode_cells(cells, donors, rounding)
+            reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
+            cells = decode_cells(cells, donors, rounding, reads=reads)
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)

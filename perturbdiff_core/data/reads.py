@@ -1,0 +1,68 @@
+r"""An increase of expression as new reads: who gains how many under a gamma-Poisson model.
+
+A predicted mean increase :math:`\delta_g` of a gene can reach the cells in two ways. As a shift of
+every cell's log1p value, it gives a cell at 0 as much as a cell that expresses the gene, so
+predicted increases add about twice the detections real ones do (held-out CD14+ monocytes:
+24 more genes detected per cell over the predicted-up genes, 12 in real cells). Here instead each
+cell keeps its reads and gains new ones at its own rate: cell :math:`i` with count :math:`k_i`
+and lattice step :math:`u_i` (so :math:`s_i = 1/u_i` reads per unit of normalised expression) gains
+
+.. math::  \mathrm{Poisson}\big((f - 1)\, s_i\, \hat\lambda_i\big), \qquad
+           \hat\lambda_i = \frac{a + k_i}{a/\mu + s_i},
+
+the posterior mean of its normalised rate :math:`\lambda_i \sim \mathrm{Gamma}(a, a/\mu)` given
+:math:`k_i \sim \mathrm{Poisson}(s_i \lambda_i)` (the negative binomial model of the donors, its
+mean :math:`\mu` and shape :math:`a` by moments). A cell at 0 of a gene that only some cells
+express gains little; an expressing cell gains in proportion to its rate. The fold :math:`f` of
+each gene is bisected until the mean of :math:`\log(1 + k u)` over the cells rises by
+:math:`\delta_g`; the Poisson draws come from uniforms fixed beforehand, so the mean grows with
+:math:`f` and the target is met.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+
+#: Bounds of the gamma shape :math:`a` (small: very patchy expression; large: Poisson, every cell alike).
+SHAPE_RANGE = (1e-3, 1e6)
+#: Doublings of the fold's upper bound, then halvings of the bracket, in the search for :math:`f`.
+GROWTH_STEPS, BISECTION_STEPS = 64, 40
+
+
+def posterior_rates(counts: Tensor, units: Tensor) -> Tensor:
+    r"""``(n, g)`` posterior mean normalised rates :math:`\hat\lambda_i` of cells with ``counts``
+    ``(n, g)`` and lattice steps ``units`` ``(n, 1)`` under the gamma-Poisson model fitted to them.
+    A gene no cell expresses gives every cell the same rate, 1 (the fold sets the scale)."""
+    level = counts * units
+    mean = level.mean(0)
+    beyond_poisson = (level.var(0, unbiased=False) - mean * units.mean()).clamp_min(torch.finfo(level.dtype).tiny)
+    shape = (mean.square() / beyond_poisson).clamp(*SHAPE_RANGE)
+    rates = (shape + counts) / (shape / mean + 1.0 / units)
+    return torch.where(mean > 0, rates, torch.ones_like(rates))
+
+
+def gain_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    """Log1p values ``(n, g)`` of cells with ``counts`` ``(n, g)`` and steps ``units`` ``(n, 1)`` after
+    new reads raise each gene's mean log1p value to ``targets`` ``(g,)`` (float64 throughout)."""
+    counts, units, targets = counts.double(), units.double(), targets.double()
+    per_fold = posterior_rates(counts, units) / units  # expected new reads per unit of (f - 1)
+    uniforms = torch.rand(counts.shape, generator=generator, dtype=torch.float64).numpy()
+
+    def raised(fold: Tensor) -> Tensor:
+        reads = stats.poisson.ppf(uniforms, ((fold - 1.0) * per_fold).numpy())
+        return torch.log1p((counts + torch.from_numpy(np.asarray(reads))) * units)
+
+    low, high = torch.ones_like(targets), torch.full_like(targets, 2.0)
+    for _ in range(GROWTH_STEPS):
+        short = raised(high).mean(0) < targets
+        if not bool(short.any()):
+            break
+        high = torch.where(short, 2.0 * high, high)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2.0
+        below = raised(middle).mean(0) < targets
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return raised(high)

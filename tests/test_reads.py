@@ -1,0 +1,68 @@
+"""Increases as new reads: the gamma-Poisson posterior rates against a float64 NumPy formula, the
+bisected fold meeting each gene's target mean on the lattice, and decode_cells using them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perturbdiff_core.data.output_space import decode_cells
+from perturbdiff_core.data.reads import gain_reads, posterior_rates
+from perturbdiff_core.errors import DataError
+
+
+def negative_binomial_cells(n: int = 400, genes: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Counts ``(n, genes)`` from gamma-Poisson rates (shapes 0.2 to 20: patchy to even) and steps ``(n, 1)``."""
+    rng = np.random.default_rng(seed)
+    units = rng.uniform(0.2, 0.6, size=(n, 1))
+    shapes = np.geomspace(0.2, 20.0, genes)
+    rates = rng.gamma(shapes, 1.0 / shapes, size=(n, genes)) * 0.8  # mean normalised rate 0.8
+    return rng.poisson(rates / units).astype(np.float64), units
+
+
+def test_posterior_rates_follow_the_gamma_poisson_formula() -> None:
+    counts, units = negative_binomial_cells()
+    counts[:, -1] = 0.0  # a gene no cell expresses
+    level = counts * units
+    mean = level.mean(0)
+    shape = np.clip(mean**2 / np.maximum(level.var(0) - mean * units.mean(), 1e-300), 1e-3, 1e6)
+    expected = (shape + counts) / (shape / np.where(mean > 0, mean, 1.0) + 1.0 / units)
+    expected[:, -1] = 1.0
+    rates = posterior_rates(torch.from_numpy(counts), torch.from_numpy(units)).numpy()
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    patchy = rates[:, 0]  # the smallest shape: a cell at 0 has a low rate, an expressing one a high one
+    assert patchy[counts[:, 0] == 0].mean() < 0.5 * patchy[counts[:, 0] > 0].mean()
+
+
+def test_new_reads_raise_each_gene_to_its_target_mean_on_the_lattice() -> None:
+    counts, units = negative_binomial_cells(seed=1)
+    before = np.log1p(counts * units).mean(0)
+    targets = before + np.linspace(0.05, 1.0, counts.shape[1])
+    values = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(3)
+    ).numpy()
+    new_counts = np.expm1(values) / units
+    np.testing.assert_allclose(new_counts, np.round(new_counts), atol=1e-6)  # on each cell's lattice
+    assert (np.round(new_counts) >= counts).all()  # reads are only added
+    np.testing.assert_allclose(values.mean(0), targets, atol=5e-3)  # the fold meets the target
+    gained = np.round(new_counts) - counts
+    assert gained[counts[:, 0] == 0, 0].mean() < 0.5 * gained[counts[:, 0] > 0, 0].mean()  # patchy gene
+    again = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(3)
+    ).numpy()
+    np.testing.assert_array_equal(values, again)
+
+
+def test_decode_with_reads_changes_only_the_genes_that_rise() -> None:
+    counts, units = negative_binomial_cells(n=200, seed=2)
+    donors = torch.from_numpy(np.log1p(counts * units)).float()
+    cells = donors + torch.tensor([0.3, -0.2, 0.0, 0.5, -0.1, 0.0])  # genes 0 and 3 rise
+    plain = decode_cells(cells, donors, torch.Generator().manual_seed(0))
+    with_reads = decode_cells(cells, donors, torch.Generator().manual_seed(0), reads=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(with_reads[:, [1, 2, 4, 5]], plain[:, [1, 2, 4, 5]], rtol=0, atol=0)
+    assert not torch.equal(with_reads[:, [0, 3]], plain[:, [0, 3]])
+    torch.testing.assert_close(with_reads[:, [0, 3]].double().mean(0), cells[:, [0, 3]].double().mean(0), rtol=0, atol=1e-2)
+    assert (with_reads[:, [0, 3]] >= donors[:, [0, 3]] - 1e-6).all()
+    with pytest.raises(DataError, match=r"needs \(cells, genes\)"):
+        decode_cells(cells[None], donors[None], reads=torch.Generator())
