@@ -29,7 +29,7 @@ from torch import Tensor
 #: Bounds of the gamma shape :math:`a` (small: very patchy expression; large: Poisson, every cell alike).
 SHAPE_RANGE = (1e-3, 1e6)
 #: Doublings of the fold's upper bound, then halvings of the bracket, in the search for :math:`f`.
-GROWTH_STEPS, BISECTION_STEPS = 64, 40
+GROWTH_STEPS, BISECTION_STEPS = 64, 24
 
 
 def posterior_rates(counts: Tensor, units: Tensor) -> Tensor:
