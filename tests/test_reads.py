@@ -54,6 +54,37 @@ def test_new_reads_raise_each_gene_to_its_target_mean_on_the_lattice() -> None:
     np.testing.assert_array_equal(values, again)
 
 
+def test_the_bisection_drawing_only_open_cells_equals_one_drawing_every_cell() -> None:
+    """Reference: bisect the fold drawing every cell's Poisson quantile each time (same uniforms)."""
+    from scipy import stats
+
+    from perturbdiff_core.data.reads import BISECTION_STEPS, GROWTH_STEPS
+
+    counts, units = negative_binomial_cells(n=150, genes=8, seed=4)
+    counts[:, 0] = 0.0
+    targets = np.log1p(counts * units).mean(0) + np.linspace(0.02, 2.0, 8)
+    values = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(5)
+    ).numpy()
+    uniforms = torch.rand(counts.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    per_fold = posterior_rates(torch.from_numpy(counts), torch.from_numpy(units)).numpy() / units
+
+    def raised(fold: np.ndarray) -> np.ndarray:
+        return np.log1p((counts + stats.poisson.ppf(uniforms, (fold - 1.0) * per_fold)) * units)
+
+    low, high = np.ones(8), np.full(8, 2.0)
+    for _ in range(GROWTH_STEPS):
+        short = raised(high).mean(0) < targets
+        if not short.any():
+            break
+        high = np.where(short, 2 * high, high)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        below = raised(middle).mean(0) < targets
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    np.testing.assert_allclose(values, raised(high), rtol=0, atol=1e-12)
+
+
 def test_decode_with_reads_changes_only_the_genes_that_rise() -> None:
     counts, units = negative_binomial_cells(n=200, seed=2)
     donors = torch.from_numpy(np.log1p(counts * units)).float()

@@ -46,23 +46,33 @@ def posterior_rates(counts: Tensor, units: Tensor) -> Tensor:
 
 def gain_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
     """Log1p values ``(n, g)`` of cells with ``counts`` ``(n, g)`` and steps ``units`` ``(n, 1)`` after
-    new reads raise each gene's mean log1p value to ``targets`` ``(g,)`` (float64 throughout)."""
+    new reads raise each gene's mean log1p value to ``targets`` ``(g,)`` (float64 throughout).
+
+    Each cell's reads are a quantile of a Poisson whose mean grows with the fold, so they only grow
+    with it: a cell with as many reads at both ends of a gene's bracket keeps them anywhere inside,
+    and the bisection draws quantiles only for the cells still open."""
     counts, units, targets = counts.double(), units.double(), targets.double()
-    per_fold = posterior_rates(counts, units) / units  # expected new reads per unit of (f - 1)
+    per_fold = (posterior_rates(counts, units) / units).numpy()  # expected new reads per unit of (f - 1)
     uniforms = torch.rand(counts.shape, generator=generator, dtype=torch.float64).numpy()
+    uniforms = np.maximum(uniforms, np.finfo(np.float64).tiny)  # SciPy's Poisson quantile of 0 is -1
 
-    def raised(fold: Tensor) -> Tensor:
-        reads = stats.poisson.ppf(uniforms, ((fold - 1.0) * per_fold).numpy())
-        return torch.log1p((counts + torch.from_numpy(np.asarray(reads))) * units)
+    def short_of_target(reads: np.ndarray) -> np.ndarray:
+        return (torch.log1p((counts + torch.from_numpy(reads)) * units).mean(0) < targets).numpy()
 
-    low, high = torch.ones_like(targets), torch.full_like(targets, 2.0)
+    low, high = np.ones(targets.shape[0]), np.full(targets.shape[0], 2.0)
+    reads_low, reads_high = np.zeros(counts.shape), stats.poisson.ppf(uniforms, per_fold)  # f = 1 and f = 2
     for _ in range(GROWTH_STEPS):
-        short = raised(high).mean(0) < targets
-        if not bool(short.any()):
+        short = short_of_target(reads_high)
+        if not short.any():
             break
-        high = torch.where(short, 2.0 * high, high)
+        high = np.where(short, 2.0 * high, high)
+        reads_high[:, short] = stats.poisson.ppf(uniforms[:, short], (high[short] - 1.0) * per_fold[:, short])
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2.0
-        below = raised(middle).mean(0) < targets
-        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-    return raised(high)
+        reads_middle, still_open = reads_low.copy(), reads_low != reads_high
+        means = (middle - 1.0) * per_fold
+        reads_middle[still_open] = stats.poisson.ppf(uniforms[still_open], means[still_open])
+        below = short_of_target(reads_middle)
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+        reads_low[:, below], reads_high[:, ~below] = reads_middle[:, below], reads_middle[:, ~below]
+    return torch.log1p((counts + torch.from_numpy(reads_high)) * units)
