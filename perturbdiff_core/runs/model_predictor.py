@@ -35,8 +35,8 @@ class DiffusionPredictor(Predictor):
 
     Args:
         model: the trained model.
-        sample: sampler, steps, eta, guidance, ``chunk_sets``, ``output_space`` and ``nonnegative``
-            (see :class:`SampleConfig`).
+        sample: how to sample and how the sampled changes become cells (the change test and spread,
+            decreases and increases, the output space; see :class:`SampleConfig`).
         device: where sampling runs (the model is moved there).
         anchor: the fitted ``model.anchor`` predictor of a model trained with one (see
             :mod:`~perturbdiff_core.runs.anchor`); ``None`` for a model without.
