@@ -1,16 +1,26 @@
-"""model.anchor: fitted on training conditions only, leave-one-out shifts for training conditions, wired to the model."""
+"""model.anchor: fitted on training conditions only, leave-one-out shifts for training conditions, wired to the
+model, and the auto rule (context_mean for unseen contexts read centred whose response carries, else none)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import anndata as ad
 import numpy as np
 import pytest
 import torch
+from test_training import tiny_config
 
 from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData, collate_sets
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.runs.anchor import anchor_shifts, fit_anchor
+from perturbdiff_core.runs.anchor import AUTO_MIN_CARRY, anchor_shifts, fit_anchor, resolve_anchor
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
+from perturbdiff_core.runs.prediction import run_anchor
+from perturbdiff_core.runs.summary import run_summary
+from perturbdiff_core.runs.training import Trainer
+from perturbdiff_core.runs.unseen import leave_one_context_out_slope, training_changes
 
 TEST = ["A+B|t1", "A+B|t2"]
 
@@ -64,8 +74,93 @@ def test_sets_carry_their_condition_shift(data: PerturbationData) -> None:
 def test_anchor_config() -> None:
     assert config_from_dict({"model": {"relative_to_control": True}}).model.anchor_name == "control"
     assert config_from_dict({"model": {"anchor": "context_mean"}}).model.anchor_name == "context_mean"
-    assert config_from_dict({}).model.anchor_name == "none"
+    assert config_from_dict({}).model.anchor_name == "auto"
+    assert config_from_dict({"model": {"anchor": "none"}}).model.anchor_name == "none"
+    assert config_from_dict({"train": {"objective": "marginal"}}).model.anchor_name == "auto"  # resolves to none there
     with pytest.raises(ConfigError, match="model.anchor = 'contxt_mean' is not a predictor.*context_mean"):
         config_from_dict({"model": {"anchor": "contxt_mean"}})
     with pytest.raises(ConfigError, match="marginal"):
         config_from_dict({"model": {"anchor": "context_mean"}, "train": {"objective": "marginal"}})
+
+
+@pytest.fixture(scope="module")
+def three_types(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic screen of 3 cell types x (A, B, C, A+B) and controls; each perturbation acts alike in all."""
+    path = tmp_path_factory.mktemp("three") / "three.h5ad"
+    synthetic_screen(900, 30, cell_types=("t1", "t2", "t3"), seed=4).write_h5ad(path)
+    return path
+
+
+def held_out_t3(path: Path, *overrides: str):
+    """t3 held out, its control cells read centred (as control_levels auto reads contexts training does not span)."""
+    return tiny_config(path, "split.kind=holdout_cell_type", "split.holdout=[t3]", "model.control_levels=centred", *overrides)
+
+
+def test_auto_anchors_an_unseen_context_read_centred_whose_response_carries(three_types: Path, tmp_path: Path) -> None:
+    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
+    data, split = trainer.data, trainer.split
+    slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, 5))
+    assert slope >= AUTO_MIN_CARRY and pairs == 8
+    assert trainer.anchor_choice == resolve_anchor("auto", data, split, 5, "centred")
+    assert trainer.anchor_choice.name == "context_mean" and f"factor {slope:.2f} over 8" in trainer.anchor_choice.why
+    assert trainer.anchor is not None and trainer.train_sets.shift is not None  # training sets carry the shifts
+    assert f"anchor context_mean ({trainer.anchor_choice.why})" in "\n".join(run_summary(trainer))
+    for levels in ("hull", "absolute"):  # the denoiser reads the context's levels: no anchor
+        assert resolve_anchor("auto", data, split, 5, levels).name == "none"
+    assert resolve_anchor("linear", data, split, 5, "hull").name == "linear"  # a name is kept as given
+    combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B in trained types
+    assert combination.anchor_choice.name == "none" and "every test context was trained" in combination.anchor_choice.why
+    assert combination.anchor is None and combination.train_sets.shift is None
+
+
+def test_auto_leaves_out_the_anchor_where_responses_do_not_carry(three_types: Path, tmp_path: Path) -> None:
+    """In t2 each perturbation's cells are relabelled as another's, so a change in one context says nothing of it in
+    the other: the factor falls below AUTO_MIN_CARRY and auto keeps no anchor."""
+    swapped = ad.read_h5ad(three_types)
+    names = swapped.obs["perturbation"].astype(str).to_numpy()
+    in_t2 = (swapped.obs["cell_type"] == "t2").to_numpy()
+    relabel = {"A": "B", "B": "C", "C": "A+B", "A+B": "A", "control": "control"}
+    swapped.obs["perturbation"] = np.where(in_t2, [relabel[n] for n in names], names)
+    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", source=swapped, progress=False)
+    slope, _ = leave_one_context_out_slope(training_changes(trainer.data, trainer.split.train, 5))
+    assert slope < AUTO_MIN_CARRY
+    assert trainer.anchor_choice.name == "none" and f"an anchor needs {AUTO_MIN_CARRY:g}" in trainer.anchor_choice.why
+
+
+def test_the_checkpoint_carries_the_resolved_anchor(three_types: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(held_out_t3(three_types), run, progress=False)
+    trainer.fit(stop_at=4)
+    checkpoint = load_checkpoint(checkpoint_path(run))
+    assert checkpoint.run_config.model.anchor == "auto" and checkpoint.anchor_name == "context_mean"
+    refitted = run_anchor(checkpoint, trainer.data)
+    unseen = trainer.data.condition("A|t3")
+    np.testing.assert_allclose(refitted.shift(trainer.data, unseen), trainer.anchor.shift(trainer.data, unseen))
+    resumed = Trainer(held_out_t3(three_types), run, resume=True, progress=False)
+    assert resumed.anchor_choice.name == "context_mean" and "as the run resolved it" in resumed.anchor_choice.why
+    payload = torch.load(checkpoint_path(run), weights_only=True)
+    older = tmp_path / "older.pt"
+    torch.save({k: v for k, v in payload.items() if k != "anchor"}, older)
+    assert load_checkpoint(older).anchor_name == "none"  # written before auto existed: trained without an anchor
+
+
+def test_an_anchored_prediction_keeps_the_anchor_where_the_model_adds_nothing_significant(three_types: Path, tmp_path: Path) -> None:
+    """With a change test no sampled change passes, each predicted cell is its control cell plus the anchor's shift
+    (scaled by the run's unseen-context factor): the anchor is a prior the test does not erase."""
+    import dataclasses
+
+    from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+
+    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
+    trainer.fit()
+    data, condition = trainer.data, trainer.data.condition("A|t3")
+    sample = dataclasses.replace(
+        trainer.config.sample, output_space="continuous", change_z=1e9, nonnegative=False, decrease="shift"
+    )
+    scale = 0.5
+    predictor = DiffusionPredictor(trainer.model, sample, anchor=trainer.anchor, unseen_context_change=scale)
+    cells = predictor.predict(data, condition, 40, seed=3)
+    controls = data.read(data.control_cells(condition.context))
+    shift = scale * trainer.anchor.shift(data, condition)
+    assert np.abs(shift).max() > 0.1
+    assert all((np.abs(controls + shift - cell).max(axis=1) < 1e-5).any() for cell in cells)

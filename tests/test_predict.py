@@ -289,6 +289,31 @@ def test_change_spread_pulls_each_cells_change_towards_the_mean_change(spread: f
     torch.testing.assert_close(without_test.double(), reference, rtol=0, atol=1e-5)
 
 
+def test_with_an_anchor_the_change_test_reads_the_change_beyond_it_and_keeps_the_anchor() -> None:
+    """With ``prior`` (the anchor's shift), a gene moves where its mean change differs from the prior by
+    more than z standard errors; otherwise it takes the prior as its mean change, not the donors' values."""
+    from perturbdiff_core.runs.model_predictor import changed_centre, settle_changes
+
+    g = torch.Generator().manual_seed(3)
+    donors = torch.poisson(torch.full((200, 6), 2.0), generator=g).log1p()
+    prior = torch.tensor([0.4, 0.4, -0.2, 0.1, 0.0, 0.0])
+    beyond = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.6, 0.0])  # genes 0 and 4 change beyond the prior
+    cells = donors + prior + beyond + 0.3 * torch.randn(200, 6, generator=g)
+    change = (cells - donors).double()
+    mean = change.mean(0)
+    moved = (mean - prior.double()).abs() > 4.0 * change.std(0) / math.sqrt(200)
+    assert moved.tolist() == [True, False, False, False, True, False]
+    read = donors.mean(0)
+    settled = settle_changes(cells, donors, z=4.0, spread=0.5, read_levels=read, prior=prior).double()
+    moved_cells = changed_centre(donors.double(), mean, read.double()) + 0.5 * (change - mean)
+    kept = changed_centre(donors.double(), prior.double(), read.double())  # the anchor's shift, a decrease as a fraction
+    expected = torch.where(moved, moved_cells, kept)
+    torch.testing.assert_close(settled, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close((settled - donors.double()).mean(0)[[1, 3, 5]], prior.double()[[1, 3, 5]], rtol=0, atol=1e-5)
+    without = settle_changes(cells, donors, z=4.0, spread=0.5, read_levels=read)  # no anchor: unmoved genes are the donors
+    assert torch.equal(without[:, 5], donors[:, 5]) and not torch.equal(settled[:, 1].float(), donors[:, 1])
+
+
 def test_sample_change_spread_reaches_the_predicted_cells(trained: Trainer) -> None:
     """``sample.change_spread`` s gives donor + mean change + s (change - mean change): linear in s,
     so with the same seed (same donors, same noise) s = 0.5 lies halfway between s = 0 and s = 1."""

@@ -44,7 +44,7 @@ LAST, PREVIOUS = LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 
 
 #: Checkpoint fields that older checkpoints lack: read as empty.
-_OPTIONAL = frozenset({"plugins", "unseen_context_change"})
+_OPTIONAL = frozenset({"plugins", "unseen_context_change", "anchor"})
 
 
 class CheckpointError(PerturbDiffError):
@@ -60,7 +60,9 @@ class Checkpoint:
     :func:`~perturbdiff_core.runs.config.plugin_records` of the run config, filled in when saved
     (empty in checkpoints written before it was recorded); ``unseen_context_change`` is the share of
     its change a context training never saw keeps, resolved from the training data when
-    ``sample.unseen_context_change`` is ``auto`` (1, all of it, in checkpoints written before it existed).
+    ``sample.unseen_context_change`` is ``auto`` (1, all of it, in checkpoints written before it existed);
+    ``anchor`` is the run's resolved ``model.anchor`` (``None`` in checkpoints written before ``auto``
+    existed: :attr:`anchor_name` then reads the config).
     """
 
     step: int
@@ -76,6 +78,16 @@ class Checkpoint:
     version: str = __version__
     plugins: dict[str, Any] = field(default_factory=dict)
     unseen_context_change: float = 1.0
+    anchor: str | None = None
+
+    @property
+    def anchor_name(self) -> str:
+        """The anchor the model was trained with: the resolved ``model.anchor`` (``none`` or a predictor); for a
+        checkpoint written before ``auto`` existed, the config's name (``auto`` there trained without one)."""
+        if self.anchor is not None:
+            return self.anchor
+        name = self.run_config.model.anchor_name
+        return "none" if name == "auto" else name
 
     @property
     def complete(self) -> bool:

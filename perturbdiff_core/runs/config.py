@@ -31,7 +31,7 @@ from ..names import CONFIG_FILE as CONFIG_FILE
 from ..names import PLUGINS_FILE as PLUGINS_FILE
 from ..names import RUNS_DIR
 from ..registry import PluginSpec
-from .anchor import NO_ANCHOR, check_anchor
+from .anchor import AUTO_ANCHOR, NO_ANCHOR, check_anchor
 from .folder import RunDir
 
 #: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.
@@ -74,11 +74,14 @@ class ModelConfig:
             network also learns the null condition of classifier-free guidance (``sample.guidance``).
         ema_decay: decay of the exponential moving average of the weights used for sampling;
             ``null`` keeps no average.
-        relative_to_control: the older spelling of ``anchor: control`` (used when ``anchor`` is ``none``).
-        anchor: ``none``, or a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
-            ``linear``, ...): the model then diffuses each set relative to its control set's mean
-            plus the anchor's predicted shift, and adds it back when sampling (see
-            :mod:`~perturbdiff_core.runs.anchor`).
+        relative_to_control: the older spelling of ``anchor: control`` (used when ``anchor`` is
+            ``none`` or ``auto``).
+        anchor: ``none``, a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
+            ``linear``, ...), or ``auto``: ``context_mean`` where the test holds contexts training
+            lacks that the denoiser reads centred and whose response the trained contexts' carries
+            (a held-out replicate or donor), else ``none`` (see :mod:`~perturbdiff_core.runs.anchor`).
+            With an anchor the model diffuses each set relative to its control set's mean plus the
+            anchor's predicted shift, and adds it back when sampling.
         origin: ``cell`` (each target cell is diffused as a change of the control cell at its place,
             plus the anchor's shift when there is one, so predicted cells keep real cells' zeros
             and counts where nothing changes) or ``set`` (one origin per set: the control mean plus
@@ -106,14 +109,15 @@ class ModelConfig:
     cond_drop_prob: Annotated[float, UnitInterval] = 0.1
     ema_decay: Annotated[float | None, HalfOpenUnit] = 0.999
     relative_to_control: bool = False
-    anchor: str = "none"
+    anchor: str = AUTO_ANCHOR
     origin: Literal["set", "cell"] = "cell"
     control_levels: Literal["auto", "centred", "absolute", "hull"] = "auto"
 
     @property
     def anchor_name(self) -> str:
-        """The anchor in effect: ``anchor``, or ``control`` for ``relative_to_control: true`` without one."""
-        return "control" if self.anchor == NO_ANCHOR and self.relative_to_control else self.anchor
+        """The anchor asked for: ``anchor``, or ``control`` for ``relative_to_control: true`` with ``anchor``
+        ``none`` or ``auto`` (``auto`` is resolved once the data are read: :func:`~.anchor.resolve_anchor`)."""
+        return "control" if self.anchor in (NO_ANCHOR, AUTO_ANCHOR) and self.relative_to_control else self.anchor
 
 
 @dataclass
@@ -192,6 +196,8 @@ class SampleConfig:
         change_z: genes whose predicted mean change from the control cells the sets were sampled
             from is below ``change_z`` standard errors keep those control cells' values (see
             :func:`~perturbdiff_core.runs.model_predictor.settle_changes`); ``null`` keeps every sampled value.
+            With an anchor (``model.anchor``) the test reads the change beyond the anchor's shift, and
+            the genes that fail it keep that shift.
         change_spread: how much of its own deviation from the condition's mean change each predicted
             cell keeps, in [0, 1]: a changed gene of cell ``i`` becomes its control cell plus the mean
             change plus ``change_spread`` times cell ``i``'s deviation from it. The sampler's per-cell
@@ -354,7 +360,7 @@ def check(config: RunConfig) -> None:
     if config.train.steps == 0 and not config.train.init_from:
         raise ConfigError(f"train.steps must be at least 1 (0 only with train.init_from), got {config.train.steps}.")
     check_anchor(config.model.anchor)
-    if config.model.anchor_name not in (NO_ANCHOR, "control") and config.train.objective == "marginal":
+    if config.model.anchor_name not in (NO_ANCHOR, AUTO_ANCHOR, "control") and config.train.objective == "marginal":
         raise ConfigError(
             f"model.anchor = {config.model.anchor_name} needs perturbed training conditions; marginal pre-training "
             f"(train.objective: marginal) has none. Set model.anchor: none for pre-training."

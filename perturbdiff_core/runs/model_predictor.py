@@ -112,7 +112,10 @@ class DiffusionPredictor(Predictor):
             cells = donors + self.unseen_context_change * (cells - donors)
         cells, donors = cells[:n_cells], donors[:n_cells]
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
-        cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read)
+        prior = None if shift is None else torch.as_tensor(shift, dtype=cells.dtype)
+        if prior is not None and self.unseen_context_change != 1.0 and data.unseen_contexts([condition]):
+            prior = self.unseen_context_change * prior
+        cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read, prior)
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
@@ -127,7 +130,12 @@ class DiffusionPredictor(Predictor):
 
 
 def settle_changes(
-    cells: Tensor, donors: Tensor, z: float | None, spread: float, read_levels: Tensor | None = None
+    cells: Tensor,
+    donors: Tensor,
+    z: float | None,
+    spread: float,
+    read_levels: Tensor | None = None,
+    prior: Tensor | None = None,
 ) -> Tensor:
     r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
     prediction does not change significantly copied from ``donors``.
@@ -149,6 +157,12 @@ def settle_changes(
     mean change and puts it on the cells that express the gene, instead of pushing cells at 0 below
     0 (which clipping then undoes); where it read a hull mixture, the fraction carries to the
     context's own level.
+
+    With ``prior`` ``(G,)``, the anchor's shift the model was sampled around (``model.anchor``), the
+    test reads the model's own change beyond it, :math:`|\bar d_g - p_g| > z\, s_g / \sqrt n`, and a
+    gene that fails it keeps the anchor's shift, applied as a mean change :math:`p_g` would be (a
+    fraction for a decrease), instead of the donors' values: the anchor is a fitted prior, not a
+    noisy sample, so the test that guards against sampling noise does not erase it.
     """
     change = cells - donors
     mean = change.mean(0)
@@ -159,8 +173,10 @@ def settle_changes(
     n = change.shape[0]
     if z is None or n < 2:
         return settled
-    moved = mean.abs() > z * change.std(0) / math.sqrt(n)
-    return torch.where(moved, settled, donors)
+    unmoved = donors if prior is None else changed_centre(donors, prior, read_levels)
+    beyond = mean if prior is None else mean - prior
+    moved = beyond.abs() > z * change.std(0) / math.sqrt(n)
+    return torch.where(moved, settled, unmoved)
 
 
 def changed_centre(donors: Tensor, mean: Tensor, read_levels: Tensor | None) -> Tensor:

@@ -141,7 +141,7 @@ def run_anchor(
 ) -> Predictor | None:
     """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's own
     data, or else of the run's data: ``run_data`` or its file); ``None`` for a run without an anchor."""
-    name = checkpoint.run_config.model.anchor_name
+    name = checkpoint.anchor_name
     if name == NO_ANCHOR:
         return None
     train_data = open_data(checkpoint, None, run_data) if data is None else data

@@ -77,7 +77,9 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     model = config.model
     size = model.denoiser_params.get("size")
     parameters = sum(p.numel() for p in trainer.model.denoiser.parameters())
-    anchor = f", anchor {model.anchor_name}" if model.anchor_name != "none" else ""
+    choice = trainer.anchor_choice
+    anchor = f", anchor {choice.name}" if choice.name != "none" else ""
+    anchor += f" ({choice.why})" if choice.name != "none" and choice.why else ""
     start = f" (resuming at step {trainer.step})" if trainer.step else ""
     source = [f"       {data.source_report}"] if data.source_report else []
     return [

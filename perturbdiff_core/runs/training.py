@@ -44,7 +44,7 @@ from ..progress import progress_bar, stage
 from ..registry import PluginSpec, accepts
 from ..threads import apply_threads, resolve_threads
 from . import distributed
-from .anchor import NO_ANCHOR, anchor_shifts, fit_anchor
+from .anchor import NO_ANCHOR, AnchorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .folder import RunDir
@@ -133,16 +133,19 @@ def _unavailable(device: torch.device) -> str | None:
     return None
 
 
-def build_model(config: ModelConfig, data: PerturbationData, control_levels: str | None = None) -> RKHSDiffusion:
+def build_model(
+    config: ModelConfig, data: PerturbationData, control_levels: str | None = None, anchor: str | None = None
+) -> RKHSDiffusion:
     """A fresh model whose denoiser is sized for ``data`` (genes, perturbation encoding, vocabularies);
-    ``control_levels``, when given, replaces the config's (``auto`` resolved by :func:`~.levels.resolve_control_levels`)."""
+    ``control_levels`` and ``anchor``, when given, replace the config's (``auto`` resolved by
+    :func:`~.levels.resolve_control_levels` and :func:`~.anchor.resolve_anchor`)."""
     sizes = {
         "num_genes": data.n_genes,
         "perturbation_dim": max(1, data.encoder.dim),  # a marginal model's one-hot encoder is empty; it gets zeros
         "num_cell_types": len(data.vocabularies["cell_type"]),
         "num_batches": len(data.vocabularies["batch"]),
     }
-    return _model(config, sizes, control_levels)
+    return _model(config, sizes, control_levels, anchor)
 
 
 DENOISERS = "perturbdiff.denoisers"
@@ -154,13 +157,15 @@ PLACEHOLDER_SIZES = {"num_genes": 8, "perturbation_dim": 2, "num_cell_types": 2,
 def check_plugins(config: RunConfig) -> None:
     """Build every plug-in a run names (the model at placeholder data sizes, the perturbation encoder),
     so a misspelt name or a bad parameter fails in a second, before the data are read."""
-    _model(config.model, PLACEHOLDER_SIZES, "centred")  # control_levels: auto is resolved once the data are read
+    _model(config.model, PLACEHOLDER_SIZES, "centred", NO_ANCHOR)  # the auto values are resolved once the data are read
     plugin_spec(config.data, "encoder").build("perturbdiff.encoders")
 
 
-def _model(config: ModelConfig, sizes: dict[str, int], control_levels: str | None = None) -> RKHSDiffusion:
-    """The model of ``config`` with a denoiser of the given data sizes; ``control_levels``, when given,
-    replaces the config's (``auto`` resolved)."""
+def _model(
+    config: ModelConfig, sizes: dict[str, int], control_levels: str | None = None, anchor: str | None = None
+) -> RKHSDiffusion:
+    """The model of ``config`` with a denoiser of the given data sizes; ``control_levels`` and ``anchor``,
+    when given, replace the config's (``auto`` resolved)."""
     reserved = {*sizes, "name", "templates"} & set(config.denoiser_params)
     if reserved:
         raise ConfigError(
@@ -185,7 +190,7 @@ def _model(config: ModelConfig, sizes: dict[str, int], control_levels: str | Non
         self_condition_prob=config.self_condition_prob,
         cond_drop_prob=config.cond_drop_prob,
         ema_decay=config.ema_decay,
-        relative_to_control=config.anchor_name != NO_ANCHOR or config.origin == "cell",
+        relative_to_control=(anchor or config.anchor_name) != NO_ANCHOR or config.origin == "cell",
         origin=config.origin,
         control_levels=levels,
     )
@@ -401,6 +406,8 @@ class Trainer:
                 UnseenContextChange(checkpoint.unseen_context_change, why="auto: as the run resolved it when it started")
                 if setting == "auto" else UnseenContextChange(float(setting))
             )
+            why = "auto: as the run resolved it when it started" if config.model.anchor_name == "auto" else ""
+            self.anchor_choice = AnchorChoice(checkpoint.anchor_name, why)
         else:
             if has_checkpoint(self.run_dir):
                 raise ConfigError(
@@ -416,7 +423,10 @@ class Trainer:
             self.unseen_context_change = resolve_unseen_context_change(
                 config.sample.unseen_context_change, self.data, self.split, config.seed, self.control_levels.name
             )
-            model = build_model(config.model, self.data, self.control_levels.name)
+            self.anchor_choice = resolve_anchor(
+                config.model.anchor_name, self.data, self.split, config.seed, self.control_levels.name
+            )
+            model = build_model(config.model, self.data, self.control_levels.name, self.anchor_choice.name)
             if init is not None:
                 self.transfer = transfer_weights(model, init, self.data, source=str(config.train.init_from))
                 if distributed.is_main():
@@ -438,7 +448,7 @@ class Trainer:
             self.step, self.history, self.validation = checkpoint.step, checkpoint.history, checkpoint.validation
         if distributed.is_main():
             write_config(config, self.run_dir)
-        self.anchor = fit_anchor(config.model.anchor_name, self.data, self.split.train)
+        self.anchor = fit_anchor(self.anchor_choice.name, self.data, self.split.train)
         shifts = anchor_shifts(self.anchor, self.data, [*self.split.train, *self.split.val])
         self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed, shifts=shifts)
         if not resume and self.model.prediction == "edm":
@@ -633,6 +643,7 @@ class Trainer:
             history=self.history,
             validation=self.validation,
             unseen_context_change=self.unseen_context_change.scale,
+            anchor=self.anchor_choice.name,
         )
         self.write_log()
         path = save_checkpoint(self.checkpoint_file, checkpoint, previous=previous_path(self.run_dir))
