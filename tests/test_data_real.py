@@ -67,3 +67,31 @@ def test_kang_held_out_cell_type_in_memory_and_backed(kang18_path):
         assert a.condition == b.condition
         np.testing.assert_array_equal(a.target.numpy(), b.target.numpy())
         np.testing.assert_array_equal(a.cond.control.numpy(), b.cond.control.numpy())
+
+
+def test_the_replicate_script_writes_k562_with_a_replicate_per_pair_of_lanes(norman19_path, tmp_path):
+    """scripts/k562_replicates.py: norman19's K562 cells, unchanged, with replicate r1-r4 from 10x lanes 1-2, ..., 7-8."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import anndata as ad
+    import pandas as pd
+
+    from perturbdiff_core.data.anndata_io import DATA_ENV
+
+    out = tmp_path / "replicates.h5ad"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "k562_replicates.py"
+    env = {**os.environ, DATA_ENV: str(norman19_path.parent)}
+    subprocess.run([sys.executable, str(script), "--out", str(out)], check=True, capture_output=True, env=env, timeout=120)
+    replicates, source = ad.read_h5ad(out), ad.read_h5ad(norman19_path)
+    k562 = source[(source.obs["cell_type"] == "k562").to_numpy()]
+    assert list(replicates.obs_names) == list(k562.obs_names)
+    np.testing.assert_array_equal(replicates.X.toarray(), k562.X.toarray())
+    lanes = [int(name.rsplit("-", 1)[1]) for name in replicates.obs_names]
+    assert sorted(set(zip(lanes, replicates.obs["replicate"], strict=True))) == [
+        (1, "r1"), (2, "r1"), (3, "r2"), (4, "r2"), (5, "r3"), (6, "r3"), (7, "r4"), (8, "r4")
+    ]
+    counts = pd.crosstab(replicates.obs["perturbation"], replicates.obs["replicate"])
+    assert (counts > 0).all().all() and (counts.loc["control"] >= 20).all()  # every perturbation in every replicate

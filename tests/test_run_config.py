@@ -262,8 +262,26 @@ def _configs_of(path: Path) -> list[RunConfig]:
     return [load_config(path)]
 
 
+@pytest.fixture
+def data_with_replicates(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data folder with the shared files and the file ``scripts/k562_replicates.py`` derives from them
+    (``examples/suite_replicates.yaml`` reads it), made ``$PERTURBDIFF_DATA``."""
+    import anndata as ad
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    from k562_replicates import OUT, SOURCE, k562_replicates
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for file in shared_data.glob("*.h5ad"):
+        (folder / file.name).symlink_to(file)
+    k562_replicates(ad.read_h5ad(shared_data / SOURCE)).write_h5ad(folder / OUT.name)
+    monkeypatch.setenv(DATA_ENV, str(folder))
+    return folder
+
+
 @pytest.mark.parametrize("path", ALL_EXAMPLES, ids=[p.stem for p in ALL_EXAMPLES])
-def test_bundled_yaml_uses_no_deprecated_spelling(path: Path, shared_data: Path) -> None:
+def test_bundled_yaml_uses_no_deprecated_spelling(path: Path, data_with_replicates: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerturbDiffDeprecationWarning)
         for config in _configs_of(path):  # grids and suites build each cell's plug-ins; build the estimator for all
