@@ -33,6 +33,7 @@ from ..diffusion.model import RKHSDiffusion
 from ..errors import PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, first_line
 from ..io import atomic_path, output_error
 from ..names import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
+from .anchor import AUTO_ANCHOR, NO_ANCHOR
 from .config import RunConfig, config_from_dict, plugin_mismatches, plugin_records
 from .folder import RunDir
 
@@ -87,7 +88,7 @@ class Checkpoint:
         if self.anchor is not None:
             return self.anchor
         name = self.run_config.model.anchor_name
-        return "none" if name == "auto" else name
+        return NO_ANCHOR if name == AUTO_ANCHOR else name
 
     @property
     def complete(self) -> bool:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..data.sources import data_path_name
 from ..threads import threads_line
 from . import levels as levels_rule
+from .anchor import NO_ANCHOR
 
 if TYPE_CHECKING:
     from .training import Trainer
@@ -78,8 +79,7 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     size = model.denoiser_params.get("size")
     parameters = sum(p.numel() for p in trainer.model.denoiser.parameters())
     choice = trainer.anchor_choice
-    anchor = f", anchor {choice.name}" if choice.name != "none" else ""
-    anchor += f" ({choice.why})" if choice.name != "none" and choice.why else ""
+    anchor = "" if choice.name == NO_ANCHOR else f", anchor {choice.name}" + (f" ({choice.why})" if choice.why else "")
     start = f" (resuming at step {trainer.step})" if trainer.step else ""
     source = [f"       {data.source_report}"] if data.source_report else []
     return [
