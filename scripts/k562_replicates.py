@@ -18,7 +18,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from perturbdiff_core.data.anndata_io import shared_data_dir
+from perturbdiff_core.data.anndata_io import DATA_ENV, shared_data_dir
 from perturbdiff_core.io import atomic_path
 
 SOURCE = "norman19_mcfaline23.h5ad"
@@ -39,7 +39,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT, help=f"the file to write (default {OUT})")
     args = parser.parse_args()
-    adata = k562_replicates(ad.read_h5ad(shared_data_dir() / SOURCE))
+    source = shared_data_dir() / SOURCE
+    if not source.is_file():
+        parser.exit(1, f"k562_replicates: {source} is missing; set {DATA_ENV} to the folder holding {SOURCE}.\n")
+    adata = k562_replicates(ad.read_h5ad(source))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         adata.write_h5ad(tmp)

@@ -20,7 +20,7 @@ from perturbdiff_core.runs.config import config_from_dict
 from perturbdiff_core.runs.prediction import run_anchor
 from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.training import Trainer
-from perturbdiff_core.runs.unseen import leave_one_context_out_slope, training_changes
+from perturbdiff_core.runs.unseen import UnseenContextChange, leave_one_context_out_slope, training_changes
 
 TEST = ["A+B|t1", "A+B|t2"]
 
@@ -108,6 +108,10 @@ def test_auto_anchors_an_unseen_context_read_centred_whose_response_carries(thre
     for levels in ("hull", "absolute"):  # the denoiser reads the context's levels: no anchor
         assert resolve_anchor("auto", data, split, 5, levels).name == "none"
     assert resolve_anchor("linear", data, split, 5, "hull").name == "linear"  # a name is kept as given
+    measured = UnseenContextChange(0.2, pairs=3, slope=0.2)  # a factor the run measured already is not read again
+    assert "factor 0.20 over 3" in resolve_anchor("auto", data, split, 5, "centred", measured).why
+    assert resolve_anchor("auto", data, split, 5, "centred", measured).name == "none"
+    assert resolve_anchor("auto", data, split, 5, "centred", UnseenContextChange(0.3)).name == "context_mean"  # unmeasured
     combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B in trained types
     assert combination.anchor_choice.name == "none" and "every test context was trained" in combination.anchor_choice.why
     assert combination.anchor is None and combination.train_sets.shift is None

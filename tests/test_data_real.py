@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +20,7 @@ from perturbdiff_core.data import (
     make_loader,
     prepare,
 )
+from perturbdiff_core.data.anndata_io import DATA_ENV
 from perturbdiff_core.errors import DataError
 
 GLIOMA = ("A172", "T98G", "U87MG")
@@ -70,17 +77,8 @@ def test_kang_held_out_cell_type_in_memory_and_backed(kang18_path):
 
 
 def test_the_replicate_script_writes_k562_with_a_replicate_per_pair_of_lanes(norman19_path, tmp_path):
-    """scripts/k562_replicates.py: norman19's K562 cells, unchanged, with replicate r1-r4 from 10x lanes 1-2, ..., 7-8."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import anndata as ad
-    import pandas as pd
-
-    from perturbdiff_core.data.anndata_io import DATA_ENV
-
+    """scripts/k562_replicates.py: norman19's K562 cells, unchanged, with replicate r1-r4 from 10x lanes 1-2, ..., 7-8;
+    without its source file it says which one and how to point at it."""
     out = tmp_path / "replicates.h5ad"
     script = Path(__file__).resolve().parents[1] / "scripts" / "k562_replicates.py"
     env = {**os.environ, DATA_ENV: str(norman19_path.parent)}
@@ -95,3 +93,9 @@ def test_the_replicate_script_writes_k562_with_a_replicate_per_pair_of_lanes(nor
     ]
     counts = pd.crosstab(replicates.obs["perturbation"], replicates.obs["replicate"])
     assert (counts > 0).all().all() and (counts.loc["control"] >= 20).all()  # every perturbation in every replicate
+    missing = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "other.h5ad")], capture_output=True, text=True,
+        env={**os.environ, DATA_ENV: str(tmp_path)}, timeout=120,
+    )
+    assert missing.returncode == 1 and DATA_ENV in missing.stderr and "norman19_mcfaline23.h5ad is missing" in missing.stderr
+    assert "Traceback" not in missing.stderr and not (tmp_path / "other.h5ad").exists()

@@ -35,7 +35,7 @@ from ..data.dataset import Condition, PerturbationData
 from ..errors import ConfigError
 from ..evaluation.predictors import Predictor, as_predictor
 from ..registry import is_registered, names
-from .unseen import leave_one_context_out_slope, training_changes
+from .unseen import UnseenContextChange, leave_one_context_out_slope, training_changes
 
 #: ``model.anchor`` value for no anchor: the model diffuses the cells themselves.
 NO_ANCHOR = "none"
@@ -69,18 +69,29 @@ def check_anchor(name: str) -> None:
         )
 
 
-def resolve_anchor(setting: str, data: PerturbationData, split: Split, seed: int, control_levels: str) -> AnchorChoice:
+def resolve_anchor(
+    setting: str,
+    data: PerturbationData,
+    split: Split,
+    seed: int,
+    control_levels: str,
+    measured: UnseenContextChange | None = None,
+) -> AnchorChoice:
     """``model.anchor`` for a run on ``split`` whose denoiser reads ``control_levels`` (resolved): a name as
     given; ``auto`` :data:`AUTO_ANCHOR_PREDICTOR` where the test's unseen contexts are read centred and
     the training conditions' leave-one-context-out factor is at least :data:`AUTO_MIN_CARRY`, else
-    ``none`` (module docstring). Only training conditions are read."""
+    ``none`` (module docstring). Only training conditions are read; the factor ``measured`` by the run's
+    ``sample.unseen_context_change: auto`` (same data, split and seed) is reused rather than read again."""
     if setting != AUTO_ANCHOR:
         return AnchorChoice(setting)
     if not data.unseen_contexts(split.test):
         return AnchorChoice(NO_ANCHOR, "auto: every test context was trained")
     if control_levels != "centred":
         return AnchorChoice(NO_ANCHOR, f"auto: the denoiser reads the unseen contexts' levels (control_levels {control_levels})")
-    slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
+    if measured is not None and measured.slope is not None:
+        slope, pairs = measured.slope, measured.pairs
+    else:
+        slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
     if slope is None:
         return AnchorChoice(NO_ANCHOR, "auto: no training perturbation was seen in two contexts")
     carry = (f"in training, the other contexts' mean change predicts a context's by a factor {slope:.2f} "

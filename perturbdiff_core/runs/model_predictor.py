@@ -108,13 +108,12 @@ class DiffusionPredictor(Predictor):
             )
             chunks.append(sampled.cpu())
         cells, donors = torch.cat(chunks).reshape(-1, data.n_genes), cond.control.reshape(-1, data.n_genes)
-        if self.unseen_context_change != 1.0 and data.unseen_contexts([condition]):
-            cells = donors + self.unseen_context_change * (cells - donors)
+        kept = self.unseen_context_change if data.unseen_contexts([condition]) else 1.0
+        if kept != 1.0:
+            cells = donors + kept * (cells - donors)
         cells, donors = cells[:n_cells], donors[:n_cells]
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
-        prior = None if shift is None else torch.as_tensor(shift, dtype=cells.dtype)
-        if prior is not None and self.unseen_context_change != 1.0 and data.unseen_contexts([condition]):
-            prior = self.unseen_context_change * prior
+        prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
         cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read, prior)
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None

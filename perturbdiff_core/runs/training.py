@@ -44,7 +44,7 @@ from ..progress import progress_bar, stage
 from ..registry import PluginSpec, accepts
 from ..threads import apply_threads, resolve_threads
 from . import distributed
-from .anchor import NO_ANCHOR, AnchorChoice, anchor_shifts, fit_anchor, resolve_anchor
+from .anchor import AUTO_ANCHOR, NO_ANCHOR, AnchorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .folder import RunDir
@@ -406,7 +406,7 @@ class Trainer:
                 UnseenContextChange(checkpoint.unseen_context_change, why="auto: as the run resolved it when it started")
                 if setting == "auto" else UnseenContextChange(float(setting))
             )
-            why = "auto: as the run resolved it when it started" if config.model.anchor_name == "auto" else ""
+            why = "auto: as the run resolved it when it started" if config.model.anchor_name == AUTO_ANCHOR else ""
             self.anchor_choice = AnchorChoice(checkpoint.anchor_name, why)
         else:
             if has_checkpoint(self.run_dir):
@@ -424,7 +424,8 @@ class Trainer:
                 config.sample.unseen_context_change, self.data, self.split, config.seed, self.control_levels.name
             )
             self.anchor_choice = resolve_anchor(
-                config.model.anchor_name, self.data, self.split, config.seed, self.control_levels.name
+                config.model.anchor_name, self.data, self.split, config.seed, self.control_levels.name,
+                self.unseen_context_change,
             )
             model = build_model(config.model, self.data, self.control_levels.name, self.anchor_choice.name)
             if init is not None:
