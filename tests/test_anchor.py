@@ -17,7 +17,7 @@ from perturbdiff_core.errors import ConfigError
 from perturbdiff_core.runs.anchor import AUTO_MIN_CARRY, anchor_shifts, fit_anchor, resolve_anchor
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
-from perturbdiff_core.runs.prediction import run_anchor
+from perturbdiff_core.runs.prediction import run_anchor, training_data
 from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.training import Trainer
 from perturbdiff_core.runs.unseen import UnseenContextChange, leave_one_context_out_slope, training_changes
@@ -92,26 +92,27 @@ def three_types(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def held_out_t3(path: Path, *overrides: str):
-    """t3 held out, its control cells read centred (as control_levels auto reads contexts training does not span)."""
+    """t3 held out, its control cells read centred (as control_levels auto reads contexts training does not span)
+    unless ``overrides`` set ``model.control_levels`` again."""
     return tiny_config(path, "split.kind=holdout_cell_type", "split.holdout=[t3]", "model.control_levels=centred", *overrides)
 
 
-def test_auto_anchors_an_unseen_context_read_centred_whose_response_carries(three_types: Path, tmp_path: Path) -> None:
-    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
+@pytest.mark.parametrize("levels", ["centred", "hull"])
+def test_auto_anchors_an_unseen_context_whose_response_carries(three_types: Path, tmp_path: Path, levels: str) -> None:
+    """Whether the denoiser reads the held-out context's levels (hull) or not (centred), auto anchors it."""
+    trainer = Trainer(held_out_t3(three_types, f"model.control_levels={levels}"), tmp_path / "run", progress=False)
     data, split = trainer.data, trainer.split
     slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, 5))
     assert slope >= AUTO_MIN_CARRY and pairs == 8
-    assert trainer.anchor_choice == resolve_anchor("auto", data, split, 5, "centred")
+    assert trainer.anchor_choice == resolve_anchor("auto", data, split, 5)
     assert trainer.anchor_choice.name == "context_mean" and f"factor {slope:.2f} over 8" in trainer.anchor_choice.why
     assert trainer.anchor is not None and trainer.train_sets.shift is not None  # training sets carry the shifts
     assert f"anchor context_mean ({trainer.anchor_choice.why})" in "\n".join(run_summary(trainer))
-    for levels in ("hull", "absolute"):  # the denoiser reads the context's levels: no anchor
-        assert resolve_anchor("auto", data, split, 5, levels).name == "none"
-    assert resolve_anchor("linear", data, split, 5, "hull").name == "linear"  # a name is kept as given
+    assert resolve_anchor("linear", data, split, 5).name == "linear"  # a name is kept as given
     measured = UnseenContextChange(0.2, pairs=3, slope=0.2)  # a factor the run measured already is not read again
-    assert "factor 0.20 over 3" in resolve_anchor("auto", data, split, 5, "centred", measured).why
-    assert resolve_anchor("auto", data, split, 5, "centred", measured).name == "none"
-    assert resolve_anchor("auto", data, split, 5, "centred", UnseenContextChange(0.3)).name == "context_mean"  # unmeasured
+    assert "factor 0.20 over 3" in resolve_anchor("auto", data, split, 5, measured).why
+    assert resolve_anchor("auto", data, split, 5, measured).name == "none"
+    assert resolve_anchor("auto", data, split, 5, UnseenContextChange(0.3)).name == "context_mean"  # unmeasured
     combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B in trained types
     assert combination.anchor_choice.name == "none" and "every test context was trained" in combination.anchor_choice.why
     assert combination.anchor is None and combination.train_sets.shift is None
@@ -137,7 +138,7 @@ def test_the_checkpoint_carries_the_resolved_anchor(three_types: Path, tmp_path:
     trainer.fit(stop_at=4)
     checkpoint = load_checkpoint(checkpoint_path(run))
     assert checkpoint.run_config.model.anchor == "auto" and checkpoint.anchor_name == "context_mean"
-    refitted = run_anchor(checkpoint, trainer.data)
+    refitted = run_anchor(checkpoint, lambda: training_data(checkpoint, trainer.data))
     unseen = trainer.data.condition("A|t3")
     np.testing.assert_allclose(refitted.shift(trainer.data, unseen), trainer.anchor.shift(trainer.data, unseen))
     resumed = Trainer(held_out_t3(three_types), run, resume=True, progress=False)

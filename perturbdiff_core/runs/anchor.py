@@ -10,17 +10,17 @@ The anchor is fitted on the training conditions only. A training condition's shi
 condition itself out (every shift baseline predicts a training condition from the others), so
 the model trains on the same kind of anchor error it meets on a held-out condition.
 
-``auto`` (the default) anchors on ``context_mean`` where that error is small and the model has
-nothing better to go on: the test holds contexts training lacks (a held-out replicate, donor or
-patient), the denoiser reads them centred (``model.control_levels``: the trained contexts'
-levels do not span them, so nothing tells the model which context it is and its change there is
-the trained contexts' change carried over blind, an estimate of the context mean), and in
-training the other contexts' mean change predicts a context's by a factor of at least
-:data:`AUTO_MIN_CARRY` (the leave-one-context-out factor of ``sample.unseen_context_change``).
-Everywhere else it is ``none``: held-out cell types the trained ones span (the model shapes the
-change to their levels), contexts whose responses do not carry (CRISPRi glioma lines: 0.00-0.06)
-and held-out combinations in trained contexts, where a training single's context mean comes
-from other contexts and the model learns to undo it (README, options table).
+``auto`` (the default) anchors on ``context_mean`` where that error is small and a context
+training lacks must be predicted: the test holds contexts training lacks (a held-out replicate,
+donor, patient or cell type), and in training the other contexts' mean change predicts a
+context's by a factor of at least :data:`AUTO_MIN_CARRY` (the leave-one-context-out factor of
+``sample.unseen_context_change``). The model then learns what the context mean misses in each
+context instead of the whole response, whether its denoiser reads the unseen context's levels
+(``model.control_levels`` ``hull``) or not (``centred``): a held-out K562 replicate read either way
+lost most of its accuracy without the anchor (README, options table). Everywhere else it is
+``none``: contexts whose responses do not carry (CRISPRi glioma lines: 0.00-0.06) and held-out
+combinations in trained contexts, where a training single's context mean comes from other
+contexts and the model learns to undo it (README, options table).
 """
 
 from __future__ import annotations
@@ -74,20 +74,16 @@ def resolve_anchor(
     data: PerturbationData,
     split: Split,
     seed: int,
-    control_levels: str,
     measured: UnseenContextChange | None = None,
 ) -> AnchorChoice:
-    """``model.anchor`` for a run on ``split`` whose denoiser reads ``control_levels`` (resolved): a name as
-    given; ``auto`` :data:`AUTO_ANCHOR_PREDICTOR` where the test's unseen contexts are read centred and
-    the training conditions' leave-one-context-out factor is at least :data:`AUTO_MIN_CARRY`, else
-    ``none`` (module docstring). Only training conditions are read; the factor ``measured`` by the run's
+    """``model.anchor`` for a run on ``split``: a name as given; ``auto`` :data:`AUTO_ANCHOR_PREDICTOR`
+    where the test holds contexts training lacks and the training conditions' leave-one-context-out
+    factor is at least :data:`AUTO_MIN_CARRY`, else ``none`` (module docstring). Only training conditions are read; the factor ``measured`` by the run's
     ``sample.unseen_context_change: auto`` (same data, split and seed) is reused rather than read again."""
     if setting != AUTO_ANCHOR:
         return AnchorChoice(setting)
     if not data.unseen_contexts(split.test):
         return AnchorChoice(NO_ANCHOR, "auto: every test context was trained")
-    if control_levels != "centred":
-        return AnchorChoice(NO_ANCHOR, f"auto: the denoiser reads the unseen contexts' levels (control_levels {control_levels})")
     if measured is not None and measured.slope is not None:
         slope, pairs = measured.slope, measured.pairs
     else:

@@ -220,6 +220,12 @@ class SampleConfig:
             sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a
             context centred (``model.control_levels``), the share measured on the training conditions;
             elsewhere all of it (see :mod:`~perturbdiff_core.runs.unseen`). Trained contexts keep all of it.
+        control_shrinkage: the share by which the control mean of a condition whose cell type or batch
+            training never saw moves towards the training contexts' average before the change is added:
+            the part of its distance from them that is sampling noise of few control cells. ``auto``
+            estimates it per context from the training contexts' and the context's own control cells
+            (1-7% for held-out PBMC cell types and glioma lines, 74-82% for a held-out K562 replicate of
+            20-32 control cells; see :mod:`~perturbdiff_core.runs.control_noise`); 0 keeps the observed mean.
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
@@ -239,6 +245,7 @@ class SampleConfig:
     decrease: Literal["fraction", "shift"] = "fraction"
     increase: Literal["reads", "shift"] = "reads"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
+    control_shrinkage: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10
 

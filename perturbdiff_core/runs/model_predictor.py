@@ -23,6 +23,7 @@ from ..errors import InputError
 from ..evaluation.predictors import Predictor
 from .checkpoint import Checkpoint
 from .config import SampleConfig
+from .control_noise import ControlShrinkage
 
 
 def _sets(cond: Conditioning, part: slice) -> Conditioning:
@@ -43,6 +44,9 @@ class DiffusionPredictor(Predictor):
         unseen_context_change: the share of the sampled change kept where the condition's cell type or
             batch was not trained (the run's resolved ``sample.unseen_context_change``, see
             :mod:`~perturbdiff_core.runs.unseen`); trained contexts keep all of it.
+        control_shrinkage: the training contexts' control means, towards which the control mean of a
+            context training lacked is moved by its estimated share of noise (``sample.control_shrinkage``,
+            see :mod:`~perturbdiff_core.runs.control_noise`); ``None`` keeps the observed mean.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
@@ -57,6 +61,7 @@ class DiffusionPredictor(Predictor):
         device: torch.device | str = "cpu",
         anchor: Predictor | None = None,
         unseen_context_change: float = 1.0,
+        control_shrinkage: ControlShrinkage | None = None,
     ) -> None:
         if not 0.0 <= unseen_context_change <= 1.0:
             raise InputError(f"unseen_context_change must be in [0, 1], got {unseen_context_change}.")
@@ -65,6 +70,7 @@ class DiffusionPredictor(Predictor):
         self.model = model.to(self.device).eval()
         self.anchor = anchor
         self.unseen_context_change = unseen_context_change
+        self.control_shrinkage = control_shrinkage
 
     @classmethod
     def from_checkpoint(
@@ -74,13 +80,17 @@ class DiffusionPredictor(Predictor):
         *,
         device: torch.device | str = "cpu",
         anchor: Predictor | None = None,
+        control_shrinkage: ControlShrinkage | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
         its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
         sample = sample or checkpoint.run_config.sample
         setting = sample.unseen_context_change
         unseen = checkpoint.unseen_context_change if setting == "auto" else float(setting)
-        return cls(checkpoint.build_model(device), sample, device=device, anchor=anchor, unseen_context_change=unseen)
+        return cls(
+            checkpoint.build_model(device), sample, device=device, anchor=anchor, unseen_context_change=unseen,
+            control_shrinkage=control_shrinkage,
+        )
 
     @torch.no_grad()
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
@@ -108,12 +118,16 @@ class DiffusionPredictor(Predictor):
             )
             chunks.append(sampled.cpu())
         cells, donors = torch.cat(chunks).reshape(-1, data.n_genes), cond.control.reshape(-1, data.n_genes)
-        kept = self.unseen_context_change if data.unseen_contexts([condition]) else 1.0
+        unseen = bool(data.unseen_contexts([condition]))
+        kept = self.unseen_context_change if unseen else 1.0
         if kept != 1.0:
             cells = donors + kept * (cells - donors)
         cells, donors = cells[:n_cells], donors[:n_cells]
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
+        if unseen and self.control_shrinkage is not None:  # the control mean's noise, taken out of every gene
+            offset = torch.from_numpy(self.control_shrinkage.offset(data, condition.context)).to(cells.dtype)
+            cells, prior = cells + offset, offset if prior is None else prior + offset
         cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read, prior)
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None

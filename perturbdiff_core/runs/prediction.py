@@ -7,6 +7,7 @@ same cells for the same arguments.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from ..evaluation.predictors import Predictor, predict_anndata
 from ..threads import apply_threads, resolve_threads
 from .anchor import NO_ANCHOR, fit_anchor
 from .checkpoint import Checkpoint
+from .control_noise import ControlShrinkage
 from .model_predictor import DiffusionPredictor
 from .training import resolve_context_drop
 
@@ -136,17 +138,34 @@ def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list
     return chosen
 
 
-def run_anchor(
+def training_data(
     checkpoint: Checkpoint, data: PerturbationData | None, run_data: ad.AnnData | None = None
-) -> Predictor | None:
-    """The run's ``model.anchor`` fitted again on its training conditions (of ``data``, the run's own
-    data, or else of the run's data: ``run_data`` or its file); ``None`` for a run without an anchor."""
+) -> PerturbationData:
+    """The run's own data with its split applied: ``data`` when given (the run's data, opened already),
+    else ``run_data`` or the run's file."""
+    train_data = open_data(checkpoint, None, run_data) if data is None else data
+    checkpoint.split.apply(train_data)
+    return train_data
+
+
+def run_anchor(checkpoint: Checkpoint, train_data: Callable[[], PerturbationData]) -> Predictor | None:
+    """The run's ``model.anchor`` fitted again on its training conditions of ``train_data()`` (read only for
+    a run with an anchor, see :func:`training_data`); ``None`` for a run without an anchor."""
     name = checkpoint.anchor_name
     if name == NO_ANCHOR:
         return None
-    train_data = open_data(checkpoint, None, run_data) if data is None else data
-    checkpoint.split.apply(train_data)
-    return fit_anchor(name, train_data, checkpoint.split.train)
+    return fit_anchor(name, train_data(), checkpoint.split.train)
+
+
+def run_control_shrinkage(
+    checkpoint: Checkpoint, train_data: Callable[[], PerturbationData], conditions: Sequence[Condition], data: PerturbationData
+) -> ControlShrinkage | None:
+    """The run's ``sample.control_shrinkage`` with the control means of its training contexts in ``train_data()``;
+    ``None`` (nothing read) when none of ``conditions`` of ``data`` is in a context training lacked."""
+    config = checkpoint.run_config
+    if not data.unseen_contexts(conditions):
+        return None
+    return ControlShrinkage.fit(config.sample.control_shrinkage, train_data(), checkpoint.split.train, config.seed)
 
 
 def warn_untrained_context(
@@ -230,8 +249,11 @@ def predict_run(
         raise InputError(f"--populations must be a positive integer, got {populations}.")
     own = opened if data is None else None
     warn_untrained_context(checkpoint, opened, chosen, lambda: own if own is not None else open_data(checkpoint, None, run_data))
-    anchor = run_anchor(checkpoint, own, run_data)
-    predictor = DiffusionPredictor.from_checkpoint(checkpoint, device=device, anchor=anchor)
+    train_data = functools.cache(lambda: training_data(checkpoint, own, run_data))
+    predictor = DiffusionPredictor.from_checkpoint(
+        checkpoint, device=device, anchor=run_anchor(checkpoint, train_data),
+        control_shrinkage=run_control_shrinkage(checkpoint, train_data, chosen, opened),
+    )
     seed = checkpoint.run_config.seed if seed is None else seed
     return predict_anndata(
         predictor, opened, chosen, n_cells=n_cells, seed=seed, populations=populations, progress=progress

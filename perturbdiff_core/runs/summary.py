@@ -65,6 +65,18 @@ def _unseen_context_change(trainer: Trainer) -> list[str]:
     return [f"sample predictions for {_names(unseen)} (unseen in training) keep {change.scale:.0%} of the sampled change{why}"]
 
 
+def _control_shrinkage(trainer: Trainer) -> list[str]:
+    """A line on how far the test's unseen contexts' control means move towards the training contexts', when it has any."""
+    shrinkage = trainer.control_shrinkage
+    if shrinkage is None:
+        return []
+    data = trainer.data
+    contexts = sorted({data.condition(c).context for c in trainer.split.test if data.unseen_contexts([c])}, key=lambda c: c.label)
+    shares = [f"{context.label} {shrinkage.context_share(data, context):.0%}" for context in contexts]
+    why = "auto: the share of each one's distance that is noise of its few control cells" if shrinkage.setting == "auto" else "as set"
+    return [f"       control means moved towards the training contexts': {_names(shares)} ({why})"]
+
+
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     """The lines printed before ``trainer`` trains (``source_name``: how to call data given in memory)."""
     config, data, split = trainer.config, trainer.data, trainer.split
@@ -94,4 +106,5 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
         f"train  {config.train.steps} steps x {config.train.batch_size} sets of {config.data.set_size} cells on "
         f"{trainer.device}{start}, {threads_line(trainer.threads)}{_context_dropout(trainer)}",
         *_unseen_context_change(trainer),
+        *_control_shrinkage(trainer),
     ]

@@ -52,6 +52,7 @@ from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
 from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
+from .control_noise import ControlShrinkage
 from .unseen import UnseenContextChange, resolve_unseen_context_change
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
@@ -424,8 +425,7 @@ class Trainer:
                 config.sample.unseen_context_change, self.data, self.split, config.seed, self.control_levels.name
             )
             self.anchor_choice = resolve_anchor(
-                config.model.anchor_name, self.data, self.split, config.seed, self.control_levels.name,
-                self.unseen_context_change,
+                config.model.anchor_name, self.data, self.split, config.seed, self.unseen_context_change,
             )
             model = build_model(config.model, self.data, self.control_levels.name, self.anchor_choice.name)
             if init is not None:
@@ -437,6 +437,10 @@ class Trainer:
                 self.model.fit_context_levels(self.control_levels.vertices)
         apply_threads(self.threads)  # after the data are read: scanpy's numba calls reset the count
         self.context_drop_prob = resolve_context_drop(config.train.context_drop_prob, self.data, self.split.test)
+        self.control_shrinkage = (  # what the test's unseen contexts' control means are worth (training contexts only)
+            ControlShrinkage.fit(config.sample.control_shrinkage, self.data, self.split.train, config.seed)
+            if self.data.unseen_contexts(self.split.test) else None
+        )
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = make_optimizer(self.params, train)
