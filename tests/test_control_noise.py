@@ -15,7 +15,7 @@ from perturbdiff_core.data.dataset import PerturbationData
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.runs.config import config_from_dict
-from perturbdiff_core.runs.control_noise import ControlShrinkage, mean_and_noise
+from perturbdiff_core.runs.control_noise import AUTO_MIN_SHARE, ControlShrinkage, mean_and_noise
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
 from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.training import Trainer
@@ -57,10 +57,15 @@ def test_the_share_is_the_method_of_moments_posterior_weight() -> None:
     tau2 = np.maximum(stacked.var(0, ddof=1) - noises.mean(0), 0.0)
     expected = 1.0 - tau2.sum() / (tau2.sum() + own.sum())
     shrinkage = ControlShrinkage("auto", means, noise)
-    assert shrinkage.share(mean, own) == pytest.approx(expected, rel=1e-12)
+    assert shrinkage.estimate(mean, own) == pytest.approx(expected, rel=1e-12)
+    assert expected < AUTO_MIN_SHARE and shrinkage.share(mean, own) == 0.0  # distinct contexts keep their mean
+    noisy = 50.0 * own  # the same means seen through few cells: mostly noise
+    tau2 = np.maximum(stacked.var(0, ddof=1) - np.vstack([noise, noisy]).mean(0), 0.0)
+    assert shrinkage.share(mean, noisy) == pytest.approx(1.0 - tau2.sum() / (tau2.sum() + noisy.sum()), rel=1e-12)
+    assert shrinkage.share(mean, noisy) >= AUTO_MIN_SHARE
     assert ControlShrinkage(0.3, means, noise).share(mean, own) == 0.3  # a number is used as given
-    assert shrinkage.share(mean, np.full(GENES, np.nan)) == 0.0  # one control cell: no noise estimate, no shrinkage
-    assert ControlShrinkage("auto", means[:0], noise[:0]).share(mean, own) == 0.0  # no training context
+    assert shrinkage.estimate(mean, np.full(GENES, np.nan)) == 0.0  # one control cell: no noise estimate, no shrinkage
+    assert ControlShrinkage("auto", means[:0], noise[:0]).estimate(mean, own) == 0.0  # no training context
 
 
 def test_replicates_are_shrunk_and_distinct_cell_types_are_not() -> None:
@@ -75,10 +80,12 @@ def test_replicates_are_shrunk_and_distinct_cell_types_are_not() -> None:
     truth = synthetic_screen(24000, GENES, cell_types=("t1",), batches=["r1"], seed=1)  # the same rates, many cells
     level = np.asarray(truth[truth.obs.perturbation == "control"].X.mean(0)).ravel()
     assert np.mean((observed + offset - level) ** 2) < 0.7 * np.mean((observed - level) ** 2)
-    assert shrinkage.share(*own_mean_and_noise(data, context)) > 0.5
+    assert shrinkage.share(*own_mean_and_noise(data, context)) >= AUTO_MIN_SHARE
     types = read(synthetic_screen(240, GENES, cell_types=("t0", "t1", "t2", "t3"), seed=1), batch_key=None)
     distinct = ControlShrinkage.fit("auto", types, training_labels(types, "t3"))
-    assert distinct.share(*own_mean_and_noise(types, context_of(types, "t3"))) < 0.1
+    share, estimate = distinct.context_share(types, context_of(types, "t3"))
+    assert 0.0 < estimate < 0.1 and share == 0.0
+    assert not distinct.offset(types, context_of(types, "t3")).any()
 
 
 def test_no_perturbed_cell_reaches_the_offset() -> None:
@@ -106,8 +113,8 @@ def test_the_predictor_moves_only_unseen_contexts_by_the_offset(tmp_path: Path) 
     replicates(360, seed=3).write_h5ad(path)
     trainer = Trainer(tiny_config(path, "data.batch_key=batch", "split.kind=holdout_batch", "split.holdout=[r4]"),
                       tmp_path / "run", progress=False)
-    share = trainer.control_shrinkage.context_share(trainer.data, context_of(trainer.data, "r4"))
-    assert 0.0 < share < 1.0
+    share, estimate = trainer.control_shrinkage.context_share(trainer.data, context_of(trainer.data, "r4"))
+    assert AUTO_MIN_SHARE <= share == estimate < 1.0
     assert f"control means moved towards the training contexts': t1|r4 {share:.0%} (auto" in "\n".join(run_summary(trainer))
     trainer.fit()
     data, train = trainer.data, trainer.split.train

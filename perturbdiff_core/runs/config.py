@@ -223,9 +223,10 @@ class SampleConfig:
         control_shrinkage: the share by which the control mean of a condition whose cell type or batch
             training never saw moves towards the training contexts' average before the change is added:
             the part of its distance from them that is sampling noise of few control cells. ``auto``
-            estimates it per context from the training contexts' and the context's own control cells
-            (1-7% for held-out PBMC cell types and glioma lines, 74-82% for a held-out K562 replicate of
-            20-32 control cells; see :mod:`~perturbdiff_core.runs.control_noise`); 0 keeps the observed mean.
+            estimates it per context from the training contexts' and the context's own control cells and
+            applies it where it is at least half (74-82% for a held-out K562 replicate of 20-32 control
+            cells; PBMC cell types and glioma lines, 1-7%, keep their mean; see
+            :mod:`~perturbdiff_core.runs.control_noise`); 0 keeps the observed mean.
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real

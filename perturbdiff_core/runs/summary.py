@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..data.sources import data_path_name
 from ..threads import threads_line
+from . import control_noise
 from . import levels as levels_rule
 from .anchor import NO_ANCHOR
 
@@ -72,8 +73,12 @@ def _control_shrinkage(trainer: Trainer) -> list[str]:
         return []
     data = trainer.data
     contexts = sorted({data.condition(c).context for c in trainer.split.test if data.unseen_contexts([c])}, key=lambda c: c.label)
-    shares = [f"{context.label} {shrinkage.context_share(data, context):.0%}" for context in contexts]
-    why = "auto: the share of each one's distance that is noise of its few control cells" if shrinkage.setting == "auto" else "as set"
+    shares = []
+    for context in contexts:
+        share, estimate = shrinkage.context_share(data, context)
+        shares.append(f"{context.label} {share:.0%}" + (f" (estimated {estimate:.0%})" if share != estimate else ""))
+    why = (f"auto: the share of each one's distance that is noise of its control cells, where at least "
+           f"{control_noise.AUTO_MIN_SHARE:.0%}" if shrinkage.setting == control_noise.AUTO_SHRINKAGE else "as set")
     return [f"       control means moved towards the training contexts': {_names(shares)} ({why})"]
 
 

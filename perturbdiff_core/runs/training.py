@@ -47,12 +47,12 @@ from . import distributed
 from .anchor import AUTO_ANCHOR, NO_ANCHOR, AnchorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
+from .control_noise import ControlShrinkage
 from .folder import RunDir
 from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
 from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
-from .control_noise import ControlShrinkage
 from .unseen import UnseenContextChange, resolve_unseen_context_change
 
 #: Per-step training log written beside the checkpoints (and plotted by the report).
