@@ -78,8 +78,9 @@ class ModelConfig:
             ``none`` or ``auto``).
         anchor: ``none``, a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
             ``linear``, ...), or ``auto``: ``context_mean`` where the test holds contexts training
-            lacks that the denoiser reads centred and whose response the trained contexts' carries
-            (a held-out replicate or donor), else ``none`` (see :mod:`~perturbdiff_core.runs.anchor`).
+            lacks (a held-out cell type, replicate, donor or patient) whose response the trained
+            contexts' carries (leave-one-context-out factor at least 0.5), else ``none`` (see
+            :mod:`~perturbdiff_core.runs.anchor`).
             With an anchor the model diffuses each set relative to its control set's mean plus the
             anchor's predicted shift, and adds it back when sampling.
         origin: ``cell`` (each target cell is diffused as a change of the control cell at its place,
