@@ -3,6 +3,7 @@ model, and the auto rule (context_mean for unseen contexts read centred whose re
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import anndata as ad
@@ -17,6 +18,7 @@ from perturbdiff_core.errors import ConfigError
 from perturbdiff_core.runs.anchor import AUTO_MIN_CARRY, anchor_shifts, fit_anchor, resolve_anchor
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
+from perturbdiff_core.runs.model_predictor import DiffusionPredictor
 from perturbdiff_core.runs.prediction import run_anchor, training_data
 from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.training import Trainer
@@ -152,10 +154,6 @@ def test_the_checkpoint_carries_the_resolved_anchor(three_types: Path, tmp_path:
 def test_an_anchored_prediction_keeps_the_anchor_where_the_model_adds_nothing_significant(three_types: Path, tmp_path: Path) -> None:
     """With a change test no sampled change passes, each predicted cell is its control cell plus the anchor's shift
     (scaled by the run's unseen-context factor): the anchor is a prior the test does not erase."""
-    import dataclasses
-
-    from perturbdiff_core.runs.model_predictor import DiffusionPredictor
-
     trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
     trainer.fit()
     data, condition = trainer.data, trainer.data.condition("A|t3")

@@ -14,9 +14,11 @@ from perturbdiff_core.data.config import DataConfig
 from perturbdiff_core.data.dataset import PerturbationData
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError, InputError
+from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
 from perturbdiff_core.runs.control_noise import AUTO_MIN_SHARE, ControlShrinkage, mean_and_noise
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+from perturbdiff_core.runs.prediction import run_control_shrinkage, training_data
 from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.training import Trainer
 
@@ -130,6 +132,23 @@ def test_the_predictor_moves_only_unseen_contexts_by_the_offset(tmp_path: Path) 
     np.testing.assert_allclose(moved, np.broadcast_to(half.offset(data, unseen.context), moved.shape), atol=1e-5)
     assert np.abs(moved).max() > 1e-3
     np.testing.assert_array_equal(shrunk.predict(data, trained, 40, seed=1), plain.predict(data, trained, 40, seed=1))
+
+
+def test_predict_moves_an_unseen_context_as_the_run_did(tmp_path: Path) -> None:
+    """``perturbdiff predict`` fits the same control means from the run's data as the run itself."""
+    path = tmp_path / "reps.h5ad"
+    replicates(360, seed=3).write_h5ad(path)
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(path, "data.batch_key=batch", "split.kind=holdout_batch", "split.holdout=[r4]"), run,
+                      progress=False)
+    trainer.fit(stop_at=2)
+    checkpoint = load_checkpoint(checkpoint_path(run))
+    unseen = [c for c in trainer.data.perturbed_conditions if c.context.batch == "r4"]
+    refitted = run_control_shrinkage(checkpoint, lambda: training_data(checkpoint, trainer.data), unseen, trainer.data)
+    context = unseen[0].context
+    np.testing.assert_array_equal(refitted.offset(trainer.data, context), trainer.control_shrinkage.offset(trainer.data, context))
+    trained = [c for c in trainer.data.perturbed_conditions if c.context.batch == "r1"]
+    assert run_control_shrinkage(checkpoint, lambda: pytest.fail("read the run's data"), trained, trainer.data) is None
 
 
 def test_a_run_without_unseen_contexts_reads_no_control_means(tmp_path: Path) -> None:
