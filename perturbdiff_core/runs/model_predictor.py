@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..data import prediction_conditioning
 from ..data.batch import Conditioning
-from ..data.dataset import Condition, PerturbationData
+from ..data.dataset import Condition, Context, PerturbationData
 from ..data.output_space import decode_cells, resolve_output_space
 from ..diffusion.model import RKHSDiffusion
 from ..errors import InputError
@@ -71,6 +71,7 @@ class DiffusionPredictor(Predictor):
         self.anchor = anchor
         self.unseen_context_change = unseen_context_change
         self.control_shrinkage = control_shrinkage
+        self._offsets: dict[tuple[PerturbationData, Context], Tensor] = {}  # read each context's controls once
 
     @classmethod
     def from_checkpoint(
@@ -126,7 +127,7 @@ class DiffusionPredictor(Predictor):
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
         if unseen and self.control_shrinkage is not None:  # the control mean's noise, taken out of every gene
-            offset = torch.from_numpy(self.control_shrinkage.offset(data, condition.context)).to(cells.dtype)
+            offset = self._offset(data, condition.context).to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset
         cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read, prior)
         if space == "counts":
@@ -136,6 +137,13 @@ class DiffusionPredictor(Predictor):
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
+
+    def _offset(self, data: PerturbationData, context: Context) -> Tensor:
+        """``(G,)``: the :class:`ControlShrinkage` offset of ``context``, computed once per data and context."""
+        key = (data, context)
+        if key not in self._offsets:
+            self._offsets[key] = torch.from_numpy(self.control_shrinkage.offset(data, context))
+        return self._offsets[key]
 
     def _levels_read(self, donors: Tensor) -> Tensor:
         """``(G,)``: the levels the denoiser read of the control cells ``donors`` (their mean, or its hull point)."""
