@@ -34,7 +34,7 @@ import numpy as np
 
 from ..data.dataset import Condition, Context, PerturbationData
 from ..errors import InputError
-from .levels import CONTEXT_LEVEL_CELLS
+from .levels import CONTEXT_LEVEL_CELLS, capped_rows
 
 #: ``sample.control_shrinkage`` value that estimates the share from the contexts' control cells.
 AUTO_SHRINKAGE = "auto"
@@ -47,8 +47,7 @@ AUTO_MIN_SHARE = 0.5
 def mean_and_noise(data: PerturbationData, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``(genes,)`` float64 mean of the cells ``rows`` (at most :data:`~.levels.CONTEXT_LEVEL_CELLS`, drawn with
     ``rng``) and the variance of that mean, NaN with fewer than two cells."""
-    if len(rows) > CONTEXT_LEVEL_CELLS:
-        rows = np.sort(rng.choice(rows, CONTEXT_LEVEL_CELLS, replace=False))
+    rows = capped_rows(rows, CONTEXT_LEVEL_CELLS, rng)
     cells = data.read(rows).astype(np.float64)
     noise = cells.var(0, ddof=1) / len(rows) if len(rows) > 1 else np.full(cells.shape[1], np.nan)
     return cells.mean(0), noise

@@ -39,11 +39,14 @@ class ControlLevels:
     explained: dict[str, float] = field(default_factory=dict)
 
 
+def capped_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """``rows``, or ``cap`` of them drawn with ``rng`` (in order) when there are more."""
+    return np.sort(rng.choice(rows, cap, replace=False)) if len(rows) > cap else rows
+
+
 def mean_of_rows(data: PerturbationData, rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     """``(genes,)`` float64 mean of the cells ``rows``, of ``cap`` of them drawn with ``rng`` when there are more."""
-    if len(rows) > cap:
-        rows = np.sort(rng.choice(rows, cap, replace=False))
-    return data.read(rows).mean(0, dtype=np.float64)
+    return data.read(capped_rows(rows, cap, rng)).mean(0, dtype=np.float64)
 
 
 def context_means(data: PerturbationData, contexts: Sequence[Context], seed: int) -> Tensor:
