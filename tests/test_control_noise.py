@@ -13,7 +13,7 @@ from test_training import tiny_config
 from perturbdiff_core.data.config import DataConfig
 from perturbdiff_core.data.dataset import PerturbationData
 from perturbdiff_core.data.synthetic import synthetic_screen
-from perturbdiff_core.errors import ConfigError, InputError
+from perturbdiff_core.errors import ConfigError, DataError, InputError
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
 from perturbdiff_core.runs.control_noise import AUTO_MIN_SHARE, ControlShrinkage, mean_and_noise
@@ -149,6 +149,9 @@ def test_predict_moves_an_unseen_context_as_the_run_did(tmp_path: Path) -> None:
     np.testing.assert_array_equal(refitted.offset(trainer.data, context), trainer.control_shrinkage.offset(trainer.data, context))
     trained = [c for c in trainer.data.perturbed_conditions if c.context.batch == "r1"]
     assert run_control_shrinkage(checkpoint, lambda: pytest.fail("read the run's data"), trained, trainer.data) is None
+    path.unlink()  # predicting another file's cells of r4 needs the training contexts' controls, no longer here
+    with pytest.raises(DataError, match="fitted on its training data, .*reps.h5ad, which is not available here"):
+        training_data(checkpoint, None)
 
 
 def test_a_run_without_unseen_contexts_reads_no_control_means(tmp_path: Path) -> None:

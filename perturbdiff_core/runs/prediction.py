@@ -142,7 +142,14 @@ def training_data(
     checkpoint: Checkpoint, data: PerturbationData | None, run_data: ad.AnnData | None = None
 ) -> PerturbationData:
     """The run's own data with its split applied: ``data`` when given (the run's data, opened already),
-    else ``run_data`` or the run's file."""
+    else ``run_data`` or the run's file (DataError naming it when it is not here: predicting cells of
+    another file in a context the run lacked still fits the anchor and control means on it)."""
+    path = checkpoint.run_config.data.path
+    if data is None and run_data is None and not data_available(path):
+        raise DataError(
+            f"The run's anchor and the control means of its training contexts are fitted on its training data, "
+            f"{path}, which is not available here; make it available (or set PERTURBDIFF_DATA to its folder)."
+        )
     train_data = open_data(checkpoint, None, run_data) if data is None else data
     checkpoint.split.apply(train_data)
     return train_data
