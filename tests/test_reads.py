@@ -82,7 +82,28 @@ def test_the_bisection_drawing_only_open_cells_equals_one_drawing_every_cell() -
         middle = (low + high) / 2
         below = raised(middle).mean(0) < targets
         low, high = np.where(below, middle, low), np.where(below, high, middle)
-    np.testing.assert_allclose(values, raised(high), rtol=0, atol=1e-12)
+    reach_low, reach_high = raised(low), raised(high)
+    nearer_low = np.abs(reach_low.mean(0) - targets) < np.abs(reach_high.mean(0) - targets)
+    np.testing.assert_allclose(values, np.where(nearer_low, reach_low, reach_high), rtol=0, atol=1e-12)
+
+
+def test_each_gene_ends_at_the_reachable_mean_nearest_its_target() -> None:
+    """Whole reads move a gene's mean in steps: a target under half the first step adds nothing, and
+    over many small targets the reached means are not biased upwards (the bracket's upper end would be)."""
+    counts, units = negative_binomial_cells(n=60, genes=200, seed=6)
+    before = np.log1p(counts * units).mean(0)
+    rng = np.random.default_rng(7)
+    one_read = (np.log1p((counts + 1) * units) - np.log1p(counts * units)).min(0) / counts.shape[0]  # smallest step
+    tiny = before + 0.4 * one_read
+    values = gain_reads(torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(tiny), torch.Generator().manual_seed(8))
+    np.testing.assert_allclose(values.numpy(), np.log1p(counts * units), rtol=0, atol=1e-12)  # no read is nearest
+    targets = before + rng.uniform(0.0, 0.05, counts.shape[1])
+    reached = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(9)
+    ).numpy().mean(0)
+    errors = reached - targets
+    assert abs(errors.mean()) < 0.25 * np.abs(errors).mean()  # as often below the target as above it
+    assert (errors < 0).sum() > 0.3 * errors.size
 
 
 def test_decode_with_reads_changes_only_the_genes_that_rise() -> None:
