@@ -17,12 +17,13 @@ from perturbdiff_core.evaluation import aggregate, compare
 from perturbdiff_core.evaluation.predictors import Predictor, as_predictor, predict_anndata, real_anndata
 from perturbdiff_plugins.baselines import (
     ContextMeanBaseline,
+    ContextMixtureBaseline,
     ControlBaseline,
     LinearBaseline,
     RandomTrainBaseline,
 )
 
-NAMES = ("control", "context_mean", "linear", "random_train")
+NAMES = ("control", "context_mean", "context_mixture", "linear", "random_train")
 CELL_TYPES = ("t1", "t2", "t3")
 
 
@@ -125,6 +126,59 @@ def test_context_mean_of_an_unseen_perturbation_is_the_mean_shift_of_its_cell_ty
     np.testing.assert_allclose(_predicted_shift(baseline, data, "C|t2"), expected, atol=1e-5)
 
 
+def mixed_cell_types(weight: float, genes: int = 20, cells: int = 60, seed: int = 0) -> ad.AnnData:
+    """Cell types t1 and t2 with their own levels and responses to A, and t3 whose levels and response
+    are the mixture ``weight * t1 + (1 - weight) * t2`` of theirs (plus noise)."""
+    rng = np.random.default_rng(seed)
+    base = {t: rng.uniform(2.0, 4.0, genes) for t in ("t1", "t2")}
+    response = {t: rng.normal(0, 0.8, genes) for t in ("t1", "t2")}
+    for mixed in (base, response):
+        mixed["t3"] = weight * mixed["t1"] + (1 - weight) * mixed["t2"]
+    blocks, labels, types = [], [], []
+    for t in ("t1", "t2", "t3"):
+        for name, shift in (("control", 0.0), ("A", response[t])):
+            blocks.append(base[t] + shift + 0.05 * rng.normal(size=(cells, genes)))
+            labels += [name] * cells
+            types += [t] * cells
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": types}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=obs.astype("category"))
+    adata.var_names = [f"g{i}" for i in range(genes)]
+    return adata
+
+
+@pytest.mark.parametrize("weight", [0.3, 0.8])
+def test_context_mixture_weights_the_other_contexts_by_their_nearest_control_mixture(weight: float) -> None:
+    """Reference: with two other contexts the nearest mixture of their control means is the projection
+    onto the segment between them, ``w = clip((x - b2).(b1 - b2) / |b1 - b2|^2, 0, 1)`` (float64)."""
+    adata = mixed_cell_types(weight)
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    shift = ContextMixtureBaseline().fit(data, train).shift(data, data.condition("A|t3"))
+    b1, b2, x = (_cells(adata, "control", t).mean(0) for t in ("t1", "t2", "t3"))
+    w = np.clip((x - b2) @ (b1 - b2) / ((b1 - b2) @ (b1 - b2)), 0.0, 1.0)
+    expected = w * _shift(adata, "A", "t1") + (1 - w) * _shift(adata, "A", "t2")
+    np.testing.assert_allclose(shift, expected, atol=1e-6)
+    assert abs(w - weight) < 0.02  # the levels say which cell type t3 resembles
+    truth = _shift(adata, "A", "t3")
+    plain = ContextMeanBaseline().fit(data, train).shift(data, data.condition("A|t3"))
+    assert np.mean((shift - truth) ** 2) < 0.2 * np.mean((plain - truth) ** 2)
+
+
+def test_context_mixture_is_context_mean_without_two_other_contexts() -> None:
+    """A combination of trained parts, an unseen perturbation, or one other context: context_mean's rules."""
+    adata, _ = additive_screen(context_shift=0.3)
+    for kind, holdout, label in (
+        ("holdout_combination", ["A+B"], "A+B|t2"),
+        ("holdout_perturbation", ["C"], "C|t2"),
+    ):
+        data, train, _ = _data(adata, kind, holdout)
+        mixture, mean = ContextMixtureBaseline().fit(data, train), ContextMeanBaseline().fit(data, train)
+        np.testing.assert_array_equal(mixture.shift(data, data.condition(label)), mean.shift(data, data.condition(label)))
+    data, _, _ = _data(adata, "holdout_cell_type", ["t3"])
+    one_other = ["A|t1", "B|t1", "A|t2"]
+    mixture, mean = ContextMixtureBaseline().fit(data, one_other), ContextMeanBaseline().fit(data, one_other)
+    np.testing.assert_array_equal(mixture.shift(data, data.condition("B|t3")), mean.shift(data, data.condition("B|t3")))
+
+
 def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float) -> np.ndarray:
     """Closed-form ridge with an unpenalised intercept: centre, solve (X'X + aI) W = X'Y."""
     xm, ym = x.mean(0), y.mean(0)
@@ -216,13 +270,13 @@ def test_predictions_depend_on_the_seed_only(name: str) -> None:
 
 
 def test_baselines_are_registered_by_name() -> None:
-    classes = (ControlBaseline, ContextMeanBaseline, LinearBaseline, RandomTrainBaseline)
+    classes = (ControlBaseline, ContextMeanBaseline, ContextMixtureBaseline, LinearBaseline, RandomTrainBaseline)
     for name, cls in zip(NAMES, classes, strict=True):
         assert type(as_predictor(name)) is cls
     assert as_predictor("linear", alpha=2.5).alpha == 2.5
 
 
-@pytest.mark.parametrize("name", ["context_mean", "linear", "random_train"])
+@pytest.mark.parametrize("name", ["context_mean", "context_mixture", "linear", "random_train"])
 def test_predict_before_fit_is_a_clear_error(name: str) -> None:
     adata, _ = additive_screen()
     data, _, _ = _data(adata, "holdout_cell_type", ["t3"])

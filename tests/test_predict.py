@@ -314,6 +314,34 @@ def test_with_an_anchor_the_change_test_reads_the_change_beyond_it_and_keeps_the
     assert torch.equal(without[:, 5], donors[:, 5]) and not torch.equal(settled[:, 1].float(), donors[:, 1])
 
 
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_an_ensemble_partner_averages_every_genes_mean_change(with_prior: bool) -> None:
+    """With ``partner`` (``sample.ensemble``), each gene's mean change is ``(1 - w) m + w partner``, ``m`` the mean
+    change it had without (sampled where it moves, else the prior or none), and moved genes keep their cells' spread."""
+    from perturbdiff_core.runs.model_predictor import settle_changes
+
+    g = torch.Generator().manual_seed(4)
+    donors = 1.0 + torch.rand(300, 6, generator=g, dtype=torch.float64)  # positive levels: shifts are not clipped
+    prior = torch.tensor([0.4, 0.4, -0.2, 0.1, 0.0, 0.0], dtype=torch.float64) if with_prior else None
+    partner = torch.tensor([0.1, -0.3, 0.25, 0.0, 0.5, -0.05], dtype=torch.float64)
+    beyond = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.6, 0.0], dtype=torch.float64)  # genes 0 and 4 change beyond the prior
+    cells = donors + (0.0 if prior is None else prior) + beyond + 0.3 * torch.randn(300, 6, generator=g, dtype=torch.float64)
+    change = cells - donors
+    mean = change.mean(0)
+    plain = settle_changes(cells, donors, z=4.0, spread=0.5, prior=prior)
+    own = (plain - donors).mean(0)  # what each gene's mean change is without the partner
+    w = 0.3
+    settled = settle_changes(cells, donors, z=4.0, spread=0.5, prior=prior, partner=partner, partner_weight=w)
+    torch.testing.assert_close((settled - donors).mean(0), (1 - w) * own + w * partner, rtol=0, atol=1e-12)
+    moved = torch.tensor([True, False, False, False, True, False])
+    deviation = settled - donors - (settled - donors).mean(0)
+    torch.testing.assert_close(deviation[:, moved], 0.5 * (change - mean)[:, moved], rtol=0, atol=1e-12)
+    assert torch.all(deviation[:, ~moved].abs() < 1e-12)  # unmoved genes: every cell shifted alike
+    torch.testing.assert_close(
+        settle_changes(cells, donors, z=4.0, spread=0.5, prior=prior, partner=partner, partner_weight=0.0), plain
+    )
+
+
 def test_sample_change_spread_reaches_the_predicted_cells(trained: Trainer) -> None:
     """``sample.change_spread`` s gives donor + mean change + s (change - mean change): linear in s,
     so with the same seed (same donors, same noise) s = 0.5 lies halfway between s = 0 and s = 1."""

@@ -53,20 +53,24 @@ PREDICTORS = "perturbdiff.predictors"
 
 
 @dataclass(frozen=True)
-class AnchorChoice:
-    """A run's resolved ``model.anchor``: the predictor's name (or ``none``) and, for ``auto``, why."""
+class PredictorChoice:
+    """A resolved predictor setting (``model.anchor``, ``sample.ensemble``): the predictor's name (or ``none``)
+    and, for ``auto``, why."""
 
     name: str
     why: str = ""
 
 
-def check_anchor(name: str) -> None:
-    """ConfigError unless ``name`` is ``none``, ``auto`` or an installed predictor."""
+def check_predictor_setting(key: str, name: str) -> None:
+    """ConfigError unless ``name``, the value of config key ``key``, is ``none``, ``auto`` or an installed predictor."""
     if name not in (NO_ANCHOR, AUTO_ANCHOR) and not is_registered(PREDICTORS, name):
         known = ", ".join(names(PREDICTORS))
-        raise ConfigError(
-            f"model.anchor = {name!r} is not a predictor; use {AUTO_ANCHOR}, {NO_ANCHOR} or one of {known}."
-        )
+        raise ConfigError(f"{key} = {name!r} is not a predictor; use {AUTO_ANCHOR}, {NO_ANCHOR} or one of {known}.")
+
+
+def check_anchor(name: str) -> None:
+    """ConfigError unless ``name`` is ``none``, ``auto`` or an installed predictor."""
+    check_predictor_setting("model.anchor", name)
 
 
 def resolve_anchor(
@@ -75,26 +79,26 @@ def resolve_anchor(
     split: Split,
     seed: int,
     measured: UnseenContextChange | None = None,
-) -> AnchorChoice:
+) -> PredictorChoice:
     """``model.anchor`` for a run on ``split``: a name as given; ``auto`` :data:`AUTO_ANCHOR_PREDICTOR`
     where the test holds contexts training lacks and the training conditions' leave-one-context-out
     factor is at least :data:`AUTO_MIN_CARRY`, else ``none`` (module docstring). Only training conditions are read; the factor ``measured`` by the run's
     ``sample.unseen_context_change: auto`` (same data, split and seed) is reused rather than read again."""
     if setting != AUTO_ANCHOR:
-        return AnchorChoice(setting)
+        return PredictorChoice(setting)
     if not data.unseen_contexts(split.test):
-        return AnchorChoice(NO_ANCHOR, "auto: every test context was trained")
+        return PredictorChoice(NO_ANCHOR, "auto: every test context was trained")
     if measured is not None and measured.slope is not None:
         slope, pairs = measured.slope, measured.pairs
     else:
         slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
     if slope is None:
-        return AnchorChoice(NO_ANCHOR, "auto: no training perturbation was seen in two contexts")
+        return PredictorChoice(NO_ANCHOR, "auto: no training perturbation was seen in two contexts")
     carry = (f"in training, the other contexts' mean change predicts a context's by a factor {slope:.2f} "
              f"over {pairs} (perturbation, context) pair{'' if pairs == 1 else 's'}")
     if slope < AUTO_MIN_CARRY:
-        return AnchorChoice(NO_ANCHOR, f"auto: {carry}; an anchor needs {AUTO_MIN_CARRY:g}")
-    return AnchorChoice(AUTO_ANCHOR_PREDICTOR, f"auto: {carry}")
+        return PredictorChoice(NO_ANCHOR, f"auto: {carry}; an anchor needs {AUTO_MIN_CARRY:g}")
+    return PredictorChoice(AUTO_ANCHOR_PREDICTOR, f"auto: {carry}")
 
 
 def fit_anchor(name: str, data: PerturbationData, train: Sequence[str | Condition]) -> Predictor | None:

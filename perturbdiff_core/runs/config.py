@@ -32,6 +32,7 @@ from ..names import PLUGINS_FILE as PLUGINS_FILE
 from ..names import RUNS_DIR
 from ..registry import PluginSpec
 from .anchor import AUTO_ANCHOR, NO_ANCHOR, check_anchor
+from .ensemble import check_ensemble
 from .folder import RunDir
 
 #: Config keys that name plug-ins (``evaluate.baselines`` a list of them), with their entry-point groups.
@@ -228,6 +229,12 @@ class SampleConfig:
             applies it where it is at least half (74-82% for a held-out K562 replicate of 20-32 control
             cells; PBMC cell types and glioma lines, 1-7%, keep their mean; see
             :mod:`~perturbdiff_core.runs.control_noise`); 0 keeps the observed mean.
+        ensemble: a ``perturbdiff.predictors`` plug-in whose shift is averaged with the model's mean
+            change of each gene for a condition whose cell type or batch training never saw (the model
+            still decides which cells carry it), or ``none``. ``auto``: ``context_mixture`` (the
+            perturbation's training shifts weighted by how alike their contexts' control cells are)
+            where the run is anchored (``model.anchor``), else ``none`` (see :mod:`~perturbdiff_core.runs.ensemble`).
+        ensemble_weight: the ensemble predictor's weight in that average, in [0, 1] (1: its shift alone).
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
@@ -248,6 +255,8 @@ class SampleConfig:
     increase: Literal["reads", "shift"] = "reads"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     control_shrinkage: Annotated[float | Literal["auto"], UnitInterval] = "auto"
+    ensemble: str = "auto"
+    ensemble_weight: Annotated[float, UnitInterval] = 0.5
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10
 
@@ -369,6 +378,7 @@ def check(config: RunConfig) -> None:
     if config.train.steps == 0 and not config.train.init_from:
         raise ConfigError(f"train.steps must be at least 1 (0 only with train.init_from), got {config.train.steps}.")
     check_anchor(config.model.anchor)
+    check_ensemble(config.sample.ensemble)
     if config.model.anchor_name not in (NO_ANCHOR, AUTO_ANCHOR, "control") and config.train.objective == "marginal":
         raise ConfigError(
             f"model.anchor = {config.model.anchor_name} needs perturbed training conditions; marginal pre-training "

@@ -47,6 +47,9 @@ class DiffusionPredictor(Predictor):
         control_shrinkage: the training contexts' control means, towards which the control mean of a
             context training lacked is moved by its estimated share of noise (``sample.control_shrinkage``,
             see :mod:`~perturbdiff_core.runs.control_noise`); ``None`` keeps the observed mean.
+        ensemble: the fitted ``sample.ensemble`` predictor whose shift is averaged, with the weight
+            ``sample.ensemble_weight``, with the model's mean change in a context training lacked (see
+            :mod:`~perturbdiff_core.runs.ensemble`); ``None`` keeps the model's own.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
@@ -62,6 +65,7 @@ class DiffusionPredictor(Predictor):
         anchor: Predictor | None = None,
         unseen_context_change: float = 1.0,
         control_shrinkage: ControlShrinkage | None = None,
+        ensemble: Predictor | None = None,
     ) -> None:
         if not 0.0 <= unseen_context_change <= 1.0:
             raise InputError(f"unseen_context_change must be in [0, 1], got {unseen_context_change}.")
@@ -71,6 +75,7 @@ class DiffusionPredictor(Predictor):
         self.anchor = anchor
         self.unseen_context_change = unseen_context_change
         self.control_shrinkage = control_shrinkage
+        self.ensemble = ensemble
         self._offsets: dict[tuple[PerturbationData, Context], Tensor] = {}  # read each context's controls once
 
     @classmethod
@@ -82,6 +87,7 @@ class DiffusionPredictor(Predictor):
         device: torch.device | str = "cpu",
         anchor: Predictor | None = None,
         control_shrinkage: ControlShrinkage | None = None,
+        ensemble: Predictor | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
         its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
@@ -90,7 +96,7 @@ class DiffusionPredictor(Predictor):
         unseen = checkpoint.unseen_context_change if setting == "auto" else float(setting)
         return cls(
             checkpoint.build_model(device), sample, device=device, anchor=anchor, unseen_context_change=unseen,
-            control_shrinkage=control_shrinkage,
+            control_shrinkage=control_shrinkage, ensemble=ensemble,
         )
 
     @torch.no_grad()
@@ -126,10 +132,16 @@ class DiffusionPredictor(Predictor):
         cells, donors = cells[:n_cells], donors[:n_cells]
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
+        partner = None
+        if unseen and self.ensemble is not None:  # averaged with the model's extrapolation, kept as far
+            partner = kept * torch.as_tensor(self.ensemble.shift(data, condition), dtype=cells.dtype)
         if unseen and self.control_shrinkage is not None:  # the control mean's noise, taken out of every gene
             offset = self._offset(data, condition.context).to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset
-        cells = settle_changes(cells, donors, cfg.change_z, cfg.change_spread, read, prior)
+            partner = None if partner is None else partner + offset
+        cells = settle_changes(
+            cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight
+        )
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
@@ -157,6 +169,8 @@ def settle_changes(
     spread: float,
     read_levels: Tensor | None = None,
     prior: Tensor | None = None,
+    partner: Tensor | None = None,
+    partner_weight: float = 0.0,
 ) -> Tensor:
     r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
     prediction does not change significantly copied from ``donors``.
@@ -184,19 +198,29 @@ def settle_changes(
     gene that fails it keeps the anchor's shift, applied as a mean change :math:`p_g` would be (a
     fraction for a decrease), instead of the donors' values: the anchor is a fitted prior, not a
     noisy sample, so the test that guards against sampling noise does not erase it.
+
+    With ``partner`` ``(G,)``, another predictor's shift (``sample.ensemble``), every gene's mean change
+    becomes :math:`(1 - w)\,m_g + w\,\text{partner}_g` with :math:`w` = ``partner_weight`` and
+    :math:`m_g` what it would have been without (the sampled mean change where the gene moves, else
+    the anchor's shift or none); the cells that carry it, and how, stay the model's.
     """
     change = cells - donors
     mean = change.mean(0)
+    n = change.shape[0]
+    tested = z is not None and n >= 2
+    beyond = mean if prior is None else mean - prior
+    moved = beyond.abs() > z * change.std(0) / math.sqrt(n) if tested else torch.ones_like(mean, dtype=torch.bool)
+    if partner is not None:
+        own = torch.where(moved, mean, torch.zeros_like(mean) if prior is None else prior)
+        centre = changed_centre(donors, (1.0 - partner_weight) * own + partner_weight * partner, read_levels)
+        return torch.where(moved, centre + spread * (change - mean), centre)
     if spread == 1.0 and read_levels is None:
         settled = cells
     else:
         settled = changed_centre(donors, mean, read_levels) + spread * (change - mean)
-    n = change.shape[0]
-    if z is None or n < 2:
+    if not tested:
         return settled
     unmoved = donors if prior is None else changed_centre(donors, prior, read_levels)
-    beyond = mean if prior is None else mean - prior
-    moved = beyond.abs() > z * change.std(0) / math.sqrt(n)
     return torch.where(moved, settled, unmoved)
 
 

@@ -24,6 +24,7 @@ from ..threads import apply_threads, resolve_threads
 from .anchor import NO_ANCHOR, fit_anchor
 from .checkpoint import Checkpoint
 from .control_noise import ControlShrinkage
+from .ensemble import NO_ENSEMBLE, fit_ensemble, resolve_ensemble
 from .model_predictor import DiffusionPredictor
 from .training import resolve_context_drop
 
@@ -175,6 +176,17 @@ def run_control_shrinkage(
     return ControlShrinkage.fit(config.sample.control_shrinkage, train_data(), checkpoint.split.train, config.seed)
 
 
+def run_ensemble(
+    checkpoint: Checkpoint, train_data: Callable[[], PerturbationData], conditions: Sequence[Condition], data: PerturbationData
+) -> Predictor | None:
+    """The run's ``sample.ensemble`` predictor fitted on its training conditions of ``train_data()``; ``None``
+    (nothing read) without one or when none of ``conditions`` of ``data`` is in a context training lacked."""
+    choice = resolve_ensemble(checkpoint.run_config.sample.ensemble, checkpoint.anchor_name)
+    if choice.name == NO_ENSEMBLE or not data.unseen_contexts(conditions):
+        return None
+    return fit_ensemble(choice, train_data(), checkpoint.split.train)
+
+
 def warn_untrained_context(
     checkpoint: Checkpoint,
     data: PerturbationData,
@@ -260,6 +272,7 @@ def predict_run(
     predictor = DiffusionPredictor.from_checkpoint(
         checkpoint, device=device, anchor=run_anchor(checkpoint, train_data),
         control_shrinkage=run_control_shrinkage(checkpoint, train_data, chosen, opened),
+        ensemble=run_ensemble(checkpoint, train_data, chosen, opened),
     )
     seed = checkpoint.run_config.seed if seed is None else seed
     return predict_anndata(

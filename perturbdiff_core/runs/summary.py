@@ -82,6 +82,15 @@ def _control_shrinkage(trainer: Trainer) -> list[str]:
     return [f"       control means moved towards the training contexts': {_names(shares)} ({why})"]
 
 
+def _ensemble(trainer: Trainer) -> list[str]:
+    """A line on the predictor averaged with the model's mean change in the test's unseen contexts, when there is one."""
+    if trainer.ensemble is None:
+        return []
+    choice, weight = trainer.ensemble_choice, trainer.config.sample.ensemble_weight
+    why = f"; {choice.why}" if choice.why else ""
+    return [f"       mean changes there averaged with {choice.name}'s shift (weight {weight:g}{why})"]
+
+
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     """The lines printed before ``trainer`` trains (``source_name``: how to call data given in memory)."""
     config, data, split = trainer.config, trainer.data, trainer.split
@@ -112,4 +121,5 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
         f"{trainer.device}{start}, {threads_line(trainer.threads)}{_context_dropout(trainer)}",
         *_unseen_context_change(trainer),
         *_control_shrinkage(trainer),
+        *_ensemble(trainer),
     ]

@@ -44,10 +44,11 @@ from ..progress import progress_bar, stage
 from ..registry import PluginSpec, accepts
 from ..threads import apply_threads, resolve_threads
 from . import distributed
-from .anchor import AUTO_ANCHOR, NO_ANCHOR, AnchorChoice, anchor_shifts, fit_anchor, resolve_anchor
+from .anchor import AUTO_ANCHOR, NO_ANCHOR, PredictorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .control_noise import ControlShrinkage
+from .ensemble import fit_ensemble, resolve_ensemble
 from .folder import RunDir
 from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
@@ -408,7 +409,7 @@ class Trainer:
                 if setting == "auto" else UnseenContextChange(float(setting))
             )
             why = "auto: as the run resolved it when it started" if config.model.anchor_name == AUTO_ANCHOR else ""
-            self.anchor_choice = AnchorChoice(checkpoint.anchor_name, why)
+            self.anchor_choice = PredictorChoice(checkpoint.anchor_name, why)
         else:
             if has_checkpoint(self.run_dir):
                 raise ConfigError(
@@ -437,10 +438,13 @@ class Trainer:
                 self.model.fit_context_levels(self.control_levels.vertices)
         apply_threads(self.threads)  # after the data are read: scanpy's numba calls reset the count
         self.context_drop_prob = resolve_context_drop(config.train.context_drop_prob, self.data, self.split.test)
+        unseen = bool(self.data.unseen_contexts(self.split.test))
         self.control_shrinkage = (  # what the test's unseen contexts' control means are worth (training contexts only)
             ControlShrinkage.fit(config.sample.control_shrinkage, self.data, self.split.train, config.seed)
-            if self.data.unseen_contexts(self.split.test) else None
+            if unseen else None
         )
+        self.ensemble_choice = resolve_ensemble(config.sample.ensemble, self.anchor_choice.name)
+        self.ensemble = fit_ensemble(self.ensemble_choice, self.data, self.split.train) if unseen else None
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = make_optimizer(self.params, train)
