@@ -170,46 +170,58 @@ def test_an_anchored_prediction_keeps_the_anchor_where_the_model_adds_nothing_si
     assert all((np.abs(controls + shift - cell).max(axis=1) < 1e-5).any() for cell in cells)
 
 
-def test_auto_ensemble_averages_an_anchored_runs_unseen_contexts_with_the_context_mixture(
-    three_types: Path, tmp_path: Path
-) -> None:
-    """``sample.ensemble: auto``: context_mixture, fitted on the training conditions, for an anchored run with unseen
-    contexts; none for a run without an anchor or a test without unseen contexts; a name is kept as given."""
+def test_auto_ensemble_averages_where_the_model_extrapolates(three_types: Path, tmp_path: Path) -> None:
+    """``sample.ensemble: auto``: context_mixture, fitted on the training conditions, for an anchored run's unseen
+    contexts and for combinations never trained whose parts were; a trained perturbation in a trained context,
+    and an unanchored run's unseen contexts, keep the model's mean change."""
     trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
+    data = trainer.data
     assert trainer.anchor_choice.name == "context_mean" and trainer.ensemble_choice.name == "context_mixture"
-    assert type(trainer.ensemble).__name__ == "ContextMixtureBaseline"
-    assert "averaged with context_mixture's shift (weight 0.5; auto: the run is anchored" in "\n".join(run_summary(trainer))
-    unseen = trainer.data.condition("A|t3")
-    refitted = fit_anchor("context_mixture", trainer.data, trainer.split.train)
-    np.testing.assert_array_equal(trainer.ensemble.shift(trainer.data, unseen), refitted.shift(trainer.data, unseen))
-    assert resolve_ensemble("auto", "none").name == "none" and "no anchor" in resolve_ensemble("auto", "none").why
+    assert type(trainer.ensemble.predictor).__name__ == "ContextMixtureBaseline"
+    assert trainer.ensemble.applies(data, data.condition("A|t3")) and not trainer.ensemble.applies(data, data.condition("A|t1"))
+    assert "averaged with context_mixture's shift (weight 0.5; auto: unseen contexts" in "\n".join(run_summary(trainer))
+    unseen = data.condition("A|t3")
+    refitted = fit_anchor("context_mixture", data, trainer.split.train)
+    np.testing.assert_array_equal(trainer.ensemble.predictor.shift(data, unseen), refitted.shift(data, unseen))
     assert resolve_ensemble("linear", "none") == PredictorChoice("linear")
+    assert "new combinations of trained parts (the run has no anchor" in resolve_ensemble("auto", "none").why
     off = Trainer(held_out_t3(three_types, "sample.ensemble=none"), tmp_path / "off", progress=False)
     assert off.ensemble is None and "averaged with" not in "\n".join(run_summary(off))
-    combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # no unseen context
-    assert combination.ensemble is None
+    combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B held out in trained types
+    assert combination.anchor_choice.name == "none"
+    ensemble, combo_data = combination.ensemble, combination.data
+    assert ensemble.applies(combo_data, combo_data.condition("A+B|t1")) and not ensemble.unseen_contexts
+    assert not ensemble.applies(combo_data, combo_data.condition("A|t1"))
+    np.testing.assert_allclose(  # the sum of the parts' shifts in the same cell type
+        ensemble.predictor.shift(combo_data, combo_data.condition("A+B|t1")),
+        fit_anchor("context_mean", combo_data, combination.split.train).shift(combo_data, combo_data.condition("A+B|t1")),
+    )
 
 
 def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Path, tmp_path: Path) -> None:
     """The ensemble changes a held-out context's predicted cells and, refitted by ``perturbdiff predict``, the same
-    way; at weight 0 it changes nothing."""
+    way; at weight 0 it changes nothing; a condition it does not apply to is predicted as without it."""
     run = tmp_path / "run"
     trainer = Trainer(held_out_t3(three_types), run, progress=False)
     trainer.fit(stop_at=4)
     data, unseen = trainer.data, trainer.data.condition("A|t3")
     sample = trainer.config.sample
 
-    def predict(ensemble, weight: float = sample.ensemble_weight) -> np.ndarray:
+    def predict(ensemble, weight: float = sample.ensemble_weight, condition=unseen) -> np.ndarray:
         config = dataclasses.replace(sample, ensemble_weight=weight)
         predictor = DiffusionPredictor(trainer.model, config, anchor=trainer.anchor, ensemble=ensemble)
-        return predictor.predict(data, unseen, 40, seed=2)
+        return predictor.predict(data, condition, 40, seed=2)
 
     alone, averaged = predict(None), predict(trainer.ensemble)
     assert not np.array_equal(alone, averaged)
     np.testing.assert_array_equal(predict(trainer.ensemble, 0.0), alone)
+    trained = data.condition("A|t1")
+    np.testing.assert_array_equal(predict(trainer.ensemble, condition=trained), predict(None, condition=trained))
     checkpoint = load_checkpoint(checkpoint_path(run))
     refitted = run_ensemble(checkpoint, lambda: training_data(checkpoint, data), [unseen], data)
     np.testing.assert_array_equal(predict(refitted), averaged)
+    read = []
+    assert run_ensemble(checkpoint, lambda: read.append(1) or data, [trained], data) is None and not read  # nothing to fit
 
 
 def test_an_unknown_ensemble_predictor_is_a_clear_error() -> None:

@@ -230,10 +230,12 @@ class SampleConfig:
             cells; PBMC cell types and glioma lines, 1-7%, keep their mean; see
             :mod:`~perturbdiff_core.runs.control_noise`); 0 keeps the observed mean.
         ensemble: a ``perturbdiff.predictors`` plug-in whose shift is averaged with the model's mean
-            change of each gene for a condition whose cell type or batch training never saw (the model
-            still decides which cells carry it), or ``none``. ``auto``: ``context_mixture`` (the
-            perturbation's training shifts weighted by how alike their contexts' control cells are)
-            where the run is anchored (``model.anchor``), else ``none`` (see :mod:`~perturbdiff_core.runs.ensemble`).
+            change of each gene where the model extrapolates: a combination never trained whose parts
+            were, and a condition whose cell type or batch training never saw (the model still decides
+            which cells carry it), or ``none``. ``auto``: ``context_mixture`` (the sum of the parts'
+            shifts for a combination; in an unseen context the perturbation's training shifts weighted
+            by how alike their contexts' control cells are, only where the run is anchored,
+            ``model.anchor``; see :mod:`~perturbdiff_core.runs.ensemble`).
         ensemble_weight: the ensemble predictor's weight in that average, in [0, 1] (1: its shift alone).
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the

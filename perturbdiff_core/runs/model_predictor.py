@@ -24,6 +24,7 @@ from ..evaluation.predictors import Predictor
 from .checkpoint import Checkpoint
 from .config import SampleConfig
 from .control_noise import ControlShrinkage
+from .ensemble import Ensemble
 
 
 def _sets(cond: Conditioning, part: slice) -> Conditioning:
@@ -48,7 +49,7 @@ class DiffusionPredictor(Predictor):
             context training lacked is moved by its estimated share of noise (``sample.control_shrinkage``,
             see :mod:`~perturbdiff_core.runs.control_noise`); ``None`` keeps the observed mean.
         ensemble: the fitted ``sample.ensemble`` predictor whose shift is averaged, with the weight
-            ``sample.ensemble_weight``, with the model's mean change in a context training lacked (see
+            ``sample.ensemble_weight``, with the model's mean change where the model extrapolates (see
             :mod:`~perturbdiff_core.runs.ensemble`); ``None`` keeps the model's own.
 
     Example:
@@ -65,7 +66,7 @@ class DiffusionPredictor(Predictor):
         anchor: Predictor | None = None,
         unseen_context_change: float = 1.0,
         control_shrinkage: ControlShrinkage | None = None,
-        ensemble: Predictor | None = None,
+        ensemble: Ensemble | None = None,
     ) -> None:
         if not 0.0 <= unseen_context_change <= 1.0:
             raise InputError(f"unseen_context_change must be in [0, 1], got {unseen_context_change}.")
@@ -87,7 +88,7 @@ class DiffusionPredictor(Predictor):
         device: torch.device | str = "cpu",
         anchor: Predictor | None = None,
         control_shrinkage: ControlShrinkage | None = None,
-        ensemble: Predictor | None = None,
+        ensemble: Ensemble | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
         its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
@@ -133,8 +134,8 @@ class DiffusionPredictor(Predictor):
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
         partner = None
-        if unseen and self.ensemble is not None:  # averaged with the model's extrapolation, kept as far
-            partner = kept * torch.as_tensor(self.ensemble.shift(data, condition), dtype=cells.dtype)
+        if self.ensemble is not None and self.ensemble.applies(data, condition):  # the model extrapolates here
+            partner = kept * torch.as_tensor(self.ensemble.predictor.shift(data, condition), dtype=cells.dtype)
         if unseen and self.control_shrinkage is not None:  # the control mean's noise, taken out of every gene
             offset = self._offset(data, condition.context).to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset

@@ -17,6 +17,7 @@ import anndata as ad
 import torch
 
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
+from ..data.encoders import perturbation_parts
 from ..data.sources import data_available
 from ..errors import DataError, InputError, PerturbDiffWarning
 from ..evaluation.predictors import Predictor, predict_anndata
@@ -24,7 +25,7 @@ from ..threads import apply_threads, resolve_threads
 from .anchor import NO_ANCHOR, fit_anchor
 from .checkpoint import Checkpoint
 from .control_noise import ControlShrinkage
-from .ensemble import NO_ENSEMBLE, fit_ensemble, resolve_ensemble
+from .ensemble import NO_ENSEMBLE, Ensemble, fit_ensemble, resolve_ensemble
 from .model_predictor import DiffusionPredictor
 from .training import resolve_context_drop
 
@@ -178,13 +179,20 @@ def run_control_shrinkage(
 
 def run_ensemble(
     checkpoint: Checkpoint, train_data: Callable[[], PerturbationData], conditions: Sequence[Condition], data: PerturbationData
-) -> Predictor | None:
-    """The run's ``sample.ensemble`` predictor fitted on its training conditions of ``train_data()``; ``None``
-    (nothing read) without one or when none of ``conditions`` of ``data`` is in a context training lacked."""
-    choice = resolve_ensemble(checkpoint.run_config.sample.ensemble, checkpoint.anchor_name)
-    if choice.name == NO_ENSEMBLE or not data.unseen_contexts(conditions):
+) -> Ensemble | None:
+    """The run's ``sample.ensemble`` fitted on its training conditions of ``train_data()``; ``None`` without one or
+    when no condition of ``conditions`` of ``data`` is an extrapolation it applies to (``train_data`` is read only
+    when one may be: a condition in an unseen context or a combination)."""
+    setting, anchor = checkpoint.run_config.sample.ensemble, checkpoint.anchor_name
+    if resolve_ensemble(setting, anchor).name == NO_ENSEMBLE:
         return None
-    return fit_ensemble(choice, train_data(), checkpoint.split.train)
+    cfg = data.config
+    combinations = any(
+        len(perturbation_parts(c.perturbation, cfg.combination_separator, cfg.control_label)) > 1 for c in conditions
+    )
+    if not (combinations or data.unseen_contexts(conditions)):
+        return None
+    return fit_ensemble(setting, anchor, train_data(), checkpoint.split.train, conditions, data)
 
 
 def warn_untrained_context(

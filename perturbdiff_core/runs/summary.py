@@ -83,12 +83,14 @@ def _control_shrinkage(trainer: Trainer) -> list[str]:
 
 
 def _ensemble(trainer: Trainer) -> list[str]:
-    """A line on the predictor averaged with the model's mean change in the test's unseen contexts, when there is one."""
+    """A line on the predictor averaged with the model's mean change where it extrapolates, when the test has such conditions."""
     if trainer.ensemble is None:
         return []
     choice, weight = trainer.ensemble_choice, trainer.config.sample.ensemble_weight
+    data = trainer.data
+    where = [c for c in trainer.split.test if trainer.ensemble.applies(data, data.condition(c))]
     why = f"; {choice.why}" if choice.why else ""
-    return [f"       mean changes there averaged with {choice.name}'s shift (weight {weight:g}{why})"]
+    return [f"sample mean changes of {_names(where)} averaged with {choice.name}'s shift (weight {weight:g}{why})"]
 
 
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:

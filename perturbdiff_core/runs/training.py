@@ -444,7 +444,10 @@ class Trainer:
             if unseen else None
         )
         self.ensemble_choice = resolve_ensemble(config.sample.ensemble, self.anchor_choice.name)
-        self.ensemble = fit_ensemble(self.ensemble_choice, self.data, self.split.train) if unseen else None
+        self.ensemble = fit_ensemble(  # where the test's conditions are extrapolations (read only then)
+            config.sample.ensemble, self.anchor_choice.name, self.data, self.split.train,
+            [self.data.condition(c) for c in self.split.test],
+        )
         self.params = self.model.trainable_parameters()
         train = config.train
         self.optimizer = make_optimizer(self.params, train)
