@@ -15,6 +15,7 @@ from test_training import tiny_config
 from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData, collate_sets
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
+from perturbdiff_core.evaluation.predictors import predict_anndata
 from perturbdiff_core.runs.anchor import AUTO_MIN_CARRY, PredictorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
@@ -222,6 +223,31 @@ def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Pat
     np.testing.assert_array_equal(predict(refitted), averaged)
     read = []
     assert run_ensemble(checkpoint, lambda: read.append(1) or data, [trained], data) is None and not read  # nothing to fit
+
+
+def test_later_populations_vary_by_the_disagreement_where_the_ensemble_applies(three_types: Path, tmp_path: Path) -> None:
+    """The first population is ``predict``'s; a later one with the same seed differs only where the ensemble
+    applies, and predict_anndata asks each population by its index."""
+    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
+    trainer.fit(stop_at=4)
+    data, unseen, trained = trainer.data, trainer.data.condition("A|t3"), trainer.data.condition("A|t1")
+    predictor = DiffusionPredictor(trainer.model, trainer.config.sample, anchor=trainer.anchor, ensemble=trainer.ensemble)
+    first = predictor.predict_population(data, unseen, 40, 7, 0)
+    np.testing.assert_array_equal(first, predictor.predict(data, unseen, 40, seed=7))
+    assert not np.array_equal(first, predictor.predict_population(data, unseen, 40, 7, 3))
+    np.testing.assert_array_equal(
+        predictor.predict_population(data, trained, 40, 7, 3), predictor.predict_population(data, trained, 40, 7, 0)
+    )
+    asked = []
+
+    class Recording(DiffusionPredictor):
+        def predict_population(self, data, condition, n_cells, seed, population):
+            asked.append(population)
+            return super().predict_population(data, condition, n_cells, seed, population)
+
+    recording = Recording(trainer.model, trainer.config.sample, anchor=trainer.anchor, ensemble=trainer.ensemble)
+    predict_anndata(recording, data, [unseen], n_cells=10, seed=0, populations=3, progress=False)
+    assert asked == [0, 1, 2]
 
 
 def test_an_unknown_ensemble_predictor_is_a_clear_error() -> None:

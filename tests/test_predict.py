@@ -342,6 +342,28 @@ def test_an_ensemble_partner_averages_every_genes_mean_change(with_prior: bool) 
     )
 
 
+def test_a_later_population_draws_its_mean_changes_by_the_two_predictions_disagreement() -> None:
+    """With ``disagreement``, each gene's mean change is the averaged one plus a normal draw of standard deviation
+    ``|m - partner| sqrt(((1 - w)^2 + w^2) / 2)``: over many genes the standardised draws have mean 0 and sd 1."""
+    from perturbdiff_core.runs.model_predictor import settle_changes
+
+    g = torch.Generator().manual_seed(5)
+    genes = 4000
+    donors = 2.0 + torch.rand(50, genes, generator=g, dtype=torch.float64)
+    cells = donors + 0.8 + 0.1 * torch.randn(50, genes, generator=g, dtype=torch.float64)  # every gene moves by 0.8
+    partner = 0.8 + torch.rand(genes, generator=g, dtype=torch.float64) - 0.5
+    w = 0.3
+    plain = settle_changes(cells, donors, z=4.0, spread=0.5, partner=partner, partner_weight=w)
+    drawn = settle_changes(
+        cells, donors, z=4.0, spread=0.5, partner=partner, partner_weight=w, disagreement=torch.Generator().manual_seed(1)
+    )
+    own = (cells - donors).mean(0)
+    size = (own - partner).abs() * math.sqrt(((1 - w) ** 2 + w**2) / 2)
+    standardised = ((drawn - plain).mean(0) / size).numpy()
+    assert abs(standardised.mean()) < 0.05 and abs(standardised.std() - 1.0) < 0.05
+    torch.testing.assert_close(drawn - drawn.mean(0), plain - plain.mean(0), rtol=0, atol=1e-12)  # same per-cell spread
+
+
 def test_sample_change_spread_reaches_the_predicted_cells(trained: Trainer) -> None:
     """``sample.change_spread`` s gives donor + mean change + s (change - mean change): linear in s,
     so with the same seed (same donors, same noise) s = 0.5 lies halfway between s = 0 and s = 1."""

@@ -39,6 +39,14 @@ class Predictor(ABC):
         learnt in :meth:`fit`, never the real cells of ``condition`` itself.
         """
 
+    def predict_population(
+        self, data: PerturbationData, condition: Condition, n_cells: int, seed: int, population: int
+    ) -> np.ndarray:
+        """Population ``population`` of several drawn for ``condition`` (``predict --populations``): by default
+        :meth:`predict` with ``seed``; a predictor that knows its own uncertainty may let populations after the
+        first (the point prediction) vary by it."""
+        return self.predict(data, condition, n_cells, seed=seed)
+
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
         """``(G,)`` predicted change of ``condition``'s mean expression from its context's control mean.
 
@@ -116,7 +124,7 @@ def predict_anndata(
     for i, condition in enumerate(bar):
         n = condition.n_cells if n_cells is None else n_cells
         for k in range(populations):
-            cells = predictor.predict(data, condition, n, seed=population_seed(seed, i, k))
+            cells = predictor.predict_population(data, condition, n, population_seed(seed, i, k), k)
             obs = _obs_for(data, condition.perturbation, condition.context, condition.dose, n)
             blocks.append((cells, obs.assign(**{POPULATION_KEY: str(k)}) if populations > 1 else obs))
     controls = control_blocks(data, chosen)

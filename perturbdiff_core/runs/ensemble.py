@@ -24,6 +24,11 @@ sum alone, which beats the model (the sum of two noisy part estimates overshoots
 undershoots). Everywhere else, a trained perturbation in a trained context or an unseen context
 where responses do not carry, the model's mean change stands alone. Only training conditions and
 the target context's control cells are read.
+
+The two predictions' disagreement also says how uncertain their average is: populations drawn
+after the first (``predict --populations``) move each gene's mean change by a normal draw of that
+size (:meth:`~perturbdiff_core.runs.model_predictor.DiffusionPredictor.predict_population`), so the
+calibration metrics see the uncertainty; the first population, the point prediction, does not.
 """
 
 from __future__ import annotations
