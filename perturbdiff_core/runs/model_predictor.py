@@ -148,7 +148,9 @@ class DiffusionPredictor(Predictor):
             offset = self._offset(data, condition.context).to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset
             partner = None if partner is None else partner + offset
-        draw = torch.Generator().manual_seed(seed) if population > 0 and partner is not None else None
+        draw = None
+        if population > 0 and partner is not None:  # a stream of its own, not the sampler's noise again
+            draw = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, population]).generate_state(1)[0]))
         cells = settle_changes(
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, draw
         )
