@@ -177,7 +177,7 @@ def test_auto_ensemble_averages_where_the_model_extrapolates(three_types: Path, 
     and an unanchored run's unseen contexts, keep the model's mean change."""
     trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
     data = trainer.data
-    assert trainer.anchor_choice.name == "context_mean" and trainer.ensemble_choice.name == "context_mixture"
+    assert trainer.anchor_choice.name == "context_mean" and trainer.ensemble.choice.name == "context_mixture"
     assert type(trainer.ensemble.predictor).__name__ == "ContextMixtureBaseline"
     assert trainer.ensemble.applies(data, data.condition("A|t3")) and not trainer.ensemble.applies(data, data.condition("A|t1"))
     assert "averaged with context_mixture's shift (weight 0.5; auto: unseen contexts" in "\n".join(run_summary(trainer))

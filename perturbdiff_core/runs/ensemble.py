@@ -60,10 +60,11 @@ def extrapolated(data: PerturbationData, condition: Condition, trained: frozense
 
 @dataclass(frozen=True)
 class Ensemble:
-    """A fitted ``sample.ensemble`` predictor and where it applies (:func:`extrapolated`): combinations never
-    trained whose every part was (``trained``: the training perturbations) and, with ``unseen_contexts``,
-    conditions in contexts training lacked."""
+    """A fitted ``sample.ensemble`` predictor (``choice``: its name and why) and where it applies
+    (:func:`extrapolated`): combinations never trained whose every part was (``trained``: the training
+    perturbations) and, with ``unseen_contexts``, conditions in contexts training lacked."""
 
+    choice: PredictorChoice
     predictor: Predictor
     unseen_contexts: bool
     trained: frozenset[str]
@@ -113,4 +114,4 @@ def fit_ensemble(
     target = data if conditions_data is None else conditions_data
     if not any(extrapolated(target, c, trained, unseen_contexts) for c in conditions):
         return None
-    return Ensemble(as_predictor(choice.name).fit(data, training), unseen_contexts, trained)
+    return Ensemble(choice, as_predictor(choice.name).fit(data, training), unseen_contexts, trained)

@@ -86,7 +86,7 @@ def _ensemble(trainer: Trainer) -> list[str]:
     """A line on the predictor averaged with the model's mean change where it extrapolates, when the test has such conditions."""
     if trainer.ensemble is None:
         return []
-    choice, weight = trainer.ensemble_choice, trainer.config.sample.ensemble_weight
+    choice, weight = trainer.ensemble.choice, trainer.config.sample.ensemble_weight
     data = trainer.data
     where = [c for c in trainer.split.test if trainer.ensemble.applies(data, data.condition(c))]
     why = f"; {choice.why}" if choice.why else ""

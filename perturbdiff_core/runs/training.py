@@ -48,7 +48,7 @@ from .anchor import AUTO_ANCHOR, NO_ANCHOR, PredictorChoice, anchor_shifts, fit_
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .control_noise import ControlShrinkage
-from .ensemble import fit_ensemble, resolve_ensemble
+from .ensemble import fit_ensemble
 from .folder import RunDir
 from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
@@ -443,7 +443,6 @@ class Trainer:
             ControlShrinkage.fit(config.sample.control_shrinkage, self.data, self.split.train, config.seed)
             if unseen else None
         )
-        self.ensemble_choice = resolve_ensemble(config.sample.ensemble, self.anchor_choice.name)
         self.ensemble = fit_ensemble(  # where the test's conditions are extrapolations (read only then)
             config.sample.ensemble, self.anchor_choice.name, self.data, self.split.train,
             [self.data.condition(c) for c in self.split.test],
