@@ -225,9 +225,9 @@ def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Pat
     assert run_ensemble(checkpoint, lambda: read.append(1) or data, [trained], data) is None and not read  # nothing to fit
 
 
-def test_later_populations_vary_by_the_disagreement_where_the_ensemble_applies(three_types: Path, tmp_path: Path) -> None:
-    """The first population is ``predict``'s; a later one with the same seed differs only where the ensemble
-    applies, and predict_anndata asks each population by its index."""
+def test_later_populations_spread_where_the_model_extrapolates(three_types: Path, tmp_path: Path) -> None:
+    """The first population is ``predict``'s; a later one with the same seed differs only where the model
+    extrapolates, and predict_anndata asks each population by its index."""
     trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
     trainer.fit(stop_at=4)
     data, unseen, trained = trainer.data, trainer.data.condition("A|t3"), trainer.data.condition("A|t1")
@@ -248,6 +248,24 @@ def test_later_populations_vary_by_the_disagreement_where_the_ensemble_applies(t
     recording = Recording(trainer.model, trainer.config.sample, anchor=trainer.anchor, ensemble=trainer.ensemble)
     predict_anndata(recording, data, [unseen], n_cells=10, seed=0, populations=3, progress=False)
     assert asked == [0, 1, 2]
+
+
+def test_an_unanchored_unseen_context_spreads_without_averaging(three_types: Path, tmp_path: Path) -> None:
+    """Without an anchor, auto's predictor is not averaged into an unseen context's mean change, yet its errors
+    on training conditions held out alike still spread the later populations there."""
+    config = held_out_t3(three_types, "model.anchor=none", "sample.populations=3")
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.fit(stop_at=4)
+    data, unseen = trainer.data, trainer.data.condition("A|t3")
+    ensemble = trainer.ensemble
+    assert not ensemble.applies(data, unseen) and ensemble.spreads(data, unseen)
+    assert ensemble.errors.errors.shape == (8, data.n_genes)  # A, B, C, A+B in t1 and in t2
+    summary = "\n".join(run_summary(trainer))
+    assert "averaged with" not in summary and "A|t3" in summary and "errors on 8 training conditions" in summary
+    predictor = DiffusionPredictor(trainer.model, trainer.config.sample, ensemble=ensemble)
+    alone = DiffusionPredictor(trainer.model, trainer.config.sample)
+    np.testing.assert_array_equal(predictor.predict(data, unseen, 40, seed=7), alone.predict(data, unseen, 40, seed=7))
+    assert not np.array_equal(predictor.predict_population(data, unseen, 40, 7, 1), alone.predict_population(data, unseen, 40, 7, 1))
 
 
 def test_an_unknown_ensemble_predictor_is_a_clear_error() -> None:

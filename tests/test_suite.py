@@ -381,6 +381,20 @@ def test_markdown_report_tables_each_task_and_says_what_was_skipped() -> None:
     assert headline(summary) in overall and control_line(means) in overall
 
 
+def test_markdown_report_gives_the_models_calibration_per_task() -> None:
+    rows = [*SYNTHETIC, ("T1", "population_coverage", "model", [1.0, 0.5]), ("T1", "calibration_pvalue", "model", [0.4, 0.2]),
+            ("T2", "population_coverage", "model", [0.0, 0.0]), ("T2", "calibration_pvalue", "model", [0.1, 0.1])]
+    means = task_means(_long(rows))
+    text = report(means, versus_baselines(means, HEADLINE), title="synthetic")
+    section = text[text.index("## Calibration"):]
+    sd = np.std([1.0, 0.5], ddof=1)
+    assert "| task | population_coverage | calibration_pvalue |" in section
+    assert f"| T1 | 0.75 \u00b1 {sd:.1g} | 0.3 \u00b1 0.1 |" in section and "| T2 | 0 \u00b1 0 | 0.1 \u00b1 0 |" in section
+    assert "Mean population_coverage over 2 task(s): 0.38." in section
+    plain = report(task_means(_long(SYNTHETIC)), versus_baselines(task_means(_long(SYNTHETIC)), HEADLINE), title="s")
+    assert "No calibration metrics" in plain[plain.index("## Calibration"):]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 

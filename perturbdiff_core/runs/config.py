@@ -235,7 +235,10 @@ class SampleConfig:
             which cells carry it), or ``none``. ``auto``: ``context_mixture`` (the sum of the parts'
             shifts for a combination; in an unseen context the perturbation's training shifts weighted
             by how alike their contexts' control cells are, only where the run is anchored,
-            ``model.anchor``; see :mod:`~perturbdiff_core.runs.ensemble`).
+            ``model.anchor``; see :mod:`~perturbdiff_core.runs.ensemble`). Its errors on training
+            conditions held out alike also spread the populations after the first wherever the model
+            extrapolates, averaged there or not (:mod:`~perturbdiff_core.runs.spread`); with ``none``
+            they differ only by their control cells and sampling noise.
         ensemble_weight: the ensemble predictor's weight in that average, in [0, 1] (1: its shift alone).
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the

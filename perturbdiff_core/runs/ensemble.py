@@ -25,9 +25,9 @@ undershoots). Everywhere else, a trained perturbation in a trained context or an
 where responses do not carry, the model's mean change stands alone. Only training conditions and
 the target context's control cells are read.
 
-The two predictions' disagreement also says how uncertain their average is: populations drawn
-after the first (``predict --populations``) move each gene's mean change by a normal draw of that
-size (:meth:`~perturbdiff_core.runs.model_predictor.DiffusionPredictor.predict_population`), so the
+The predictor's errors on training conditions held out the same way also say how far the
+prediction may be off wherever the model extrapolates, averaged or not: populations drawn after
+the first (``predict --populations``) spread by them (:mod:`~perturbdiff_core.runs.spread`), so the
 calibration metrics see the uncertainty; the first population, the point prediction, does not.
 """
 
@@ -40,6 +40,7 @@ from ..data.dataset import Condition, PerturbationData
 from ..data.encoders import perturbation_parts
 from ..evaluation.predictors import Predictor, as_predictor
 from .anchor import NO_ANCHOR, PredictorChoice, check_predictor_setting
+from .spread import ExtrapolationErrors, extrapolation_errors
 
 #: ``sample.ensemble`` value for the model's mean change alone.
 NO_ENSEMBLE = "none"
@@ -60,18 +61,26 @@ def extrapolated(data: PerturbationData, condition: Condition, trained: frozense
 
 @dataclass(frozen=True)
 class Ensemble:
-    """A fitted ``sample.ensemble`` predictor (``choice``: its name and why) and where it applies
-    (:func:`extrapolated`): combinations never trained whose every part was (``trained``: the training
-    perturbations) and, with ``unseen_contexts``, conditions in contexts training lacked."""
+    """A fitted ``sample.ensemble`` predictor (``choice``: its name and why), where it is averaged with the
+    model (:func:`extrapolated`): combinations never trained whose every part was (``trained``: the training
+    perturbations) and, with ``unseen_contexts``, conditions in contexts training lacked; and its ``errors``
+    on training conditions held out alike, which spread later populations wherever the model extrapolates
+    (``None``: no training condition to measure them on)."""
 
     choice: PredictorChoice
     predictor: Predictor
     unseen_contexts: bool
     trained: frozenset[str]
+    errors: ExtrapolationErrors | None = None
 
     def applies(self, data: PerturbationData, condition: Condition) -> bool:
         """Whether the model's mean change for ``condition`` is averaged with the predictor's shift."""
         return extrapolated(data, condition, self.trained, self.unseen_contexts)
+
+    def spreads(self, data: PerturbationData, condition: Condition) -> bool:
+        """Whether populations of ``condition`` after the first spread by :attr:`errors`: the model extrapolates
+        there (an unseen context, averaged or not, or a new combination of trained parts) and errors were measured."""
+        return self.errors is not None and extrapolated(data, condition, self.trained, True)
 
 
 def check_ensemble(name: str) -> None:
@@ -98,12 +107,14 @@ def fit_ensemble(
     data: PerturbationData,
     train: Sequence[str | Condition],
     conditions: Sequence[Condition],
+    seed: int,
     conditions_data: PerturbationData | None = None,
 ) -> Ensemble | None:
     """The ``sample.ensemble`` ``setting`` of a run anchored on ``anchor``, fitted on the training conditions
-    ``train`` of ``data``; ``None`` for ``none`` or when none of ``conditions`` (of ``conditions_data``, default
-    ``data``) is one it applies to. ``auto`` applies to unseen contexts only in an anchored run; a predictor
-    named in the config, to every unseen context."""
+    ``train`` of ``data`` with its errors there (drawn with ``seed``, :func:`~.spread.extrapolation_errors`);
+    ``None`` for ``none`` or when the model extrapolates to none of ``conditions`` (of ``conditions_data``,
+    default ``data``). ``auto`` is averaged in unseen contexts only in an anchored run; a predictor named in
+    the config, in every unseen context."""
     choice = resolve_ensemble(setting, anchor)
     check_ensemble(choice.name)
     if choice.name == NO_ENSEMBLE:
@@ -112,6 +123,8 @@ def fit_ensemble(
     trained = frozenset(c.perturbation for c in training)
     unseen_contexts = setting != AUTO_ENSEMBLE or anchor != NO_ANCHOR
     target = data if conditions_data is None else conditions_data
-    if not any(extrapolated(target, c, trained, unseen_contexts) for c in conditions):
+    if not any(extrapolated(target, c, trained, True) for c in conditions):
         return None
-    return Ensemble(choice, as_predictor(choice.name).fit(data, training), unseen_contexts, trained)
+    predictor = as_predictor(choice.name).fit(data, training)
+    errors = extrapolation_errors(predictor, data, training, seed)
+    return Ensemble(choice, predictor, unseen_contexts, trained, errors)

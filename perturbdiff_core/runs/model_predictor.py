@@ -108,9 +108,10 @@ class DiffusionPredictor(Predictor):
     def predict_population(
         self, data: PerturbationData, condition: Condition, n_cells: int, seed: int, population: int
     ) -> np.ndarray:
-        """Population ``population`` of ``condition``: the first is :meth:`predict`'s; where the ensemble
-        applies, each later one also draws its genes' mean changes around the averaged ones by the two
-        predictions' disagreement (:func:`settle_changes`, ``disagreement``), the uncertainty of their mean."""
+        """Population ``population`` of ``condition``: the first is :meth:`predict`'s; where the model
+        extrapolates, each later one also moves its genes' mean changes by a draw of the ensemble predictor's
+        errors on training conditions held out alike (:mod:`~perturbdiff_core.runs.spread`), the uncertainty
+        of the point prediction."""
         size = data.config.set_size
         n_sets = math.ceil(n_cells / size)
         doses = [condition.dose or 0.0] * n_sets if data.config.dose_key is not None else None
@@ -148,11 +149,12 @@ class DiffusionPredictor(Predictor):
             offset = self._offset(data, condition.context).to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset
             partner = None if partner is None else partner + offset
-        draw = None
-        if population > 0 and partner is not None:  # a stream of its own, not the sampler's noise again
+        jitter = None
+        if population > 0 and self.ensemble is not None and self.ensemble.spreads(data, condition):
             draw = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, population]).generate_state(1)[0]))
+            jitter = self.ensemble.errors.draw(draw).to(cells.dtype)  # a stream of its own, not the sampler's
         cells = settle_changes(
-            cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, draw
+            cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter
         )
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
@@ -183,7 +185,7 @@ def settle_changes(
     prior: Tensor | None = None,
     partner: Tensor | None = None,
     partner_weight: float = 0.0,
-    disagreement: torch.Generator | None = None,
+    jitter: Tensor | None = None,
 ) -> Tensor:
     r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
     prediction does not change significantly copied from ``donors``.
@@ -215,11 +217,11 @@ def settle_changes(
     With ``partner`` ``(G,)``, another predictor's shift (``sample.ensemble``), every gene's mean change
     becomes :math:`(1 - w)\,m_g + w\,\text{partner}_g` with :math:`w` = ``partner_weight`` and
     :math:`m_g` what it would have been without (the sampled mean change where the gene moves, else
-    the anchor's shift or none); the cells that carry it, and how, stay the model's. With a
-    ``disagreement`` generator (a population drawn after the first) each gene's mean change also
-    moves by a normal draw of standard deviation :math:`|m_g - \text{partner}_g|\,\sqrt{((1 - w)^2 +
-    w^2) / 2}`: if both predictions were the truth plus independent errors of one size per gene,
-    their difference estimates that size, and this is the error of their weighted mean.
+    the anchor's shift or none); the cells that carry it, and how, stay the model's.
+
+    With ``jitter`` ``(G,)`` (a population drawn after the first, :mod:`~perturbdiff_core.runs.spread`),
+    every gene's mean change, as settled so far, moves by it: a gene the test left alone too, as the
+    error it stands for may reach any gene.
     """
     change = cells - donors
     mean = change.mean(0)
@@ -227,12 +229,12 @@ def settle_changes(
     tested = z is not None and n >= 2
     beyond = mean if prior is None else mean - prior
     moved = beyond.abs() > z * change.std(0) / math.sqrt(n) if tested else torch.ones_like(mean, dtype=torch.bool)
-    if partner is not None:
-        own = torch.where(moved, mean, torch.zeros_like(mean) if prior is None else prior)
-        target = (1.0 - partner_weight) * own + partner_weight * partner
-        if disagreement is not None:
-            size = (own - partner).abs() * math.sqrt(((1.0 - partner_weight) ** 2 + partner_weight**2) / 2.0)
-            target = target + size * torch.randn(target.shape, generator=disagreement, dtype=target.dtype)
+    if partner is not None or jitter is not None:
+        target = torch.where(moved, mean, torch.zeros_like(mean) if prior is None else prior)
+        if partner is not None:
+            target = (1.0 - partner_weight) * target + partner_weight * partner
+        if jitter is not None:
+            target = target + jitter
         centre = changed_centre(donors, target, read_levels)
         return torch.where(moved, centre + spread * (change - mean), centre)
     if spread == 1.0 and read_levels is None:

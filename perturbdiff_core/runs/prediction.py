@@ -192,7 +192,8 @@ def run_ensemble(
     )
     if not (combinations or data.unseen_contexts(conditions)):
         return None
-    return fit_ensemble(setting, anchor, train_data(), checkpoint.split.train, conditions, data)
+    seed = checkpoint.run_config.seed
+    return fit_ensemble(setting, anchor, train_data(), checkpoint.split.train, conditions, seed, data)
 
 
 def warn_untrained_context(

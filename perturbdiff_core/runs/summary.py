@@ -83,14 +83,22 @@ def _control_shrinkage(trainer: Trainer) -> list[str]:
 
 
 def _ensemble(trainer: Trainer) -> list[str]:
-    """A line on the predictor averaged with the model's mean change where it extrapolates, when the test has such conditions."""
-    if trainer.ensemble is None:
+    """Lines on the predictor averaged with the model's mean change where it extrapolates, and on the spread of
+    later populations there by its training errors, when the test has such conditions."""
+    ensemble, sample, data = trainer.ensemble, trainer.config.sample, trainer.data
+    if ensemble is None:
         return []
-    choice, weight = trainer.ensemble.choice, trainer.config.sample.ensemble_weight
-    data = trainer.data
-    where = [c for c in trainer.split.test if trainer.ensemble.applies(data, data.condition(c))]
-    why = f"; {choice.why}" if choice.why else ""
-    return [f"sample mean changes of {_names(where)} averaged with {choice.name}'s shift (weight {weight:g}{why})"]
+    lines = []
+    averaged = [c for c in trainer.split.test if ensemble.applies(data, data.condition(c))]
+    if averaged:
+        why = f"; {ensemble.choice.why}" if ensemble.choice.why else ""
+        lines.append(f"sample mean changes of {_names(averaged)} averaged with {ensemble.choice.name}'s shift "
+                     f"(weight {sample.ensemble_weight:g}{why})")
+    spread = [c for c in trainer.split.test if ensemble.spreads(data, data.condition(c))]
+    if spread and sample.populations > 1:
+        lines.append(f"populations of {_names(spread)} after the first spread by {ensemble.choice.name}'s errors on "
+                     f"{len(ensemble.errors.errors)} training conditions held out alike")
+    return lines
 
 
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from ..ablation import key_metrics, markdown, mean_sd, summarize
 from ..errors import PerturbDiffError
 from ..evaluation import ALL_CONDITIONS, COLUMNS, best_methods, definition_of, versus_best_baseline
+from ..evaluation.metrics import COVERAGE_LEVEL
 from ..io import atomic_path, atomic_write_text
 from ..names import SUITE_FILE
 from ..names import SUITE_MARKDOWN_FILE as MARKDOWN_FILE
@@ -42,6 +43,9 @@ CONTROL_METRICS = ("mse_delta", "mmd2_{kernel}")
 
 #: The number of real DE genes per condition: DE metrics of a task where it is 0 everywhere are skipped.
 REAL_DE_COUNT = "de_nsig_counts_real"
+
+#: The model's calibration metrics, reported per task after the comparison (no baseline draws populations).
+CALIBRATION_METRICS = ("population_coverage", "calibration_pvalue")
 
 #: Markers of the baselines in the plot, in the order they appear.
 _MARKERS = ("s", "^", "v", "D", "P", "X", "*", "<", ">")
@@ -194,7 +198,34 @@ def report(means: pd.DataFrame, summary: pd.DataFrame, *, title: str) -> str:
         if len(skipped):
             lines += ["", "skipped: " + ", ".join(f"{r.metric} ({r.note})" for r in skipped.itertuples())]
     lines += ["", "## Overall", "", headline(summary), "", control_line(means)]
+    lines += ["", "## Calibration", "", *calibration_lines(means)]
     return "\n".join(lines) + "\n"
+
+
+def calibration_lines(means: pd.DataFrame) -> list[str]:
+    """Per task the model's :data:`CALIBRATION_METRICS` (mean \u00b1 sd over seeds) and their mean over tasks: how
+    often the real population falls within the spread of the predicted ones (about 0.9 when calibrated)."""
+    rows = means[(means.method == MODEL) & means.metric.isin(CALIBRATION_METRICS)]
+    if rows.empty:
+        return ["No calibration metrics: the runs drew one population per condition (`sample.populations`)."]
+    wide = rows.pivot(index="task", columns="metric", values=["mean", "std"])
+    tasks = [t for t in dict.fromkeys(means.task) if t in wide.index]
+    present = [m for m in CALIBRATION_METRICS if m in set(rows.metric)]
+    frame = pd.DataFrame(
+        [[task, *(mean_sd(wide.loc[task, ("mean", m)], wide.loc[task, ("std", m)]) for m in present)] for task in tasks],
+        columns=["task", *present],
+    )
+    lines = [
+        "Where the real population falls among the model's sampled populations of each held-out condition "
+        f"(`population_coverage`: the share of real populations whose calibration p-value exceeds {COVERAGE_LEVEL:g}; a model "
+        "whose spread is right covers about 0.9).",
+        "",
+        markdown(frame, frame.iloc[:0]).strip(),
+    ]
+    coverage = rows[rows.metric == "population_coverage"]["mean"]
+    if coverage.notna().any():
+        lines += ["", f"Mean population_coverage over {int(coverage.notna().sum())} task(s): {coverage.mean():.2f}."]
+    return lines
 
 
 def task_table(means: pd.DataFrame, rows: pd.DataFrame) -> str:
