@@ -22,6 +22,7 @@ coverage is near the nominal 0.9.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.dataset import Condition, PerturbationData
+from ..data.dataset import Condition, Context, PerturbationData
 from ..data.encoders import perturbation_parts
 from ..evaluation.predictors import Predictor
 from .levels import context_means, mean_of_rows
@@ -53,16 +54,22 @@ class ExtrapolationErrors:
         return factor * torch.from_numpy(self.errors[j])
 
 
-def held_out_alike(data: PerturbationData, condition: Condition, others: Sequence[Condition]) -> bool:
-    """Whether ``condition`` would be an extrapolation from ``others``: its perturbation (at its dose) was
-    trained in another context, or it is a combination whose every part was trained."""
-    if any((o.perturbation, o.dose) == (condition.perturbation, condition.dose) and o.context != condition.context
-           for o in others):
-        return True
+def held_out_alike(data: PerturbationData, training: Sequence[Condition]) -> list[Condition]:
+    """The conditions of ``training`` that would be extrapolations from the others: their perturbation (at its
+    dose) was trained in another context, or they are combinations whose every part was trained."""
+    contexts: dict[tuple[str, float | None], set[Context]] = defaultdict(set)
+    for condition in training:
+        contexts[(condition.perturbation, condition.dose)].add(condition.context)
+    trained = {condition.perturbation for condition in training}
     cfg = data.config
-    parts = perturbation_parts(condition.perturbation, cfg.combination_separator, cfg.control_label)
-    trained = {o.perturbation for o in others}
-    return len(parts) > 1 and all(p in trained for p in parts)
+
+    def alike(condition: Condition) -> bool:
+        if contexts[(condition.perturbation, condition.dose)] - {condition.context}:
+            return True
+        parts = perturbation_parts(condition.perturbation, cfg.combination_separator, cfg.control_label)
+        return len(parts) > 1 and all(p in trained for p in parts)  # a part is never the combination itself
+
+    return [condition for condition in training if alike(condition)]
 
 
 def extrapolation_errors(
@@ -70,7 +77,7 @@ def extrapolation_errors(
 ) -> ExtrapolationErrors | None:
     """The errors of ``predictor`` (fitted on ``training``) on the training conditions :func:`held_out_alike`
     from the others, at most :data:`ERROR_CONDITIONS` of them drawn with ``seed``; ``None`` where there is none."""
-    chosen = [c for c in training if held_out_alike(data, c, [o for o in training if o.label != c.label])]
+    chosen = held_out_alike(data, training)
     if not chosen:
         return None
     rng = np.random.default_rng(seed)
