@@ -36,7 +36,9 @@ is written atomically. Without --out it is a new file in the run folder,
 {NEW_PREDICTIONS}_<n>.h5ad with the first free n (the name is printed): predict never replaces
 the run's own {PREDICTIONS_FILE}, which its {METRICS_FILE} and {REPORT_FILE} describe, nor any other
 file of the run (--out naming one is refused). With --populations K every
-condition gets K independent populations (other control draws and noise), labelled in obs
+condition gets K independent populations (other control draws and noise; where the model
+extrapolates, to an unseen context or a new combination, populations after the first also move by
+an error measured on training conditions held out alike), labelled in obs
 '{POPULATION_KEY}': perturbdiff evaluate then reports where the real population falls among them
 (calibration_pvalue, population_coverage); for cell-eval keep population '0'.
 """
