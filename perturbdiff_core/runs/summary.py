@@ -96,8 +96,8 @@ def _ensemble(trainer: Trainer) -> list[str]:
                      f"(weight {sample.ensemble_weight:g}{why})")
     spread = [c for c in trainer.split.test if ensemble.spreads(data, data.condition(c))]
     if spread and sample.populations > 1:
-        lines.append(f"populations of {_names(spread)} after the first spread by {ensemble.choice.name}'s errors on "
-                     f"{len(ensemble.errors.errors)} training conditions held out alike")
+        lines.append(f"sample populations after the first of {_names(spread)} spread by {ensemble.choice.name}'s "
+                     f"errors on {len(ensemble.errors.errors)} training conditions held out alike")
     return lines
 
 
