@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import Ridge
 
-from perturbdiff_core.data.dataset import Condition, Context, PerturbationData
+from perturbdiff_core.data.dataset import Condition, Context, PerturbationData, nearest_contexts
 from perturbdiff_core.data.encoders import perturbation_parts
 from perturbdiff_core.diffusion.hull import hull_weights
 from perturbdiff_core.errors import InputError
@@ -62,6 +62,13 @@ def _same_context_first(conditions: list[Condition], context: Context) -> list[C
 def _same_perturbation(conditions: list[Condition], condition: Condition) -> list[Condition]:
     """The conditions with ``condition``'s perturbation and dose."""
     return [c for c in conditions if (c.perturbation, c.dose) == (condition.perturbation, condition.dose)]
+
+
+def _nearest_first(conditions: list[Condition], condition: Condition) -> list[Condition]:
+    """The conditions in the contexts nearest ``condition``'s (:func:`~perturbdiff_core.data.dataset.nearest_contexts`:
+    its cell type's when there are any, else all)."""
+    nearest = set(nearest_contexts(condition.context, [c.context for c in conditions]))
+    return [c for c in conditions if c.context in nearest]
 
 
 class _Fitted(Predictor):
@@ -157,7 +164,9 @@ class ContextMeanBaseline(_ShiftBaseline):
     The shift of a condition is the first rule that applies:
 
     1. the mean shift of the training conditions with the same perturbation (and dose) in
-       other contexts (a held-out cell type, batch or covariate value);
+       other contexts (a held-out cell type, batch or covariate value): those of the same cell
+       type when there are any (a held-out donor or patient takes the other donors' response of
+       its own cell type, not every cell type's), else all of them;
     2. a combination ``A+B`` never trained on whose every part is trained on alone: the sum of
        the parts' shifts, each the mean over the part's training conditions (any dose) in the
        same context, else in all contexts;
@@ -169,7 +178,7 @@ class ContextMeanBaseline(_ShiftBaseline):
         pool = self._pool(condition)
         same = _same_perturbation(pool, condition)
         if same:
-            return self._mean_shift(same)
+            return self._mean_shift(_nearest_first(same, condition))
         cfg = data.config
         parts = perturbation_parts(condition.perturbation, cfg.combination_separator, cfg.control_label)
         by_part = [[c for c in pool if c.perturbation == p] for p in parts]
@@ -187,7 +196,9 @@ class ContextMixtureBaseline(ContextMeanBaseline):
     :func:`~perturbdiff_core.diffusion.hull.hull_weights`): a held-out CD8 T cell takes mostly the CD4 T
     and NK cells' responses, a held-out monocyte the other myeloid cells'. Cell types respond to
     one stimulus by different amounts (kang18: interferon moves monocytes twice as far as T
-    cells), which the plain average of ``context_mean`` blurs. Only the condition's own control
+    cells), which the plain average of ``context_mean`` blurs. Where the perturbation was trained
+    in the condition's own cell type (a held-out donor or patient), only those contexts are mixed,
+    as ``context_mean`` takes them. Only the condition's own control
     cells and the training conditions are read. Everything else (one other context, combinations,
     unseen perturbations) is predicted as by ``context_mean``.
     """
@@ -197,7 +208,7 @@ class ContextMixtureBaseline(ContextMeanBaseline):
         self._target_means: dict[Context, np.ndarray] = {}
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
-        same = _same_perturbation(self._pool(condition), condition)
+        same = _nearest_first(_same_perturbation(self._pool(condition), condition), condition)
         if len(same) < 2:
             return super().shift(data, condition)
         vertices = torch.from_numpy(np.stack([self.control_means[c.context] for c in same]))
@@ -262,7 +273,8 @@ class LinearBaseline(_ShiftBaseline):
 
 
 class RandomTrainBaseline(_Fitted):
-    """Random training cells of the same perturbation (and dose) from other contexts.
+    """Random training cells of the same perturbation (and dose) from other contexts, of the same cell type
+    when there are any.
 
     A perturbation never trained on (including a combination never trained on as such) gets
     random training perturbed cells of the same context, else of any context.
@@ -271,6 +283,7 @@ class RandomTrainBaseline(_Fitted):
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
         """``n_cells`` cells drawn from the chosen training conditions (with replacement when fewer)."""
         pool = self._pool(condition)
-        chosen = _same_perturbation(pool, condition) or _same_context_first(pool, condition.context)
+        same = _nearest_first(_same_perturbation(pool, condition), condition)
+        chosen = same or _same_context_first(pool, condition.context)
         rows = np.concatenate([data.cells(c) for c in chosen])
         return data.read(sample_rows(rows, n_cells, np.random.default_rng(seed)))

@@ -126,6 +126,57 @@ def test_context_mean_of_an_unseen_perturbation_is_the_mean_shift_of_its_cell_ty
     np.testing.assert_allclose(_predicted_shift(baseline, data, "C|t2"), expected, atol=1e-5)
 
 
+def donors_screen(genes: int = 20, cells: int = 40, seed: int = 0) -> ad.AnnData:
+    """Cell types t1 and t2, each in donors b1, b2 and b3 (own levels per cell type and donor), where A's response
+    depends on the cell type (opposite signs) and barely on the donor."""
+    rng = np.random.default_rng(seed)
+    response = {"t1": rng.uniform(0.5, 1.0, genes), "t2": -rng.uniform(0.5, 1.0, genes)}
+    blocks, obs = [], []
+    for t in ("t1", "t2"):
+        for b in ("b1", "b2", "b3"):
+            base = rng.uniform(3.0, 4.0, genes)
+            for name in ("control", "A"):
+                shift = response[t] + 0.05 * rng.normal(size=genes) if name == "A" else 0.0
+                blocks.append(base + shift + 0.1 * rng.normal(size=(cells, genes)))
+                obs += [(name, t, b)] * cells
+    frame = pd.DataFrame(obs, columns=["perturbation", "cell_type", "donor"], index=[f"c{i}" for i in range(len(obs))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=frame.astype("category"))
+    adata.var_names = [f"g{i}" for i in range(genes)]
+    return adata
+
+
+def test_a_held_out_donor_takes_its_own_cell_types_response_from_the_other_donors() -> None:
+    """context_mean, context_mixture and random_train predict (A, t1, b3) from t1 in b1 and b2 only, against a
+    float64 reference; a cell type that no other donor has would take every context's mean (here none)."""
+    adata = donors_screen()
+    data = PerturbationData(adata, DataConfig(cell_type_key="cell_type", batch_key="donor"))
+    split = make_split(data, SplitConfig(kind="holdout_batch", holdout=["b3"], val_fraction=0.0))
+    data.fit(split.train)
+    condition = data.condition("A|t1|b3")
+
+    def shift(t: str, b: str) -> np.ndarray:
+        def mean(name: str) -> np.ndarray:
+            obs = adata.obs
+            rows = ((obs.perturbation == name) & (obs.cell_type == t) & (obs.donor == b)).to_numpy()
+            return np.asarray(adata.X[rows], np.float64).mean(0)
+
+        return mean("A") - mean("control")
+
+    expected = (shift("t1", "b1") + shift("t1", "b2")) / 2
+    every_context = np.mean([shift(t, b) for t in ("t1", "t2") for b in ("b1", "b2")], axis=0)
+    got = as_predictor("context_mean").fit(data, split.train).shift(data, condition)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    mixed = as_predictor("context_mixture").fit(data, split.train).shift(data, condition)
+    b1, b2 = shift("t1", "b1"), shift("t1", "b2")  # a mixture of the two t1 donors' shifts only
+    weight = float((mixed - b2) @ (b1 - b2) / ((b1 - b2) @ (b1 - b2)))
+    assert 0.0 <= weight <= 1.0
+    np.testing.assert_allclose(mixed, weight * b1 + (1 - weight) * b2, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected - every_context).min() > 0.2  # the other cell type's opposite response left out
+    drawn = _rows(RandomTrainBaseline().fit(data, split.train).predict(data, condition, 200, seed=0))
+    t1 = (adata.obs.cell_type == "t1").to_numpy() & (adata.obs.perturbation == "A").to_numpy()
+    assert drawn <= _rows(adata.X[t1])
+
+
 def mixed_cell_types(weight: float, genes: int = 20, cells: int = 60, seed: int = 0) -> ad.AnnData:
     """Cell types t1 and t2 with their own levels and responses to A, and t3 whose levels and response
     are the mixture ``weight * t1 + (1 - weight) * t2`` of theirs (plus noise)."""

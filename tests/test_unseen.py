@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_training import tiny_config
 
+from perturbdiff_core.data.dataset import Context
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
@@ -38,7 +39,8 @@ def held_out_t3(path: Path, *overrides: str):
 
 def test_the_factor_is_the_least_squares_fit_of_each_context_on_the_others_mean() -> None:
     rng = np.random.default_rng(0)
-    contexts = {"A": ["c1", "c2", "c3"], "B": ["c1", "c3"], "C": ["c2"]}  # C, in one context, gives no pair
+    c1, c2, c3 = Context("c1"), Context("c2"), Context("c3")
+    contexts = {"A": [c1, c2, c3], "B": [c1, c3], "C": [c2]}  # C, in one context, gives no pair
     changes = {(p, c): rng.normal(size=GENES) + (1.0 if p == "A" else -0.5) for p, cs in contexts.items() for c in cs}
     xs, ys = [], []
     for p, cs in contexts.items():
@@ -53,7 +55,18 @@ def test_the_factor_is_the_least_squares_fit_of_each_context_on_the_others_mean(
     assert slope == pytest.approx(reference, rel=1e-12)
     same = {(p, c): np.arange(GENES, dtype=float) for p, c in changes}
     assert leave_one_context_out_slope(same) == (pytest.approx(1.0), 5)  # a change every context shares
-    assert leave_one_context_out_slope({("A", "c1"): np.ones(GENES)}) == (None, 0)  # nothing seen twice
+    assert leave_one_context_out_slope({("A", c1): np.ones(GENES)}) == (None, 0)  # nothing seen twice
+
+
+def test_the_factor_predicts_a_context_from_its_own_cell_type_in_other_batches_first() -> None:
+    """(t1, b1) and (t1, b2) are predicted from each other alone; (t2, b1), with no other t2, from both t1 contexts."""
+    rng = np.random.default_rng(1)
+    t1b1, t1b2, t2b1 = Context("t1", "b1"), Context("t1", "b2"), Context("t2", "b1")
+    changes = {("A", c): rng.normal(size=GENES) for c in (t1b1, t1b2, t2b1)}
+    xs = [changes[("A", t1b2)], changes[("A", t1b1)], (changes[("A", t1b1)] + changes[("A", t1b2)]) / 2]
+    ys = [changes[("A", c)] for c in (t1b1, t1b2, t2b1)]
+    reference = np.linalg.lstsq(np.concatenate(xs)[:, None], np.concatenate(ys), rcond=None)[0][0]
+    assert leave_one_context_out_slope(changes) == (pytest.approx(reference, rel=1e-12), 3)
 
 
 def _training_slope(adata: ad.AnnData, train: list[str]) -> tuple[float, int]:
@@ -62,7 +75,7 @@ def _training_slope(adata: ad.AnnData, train: list[str]) -> tuple[float, int]:
     frame["perturbation"], frame["cell_type"] = adata.obs["perturbation"].to_numpy(), adata.obs["cell_type"].to_numpy()
     means = frame.groupby(["perturbation", "cell_type"]).mean()
     labels = [label.split("|") for label in train]
-    changes = {(p, t): (means.loc[(p, t)] - means.loc[("control", t)]).to_numpy() for p, t in labels}
+    changes = {(p, Context(t)): (means.loc[(p, t)] - means.loc[("control", t)]).to_numpy() for p, t in labels}
     return leave_one_context_out_slope(changes)
 
 

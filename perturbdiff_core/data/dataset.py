@@ -64,6 +64,14 @@ class Context(NamedTuple):
         return LABEL_SEPARATOR.join(parts)
 
 
+def nearest_contexts(context: Context, others: Sequence[Context]) -> list[Context]:
+    """The contexts of ``others`` with ``context``'s cell type (other batches, donors or covariates) if there are
+    any, else all of them: those whose response to a perturbation predicts ``context``'s. A response depends on
+    the cell type first, so a held-out donor or patient is predicted from the other donors' same cell type, not
+    from every cell type's average (``context_mean``, ``sample.unseen_context_change``, ``model.anchor: auto``)."""
+    return [c for c in others if c.cell_type == context.cell_type] or list(others)
+
+
 @dataclass(frozen=True)
 class Condition:
     """One perturbation (at one dose) in one context, and how many cells it has."""

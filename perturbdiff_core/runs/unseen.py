@@ -4,7 +4,8 @@ Where the denoiser reads an unseen context's control cells centred on their mean
 (``model.control_levels`` ``centred``, what ``auto`` picks for a context the trained ones do not
 span), nothing tells it which context it is: its change there is the trained contexts' change
 carried over blind, and the training data can measure what that is worth. Predict each training
-context's change under a perturbation by the mean change of the other contexts under it, and fit
+context's change under a perturbation by the mean change of the other contexts under it (those
+of its cell type when there are any, :func:`~perturbdiff_core.data.dataset.nearest_contexts`), and fit
 the one factor that minimises the squared error over every such (perturbation, context) pair;
 ``auto`` scales the change sampled for an unseen context by that factor, clipped to [0, 1]. A
 CRISPRi knock-down's change in one glioma line says almost nothing about another's (0.00-0.06),
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data import PerturbationData, Split
-from ..data.dataset import Condition, Context
+from ..data.dataset import Condition, Context, nearest_contexts
 from .levels import context_means, mean_of_rows
 
 #: Perturbed cells read (at most) per training condition for its mean change, and perturbations
@@ -68,9 +69,9 @@ def leave_one_context_out_slope(changes: Mapping[tuple[str, Context], np.ndarray
     for per_context in by_perturbation.values():
         if len(per_context) < 2:
             continue
-        total = sum(per_context.values())
-        for change in per_context.values():
-            others = (total - change) / (len(per_context) - 1)
+        for context, change in per_context.items():
+            nearest = nearest_contexts(context, [c for c in per_context if c != context])
+            others = np.mean([per_context[c] for c in nearest], axis=0)
             cross += float(others @ change)
             square += float(others @ others)
             pairs += 1
