@@ -14,7 +14,13 @@ import pytest
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, make_split, prepare
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.evaluation import aggregate, compare
-from perturbdiff_core.evaluation.predictors import Predictor, as_predictor, predict_anndata, real_anndata
+from perturbdiff_core.evaluation.predictors import (
+    Predictor,
+    as_predictor,
+    first_population,
+    predict_anndata,
+    real_anndata,
+)
 from perturbdiff_plugins.baselines import (
     ContextMeanBaseline,
     ContextMixtureBaseline,
@@ -389,3 +395,19 @@ def test_norman19_held_out_combinations(norman19_path) -> None:
     )
     assert wide.loc["mse_delta", "context_mean"] < wide.loc["mse_delta", "control"] / 2
     assert wide.loc["pearson_delta", "context_mean"] > 0.5
+
+
+def test_population_conditions_caps_the_conditions_that_get_later_populations() -> None:
+    """With ``population_conditions`` 2 of 4 conditions, drawn with the seed, get populations 0-2 and the others
+    population 0 only; every condition's population 0 is the uncapped prediction's."""
+    adata, _ = additive_screen()
+    data, train, test = _data(adata, "holdout_cell_type", ["t3"])
+    baseline = ContextMeanBaseline().fit(data, train)
+    full = predict_anndata(baseline, data, test, seed=3, populations=3, progress=False)
+    capped = predict_anndata(baseline, data, test, seed=3, populations=3, population_conditions=2, progress=False)
+    perturbed = capped.obs[capped.obs.perturbation != "control"]
+    counts = perturbed.groupby(["perturbation", "population"], observed=True).size().unstack(fill_value=0)
+    assert sorted((counts > 0).sum(axis=1).tolist()) == [1, 1, 3, 3]
+    np.testing.assert_array_equal(first_population(capped).X, first_population(full).X)
+    again = predict_anndata(baseline, data, test, seed=3, populations=3, population_conditions=2, progress=False)
+    np.testing.assert_array_equal(again.X, capped.X)

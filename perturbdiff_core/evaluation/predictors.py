@@ -108,6 +108,7 @@ def predict_anndata(
     n_cells: int | None = None,
     seed: int = 0,
     populations: int = 1,
+    population_conditions: int | None = None,
     progress: bool = True,
 ) -> ad.AnnData:
     """Predicted cells of ``conditions`` (as many as the real condition has, or ``n_cells``) and
@@ -115,15 +116,20 @@ def predict_anndata(
 
     ``populations > 1`` draws that many independent populations per condition, labelled ``0``,
     ``1``, ... in obs :data:`POPULATION_KEY`; population ``0`` is the single-population prediction.
+    With ``population_conditions``, only that many conditions (drawn with ``seed``) get more than
+    population ``0``.
     """
     if not isinstance(populations, int) or populations < 1:
         raise InputError(f"populations must be a positive integer, got {populations!r}.")
     chosen = [c if isinstance(c, Condition) else data.condition(c) for c in conditions]
+    spread = set(range(len(chosen)))
+    if population_conditions is not None and population_conditions < len(chosen):
+        spread = set(np.random.default_rng(seed).choice(len(chosen), population_conditions, replace=False).tolist())
     blocks = []
     bar = progress_bar(chosen, desc=f"predict ({type(predictor).__name__})", unit="conditions", disable=not progress)
     for i, condition in enumerate(bar):
         n = condition.n_cells if n_cells is None else n_cells
-        for k in range(populations):
+        for k in range(populations if i in spread else 1):
             cells = predictor.predict_population(data, condition, n, population_seed(seed, i, k), k)
             obs = _obs_for(data, condition.perturbation, condition.context, condition.dose, n)
             blocks.append((cells, obs.assign(**{POPULATION_KEY: str(k)}) if populations > 1 else obs))

@@ -244,6 +244,11 @@ class SampleConfig:
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
             population falls among the predicted ones; at least 10 for ``population_coverage``).
+        population_conditions: how many test conditions at most (drawn with the run's seed) get the
+            populations after the first; the rest get one. Calibration needs a sample of conditions,
+            not all of them, and a screen's thousands would take ``populations`` times as long to
+            predict. ``null``: every condition (``perturbdiff predict --populations`` draws them for
+            every condition it is asked for).
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -264,6 +269,7 @@ class SampleConfig:
     ensemble_weight: Annotated[float, UnitInterval] = 0.5
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10
+    population_conditions: Annotated[int | None, Positive] = 128
 
 
 @dataclass

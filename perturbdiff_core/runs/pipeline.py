@@ -58,7 +58,8 @@ def predict_all(
     )
     predictions = {
         MODEL: predict_anndata(
-            model, data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations, progress=trainer.progress
+            model, data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations,
+            population_conditions=config.sample.population_conditions, progress=trainer.progress,
         )
     }
     write_predictions(first_population(predictions[MODEL]), RunDir(trainer.run_dir).predictions)
