@@ -10,9 +10,11 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from test_baselines import donors_screen
 from test_training import tiny_config
 
-from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData, collate_sets
+from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData, SplitConfig, collate_sets, make_split
+from perturbdiff_core.data.dataset import Context
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
 from perturbdiff_core.evaluation.predictors import predict_anndata
@@ -271,3 +273,18 @@ def test_an_unanchored_unseen_context_spreads_without_averaging(three_types: Pat
 def test_an_unknown_ensemble_predictor_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="sample.ensemble = 'contxt_mixture' is not a predictor.*context_mixture"):
         config_from_dict({"sample": {"ensemble": "contxt_mixture"}})
+
+
+def test_auto_anchors_a_held_out_donor_on_its_own_cell_types_response() -> None:
+    """Two cell types responding oppositely, in three donors, donor b3 held out: each training context's change is
+    predicted from its own cell type in the other donor (factor about 1), so auto anchors; averaged over every other
+    context instead, the opposite response would cancel it (factor below AUTO_MIN_CARRY) and auto would not."""
+    data = PerturbationData(donors_screen(), DataConfig(cell_type_key="cell_type", batch_key="donor"))
+    split = make_split(data, SplitConfig(kind="holdout_batch", holdout=["b3"], val_fraction=0.0))
+    data.fit(split.train)
+    changes = training_changes(data, split.train, 0)
+    slope, pairs = leave_one_context_out_slope(changes)
+    assert pairs == 4 and slope > 0.9
+    assert resolve_anchor("auto", data, split, 0).name == "context_mean"
+    every_other = {(p, Context(c.label)): change for (p, c), change in changes.items()}  # no two share a cell type
+    assert leave_one_context_out_slope(every_other)[0] < AUTO_MIN_CARRY
