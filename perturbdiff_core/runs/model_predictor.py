@@ -152,7 +152,8 @@ class DiffusionPredictor(Predictor):
         jitter = None
         if population > 0 and self.ensemble is not None and self.ensemble.spreads(data, condition):
             draw = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, population]).generate_state(1)[0]))
-            jitter = self.ensemble.errors.draw(draw).to(cells.dtype)  # a stream of its own, not the sampler's
+            # a stream of its own, not the sampler's; not scaled by ``kept``: it stands for the real change's error
+            jitter = self.ensemble.errors.draw(draw).to(cells.dtype)
         cells = settle_changes(
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter
         )
