@@ -64,10 +64,10 @@ def _same_perturbation(conditions: list[Condition], condition: Condition) -> lis
     return [c for c in conditions if (c.perturbation, c.dose) == (condition.perturbation, condition.dose)]
 
 
-def _nearest_first(conditions: list[Condition], condition: Condition) -> list[Condition]:
+def _nearest(conditions: list[Condition], condition: Condition, held_out: Sequence[str]) -> list[Condition]:
     """The conditions in the contexts nearest ``condition``'s (:func:`~perturbdiff_core.data.dataset.nearest_contexts`:
-    its cell type's when there are any, else all)."""
-    nearest = set(nearest_contexts(condition.context, [c.context for c in conditions]))
+    none sharing its ``held_out`` fields; of the rest its cell type's when there are any, else all)."""
+    nearest = set(nearest_contexts(condition.context, [c.context for c in conditions], held_out))
     return [c for c in conditions if c.context in nearest]
 
 
@@ -166,7 +166,9 @@ class ContextMeanBaseline(_ShiftBaseline):
     1. the mean shift of the training conditions with the same perturbation (and dose) in
        other contexts (a held-out cell type, batch or covariate value): those of the same cell
        type when there are any (a held-out donor or patient takes the other donors' response of
-       its own cell type, not every cell type's), else all of them;
+       its own cell type, not every cell type's), else all of them, leaving out those that share
+       the condition's value of a field in :attr:`held_out` (a training condition predicted as the
+       test's are, :func:`~perturbdiff_core.data.dataset.nearest_contexts`);
     2. a combination ``A+B`` never trained on whose every part is trained on alone: the sum of
        the parts' shifts, each the mean over the part's training conditions (any dose) in the
        same context, else in all contexts;
@@ -176,9 +178,9 @@ class ContextMeanBaseline(_ShiftBaseline):
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
         pool = self._pool(condition)
-        same = _same_perturbation(pool, condition)
+        same = _nearest(_same_perturbation(pool, condition), condition, self.held_out)
         if same:
-            return self._mean_shift(_nearest_first(same, condition))
+            return self._mean_shift(same)
         cfg = data.config
         parts = perturbation_parts(condition.perturbation, cfg.combination_separator, cfg.control_label)
         by_part = [[c for c in pool if c.perturbation == p] for p in parts]
@@ -208,7 +210,7 @@ class ContextMixtureBaseline(ContextMeanBaseline):
         self._target_means: dict[Context, np.ndarray] = {}
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
-        same = _nearest_first(_same_perturbation(self._pool(condition), condition), condition)
+        same = _nearest(_same_perturbation(self._pool(condition), condition), condition, self.held_out)
         if len(same) < 2:
             return super().shift(data, condition)
         vertices = torch.from_numpy(np.stack([self.control_means[c.context] for c in same]))
@@ -283,7 +285,7 @@ class RandomTrainBaseline(_Fitted):
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
         """``n_cells`` cells drawn from the chosen training conditions (with replacement when fewer)."""
         pool = self._pool(condition)
-        same = _nearest_first(_same_perturbation(pool, condition), condition)
+        same = _nearest(_same_perturbation(pool, condition), condition, self.held_out)
         chosen = same or _same_context_first(pool, condition.context)
         rows = np.concatenate([data.cells(c) for c in chosen])
         return data.read(sample_rows(rows, n_cells, np.random.default_rng(seed)))

@@ -132,13 +132,13 @@ def test_context_mean_of_an_unseen_perturbation_is_the_mean_shift_of_its_cell_ty
     np.testing.assert_allclose(_predicted_shift(baseline, data, "C|t2"), expected, atol=1e-5)
 
 
-def donors_screen(genes: int = 20, cells: int = 40, seed: int = 0) -> ad.AnnData:
-    """Cell types t1 and t2, each in donors b1, b2 and b3 (own levels per cell type and donor), where A's response
-    depends on the cell type (opposite signs) and barely on the donor."""
+def donors_screen(genes: int = 20, cells: int = 40, seed: int = 0, cell_types: Sequence[str] = ("t1", "t2")) -> ad.AnnData:
+    """Cell types (t1, t2, ...), each in donors b1, b2 and b3 (own levels per cell type and donor), where A's
+    response depends on the cell type (t1 up, t2 down, t3 up, ...) and barely on the donor."""
     rng = np.random.default_rng(seed)
-    response = {"t1": rng.uniform(0.5, 1.0, genes), "t2": -rng.uniform(0.5, 1.0, genes)}
+    response = {t: (-1) ** i * rng.uniform(0.5, 1.0, genes) for i, t in enumerate(cell_types)}
     blocks, obs = [], []
-    for t in ("t1", "t2"):
+    for t in cell_types:
         for b in ("b1", "b2", "b3"):
             base = rng.uniform(3.0, 4.0, genes)
             for name in ("control", "A"):
@@ -181,6 +181,36 @@ def test_a_held_out_donor_takes_its_own_cell_types_response_from_the_other_donor
     drawn = _rows(RandomTrainBaseline().fit(data, split.train).predict(data, condition, 200, seed=0))
     t1 = (adata.obs.cell_type == "t1").to_numpy() & (adata.obs.perturbation == "A").to_numpy()
     assert drawn <= _rows(adata.X[t1])
+
+
+def test_a_training_condition_is_predicted_without_the_fields_the_test_holds_out() -> None:
+    """With cell types held out (``held_out``), context_mean predicts a training condition from the other cell types
+    only, as a held-out cell type's is predicted; without, from its own cell type in the other donors."""
+    adata = donors_screen(cell_types=("t1", "t2", "t3"))
+    data = PerturbationData(adata, DataConfig(cell_type_key="cell_type", batch_key="donor"))
+    split = make_split(data, SplitConfig(kind="holdout_cell_type", holdout=["t3"], val_fraction=0.0))
+    data.fit(split.train)
+    assert data.held_out_fields(split.test) == ("cell_type",) and data.held_out_fields(split.train) == ()
+
+    def shift(t: str, b: str) -> np.ndarray:
+        def mean(name: str) -> np.ndarray:
+            obs = adata.obs
+            rows = ((obs.perturbation == name) & (obs.cell_type == t) & (obs.donor == b)).to_numpy()
+            return np.asarray(adata.X[rows], np.float64).mean(0)
+
+        return mean("A") - mean("control")
+
+    training = data.condition("A|t1|b1")
+    mimic = ContextMeanBaseline()
+    mimic.held_out = ("cell_type",)
+    mimic.fit(data, split.train)
+    np.testing.assert_allclose(mimic.shift(data, training), np.mean([shift("t2", b) for b in ("b1", "b2", "b3")], axis=0),
+                               rtol=1e-5, atol=1e-5)
+    plain = ContextMeanBaseline().fit(data, split.train)
+    np.testing.assert_allclose(plain.shift(data, training), (shift("t1", "b2") + shift("t1", "b3")) / 2, rtol=1e-5, atol=1e-5)
+    every_trained = np.mean([shift(t, b) for t in ("t1", "t2") for b in ("b1", "b2", "b3")], axis=0)
+    for predictor in (mimic, plain):  # a held-out cell type's shift is the same either way
+        np.testing.assert_allclose(predictor.shift(data, data.condition("A|t3|b1")), every_trained, rtol=1e-5, atol=1e-5)
 
 
 def mixed_cell_types(weight: float, genes: int = 20, cells: int = 60, seed: int = 0) -> ad.AnnData:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_training import tiny_config
 
-from perturbdiff_core.data.dataset import Context
+from perturbdiff_core.data.dataset import Context, nearest_contexts
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import InputError
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
@@ -67,6 +67,19 @@ def test_the_factor_predicts_a_context_from_its_own_cell_type_in_other_batches_f
     ys = [changes[("A", c)] for c in (t1b1, t1b2, t2b1)]
     reference = np.linalg.lstsq(np.concatenate(xs)[:, None], np.concatenate(ys), rcond=None)[0][0]
     assert leave_one_context_out_slope(changes) == (pytest.approx(reference, rel=1e-12), 3)
+
+
+def test_nearest_contexts_leave_out_the_held_out_fields_then_prefer_the_cell_type() -> None:
+    t1b1, t1b2, t2b1, t2b2 = Context("t1", "b1"), Context("t1", "b2"), Context("t2", "b1"), Context("t2", "b2")
+    others = [t1b2, t2b1, t2b2]
+    assert nearest_contexts(t1b1, others) == [t1b2]  # its own cell type in another donor
+    assert nearest_contexts(t1b1, others, ("batch",)) == [t1b2]
+    assert nearest_contexts(t1b1, others, ("cell_type",)) == [t2b1, t2b2]  # as a held-out cell type is predicted
+    assert nearest_contexts(t1b1, [t2b1, t2b2]) == [t2b1, t2b2]  # no other of its cell type: all
+    assert nearest_contexts(t1b1, [t1b2], ("cell_type",)) == []
+    changes = {("A", c): np.full(GENES, value) for c, value in ((t1b1, 1.0), (t1b2, 1.0), (t2b1, -1.0), (t2b2, -1.0))}
+    assert leave_one_context_out_slope(changes) == (pytest.approx(1.0), 4)
+    assert leave_one_context_out_slope(changes, ("cell_type",)) == (pytest.approx(-1.0), 4)
 
 
 def _training_slope(adata: ad.AnnData, train: list[str]) -> tuple[float, int]:

@@ -64,12 +64,17 @@ class Context(NamedTuple):
         return LABEL_SEPARATOR.join(parts)
 
 
-def nearest_contexts(context: Context, others: Sequence[Context]) -> list[Context]:
-    """The contexts of ``others`` with ``context``'s cell type (other batches, donors or covariates) if there are
-    any, else all of them: those whose response to a perturbation predicts ``context``'s. A response depends on
-    the cell type first, so a held-out donor or patient is predicted from the other donors' same cell type, not
-    from every cell type's average (``context_mean``, ``sample.unseen_context_change``, ``model.anchor: auto``)."""
-    return [c for c in others if c.cell_type == context.cell_type] or list(others)
+def nearest_contexts(context: Context, others: Sequence[Context], held_out: Sequence[str] = ()) -> list[Context]:
+    """The contexts of ``others`` whose response to a perturbation predicts ``context``'s.
+
+    Those sharing ``context``'s value of a field in ``held_out`` (``cell_type``, ``batch``: what the test holds
+    out, :meth:`PerturbationData.held_out_fields`) are left out, so a training context is predicted as a test
+    context will be: with cell types held out, from other cell types only. Of the rest, those of ``context``'s
+    cell type if there are any (a held-out donor or patient from the other donors' same cell type: a response
+    depends on the cell type first), else all of them.
+    """
+    pool = [c for c in others if all(getattr(c, field) != getattr(context, field) for field in held_out)]
+    return [c for c in pool if c.cell_type == context.cell_type] or pool
 
 
 @dataclass(frozen=True)
@@ -441,6 +446,16 @@ class PerturbationData:
         self._require_fitted()
         vocab = self.vocabularies[field]
         return vocab.index(value) if value in vocab[1:] else 0
+
+    def held_out_fields(self, conditions: Sequence[str | Condition]) -> tuple[str, ...]:
+        """The context fields (``cell_type``, ``batch``) of which some of ``conditions`` has a value the fitted
+        vocabularies lack: what a split of them as test holds out (:func:`nearest_contexts`)."""
+        keys = {"cell_type": self.config.cell_type_key, "batch": self.config.batch_key}
+        chosen = [c if isinstance(c, Condition) else self.condition(c) for c in conditions]
+        return tuple(
+            field for field, key in keys.items()
+            if key is not None and any(self.index(field, getattr(c, field)) == 0 for c in chosen)
+        )
 
     def unseen_contexts(self, conditions: Sequence[str | Condition]) -> list[str]:
         """The cell types and batches of ``conditions`` that the fitted vocabularies lack, sorted: they

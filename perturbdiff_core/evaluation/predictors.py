@@ -27,6 +27,12 @@ SHIFT_CELLS = 512
 class Predictor(ABC):
     """Predicts the cells of a perturbed condition in its context."""
 
+    #: Context fields (``cell_type``, ``batch``) the test holds out, set before :meth:`fit` where the predictor
+    #: serves as ``model.anchor`` or ``sample.ensemble``: a training condition's shift is then best predicted
+    #: without the contexts that share its values of them, as a test condition's is (the built-in shift
+    #: baselines do, :func:`~perturbdiff_core.data.dataset.nearest_contexts`).
+    held_out: tuple[str, ...] = ()
+
     def fit(self, data: PerturbationData, train: Sequence[str]) -> Predictor:
         """Learn from the training conditions of ``data`` (baselines: means, regressions)."""
         return self

@@ -91,7 +91,8 @@ def resolve_anchor(
     if measured is not None and measured.slope is not None:
         slope, pairs = measured.slope, measured.pairs
     else:
-        slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
+        changes = training_changes(data, split.train, seed)
+        slope, pairs = leave_one_context_out_slope(changes, data.held_out_fields(split.test))
     if slope is None:
         return PredictorChoice(NO_ANCHOR, "auto: no training perturbation was seen in two contexts")
     carry = (f"in training, the other contexts' mean change predicts a context's by a factor {slope:.2f} "
@@ -101,12 +102,23 @@ def resolve_anchor(
     return PredictorChoice(AUTO_ANCHOR_PREDICTOR, f"auto: {carry}")
 
 
-def fit_anchor(name: str, data: PerturbationData, train: Sequence[str | Condition]) -> Predictor | None:
-    """The anchor predictor ``name`` fitted on the training conditions ``train``; ``None`` for ``none``."""
+def fit_anchor(
+    name: str, data: PerturbationData, train: Sequence[str | Condition], held_out: Sequence[str] = ()
+) -> Predictor | None:
+    """The anchor predictor ``name`` fitted on the training conditions ``train``, told the context fields the
+    test holds out (:meth:`~perturbdiff_core.data.dataset.PerturbationData.held_out_fields`, so a training set's
+    shift is predicted as a test set's will be); ``None`` for ``none``."""
     check_anchor(name)
     if name == AUTO_ANCHOR:
         raise ConfigError("model.anchor: auto depends on the data and the split; resolve it first with resolve_anchor.")
-    return None if name == NO_ANCHOR else as_predictor(name).fit(data, train)
+    return None if name == NO_ANCHOR else fit_predictor(name, data, train, held_out)
+
+
+def fit_predictor(name: str, data: PerturbationData, train: Sequence[str | Condition], held_out: Sequence[str]) -> Predictor:
+    """The ``perturbdiff.predictors`` plug-in ``name``, its :attr:`~Predictor.held_out` fields set, fitted on ``train``."""
+    predictor = as_predictor(name)
+    predictor.held_out = tuple(held_out)
+    return predictor.fit(data, train)
 
 
 def anchor_shifts(

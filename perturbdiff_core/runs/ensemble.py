@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 from ..data.dataset import Condition, PerturbationData
 from ..data.encoders import perturbation_parts
-from ..evaluation.predictors import Predictor, as_predictor
-from .anchor import NO_ANCHOR, PredictorChoice, check_predictor_setting
+from ..evaluation.predictors import Predictor
+from .anchor import NO_ANCHOR, PredictorChoice, check_predictor_setting, fit_predictor
 from .spread import ExtrapolationErrors, extrapolation_errors
 
 #: ``sample.ensemble`` value for the model's mean change alone.
@@ -111,7 +111,8 @@ def fit_ensemble(
     conditions_data: PerturbationData | None = None,
 ) -> Ensemble | None:
     """The ``sample.ensemble`` ``setting`` of a run anchored on ``anchor``, fitted on the training conditions
-    ``train`` of ``data`` with its errors there (drawn with ``seed``, :func:`~.spread.extrapolation_errors`);
+    ``train`` of ``data`` and told the context fields ``conditions`` hold out, with its errors there (drawn with
+    ``seed``, :func:`~.spread.extrapolation_errors`);
     ``None`` for ``none`` or when the model extrapolates to none of ``conditions`` (of ``conditions_data``,
     default ``data``). ``auto`` is averaged in unseen contexts only in an anchored run; a predictor named in
     the config, in every unseen context."""
@@ -125,6 +126,6 @@ def fit_ensemble(
     target = data if conditions_data is None else conditions_data
     if not any(extrapolated(target, c, trained, True) for c in conditions):
         return None
-    predictor = as_predictor(choice.name).fit(data, training)
+    predictor = fit_predictor(choice.name, data, training, target.held_out_fields(conditions))
     errors = extrapolation_errors(predictor, data, training, seed)
     return Ensemble(choice, predictor, unseen_contexts, trained, errors)

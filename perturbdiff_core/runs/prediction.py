@@ -163,7 +163,8 @@ def run_anchor(checkpoint: Checkpoint, train_data: Callable[[], PerturbationData
     name = checkpoint.anchor_name
     if name == NO_ANCHOR:
         return None
-    return fit_anchor(name, train_data(), checkpoint.split.train)
+    data = train_data()
+    return fit_anchor(name, data, checkpoint.split.train, data.held_out_fields(checkpoint.split.test))
 
 
 def run_control_shrinkage(

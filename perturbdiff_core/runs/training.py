@@ -459,7 +459,8 @@ class Trainer:
             self.step, self.history, self.validation = checkpoint.step, checkpoint.history, checkpoint.validation
         if distributed.is_main():
             write_config(config, self.run_dir)
-        self.anchor = fit_anchor(self.anchor_choice.name, self.data, self.split.train)
+        held_out = self.data.held_out_fields(self.split.test)
+        self.anchor = fit_anchor(self.anchor_choice.name, self.data, self.split.train, held_out)
         shifts = anchor_shifts(self.anchor, self.data, [*self.split.train, *self.split.val])
         self.train_sets = ConditionSets(self.data, self.split.train, seed=config.seed, shifts=shifts)
         if not resume and self.model.prediction == "edm":

@@ -54,12 +54,16 @@ class UnseenContextChange:
     why: str = ""
 
 
-def leave_one_context_out_slope(changes: Mapping[tuple[str, Context], np.ndarray]) -> tuple[float | None, int]:
+def leave_one_context_out_slope(
+    changes: Mapping[tuple[str, Context], np.ndarray], held_out: Sequence[str] = ()
+) -> tuple[float | None, int]:
     """Least-squares factor ``b`` of ``y ~ b x`` over the pairs, and their number, where ``y`` is a
-    perturbation's change ``(genes,)`` in one context and ``x`` the mean of its changes in the others.
+    perturbation's change ``(genes,)`` in one context and ``x`` the mean of its changes in the nearest
+    others (:func:`~perturbdiff_core.data.dataset.nearest_contexts` with the ``held_out`` fields).
 
-    ``changes`` maps (perturbation, context) to the change; perturbations seen in one context only
-    give no pair. ``None`` when there is no pair or every ``x`` is zero.
+    ``changes`` maps (perturbation, context) to the change; perturbations seen in one context only, or
+    only in contexts sharing a held-out field, give no pair. ``None`` when there is no pair or every
+    ``x`` is zero.
     """
     by_perturbation: dict[str, dict[Context, np.ndarray]] = defaultdict(dict)
     for (perturbation, context), change in changes.items():
@@ -70,7 +74,9 @@ def leave_one_context_out_slope(changes: Mapping[tuple[str, Context], np.ndarray
         if len(per_context) < 2:
             continue
         for context, change in per_context.items():
-            nearest = nearest_contexts(context, [c for c in per_context if c != context])
+            nearest = nearest_contexts(context, [c for c in per_context if c != context], held_out)
+            if not nearest:
+                continue
             others = np.mean([per_context[c] for c in nearest], axis=0)
             cross += float(others @ change)
             square += float(others @ others)
@@ -121,7 +127,8 @@ def resolve_unseen_context_change(
         return UnseenContextChange(float(setting))
     if control_levels != "centred":
         return UnseenContextChange(1.0, why=f"auto: the denoiser reads their control cells' levels, control_levels {control_levels}")
-    slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, seed))
+    changes = training_changes(data, split.train, seed)
+    slope, pairs = leave_one_context_out_slope(changes, data.held_out_fields(split.test))
     if slope is None:
         return UnseenContextChange(1.0, pairs, why="auto: no training perturbation was seen in two contexts, nothing to measure")
     why = (f"auto: in training, the other contexts' mean change predicts a context's by a factor {slope:.2f}, "
