@@ -151,6 +151,17 @@ def donors_screen(genes: int = 20, cells: int = 40, seed: int = 0, cell_types: S
     return adata
 
 
+def _donor_shift(adata: ad.AnnData, perturbation: str, cell_type: str, donor: str) -> np.ndarray:
+    """Reference shift in one (cell type, donor) context of :func:`donors_screen`, float64."""
+    obs = adata.obs
+    in_context = ((obs.cell_type == cell_type) & (obs.donor == donor)).to_numpy()
+
+    def mean(name: str) -> np.ndarray:
+        return np.asarray(adata.X[in_context & (obs.perturbation == name).to_numpy()], np.float64).mean(0)
+
+    return mean(perturbation) - mean("control")
+
+
 def test_a_held_out_donor_takes_its_own_cell_types_response_from_the_other_donors() -> None:
     """context_mean, context_mixture and random_train predict (A, t1, b3) from t1 in b1 and b2 only, against a
     float64 reference; a cell type that no other donor has would take every context's mean (here none)."""
@@ -161,12 +172,7 @@ def test_a_held_out_donor_takes_its_own_cell_types_response_from_the_other_donor
     condition = data.condition("A|t1|b3")
 
     def shift(t: str, b: str) -> np.ndarray:
-        def mean(name: str) -> np.ndarray:
-            obs = adata.obs
-            rows = ((obs.perturbation == name) & (obs.cell_type == t) & (obs.donor == b)).to_numpy()
-            return np.asarray(adata.X[rows], np.float64).mean(0)
-
-        return mean("A") - mean("control")
+        return _donor_shift(adata, "A", t, b)
 
     expected = (shift("t1", "b1") + shift("t1", "b2")) / 2
     every_context = np.mean([shift(t, b) for t in ("t1", "t2") for b in ("b1", "b2")], axis=0)
@@ -193,12 +199,7 @@ def test_a_training_condition_is_predicted_without_the_fields_the_test_holds_out
     assert data.held_out_fields(split.test) == ("cell_type",) and data.held_out_fields(split.train) == ()
 
     def shift(t: str, b: str) -> np.ndarray:
-        def mean(name: str) -> np.ndarray:
-            obs = adata.obs
-            rows = ((obs.perturbation == name) & (obs.cell_type == t) & (obs.donor == b)).to_numpy()
-            return np.asarray(adata.X[rows], np.float64).mean(0)
-
-        return mean("A") - mean("control")
+        return _donor_shift(adata, "A", t, b)
 
     training = data.condition("A|t1|b1")
     mimic = ContextMeanBaseline()
