@@ -223,6 +223,7 @@ def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Pat
     checkpoint = load_checkpoint(checkpoint_path(run))
     refitted = run_ensemble(checkpoint, lambda: training_data(checkpoint, data), [unseen], data)
     np.testing.assert_array_equal(predict(refitted), averaged)
+    np.testing.assert_array_equal(refitted.errors.errors, trainer.ensemble.errors.errors)  # later populations alike
     read = []
     assert run_ensemble(checkpoint, lambda: read.append(1) or data, [trained], data) is None and not read  # nothing to fit
 
