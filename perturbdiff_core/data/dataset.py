@@ -450,20 +450,21 @@ class PerturbationData:
     def held_out_fields(self, conditions: Sequence[str | Condition]) -> tuple[str, ...]:
         """The context fields (``cell_type``, ``batch``) of which some of ``conditions`` has a value the fitted
         vocabularies lack: what a split of them as test holds out (:func:`nearest_contexts`)."""
-        keys = {"cell_type": self.config.cell_type_key, "batch": self.config.batch_key}
-        chosen = [c if isinstance(c, Condition) else self.condition(c) for c in conditions]
-        return tuple(
-            field for field, key in keys.items()
-            if key is not None and any(self.index(field, getattr(c, field)) == 0 for c in chosen)
-        )
+        return tuple(field for field, values in self._unseen_values(conditions).items() if values)
 
     def unseen_contexts(self, conditions: Sequence[str | Condition]) -> list[str]:
         """The cell types and batches of ``conditions`` that the fitted vocabularies lack, sorted: they
         get :data:`UNKNOWN` (data without a cell type or batch key have none)."""
+        return sorted(set().union(*self._unseen_values(conditions).values()))
+
+    def _unseen_values(self, conditions: Sequence[str | Condition]) -> dict[str, set[str]]:
+        """Per configured context field (``cell_type``, ``batch``), the values of ``conditions`` its vocabulary lacks."""
         keys = {"cell_type": self.config.cell_type_key, "batch": self.config.batch_key}
-        fields = [field for field, key in keys.items() if key is not None]
         chosen = [c if isinstance(c, Condition) else self.condition(c) for c in conditions]
-        return sorted({str(getattr(c, f)) for c in chosen for f in fields if self.index(f, getattr(c, f)) == 0})
+        return {
+            field: {str(getattr(c, field)) for c in chosen if self.index(field, getattr(c, field)) == 0}
+            for field, key in keys.items() if key is not None
+        }
 
     def encode(self, conditions: Sequence[str | Condition]) -> Tensor:
         """``(n, P)`` perturbation encodings of conditions (with their doses)."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..data import PerturbationData, Split
-from ..data.dataset import Context
+from ..data.dataset import Condition, Context
 from ..diffusion.hull import explained_by_hull
 
 #: Control cells read (at most) per context for its mean.
@@ -47,6 +47,16 @@ def capped_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndar
 def mean_of_rows(data: PerturbationData, rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     """``(genes,)`` float64 mean of the cells ``rows``, of ``cap`` of them drawn with ``rng`` when there are more."""
     return data.read(capped_rows(rows, cap, rng)).mean(0, dtype=np.float64)
+
+
+def mean_changes(
+    data: PerturbationData, conditions: Sequence[Condition], cap: int, rng: np.random.Generator, seed: int
+) -> list[np.ndarray]:
+    """``(genes,)`` float64 mean change of each condition from its context's control mean: of at most ``cap``
+    of its cells (drawn with ``rng``), against :func:`context_means` (drawn with ``seed``)."""
+    contexts = sorted({c.context for c in conditions}, key=lambda context: context.label)
+    controls = dict(zip(contexts, context_means(data, contexts, seed).numpy()))
+    return [mean_of_rows(data, data.cells(c), cap, rng) - controls[c.context] for c in conditions]
 
 
 def context_means(data: PerturbationData, contexts: Sequence[Context], seed: int) -> Tensor:

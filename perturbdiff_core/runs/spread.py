@@ -34,7 +34,7 @@ from torch import Tensor
 from ..data.dataset import Condition, Context, PerturbationData
 from ..data.encoders import perturbation_parts
 from ..evaluation.predictors import Predictor
-from .levels import context_means, mean_of_rows
+from .levels import mean_changes
 
 #: Training conditions (at most, drawn with the run's seed) whose errors are measured, and cells (at
 #: most) read per condition for its mean: an atlas must not be read whole for a spread.
@@ -84,11 +84,6 @@ def extrapolation_errors(
     rng = np.random.default_rng(seed)
     if len(chosen) > ERROR_CONDITIONS:
         chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), ERROR_CONDITIONS, replace=False))]
-    contexts = sorted({c.context for c in chosen}, key=lambda context: context.label)
-    controls = dict(zip(contexts, context_means(data, contexts, seed).numpy()))
-    errors = [
-        mean_of_rows(data, data.cells(c), ERROR_CELLS, rng) - controls[c.context]
-        - np.asarray(predictor.shift(data, c), dtype=np.float64)
-        for c in chosen
-    ]
+    changes = mean_changes(data, chosen, ERROR_CELLS, rng, seed)
+    errors = [change - np.asarray(predictor.shift(data, c), dtype=np.float64) for c, change in zip(chosen, changes)]
     return ExtrapolationErrors(np.stack(errors))

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data import PerturbationData, Split
 from ..data.dataset import Condition, Context, nearest_contexts
-from .levels import context_means, mean_of_rows
+from .levels import mean_changes
 
 #: Perturbed cells read (at most) per training condition for its mean change, and perturbations
 #: (at most, drawn with the run's seed) whose changes are compared: the factor is one number, and
@@ -109,11 +109,8 @@ def training_changes(
         keys = sorted(rng.choice(keys, FACTOR_PERTURBATIONS, replace=False))
     kept = set(keys)
     shared = [c for c in chosen if _key(c) in kept]
-    context_list = sorted({c.context for c in shared}, key=lambda context: context.label)
-    controls = dict(zip(context_list, context_means(data, context_list, seed).numpy()))
-    return {
-        (_key(c), c.context): mean_of_rows(data, data.cells(c), FACTOR_CELLS, rng) - controls[c.context] for c in shared
-    }
+    changes = mean_changes(data, shared, FACTOR_CELLS, rng, seed)
+    return {(_key(c), c.context): change for c, change in zip(shared, changes)}
 
 
 def resolve_unseen_context_change(
