@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perturbdiff_core.data.output_space import cell_units, decode_cells, on_lattice, resolve_output_space
+from perturbdiff_core.data.output_space import cell_units, decode_cells, on_lattice, resolve_output_space, systematic_ups
 from perturbdiff_core.errors import ConfigError, DataError
 
 
@@ -55,6 +55,47 @@ def test_decode_borrows_the_median_step_for_a_donor_without_counts() -> None:
     torch.testing.assert_close(decoded[2], torch.full((10,), float(value)), rtol=1e-5, atol=1e-5)
     with pytest.raises(DataError, match="one donor per cell"):
         decode_cells(torch.zeros(4, 10), donors)
+
+
+def test_systematic_ups_keep_each_chance_and_fix_each_genes_count() -> None:
+    g = torch.Generator().manual_seed(7)
+    up = torch.rand(2, 30, 12, generator=g, dtype=torch.float64) ** 2
+    up[0, :, 0] = 0.0  # a gene no value of which may go up
+    up[1, :5, 1] = 1.0  # values that must
+    draws = torch.stack([systematic_ups(up, g) for _ in range(4000)]).double()
+    total = up.sum(-2)
+    per_gene = draws.sum(-2)
+    assert ((per_gene == total.floor()) | (per_gene == total.ceil())).all()
+    assert (draws[:, 0, :, 0] == 0).all() and (draws[:, 1, :5, 1] == 1).all()
+    se = (up * (1 - up) / draws.shape[0]).sqrt()
+    assert ((draws.mean(0) - up).abs() <= 5 * se + 1e-12).all()  # each value's own chance
+    both = (draws[..., 2] * draws[..., 3]).mean(0)  # one cell, two genes: independent draws
+    pair_se = (up[..., 2] * up[..., 3] / draws.shape[0]).sqrt()
+    assert ((both - up[..., 2] * up[..., 3]).abs() <= 5 * pair_se + 1e-12).all()
+
+
+@pytest.mark.parametrize("systematic", [False, True])
+def test_stochastic_rounding_keeps_each_value_on_average(systematic: bool) -> None:
+    donors, units = lattice_cells(25, 8, seed=8)
+    cells = torch.rand(25, 8, generator=torch.Generator().manual_seed(9)) * 2.0
+    g = torch.Generator().manual_seed(10)
+    draws = torch.stack([decode_cells(cells, donors, g, systematic=systematic).double() for _ in range(3000)])
+    counts = torch.expm1(draws) / units.view(1, -1, 1)
+    assert (counts - counts.round()).abs().max() < 1e-3  # on the donors' lattices
+    torch.testing.assert_close(draws.mean(0), cells.double(), rtol=0, atol=0.03)
+
+
+def test_systematic_rounding_takes_the_rounding_noise_out_of_gene_means() -> None:
+    donors, _ = lattice_cells(100, 30, seed=11)
+    cells = torch.rand(100, 30, generator=torch.Generator().manual_seed(12)) * 0.6  # mostly below the first step
+    g = torch.Generator().manual_seed(13)
+
+    def mean_noise(systematic: bool) -> torch.Tensor:
+        means = torch.stack([decode_cells(cells, donors, g, systematic=systematic).double().mean(0) for _ in range(400)])
+        return means.std(0)
+
+    independent, systematic = mean_noise(False), mean_noise(True)
+    assert (systematic < 0.5 * independent).all()
 
 
 def test_resolve_output_space() -> None:

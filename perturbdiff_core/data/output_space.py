@@ -70,8 +70,32 @@ def resolve_output_space(space: str, control: Tensor) -> Literal["counts", "cont
     return "counts" if lattice else "continuous"
 
 
+def systematic_ups(up: Tensor, generator: torch.Generator) -> Tensor:
+    r"""Which values go up, ``(..., S, G)`` booleans, each with its probability in ``up`` ``(..., S, G)``,
+    drawn per gene by systematic sampling over the ``S`` cells taken in a random order.
+
+    The cells of a gene are shuffled, their probabilities laid end to end, and a value goes up where
+    the comb :math:`U + \mathbb{Z}` (one uniform :math:`U` per gene) falls in its stretch: each value
+    still goes up with its own probability, but a gene has :math:`\lfloor \sum_i p_i \rfloor` or
+    :math:`\lceil \sum_i p_i \rceil` values up, where independent draws scatter around that by
+    :math:`\sqrt{\sum_i p_i (1 - p_i)}`. The shuffle, one per gene, puts the (negative) dependence between
+    a gene's values on random pairs of cells, not on the same neighbours in every gene.
+    """
+    order = torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device).argsort(dim=-2)
+    shuffled = up.gather(-2, order)
+    comb = torch.rand(up.shape[:-2] + (1, up.shape[-1]), generator=generator, dtype=up.dtype, device=up.device)
+    reach = shuffled.cumsum(-2) + comb
+    ups = torch.empty(up.shape, dtype=torch.bool, device=up.device)
+    return ups.scatter_(-2, order, torch.floor(reach) > torch.floor(reach - shuffled))
+
+
 def decode_cells(
-    cells: Tensor, donors: Tensor, generator: torch.Generator | None = None, *, reads: torch.Generator | None = None
+    cells: Tensor,
+    donors: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    systematic: bool = False,
+    reads: torch.Generator | None = None,
 ) -> Tensor:
     r"""Each cell of ``cells`` ``(..., S, G)`` moved to a point of its donor's count lattice.
 
@@ -81,7 +105,10 @@ def decode_cells(
     (values below :math:`\log(1 + u/2)`, negative ones included, become exactly 0). With one, a
     value between the lattice points :math:`L_k = \log(1 + k u)` and :math:`L_{k+1}` goes up with
     probability :math:`(x - L_k) / (L_{k+1} - L_k)`: the decoded value is :math:`x` on average, so
-    means over cells (pseudobulk) are kept, small changes included.
+    means over cells (pseudobulk) are kept, small changes included. With ``systematic`` too, the
+    values that go up are drawn per gene by :func:`systematic_ups`: the same chance for each value,
+    but the count of a gene's values that go up is within one of its expectation, so a gene's mean
+    over cells carries next to no rounding noise.
 
     With ``reads`` (cells ``(n, G)`` only), a gene whose mean over ``cells`` is above its donors'
     is instead decoded as the donors' counts plus new reads that raise its mean as far
@@ -102,7 +129,11 @@ def decode_cells(
         below = torch.floor(torch.expm1(values) / units)
         low, high = torch.log1p(below * units), torch.log1p((below + 1) * units)
         up = ((values - low) / (high - low)).clamp(0.0, 1.0)
-        counts = below + (torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device) < up)
+        if systematic:
+            ups = systematic_ups(up, generator)
+        else:
+            ups = torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device) < up
+        counts = below + ups
     decoded = torch.log1p(counts * units)
     if reads is not None:
         if cells.dim() != 2:
@@ -112,3 +143,4 @@ def decode_cells(
             donor_counts = torch.round(torch.expm1(donors.double()[:, rising]) / units)
             decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads)
     return decoded.to(cells.dtype)
+

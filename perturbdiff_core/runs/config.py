@@ -193,8 +193,10 @@ class SampleConfig:
             ``counts`` moves each cell to the nearest point of a real cell's count lattice (exact
             zeros, real detection rates), ``continuous`` keeps the sampled values, ``auto`` picks
             ``counts`` when the context's control cells lie on a lattice.
-        rounding: onto the lattice: ``nearest`` count, or ``stochastic`` (up or down with the
-            probabilities that keep each value's mean).
+        rounding: onto the lattice: ``nearest`` count, ``stochastic`` (up or down with the
+            probabilities that keep each value's mean, independently), or ``systematic`` (the same
+            probabilities, drawn per gene so that its count of values rounded up is within one of
+            their sum: a gene's mean over the predicted cells carries no rounding noise).
         change_z: genes whose predicted mean change from the control cells the sets were sampled
             from is below ``change_z`` standard errors keep those control cells' values (see
             :func:`~perturbdiff_core.runs.model_predictor.settle_changes`); ``null`` keeps every sampled value.
@@ -258,7 +260,7 @@ class SampleConfig:
     n_cells: Annotated[int | None, Positive] = None
     chunk_sets: Annotated[int, Positive] = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
-    rounding: Literal["nearest", "stochastic"] = "stochastic"
+    rounding: Literal["nearest", "stochastic", "systematic"] = "systematic"
     change_z: float | None = 4.0
     change_spread: Annotated[float, UnitInterval] = 0.5
     decrease: Literal["fraction", "shift"] = "fraction"

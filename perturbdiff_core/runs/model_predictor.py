@@ -158,9 +158,9 @@ class DiffusionPredictor(Predictor):
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter
         )
         if space == "counts":
-            rounding = torch.Generator().manual_seed(seed) if cfg.rounding == "stochastic" else None
+            rounding = torch.Generator().manual_seed(seed) if cfg.rounding != "nearest" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
-            cells = decode_cells(cells, donors, rounding, reads=reads)
+            cells = decode_cells(cells, donors, rounding, systematic=cfg.rounding == "systematic", reads=reads)
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
