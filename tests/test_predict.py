@@ -21,6 +21,7 @@ from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError, PerturbDiffWarning
 from perturbdiff_core.evaluation.predictors import POPULATION_KEY, first_population
+from perturbdiff_core.runs import model_predictor
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import SampleConfig
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
@@ -447,3 +448,20 @@ def test_sample_increase_reaches_the_predicted_cells(trained: Trainer) -> None:
     same = (reads == shift).all(0)
     assert 0 < same.sum() < data.n_genes
     assert (reads[:, ~same] >= donors[:, ~same] - 1e-6).all()  # a rising gene's cells only gain reads
+
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "systematic"])
+def test_sample_rounding_reaches_the_decoder(trained: Trainer, rounding: str, monkeypatch) -> None:
+    """``sample.rounding`` picks the decoder's draws: none (nearest), independent, or systematic."""
+    seen, decode = [], model_predictor.decode_cells
+
+    def recording(cells, donors, generator=None, *, systematic=False, reads=None):
+        seen.append((generator is not None, systematic))
+        return decode(cells, donors, generator, systematic=systematic, reads=reads)
+
+    monkeypatch.setattr(model_predictor, "decode_cells", recording)
+    config = SampleConfig(steps=4, chunk_sets=2, rounding=rounding)
+    cells = DiffusionPredictor(trained.model, config).predict(trained.data, trained.data.condition("A+B|t1"), 30, seed=2)
+    assert seen == [(rounding != "nearest", rounding == "systematic")]
+    assert on_lattice(torch.from_numpy(cells))
