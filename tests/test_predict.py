@@ -16,7 +16,7 @@ import torch
 from test_training import tiny_config
 
 from perturbdiff_core.cli.commands.predict import predictions
-from perturbdiff_core.data import DataConfig, PerturbationData
+from perturbdiff_core.data import DataConfig, PerturbationData, prediction_conditioning
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import DataError, InputError, PerturbDiffWarning
@@ -267,6 +267,21 @@ def test_genes_without_a_significant_change_keep_the_donor_values() -> None:
     assert torch.equal(settle_changes(cells, donors, z=None, spread=1.0), cells)
 
 
+def test_the_change_tests_standard_error_reads_test_size_cells() -> None:
+    """A mean change of 3 standard errors at 100 cells is 0.4 at 2: it moves at 100, not at ``test_size`` 2."""
+    from perturbdiff_core.runs.model_predictor import settle_changes
+
+    donors = torch.zeros(100, 2)
+    change = torch.tensor([[1.0], [-1.0]]).repeat(50, 1) + torch.tensor([0.3])  # sd 1.005, mean 0.3
+    cells = donors + torch.cat([change, 10.0 + change], dim=1)  # gene 1 moves either way
+    sd = float(change.std())
+    assert 2.5 * sd / 10 < 0.3 < 2.5 * sd / 2**0.5  # significant at n = 100, not at n = 2
+    torch.testing.assert_close(settle_changes(cells, donors, z=2.5, spread=1.0), cells)
+    two = settle_changes(cells, donors, z=2.5, spread=1.0, test_size=2)
+    torch.testing.assert_close(two[:, 0], donors[:, 0])
+    torch.testing.assert_close(two[:, 1], cells[:, 1])
+
+
 @pytest.mark.parametrize("spread", [0.0, 0.3, 0.5])
 def test_change_spread_pulls_each_cells_change_towards_the_mean_change(spread: float) -> None:
     from perturbdiff_core.runs.model_predictor import settle_changes
@@ -368,12 +383,13 @@ def test_a_jitter_moves_every_genes_mean_change_by_itself(with_partner: bool) ->
 
 def test_sample_change_spread_reaches_the_predicted_cells(trained: Trainer) -> None:
     """``sample.change_spread`` s gives donor + mean change + s (change - mean change): linear in s,
-    so with the same seed (same donors, same noise) s = 0.5 lies halfway between s = 0 and s = 1."""
+    so with the same seed (same donors, same noise) s = 0.5 lies halfway between s = 0 and s = 1.
+    36 cells are three whole sets: every sampled cell is kept, so the kept cells keep the mean change."""
     data = trained.data
     condition = data.condition("A+B|t1")
     base = SampleConfig(steps=4, chunk_sets=2, output_space="continuous", change_z=None, nonnegative=False)
     cells = {
-        s: DiffusionPredictor(trained.model, replace(base, change_spread=s)).predict(data, condition, 30, seed=2)
+        s: DiffusionPredictor(trained.model, replace(base, change_spread=s)).predict(data, condition, 36, seed=2)
         for s in (0.0, 0.5, 1.0)
     }
     assert not np.allclose(cells[0.0], cells[1.0], atol=1e-3)
@@ -465,3 +481,17 @@ def test_sample_rounding_reaches_the_decoder(trained: Trainer, rounding: str, mo
     cells = DiffusionPredictor(trained.model, config).predict(trained.data, trained.data.condition("A+B|t1"), 30, seed=2)
     assert seen == [(rounding != "nearest", rounding == "systematic")]
     assert on_lattice(torch.from_numpy(cells))
+
+
+def test_the_mean_change_reads_every_sampled_cell_not_only_the_kept_ones(trained: Trainer) -> None:
+    """5 cells of a 12-cell set, pulled fully to the mean change: each is its donor plus the mean
+    change of all 12 sampled cells, not of the 5 kept."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    config = SampleConfig(steps=4, output_space="continuous", nonnegative=False, change_z=None, decrease="shift")
+    donors = prediction_conditioning(data, [condition.perturbation], condition.context, seed=3).control[0].numpy()
+    sampled = DiffusionPredictor(trained.model, config).predict(data, condition, 12, seed=3)
+    pulled = DiffusionPredictor(trained.model, replace(config, change_spread=0.0)).predict(data, condition, 5, seed=3)
+    mean_change = (sampled.astype(np.float64) - donors).mean(0)
+    np.testing.assert_allclose(pulled - donors[:5], np.broadcast_to(mean_change, (5, data.n_genes)), rtol=0, atol=1e-5)
+    assert not np.allclose(mean_change, (sampled[:5].astype(np.float64) - donors[:5]).mean(0), atol=1e-3)

@@ -2,8 +2,10 @@
 
 For a condition with ``n`` cells to predict, ``ceil(n / S)`` sets are generated, each from its
 own random control set of the condition's context (:func:`prediction_conditioning`), and the
-first ``n`` cells are kept. The sets are independent draws, which is what population
-variability metrics need.
+first ``n`` cells are kept. Each gene's mean change reads every sampled cell, not only the kept
+ones: a condition of 24 cells is settled from the 128 of its set, with a fifth of the sampler's
+noise variance in its mean (the change test still asks for a change that shows in ``n`` cells).
+The sets are independent draws, which is what population variability metrics need.
 """
 
 from __future__ import annotations
@@ -139,7 +141,6 @@ class DiffusionPredictor(Predictor):
         kept = self.unseen_context_change if unseen else 1.0
         if kept != 1.0:
             cells = donors + kept * (cells - donors)
-        cells, donors = cells[:n_cells], donors[:n_cells]
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
         partner = None
@@ -155,8 +156,10 @@ class DiffusionPredictor(Predictor):
             # a stream of its own, not the sampler's; not scaled by ``kept``: it stands for the real change's error
             jitter = self.ensemble.errors.draw(draw).to(cells.dtype)
         cells = settle_changes(
-            cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter
+            cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter,
+            test_size=n_cells,
         )
+        cells, donors = cells[:n_cells], donors[:n_cells]  # settled from every sampled cell, then cut
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding != "nearest" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
@@ -187,6 +190,7 @@ def settle_changes(
     partner: Tensor | None = None,
     partner_weight: float = 0.0,
     jitter: Tensor | None = None,
+    test_size: int | None = None,
 ) -> Tensor:
     r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
     prediction does not change significantly copied from ``donors``.
@@ -223,10 +227,14 @@ def settle_changes(
     With ``jitter`` ``(G,)`` (a population drawn after the first, :mod:`~perturbdiff_core.runs.spread`),
     every gene's mean change, as settled so far, moves by it: a gene the test left alone too, as the
     error it stands for may reach any gene.
+
+    With ``test_size``, the test's :math:`n` is that many cells instead of all of ``cells``: the
+    predictor settles every sampled cell but keeps fewer, and a change counts where it would show in
+    a population of the size it predicts, so sampling more cells sharpens the mean, not the test.
     """
     change = cells - donors
     mean = change.mean(0)
-    n = change.shape[0]
+    n = change.shape[0] if test_size is None else test_size
     tested = z is not None and n >= 2
     beyond = mean if prior is None else mean - prior
     moved = beyond.abs() > z * change.std(0) / math.sqrt(n) if tested else torch.ones_like(mean, dtype=torch.bool)
