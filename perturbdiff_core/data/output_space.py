@@ -143,4 +143,3 @@ def decode_cells(
             donor_counts = torch.round(torch.expm1(donors.double()[:, rising]) / units)
             decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads)
     return decoded.to(cells.dtype)
-
