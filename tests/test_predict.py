@@ -466,7 +466,6 @@ def test_sample_increase_reaches_the_predicted_cells(trained: Trainer) -> None:
     assert (reads[:, ~same] >= donors[:, ~same] - 1e-6).all()  # a rising gene's cells only gain reads
 
 
-
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic", "systematic"])
 def test_sample_rounding_reaches_the_decoder(trained: Trainer, rounding: str, monkeypatch) -> None:
     """``sample.rounding`` picks the decoder's draws: none (nearest), independent, or systematic."""
