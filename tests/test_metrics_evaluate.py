@@ -206,7 +206,7 @@ def test_bad_input_fails_before_any_metric(case: str, monkeypatch: pytest.Monkey
         raise AssertionError("a metric was computed before the input was checked")
 
     monkeypatch.setattr(metrics, "pseudobulk_metrics", computed)
-    monkeypatch.setattr(metrics, "wilcoxon_de", computed)
+    monkeypatch.setattr(metrics, "ControlRanks", computed)
     spoil, options, message = BAD_INPUTS[case]
     pred, real = synthetic_pair(seed=3, genes=20, cells=8, shifted=(3, 3, 3), cell_types=("A", "B"))
     with pytest.raises(DataError, match=message):

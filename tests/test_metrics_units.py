@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.spatial.distance import cdist
-from scipy.stats import norm
+from scipy.stats import mannwhitneyu, norm
 
 from perturbdiff_core import load
 from perturbdiff_core.evaluation import (
@@ -22,7 +22,7 @@ from perturbdiff_core.evaluation import (
     pseudobulk_metrics,
     wilcoxon_de,
 )
-from perturbdiff_core.evaluation.de import spearman_nsig
+from perturbdiff_core.evaluation.de import ControlRanks, spearman_nsig
 from perturbdiff_core.evaluation.distribution import population_mmd2
 
 
@@ -118,6 +118,39 @@ def test_wilcoxon_de_matches_pair_counting_and_bh() -> None:
     np.testing.assert_array_equal(de.log2_fold_change, log2_fold_change(cells.mean(0), control.mean(0)))
     assert de.pvalue[0] == 1.0 and de.log2_fold_change[0] == 0.0
     assert de.significant().sum() >= 3  # the planted shifts are found
+
+
+@pytest.mark.parametrize("values", ["continuous", "counts"])
+def test_control_ranks_match_scipy_for_every_condition(values: str) -> None:
+    """One sorted control tests several conditions as SciPy's float64 Mann-Whitney U does on each joined sample."""
+    rng = np.random.default_rng(4)
+    genes = 60
+    rate = rng.gamma(0.5, 1.0, genes)
+    if values == "continuous":
+        control = rng.normal(0.0, 1.0, (90, genes)).astype(np.float32)
+        conditions = [rng.normal(rng.normal(0, 0.5, genes), 1.0, (n, genes)).astype(np.float32) for n in (5, 40, 200)]
+    else:  # mostly zeros and few distinct values: ties everywhere, some genes silent in both
+        control = _log1p_cells(rng, 90, rate).astype(np.float32)
+        conditions = [_log1p_cells(rng, n, rate * rng.uniform(0.3, 3.0, genes)).astype(np.float32) for n in (5, 40, 200)]
+        control[:, :3] = 0.0
+        for cells in conditions:
+            cells[:, :3] = 0.0
+    ranks = ControlRanks(control)
+    for cells in conditions:
+        reference = mannwhitneyu(cells.astype(np.float64), control.astype(np.float64), axis=0, method="asymptotic")
+        expected = np.nan_to_num(np.clip(reference.pvalue, 0.0, 1.0), nan=1.0)
+        de = ranks.test(cells)
+        np.testing.assert_allclose(de.pvalue, expected, rtol=1e-12, atol=1e-300)
+        np.testing.assert_array_equal(de.log2_fold_change, log2_fold_change(cells.mean(0), control.mean(0)))
+        assert 0.0 < de.pvalue.min() < 0.01  # the shifted genes are found: the comparison is not of all-ones
+    if values == "counts":
+        assert (ranks.test(conditions[0]).pvalue[:3] == 1.0).all()
+
+
+def test_control_ranks_refuse_a_gene_count_mismatch() -> None:
+    ranks = ControlRanks(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="5 genes, the control cells 3"):
+        ranks.test(np.zeros((2, 5)))
 
 
 def _random_de(rng: np.random.Generator, genes: int, frac_sig: float) -> DEResult:

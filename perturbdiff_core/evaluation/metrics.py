@@ -22,7 +22,7 @@ from ..mmd.estimators import MMDEstimator, as_estimator
 from ..mmd.kernels import Kernel, as_kernel
 from ..names import ALL_CONDITIONS
 from ..progress import progress_bar
-from .de import FDR_THRESHOLD, DEResult, de_metrics, spearman_nsig, wilcoxon_de
+from .de import FDR_THRESHOLD, ControlRanks, DEResult, de_metrics, spearman_nsig
 from .discrimination import DISTANCES, discrimination_scores
 from .distribution import population_calibration, population_mmd2, population_variability, subsample
 from .paired import EvaluatedCondition, PairedData, pair_anndata
@@ -128,6 +128,7 @@ class _Evaluation:
             t: (data.pred.control(t), data.real.control(t)) for t in sorted(cell_types, key=lambda t: t or "")
         }
         self.control_samples = {t: (self._sample(p), self._sample(r)) for t, (p, r) in self.controls.items()}
+        self.control_ranks = {t: (ControlRanks(p), ControlRanks(r)) for t, (p, r) in self.controls.items()}
 
     def _sample(self, cells: np.ndarray) -> np.ndarray:
         return subsample(cells, self.max_cells, self.rng)
@@ -147,7 +148,8 @@ class _Evaluation:
             means = pred_cells.mean(0), real_cells.mean(0), pred_ctrl.mean(0), real_ctrl.mean(0)
             values = pseudobulk_metrics(*means)
             deltas[c] = (means[0] - means[2], means[1] - means[3])
-            values |= self._de(c, wilcoxon_de(real_cells, real_ctrl), wilcoxon_de(pred_cells, pred_ctrl))
+            pred_ranks, real_ranks = self.control_ranks[c.cell_type]
+            values |= self._de(c, real_ranks.test(real_cells), pred_ranks.test(pred_cells))
             nsig[i] = values["de_nsig_counts_real"], values["de_nsig_counts_pred"]
             values |= realism_metrics(pred_cells, real_cells)
             pred_sample, real_sample = self._sample(pred_cells), self._sample(real_cells)
