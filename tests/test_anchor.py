@@ -162,7 +162,8 @@ def test_an_anchored_prediction_keeps_the_anchor_where_the_model_adds_nothing_si
     trainer.fit()
     data, condition = trainer.data, trainer.data.condition("A|t3")
     sample = dataclasses.replace(
-        trainer.config.sample, output_space="continuous", change_z=1e9, nonnegative=False, decrease="shift"
+        trainer.config.sample, output_space="continuous", change_z=1e9, nonnegative=False, decrease="shift",
+        control_mean="donors",
     )
     scale = 0.5
     predictor = DiffusionPredictor(trainer.model, sample, anchor=trainer.anchor, unseen_context_change=scale)

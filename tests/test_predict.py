@@ -439,7 +439,10 @@ def test_sample_decrease_reaches_the_predicted_cells(trained: Trainer) -> None:
     """At ``change_spread: 0`` a decrease as a fraction never takes a cell below 0; as a shift it does."""
     data = trained.data
     condition = data.condition("A+B|t1")
-    base = SampleConfig(steps=4, chunk_sets=2, output_space="continuous", change_z=None, nonnegative=False, change_spread=0.0)
+    base = SampleConfig(
+        steps=4, chunk_sets=2, output_space="continuous", change_z=None, nonnegative=False, change_spread=0.0,
+        control_mean="donors",
+    )
     fraction, shift, donors = (
         DiffusionPredictor(trained.model, config).predict(data, condition, 30, seed=2)
         for config in (base, replace(base, decrease="shift"), replace(base, change_z=1e9))  # the last moves no gene
@@ -456,7 +459,7 @@ def test_sample_increase_reaches_the_predicted_cells(trained: Trainer) -> None:
     decoded as with ``shift`` (same seed, same rounding draws)."""
     data = trained.data
     condition = data.condition("A+B|t1")
-    base = SampleConfig(steps=4, chunk_sets=2, change_z=None)
+    base = SampleConfig(steps=4, chunk_sets=2, change_z=None, control_mean="donors")
     reads, shift, donors = (
         DiffusionPredictor(trained.model, config).predict(data, condition, 30, seed=2)
         for config in (base, replace(base, increase="shift"), replace(base, change_z=1e9))  # the last moves no gene
@@ -487,10 +490,30 @@ def test_the_mean_change_reads_every_sampled_cell_not_only_the_kept_ones(trained
     change of all 12 sampled cells, not of the 5 kept."""
     data = trained.data
     condition = data.condition("A+B|t1")
-    config = SampleConfig(steps=4, output_space="continuous", nonnegative=False, change_z=None, decrease="shift")
+    config = SampleConfig(
+        steps=4, output_space="continuous", nonnegative=False, change_z=None, decrease="shift", control_mean="donors"
+    )
     donors = prediction_conditioning(data, [condition.perturbation], condition.context, seed=3).control[0].numpy()
     sampled = DiffusionPredictor(trained.model, config).predict(data, condition, 12, seed=3)
     pulled = DiffusionPredictor(trained.model, replace(config, change_spread=0.0)).predict(data, condition, 5, seed=3)
     mean_change = (sampled.astype(np.float64) - donors).mean(0)
     np.testing.assert_allclose(pulled - donors[:5], np.broadcast_to(mean_change, (5, data.n_genes)), rtol=0, atol=1e-5)
     assert not np.allclose(mean_change, (sampled[:5].astype(np.float64) - donors[:5]).mean(0), atol=1e-3)
+
+
+@pytest.mark.parametrize("control_mean", ["context", "donors"])
+def test_control_mean_context_takes_the_donors_noise_out_of_every_gene(trained: Trainer, control_mean: str) -> None:
+    """With no gene changed, 7 predicted cells are their donors, moved by one constant per gene under ``context``:
+    the context's control mean minus the 7 donors' mean, so their mean is the context's (float64 reference)."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    config = SampleConfig(
+        steps=4, output_space="continuous", nonnegative=False, change_z=1e9, decrease="shift", control_mean=control_mean
+    )
+    donors = prediction_conditioning(data, [condition.perturbation], condition.context, seed=3).control[0, :7].numpy()
+    cells = DiffusionPredictor(trained.model, config).predict(data, condition, 7, seed=3)
+    context_mean = data.read(data.control_cells(condition.context)).astype(np.float64).mean(0)
+    donors_mean = donors.astype(np.float64).mean(0)
+    assert np.abs(context_mean - donors_mean).max() > 0.05  # 7 donors' mean is a noisy one
+    expected = donors + (context_mean - donors_mean if control_mean == "context" else 0.0)
+    np.testing.assert_allclose(cells, expected, rtol=0, atol=1e-5)

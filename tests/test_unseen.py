@@ -135,8 +135,9 @@ def test_the_summary_names_the_unseen_contexts_and_the_measured_factor(three_typ
 
 
 def _continuous(trainer: Trainer, scale: float) -> DiffusionPredictor:
+    """Continuous cells, each its own donor plus its change (``control_mean: donors``: no re-centring)."""
     sample = dataclasses.replace(
-        trainer.config.sample, output_space="continuous", change_z=None, nonnegative=False
+        trainer.config.sample, output_space="continuous", change_z=None, nonnegative=False, control_mean="donors"
     )
     return DiffusionPredictor(trainer.model, sample, unseen_context_change=scale)
 

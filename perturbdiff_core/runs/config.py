@@ -197,6 +197,13 @@ class SampleConfig:
             probabilities that keep each value's mean, independently), or ``systematic`` (the same
             probabilities, drawn per gene so that its count of values rounded up is within one of
             their sum: a gene's mean over the predicted cells carries no rounding noise).
+        control_mean: which control mean the predicted cells' mean change is added to. The change
+            reaches each predicted cell through its own control cell (its donor), drawn at random
+            from the context, so the donors' mean carries their sampling noise into every gene's
+            predicted mean (as much as a real population of their number has). ``context``
+            moves every gene by the difference between the context's control mean (at most
+            2048 of its control cells) and the kept donors' mean, as a part of the mean change;
+            ``donors`` keeps the donors' mean.
         change_z: genes whose predicted mean change from the control cells the sets were sampled
             from is below ``change_z`` standard errors keep those control cells' values (see
             :func:`~perturbdiff_core.runs.model_predictor.settle_changes`); ``null`` keeps every sampled value.
@@ -261,6 +268,7 @@ class SampleConfig:
     chunk_sets: Annotated[int, Positive] = 16
     output_space: Literal["auto", "counts", "continuous"] = "auto"
     rounding: Literal["nearest", "stochastic", "systematic"] = "systematic"
+    control_mean: Literal["context", "donors"] = "context"
     change_z: float | None = 4.0
     change_spread: Annotated[float, UnitInterval] = 0.5
     decrease: Literal["fraction", "shift"] = "fraction"

@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint
 from .config import SampleConfig
 from .control_noise import ControlShrinkage
 from .ensemble import Ensemble
+from .levels import CONTEXT_LEVEL_CELLS, mean_of_rows
 
 
 def _sets(cond: Conditioning, part: slice) -> Conditioning:
@@ -80,6 +81,7 @@ class DiffusionPredictor(Predictor):
         self.control_shrinkage = control_shrinkage
         self.ensemble = ensemble
         self._offsets: dict[tuple[PerturbationData, Context], Tensor] = {}  # read each context's controls once
+        self._context_means: dict[tuple[PerturbationData, Context], Tensor] = {}
 
     @classmethod
     def from_checkpoint(
@@ -146,8 +148,9 @@ class DiffusionPredictor(Predictor):
         partner = None
         if self.ensemble is not None and self.ensemble.applies(data, condition):  # the model extrapolates here
             partner = kept * torch.as_tensor(self.ensemble.predictor.shift(data, condition), dtype=cells.dtype)
-        if unseen and self.control_shrinkage is not None:  # the control mean's noise, taken out of every gene
-            offset = self._offset(data, condition.context).to(cells.dtype)
+        offset = self._control_offset(data, condition.context, donors[:n_cells], unseen)
+        if offset is not None:  # the control mean's noise, taken out of every gene as a part of its mean change
+            offset = offset.to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset
             partner = None if partner is None else partner + offset
         jitter = None
@@ -168,11 +171,33 @@ class DiffusionPredictor(Predictor):
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
 
-    def _offset(self, data: PerturbationData, context: Context) -> Tensor:
+    def _control_offset(self, data: PerturbationData, context: Context, kept_donors: Tensor, unseen: bool) -> Tensor | None:
+        """``(G,)`` float64 correction of the kept donors' mean, or ``None`` for none: towards the context's control
+        mean (``sample.control_mean: context``), and by the :class:`ControlShrinkage` offset in a context training
+        lacked."""
+        offset = None
+        if self.sample.control_mean == "context":
+            offset = self._context_mean(data, context) - kept_donors.double().mean(0)
+        if unseen and self.control_shrinkage is not None:
+            shrinkage = self._shrinkage_offset(data, context)
+            offset = shrinkage if offset is None else offset + shrinkage
+        return offset
+
+    def _context_mean(self, data: PerturbationData, context: Context) -> Tensor:
+        """``(G,)`` float64 mean of the context's control cells (at most :data:`CONTEXT_LEVEL_CELLS`), read once."""
+        key = (data, context)
+        if key not in self._context_means:
+            rng = np.random.default_rng(0)
+            self._context_means[key] = torch.from_numpy(
+                mean_of_rows(data, data.control_cells(context), CONTEXT_LEVEL_CELLS, rng)
+            )
+        return self._context_means[key]
+
+    def _shrinkage_offset(self, data: PerturbationData, context: Context) -> Tensor:
         """``(G,)``: the :class:`ControlShrinkage` offset of ``context``, computed once per data and context."""
         key = (data, context)
         if key not in self._offsets:
-            self._offsets[key] = torch.from_numpy(self.control_shrinkage.offset(data, context))
+            self._offsets[key] = torch.from_numpy(self.control_shrinkage.offset(data, context)).double()
         return self._offsets[key]
 
     def _levels_read(self, donors: Tensor) -> Tensor:
