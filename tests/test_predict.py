@@ -503,8 +503,8 @@ def test_the_mean_change_reads_every_sampled_cell_not_only_the_kept_ones(trained
 
 @pytest.mark.parametrize("control_mean", ["context", "donors"])
 def test_control_mean_context_takes_the_donors_noise_out_of_every_gene(trained: Trainer, control_mean: str) -> None:
-    """With no gene changed, 7 predicted cells are their donors, moved by one constant per gene under ``context``:
-    the context's control mean minus the 7 donors' mean, so their mean is the context's (float64 reference)."""
+    """With no gene changed, 7 predicted cells are their donors, recentred under ``context`` so that their mean is the
+    context's control mean (float64 reference)."""
     data = trained.data
     condition = data.condition("A+B|t1")
     config = SampleConfig(
@@ -513,7 +513,27 @@ def test_control_mean_context_takes_the_donors_noise_out_of_every_gene(trained: 
     donors = prediction_conditioning(data, [condition.perturbation], condition.context, seed=3).control[0, :7].numpy()
     cells = DiffusionPredictor(trained.model, config).predict(data, condition, 7, seed=3)
     context_mean = data.read(data.control_cells(condition.context)).astype(np.float64).mean(0)
-    donors_mean = donors.astype(np.float64).mean(0)
-    assert np.abs(context_mean - donors_mean).max() > 0.05  # 7 donors' mean is a noisy one
-    expected = donors + (context_mean - donors_mean if control_mean == "context" else 0.0)
-    np.testing.assert_allclose(cells, expected, rtol=0, atol=1e-5)
+    assert np.abs(context_mean - donors.astype(np.float64).mean(0)).max() > 0.05  # 7 donors' mean is a noisy one
+    if control_mean == "donors":
+        np.testing.assert_array_equal(cells, donors)
+    else:
+        np.testing.assert_allclose(cells.astype(np.float64).mean(0), context_mean, rtol=0, atol=1e-5)
+        falling = context_mean < donors.astype(np.float64).mean(0)
+        assert 0 < falling.sum() < data.n_genes
+        assert (cells[:, falling][donors[:, falling] == 0] == 0).all()  # a falling gene's zeros stay 0
+
+
+def test_recentred_moves_the_kept_mean_exactly_rises_by_shifts_and_falls_by_fractions() -> None:
+    """Against a float64 reference: the kept rows' mean becomes the target; a rising gene is shifted, a falling one
+    scaled (zeros kept), a gene with negative values shifted either way."""
+    gen = torch.Generator().manual_seed(0)
+    donors = torch.poisson(torch.full((30, 6), 1.5), generator=gen).log1p().double()
+    donors[:, 5] -= 1.0  # a gene that is not an expression level
+    kept = donors[:20].mean(0)
+    target = kept + torch.tensor([0.3, -0.2, -5.0, 0.0, -0.1, -0.2], dtype=torch.float64)
+    moved = model_predictor.recentred(donors, target, kept)
+    torch.testing.assert_close(moved[:20].mean(0)[[0, 1, 3, 4, 5]], target[[0, 1, 3, 4, 5]])
+    torch.testing.assert_close(moved[:, 0], donors[:, 0] + 0.3)
+    torch.testing.assert_close(moved[:, 1], donors[:, 1] * (1 - 0.2 / kept[1]))
+    assert (moved[:, 2] == 0).all()  # a fall beyond the whole level takes all of it, not below 0
+    torch.testing.assert_close(moved[:, 5], donors[:, 5] - 0.2)

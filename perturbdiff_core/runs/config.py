@@ -197,13 +197,13 @@ class SampleConfig:
             probabilities that keep each value's mean, independently), or ``systematic`` (the same
             probabilities, drawn per gene so that its count of values rounded up is within one of
             their sum: a gene's mean over the predicted cells carries no rounding noise).
-        control_mean: which control mean the predicted cells' mean change is added to. The change
-            reaches each predicted cell through its own control cell (its donor), drawn at random
-            from the context, so the donors' mean carries their sampling noise into every gene's
-            predicted mean (as much as a real population of their number has). ``context``
-            moves every gene by the difference between the context's control mean (at most
-            2048 of its control cells) and the kept donors' mean, as a part of the mean change;
-            ``donors`` keeps the donors' mean.
+        control_mean: which control mean the predicted cells' mean starts from. Each predicted cell is
+            its donor (a control cell drawn at random from the context) plus a change, so the donors'
+            mean carries their sampling noise into every gene's predicted mean (as much as a real
+            population of their number has). ``context`` first moves the donors so that the kept ones'
+            mean is the context's control mean (of at most 2048 of its control cells): a rise as a
+            shift, a fall as the same fraction of every donor's own value, so their zeros stay 0 (see
+            :func:`~perturbdiff_core.runs.model_predictor.recentred`); ``donors`` keeps them as drawn.
         change_z: genes whose predicted mean change from the control cells the sets were sampled
             from is below ``change_z`` standard errors keep those control cells' values (see
             :func:`~perturbdiff_core.runs.model_predictor.settle_changes`); ``null`` keeps every sampled value.

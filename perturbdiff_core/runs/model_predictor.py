@@ -148,9 +148,13 @@ class DiffusionPredictor(Predictor):
         partner = None
         if self.ensemble is not None and self.ensemble.applies(data, condition):  # the model extrapolates here
             partner = kept * torch.as_tensor(self.ensemble.predictor.shift(data, condition), dtype=cells.dtype)
-        offset = self._control_offset(data, condition.context, donors[:n_cells], unseen)
-        if offset is not None:  # the control mean's noise, taken out of every gene as a part of its mean change
-            offset = offset.to(cells.dtype)
+        lattice = donors  # the control cells as read: the count lattice the cells are decoded onto
+        if cfg.control_mean == "context":  # the donors' sampling noise, taken out of every gene
+            context_mean = self._context_mean(data, condition.context).to(donors.dtype)
+            donors = recentred(donors, context_mean, lattice[:n_cells].mean(0))
+            cells = cells + (donors - lattice)
+        if unseen and self.control_shrinkage is not None:  # the control mean's noise, taken out of every gene
+            offset = self._offset(data, condition.context).to(cells.dtype)
             cells, prior = cells + offset, offset if prior is None else prior + offset
             partner = None if partner is None else partner + offset
         jitter = None
@@ -162,26 +166,14 @@ class DiffusionPredictor(Predictor):
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter,
             test_size=n_cells,
         )
-        cells, donors = cells[:n_cells], donors[:n_cells]  # settled from every sampled cell, then cut
+        cells, lattice = cells[:n_cells], lattice[:n_cells]  # settled from every sampled cell, then cut
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding != "nearest" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
-            cells = decode_cells(cells, donors, rounding, systematic=cfg.rounding == "systematic", reads=reads)
+            cells = decode_cells(cells, lattice, rounding, systematic=cfg.rounding == "systematic", reads=reads)
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
         return cells.numpy().astype(np.float32, copy=False)
-
-    def _control_offset(self, data: PerturbationData, context: Context, kept_donors: Tensor, unseen: bool) -> Tensor | None:
-        """``(G,)`` float64 correction of the kept donors' mean, or ``None`` for none: towards the context's control
-        mean (``sample.control_mean: context``), and by the :class:`ControlShrinkage` offset in a context training
-        lacked."""
-        offset = None
-        if self.sample.control_mean == "context":
-            offset = self._context_mean(data, context) - kept_donors.double().mean(0)
-        if unseen and self.control_shrinkage is not None:
-            shrinkage = self._shrinkage_offset(data, context)
-            offset = shrinkage if offset is None else offset + shrinkage
-        return offset
 
     def _context_mean(self, data: PerturbationData, context: Context) -> Tensor:
         """``(G,)`` float64 mean of the context's control cells (at most :data:`CONTEXT_LEVEL_CELLS`), read once."""
@@ -193,11 +185,11 @@ class DiffusionPredictor(Predictor):
             )
         return self._context_means[key]
 
-    def _shrinkage_offset(self, data: PerturbationData, context: Context) -> Tensor:
+    def _offset(self, data: PerturbationData, context: Context) -> Tensor:
         """``(G,)``: the :class:`ControlShrinkage` offset of ``context``, computed once per data and context."""
         key = (data, context)
         if key not in self._offsets:
-            self._offsets[key] = torch.from_numpy(self.control_shrinkage.offset(data, context)).double()
+            self._offsets[key] = torch.from_numpy(self.control_shrinkage.offset(data, context))
         return self._offsets[key]
 
     def _levels_read(self, donors: Tensor) -> Tensor:
@@ -294,3 +286,12 @@ def changed_centre(donors: Tensor, mean: Tensor, read_levels: Tensor | None) -> 
     fraction = (mean / read_levels.clamp_min(torch.finfo(mean.dtype).tiny)).clamp(-1.0, 0.0)
     decrease = (mean < 0) & (donors.amax(0) > 0) & (donors.amin(0) >= 0)
     return torch.where(decrease, donors * (1.0 + fraction), donors + mean)
+
+
+def recentred(donors: Tensor, target: Tensor, kept_mean: Tensor) -> Tensor:
+    """``donors`` moved per gene so that the kept ones' mean ``kept_mean`` becomes ``target``: a rise as a shift, a fall as
+    the same fraction of every donor's own value (its zeros stay 0); a gene with negative values always shifts."""
+    offset = target - kept_mean
+    scalable = (offset < 0) & (kept_mean > 0) & (donors.amin(0) >= 0)
+    factor = (1.0 + offset / kept_mean.clamp_min(torch.finfo(donors.dtype).tiny)).clamp_min(0.0)
+    return torch.where(scalable, donors * factor, donors + offset)
