@@ -290,8 +290,6 @@ def changed_centre(donors: Tensor, mean: Tensor, read_levels: Tensor | None) -> 
 
 def recentred(donors: Tensor, target: Tensor, kept_mean: Tensor) -> Tensor:
     """``donors`` moved per gene so that the kept ones' mean ``kept_mean`` becomes ``target``: a rise as a shift, a fall as
-    the same fraction of every donor's own value (its zeros stay 0); a gene with negative values always shifts."""
-    offset = target - kept_mean
-    scalable = (offset < 0) & (kept_mean > 0) & (donors.amin(0) >= 0)
-    factor = (1.0 + offset / kept_mean.clamp_min(torch.finfo(donors.dtype).tiny)).clamp_min(0.0)
-    return torch.where(scalable, donors * factor, donors + offset)
+    the same fraction of every donor's own value (its zeros stay 0); a gene with negative values always shifts. This is
+    :func:`changed_centre` of the difference, with the kept donors' own mean as the level the fraction is of."""
+    return changed_centre(donors, target - kept_mean, kept_mean)
