@@ -215,7 +215,8 @@ class SampleConfig:
             changes vary independently of the control cells they are added to, so at 1 a predicted
             population is more spread than the real one; 0 gives every cell the mean change.
         decrease: how a gene's predicted mean decrease reaches the cells: ``fraction`` takes the same
-            fraction of every cell's own value (a cell without the gene keeps 0), the fraction of the
+            fraction of every cell's own value (a cell without the gene keeps 0, until the per-cell
+            deviations of ``change_spread`` are added, which can round it up to a count), the fraction of the
             level the denoiser read (``model.control_levels: hull`` reads a held-out context at its
             nearest mixture of the training contexts), so a gene a response switches off falls to 0
             at any level; ``shift`` subtracts the mean decrease from every cell and clips at 0.
