@@ -135,8 +135,10 @@ def main() -> int:
         f"and {FINETUNE_CONFIG} with {args.finetune_steps} steps; fine-tunes start from the pre-trained "
         "weights (--init-from), scratch runs from a fresh model; a fraction keeps that share of each training "
         "condition's cells (split.train_fraction, at least one). Zero-shot: the pre-trained weights with 0 "
-        "steps, sampled unconditionally (sample.guidance=0, the perturbation encoding zeroed): a control-like "
-        "population, the honest zero-shot of a marginal model. Metrics: evaluate's __all__ rows (one held-out "
+        "steps, sampled unconditionally (sample.guidance=0, the perturbation encoding zeroed), under the run "
+        "config's defaults: with model.anchor and sample.ensemble auto the denoiser's residual is added to the "
+        "anchor's prediction and averaged with context_mixture's, both fitted on the training split (all of its "
+        "cells here, the fraction's in the other runs). Metrics: evaluate's __all__ rows (one held-out "
         "condition); pearson_delta higher is better, mse and mmd2_energy lower are better.",
         "",
         markdown(result),
