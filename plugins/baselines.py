@@ -13,6 +13,8 @@ ones. The means can be right while the population is not; a generative model sho
 - ``context_mean``: the perturbation's mean shift in the other contexts.
 - ``context_mixture``: the perturbation's shifts in the other contexts, weighted by the mixture of
   their control means nearest the condition's own (a held-out T cell takes mostly T cells' shifts).
+- ``context_fold``: the perturbation's mean log fold change in the other contexts, applied to the
+  condition's own control level (a gene a context barely expresses barely moves).
 - ``linear``: ridge regression from the perturbation encoding and the context to the shift.
 - ``random_train``: random training cells of the same perturbation.
 """
@@ -188,6 +190,59 @@ class ContextMeanBaseline(_ShiftBaseline):
             return np.sum([self._mean_shift(_same_context_first(c, condition.context)) for c in by_part], axis=0)
         return self._mean_shift(_same_context_first(pool, condition.context))
 
+    def _fit(self, data: PerturbationData, train: list[Condition]) -> None:
+        super()._fit(data, train)
+        self._target_means: dict[Context, np.ndarray] = {}
+
+    def _control_mean_of(self, data: PerturbationData, context: Context) -> np.ndarray:
+        """The control mean of ``context``: stored for a training context, else read once."""
+        if context in self.control_means:
+            return self.control_means[context]
+        if context not in self._target_means:
+            self._target_means[context] = _control_mean(data, context)
+        return self._target_means[context]
+
+
+class ContextFoldBaseline(ContextMeanBaseline):
+    r"""The perturbation's mean log fold change in the other contexts, applied to the condition's own control level.
+
+    A context's fold of a gene is that of geometric means, pdex's (and cell-eval's) fold change on log1p data:
+    :math:`f_k = (\mathrm{expm1}(s_k) + p) / (\mathrm{expm1}(m_k) + p)` with :math:`s_k, m_k` the log1p means of the
+    perturbed and control cells of context :math:`k` and :math:`p` the ``pseudocount``. The folds of the contexts
+    ``context_mean`` would average (rule 1) are averaged in log space and applied to the condition's control mean
+    :math:`m`: :math:`\mathrm{shift} = \log1p(\max(\bar f\,(\mathrm{expm1}(m) + p) - p, 0)) - m`. Cell types
+    share a response's folds more than its sizes: interferon doubles a gene that T cells express and monocytes
+    barely do in both, where a T cell's absolute rise moved to a monocyte switches the gene on (kang18, each cell
+    type held out in turn: half the mean squared error of ``context_mean``'s shift, measured in the README).
+    Everything else (combinations, unseen perturbations) is predicted as by ``context_mean``.
+
+    Args:
+        pseudocount: added to both geometric means, in the data's units (a log1p mean of 0.01 is a gene
+            detected at one count in about 1% of cells of kang18): below it a gene counts as not expressed,
+            so its fold stays near 1 rather than dividing noise by noise.
+    """
+
+    def __init__(self, pseudocount: float = 0.01) -> None:
+        if not pseudocount > 0:
+            raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
+        self.pseudocount = pseudocount
+
+    def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        same = _nearest(_same_perturbation(self._pool(condition), condition), condition, self.held_out)
+        if not same:
+            return super().shift(data, condition)
+        p = self.pseudocount
+        log_folds = [self._log_fold(c) for c in same]
+        level = self._control_mean_of(data, condition.context)
+        moved = np.exp(np.mean(log_folds, axis=0)) * (np.expm1(level) + p) - p
+        return np.log1p(np.maximum(moved, 0.0)) - level
+
+    def _log_fold(self, condition: Condition) -> np.ndarray:
+        """``(G,)`` log of the fold of geometric means of a training condition against its context's controls."""
+        control = self.control_means[condition.context]
+        perturbed = control + self.shifts[condition.label]
+        return np.log((np.expm1(perturbed) + self.pseudocount) / (np.expm1(control) + self.pseudocount))
+
 
 class ContextMixtureBaseline(ContextMeanBaseline):
     """The perturbation's shifts in the other contexts, weighted by how alike their control cells are.
@@ -205,10 +260,6 @@ class ContextMixtureBaseline(ContextMeanBaseline):
     unseen perturbations) is predicted as by ``context_mean``.
     """
 
-    def _fit(self, data: PerturbationData, train: list[Condition]) -> None:
-        super()._fit(data, train)
-        self._target_means: dict[Context, np.ndarray] = {}
-
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
         same = _nearest(_same_perturbation(self._pool(condition), condition), condition, self.held_out)
         if len(same) < 2:
@@ -216,14 +267,6 @@ class ContextMixtureBaseline(ContextMeanBaseline):
         vertices = torch.from_numpy(np.stack([self.control_means[c.context] for c in same]))
         weights = hull_weights(torch.from_numpy(self._control_mean_of(data, condition.context)), vertices).numpy()
         return np.einsum("k,kg->g", weights, np.stack([self.shifts[c.label] for c in same]))
-
-    def _control_mean_of(self, data: PerturbationData, context: Context) -> np.ndarray:
-        """The control mean of ``context``: stored for a training context, else read once."""
-        if context in self.control_means:
-            return self.control_means[context]
-        if context not in self._target_means:
-            self._target_means[context] = _control_mean(data, context)
-        return self._target_means[context]
 
 
 class LinearBaseline(_ShiftBaseline):

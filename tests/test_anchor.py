@@ -1,5 +1,5 @@
 """model.anchor: fitted on training conditions only, leave-one-out shifts for training conditions, wired to the
-model, and the auto rule (context_mean for unseen contexts read centred whose response carries, else none)."""
+model, and the auto rule (context_fold for unseen contexts read centred whose response carries, else none)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_no_held_out_cell_reaches_the_anchor(data: PerturbationData, monkeypatch
     read: list[np.ndarray] = []
     original = data.read
     monkeypatch.setattr(data, "read", lambda rows: read.append(np.asarray(rows)) or original(rows))
-    for name in ("context_mean", "linear", "random_train", "control"):
+    for name in ("context_mean", "context_fold", "context_mixture", "linear", "random_train", "control"):
         anchor = fit_anchor(name, data, train_of(data))
         anchor_shifts(anchor, data, [*train_of(data), *TEST])
     held_out = np.concatenate([data.cells(c) for c in TEST])
@@ -111,14 +111,14 @@ def test_auto_anchors_an_unseen_context_whose_response_carries(three_types: Path
     slope, pairs = leave_one_context_out_slope(training_changes(data, split.train, 5))
     assert slope >= AUTO_MIN_CARRY and pairs == 8
     assert trainer.anchor_choice == resolve_anchor("auto", data, split, 5)
-    assert trainer.anchor_choice.name == "context_mean" and f"factor {slope:.2f} over 8" in trainer.anchor_choice.why
+    assert trainer.anchor_choice.name == "context_fold" and f"factor {slope:.2f} over 8" in trainer.anchor_choice.why
     assert trainer.anchor is not None and trainer.train_sets.shift is not None  # training sets carry the shifts
-    assert f"anchor context_mean ({trainer.anchor_choice.why})" in "\n".join(run_summary(trainer))
+    assert f"anchor context_fold ({trainer.anchor_choice.why})" in "\n".join(run_summary(trainer))
     assert resolve_anchor("linear", data, split, 5).name == "linear"  # a name is kept as given
     measured = UnseenContextChange(0.2, pairs=3, slope=0.2)  # a factor the run measured already is not read again
     assert "factor 0.20 over 3" in resolve_anchor("auto", data, split, 5, measured).why
     assert resolve_anchor("auto", data, split, 5, measured).name == "none"
-    assert resolve_anchor("auto", data, split, 5, UnseenContextChange(0.3)).name == "context_mean"  # unmeasured
+    assert resolve_anchor("auto", data, split, 5, UnseenContextChange(0.3)).name == "context_fold"  # unmeasured
     combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B in trained types
     assert combination.anchor_choice.name == "none" and "every test context was trained" in combination.anchor_choice.why
     assert combination.anchor is None and combination.train_sets.shift is None
@@ -143,12 +143,12 @@ def test_the_checkpoint_carries_the_resolved_anchor(three_types: Path, tmp_path:
     trainer = Trainer(held_out_t3(three_types), run, progress=False)
     trainer.fit(stop_at=4)
     checkpoint = load_checkpoint(checkpoint_path(run))
-    assert checkpoint.run_config.model.anchor == "auto" and checkpoint.anchor_name == "context_mean"
+    assert checkpoint.run_config.model.anchor == "auto" and checkpoint.anchor_name == "context_fold"
     refitted = run_anchor(checkpoint, lambda: training_data(checkpoint, trainer.data))
     unseen = trainer.data.condition("A|t3")
     np.testing.assert_allclose(refitted.shift(trainer.data, unseen), trainer.anchor.shift(trainer.data, unseen))
     resumed = Trainer(held_out_t3(three_types), run, resume=True, progress=False)
-    assert resumed.anchor_choice.name == "context_mean" and "as the run resolved it" in resumed.anchor_choice.why
+    assert resumed.anchor_choice.name == "context_fold" and "as the run resolved it" in resumed.anchor_choice.why
     payload = torch.load(checkpoint_path(run), weights_only=True)
     older = tmp_path / "older.pt"
     torch.save({k: v for k, v in payload.items() if k != "anchor"}, older)
@@ -180,7 +180,7 @@ def test_auto_ensemble_averages_where_the_model_extrapolates(three_types: Path, 
     and an unanchored run's unseen contexts, keep the model's mean change."""
     trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
     data = trainer.data
-    assert trainer.anchor_choice.name == "context_mean" and trainer.ensemble.choice.name == "context_mixture"
+    assert trainer.anchor_choice.name == "context_fold" and trainer.ensemble.choice.name == "context_mixture"
     assert type(trainer.ensemble.predictor).__name__ == "ContextMixtureBaseline"
     assert trainer.ensemble.applies(data, data.condition("A|t3")) and not trainer.ensemble.applies(data, data.condition("A|t1"))
     assert "averaged with context_mixture's shift (weight 0.5; auto: unseen contexts" in "\n".join(run_summary(trainer))
@@ -287,6 +287,6 @@ def test_auto_anchors_a_held_out_donor_on_its_own_cell_types_response() -> None:
     changes = training_changes(data, split.train, 0)
     slope, pairs = leave_one_context_out_slope(changes)
     assert pairs == 4 and slope > 0.9
-    assert resolve_anchor("auto", data, split, 0).name == "context_mean"
+    assert resolve_anchor("auto", data, split, 0).name == "context_fold"
     every_other = {(p, Context(c.label)): change for (p, c), change in changes.items()}  # no two share a cell type
     assert leave_one_context_out_slope(every_other)[0] < AUTO_MIN_CARRY

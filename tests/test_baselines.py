@@ -22,6 +22,7 @@ from perturbdiff_core.evaluation.predictors import (
     real_anndata,
 )
 from perturbdiff_plugins.baselines import (
+    ContextFoldBaseline,
     ContextMeanBaseline,
     ContextMixtureBaseline,
     ControlBaseline,
@@ -29,7 +30,7 @@ from perturbdiff_plugins.baselines import (
     RandomTrainBaseline,
 )
 
-NAMES = ("control", "context_mean", "context_mixture", "linear", "random_train")
+NAMES = ("control", "context_mean", "context_fold", "context_mixture", "linear", "random_train")
 CELL_TYPES = ("t1", "t2", "t3")
 
 
@@ -267,6 +268,53 @@ def test_context_mixture_is_context_mean_without_two_other_contexts() -> None:
     np.testing.assert_array_equal(mixture.shift(data, data.condition("B|t3")), mean.shift(data, data.condition("B|t3")))
 
 
+@pytest.mark.parametrize("pseudocount", [0.01, 0.5])
+def test_context_fold_applies_the_mean_log_fold_of_geometric_means_to_the_held_out_level(pseudocount: float) -> None:
+    """Reference (float64): per other cell type k, ``f_k = (expm1(s_k) + p) / (expm1(m_k) + p)``; the held-out cell
+    type's shift is ``log1p(max(exp(mean_k log f_k) (expm1(m) + p) - p, 0)) - m``."""
+    adata, _ = additive_screen(context_shift=0.3, seed=3)
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    shift = ContextFoldBaseline(pseudocount).fit(data, train).shift(data, data.condition("A|t3"))
+    log_folds = []
+    for t in ("t1", "t2"):
+        control = _cells(adata, "control", t).mean(0)
+        perturbed = _cells(adata, "A", t).mean(0)
+        log_folds.append(np.log((np.expm1(perturbed) + pseudocount) / (np.expm1(control) + pseudocount)))
+    level = _cells(adata, "control", "t3").mean(0)
+    moved = np.exp(np.mean(log_folds, axis=0)) * (np.expm1(level) + pseudocount) - pseudocount
+    np.testing.assert_allclose(shift, np.log1p(np.maximum(moved, 0.0)) - level, rtol=1e-5, atol=1e-5)
+
+
+def test_context_fold_moves_a_gene_by_the_held_out_context_own_level() -> None:
+    """Two cell types double gene 0 (x3 on the geometric mean of 1 + counts, say); the held-out one expresses it at a
+    tenth of their level: its predicted rise is a tenth of theirs in expression, where context_mean moves it as far
+    as theirs; a combination (no other context of it) is context_mean's sum of parts."""
+    rng = np.random.default_rng(0)
+    genes, cells = 6, 50
+    level = {"t1": 2.0, "t2": 2.0, "t3": 0.2}  # expm1 means of gene 0
+    blocks, labels, types = [], [], []
+    for t, e in level.items():
+        for name, fold in (("control", 1.0), ("A", 3.0), ("B", 1.0), ("A+B", 3.0)):
+            x = np.tile(rng.uniform(1.0, 2.0, genes), (cells, 1)) + 0.01 * rng.normal(size=(cells, genes))
+            x[:, 0] = np.log1p(e * fold)
+            blocks.append(x)
+            labels += [name] * cells
+            types += [t] * cells
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": types}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=obs.astype("category"))
+    adata.var_names = [f"g{i}" for i in range(genes)]
+    data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
+    fold = ContextFoldBaseline(pseudocount=1e-6).fit(data, train).shift(data, data.condition("A|t3"))
+    mean = ContextMeanBaseline().fit(data, train).shift(data, data.condition("A|t3"))
+    np.testing.assert_allclose(np.expm1(np.log1p(0.2) + fold[0]), 0.6, rtol=1e-4)
+    np.testing.assert_allclose(mean[0], np.log1p(6.0) - np.log1p(2.0), rtol=1e-4)
+    combination_data, combination_train, _ = _data(adata, "holdout_combination", ["A+B"])
+    np.testing.assert_array_equal(
+        ContextFoldBaseline().fit(combination_data, combination_train).shift(combination_data, data.condition("A+B|t2")),
+        ContextMeanBaseline().fit(combination_data, combination_train).shift(combination_data, data.condition("A+B|t2")),
+    )
+
+
 def _ridge(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float) -> np.ndarray:
     """Closed-form ridge with an unpenalised intercept: centre, solve (X'X + aI) W = X'Y."""
     xm, ym = x.mean(0), y.mean(0)
@@ -358,13 +406,17 @@ def test_predictions_depend_on_the_seed_only(name: str) -> None:
 
 
 def test_baselines_are_registered_by_name() -> None:
-    classes = (ControlBaseline, ContextMeanBaseline, ContextMixtureBaseline, LinearBaseline, RandomTrainBaseline)
+    classes = (ControlBaseline, ContextMeanBaseline, ContextFoldBaseline, ContextMixtureBaseline, LinearBaseline,
+               RandomTrainBaseline)
     for name, cls in zip(NAMES, classes, strict=True):
         assert type(as_predictor(name)) is cls
     assert as_predictor("linear", alpha=2.5).alpha == 2.5
+    assert as_predictor("context_fold", pseudocount=0.1).pseudocount == 0.1
+    with pytest.raises(ValueError, match="pseudocount must be positive"):
+        ContextFoldBaseline(pseudocount=0.0)
 
 
-@pytest.mark.parametrize("name", ["context_mean", "context_mixture", "linear", "random_train"])
+@pytest.mark.parametrize("name", ["context_mean", "context_fold", "context_mixture", "linear", "random_train"])
 def test_predict_before_fit_is_a_clear_error(name: str) -> None:
     adata, _ = additive_screen()
     data, _, _ = _data(adata, "holdout_cell_type", ["t3"])

@@ -10,17 +10,21 @@ The anchor is fitted on the training conditions only. A training condition's shi
 condition itself out (every shift baseline predicts a training condition from the others), so
 the model trains on the same kind of anchor error it meets on a held-out condition.
 
-``auto`` (the default) anchors on ``context_mean`` where that error is small and a context
-training lacks must be predicted: the test holds contexts training lacks (a held-out replicate,
+``auto`` (the default) anchors on ``context_fold`` (the other contexts' mean log fold change, applied to
+the context's own control level) where the context mean's error is small and a context training lacks
+must be predicted: the test holds contexts training lacks (a held-out replicate,
 donor, patient or cell type), and in training the other contexts' mean change predicts a
 context's by a factor of at least :data:`AUTO_MIN_CARRY` (the leave-one-context-out factor of
-``sample.unseen_context_change``). The model then learns what the context mean misses in each
-context instead of the whole response, whether its denoiser reads the unseen context's levels
+``sample.unseen_context_change``). The model then learns what the carried-over response misses in
+each context instead of the whole response, whether its denoiser reads the unseen context's levels
 (``model.control_levels`` ``hull``) or not (``centred``): a held-out K562 replicate read either way
 lost most of its accuracy without the anchor (README, options table). Everywhere else it is
 ``none``: contexts whose responses do not carry (CRISPRi glioma lines: 0.00-0.06) and held-out
 combinations in trained contexts, where a training single's context mean comes from other
-contexts and the model learns to undo it (README, options table).
+contexts and the model learns to undo it (README, options table). Folds rather than shifts: a gene
+another cell type expresses and raises is barely expressed in a monocyte, and its absolute rise moved
+there switches it on; on the kang18 cell types (seeds 0-2) the fold anchor lifts DE recall 0.59 → 0.69,
+ROC AUC 0.90 → 0.93 and spearman_lfc 0.34 → 0.39 over the shift anchor, at 3% higher mse_delta (README).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ NO_ANCHOR = "none"
 #: ``model.anchor`` value that chooses the anchor from the data and the split (:func:`resolve_anchor`).
 AUTO_ANCHOR = "auto"
 #: The anchor ``auto`` chooses where one is worth having.
-AUTO_ANCHOR_PREDICTOR = "context_mean"
+AUTO_ANCHOR_PREDICTOR = "context_fold"
 #: Least leave-one-context-out factor (how much of a context's change the other contexts' mean
 #: change predicts, in training) at which ``auto`` anchors an unseen context on the context mean:
 #: more than half of the change carries. Measured 0.89 for held-out K562 replicates and

@@ -78,7 +78,7 @@ class ModelConfig:
         relative_to_control: the older spelling of ``anchor: control`` (used when ``anchor`` is
             ``none`` or ``auto``).
         anchor: ``none``, a ``perturbdiff.predictors`` plug-in (``control``, ``context_mean``,
-            ``linear``, ...), or ``auto``: ``context_mean`` where the test holds contexts training
+            ``context_fold``, ``linear``, ...), or ``auto``: ``context_fold`` where the test holds contexts training
             lacks (a held-out cell type, replicate, donor or patient) whose response the trained
             contexts' carries (leave-one-context-out factor at least 0.5), else ``none`` (see
             :mod:`~perturbdiff_core.runs.anchor`).
@@ -294,7 +294,9 @@ class EvalConfig:
         max_cells: populations are subsampled to at most this many cells for the MMD metrics.
     """
 
-    baselines: list[str] = field(default_factory=lambda: ["control", "context_mean", "linear", "random_train"])
+    baselines: list[str] = field(
+        default_factory=lambda: ["control", "context_mean", "context_fold", "linear", "random_train"]
+    )
     kernel: str = "energy"
     max_cells: Annotated[int, Range(2)] = 1000
 

@@ -31,7 +31,7 @@ genes (the prediction is reordered to the real gene order), hold the same condit
 control cells. Metric names follow cell-eval where the definitions match; see
 perturbdiff_core.evaluation.DEFINITIONS.
 
-Baselines (perturbdiff.predictors plug-ins: control, context_mean, linear, random_train, ...)
+Baselines (perturbdiff.predictors plug-ins: control, context_mean, context_fold, linear, random_train, ...)
 are compared on the same conditions: with --run DIR they are fitted on the training
 conditions of DIR/split.json (data from DIR/config.yaml and DIR/data_state.json) and predict
 its test conditions, which PRED must hold. Without REAL.h5ad the run's real test cells
