@@ -2,7 +2,7 @@
 zero-shot and after fine-tuning on 1%, 5% and 100% of the training cells, against training
 from scratch with the same steps; one Markdown table of the model rows of every metrics.csv.
 
-Run from the repository root (one thread; 23-28 minutes here on a shared 2-core machine):
+Run from the repository root (one thread; 9-28 minutes here on a shared 2-core machine, by its load):
     OMP_NUM_THREADS=1 python scripts/pretrain_experiment.py
 Finished runs (a metrics.csv in their folder) are skipped when the script is run again.
 """
