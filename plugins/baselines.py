@@ -31,7 +31,7 @@ from sklearn.linear_model import Ridge
 from perturbdiff_core.data.dataset import Condition, Context, PerturbationData, nearest_contexts
 from perturbdiff_core.data.encoders import perturbation_parts
 from perturbdiff_core.diffusion.hull import hull_weights
-from perturbdiff_core.errors import InputError
+from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.evaluation.predictors import Predictor
 
 
@@ -211,9 +211,10 @@ class ContextFoldBaseline(ContextMeanBaseline):
     perturbed and control cells of context :math:`k` and :math:`p` the ``pseudocount``. The folds of the contexts
     ``context_mean`` would average (rule 1) are averaged in log space and applied to the condition's control mean
     :math:`m`: :math:`\mathrm{shift} = \log1p(\max(\bar f\,(\mathrm{expm1}(m) + p) - p, 0)) - m`. Cell types
-    share a response's folds more than its sizes: interferon doubles a gene that T cells express and monocytes
-    barely do in both, where a T cell's absolute rise moved to a monocyte switches the gene on (kang18, each cell
-    type held out in turn: half the mean squared error of ``context_mean``'s shift, measured in the README).
+    share a response's folds more than its sizes: where interferon doubles a gene that T cells express and
+    monocytes barely do, the T cells' absolute rise moved to monocytes switches the gene on in cells that never
+    had it, and their fold barely moves it (kang18, each cell type held out in turn: half the mean squared error
+    of ``context_mean``'s shift, measured in the README).
     Everything else (combinations, unseen perturbations) is predicted as by ``context_mean``.
 
     Args:
@@ -223,8 +224,8 @@ class ContextFoldBaseline(ContextMeanBaseline):
     """
 
     def __init__(self, pseudocount: float = 0.01) -> None:
-        if not pseudocount > 0:
-            raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
+        if not (isinstance(pseudocount, int | float) and pseudocount > 0):
+            raise ConfigError(f"context_fold pseudocount must be a positive number, got {pseudocount!r}.")
         self.pseudocount = pseudocount
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, make_split, prepare
-from perturbdiff_core.errors import InputError
+from perturbdiff_core.errors import ConfigError, InputError
 from perturbdiff_core.evaluation import aggregate, compare
 from perturbdiff_core.evaluation.predictors import (
     Predictor,
@@ -412,8 +412,9 @@ def test_baselines_are_registered_by_name() -> None:
         assert type(as_predictor(name)) is cls
     assert as_predictor("linear", alpha=2.5).alpha == 2.5
     assert as_predictor("context_fold", pseudocount=0.1).pseudocount == 0.1
-    with pytest.raises(ValueError, match="pseudocount must be positive"):
-        ContextFoldBaseline(pseudocount=0.0)
+    for bad in (0.0, -1.0, "0.01"):
+        with pytest.raises(ConfigError, match="context_fold pseudocount must be a positive number"):
+            ContextFoldBaseline(pseudocount=bad)
 
 
 @pytest.mark.parametrize("name", ["context_mean", "context_fold", "context_mixture", "linear", "random_train"])
