@@ -104,6 +104,11 @@ class _Fitted(Predictor):
             )
         return pool
 
+    def _same_elsewhere(self, condition: Condition, pool: list[Condition]) -> list[Condition]:
+        """The conditions of ``pool`` with ``condition``'s perturbation and dose in the contexts nearest its own
+        (:func:`_nearest`); empty when the perturbation was trained nowhere else."""
+        return _nearest(_same_perturbation(pool, condition), condition, self.held_out)
+
 
 class ControlBaseline(Predictor):
     """No change: ``n`` control cells of the condition's context (drawn with replacement when fewer)."""
@@ -180,7 +185,7 @@ class ContextMeanBaseline(_ShiftBaseline):
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
         pool = self._pool(condition)
-        same = _nearest(_same_perturbation(pool, condition), condition, self.held_out)
+        same = self._same_elsewhere(condition, pool)
         if same:
             return self._mean_shift(same)
         cfg = data.config
@@ -229,7 +234,7 @@ class ContextFoldBaseline(ContextMeanBaseline):
         self.pseudocount = pseudocount
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
-        same = _nearest(_same_perturbation(self._pool(condition), condition), condition, self.held_out)
+        same = self._same_elsewhere(condition, self._pool(condition))
         if not same:
             return super().shift(data, condition)
         p = self.pseudocount
@@ -262,7 +267,7 @@ class ContextMixtureBaseline(ContextMeanBaseline):
     """
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
-        same = _nearest(_same_perturbation(self._pool(condition), condition), condition, self.held_out)
+        same = self._same_elsewhere(condition, self._pool(condition))
         if len(same) < 2:
             return super().shift(data, condition)
         vertices = torch.from_numpy(np.stack([self.control_means[c.context] for c in same]))
@@ -329,7 +334,7 @@ class RandomTrainBaseline(_Fitted):
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
         """``n_cells`` cells drawn from the chosen training conditions (with replacement when fewer)."""
         pool = self._pool(condition)
-        same = _nearest(_same_perturbation(pool, condition), condition, self.held_out)
+        same = self._same_elsewhere(condition, pool)
         chosen = same or _same_context_first(pool, condition.context)
         rows = np.concatenate([data.cells(c) for c in chosen])
         return data.read(sample_rows(rows, n_cells, np.random.default_rng(seed)))
