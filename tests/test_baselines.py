@@ -309,9 +309,10 @@ def test_context_fold_moves_a_gene_by_the_held_out_context_own_level() -> None:
     np.testing.assert_allclose(np.expm1(np.log1p(0.2) + fold[0]), 0.6, rtol=1e-4)
     np.testing.assert_allclose(mean[0], np.log1p(6.0) - np.log1p(2.0), rtol=1e-4)
     combination_data, combination_train, _ = _data(adata, "holdout_combination", ["A+B"])
+    combination = combination_data.condition("A+B|t2")
     np.testing.assert_array_equal(
-        ContextFoldBaseline().fit(combination_data, combination_train).shift(combination_data, data.condition("A+B|t2")),
-        ContextMeanBaseline().fit(combination_data, combination_train).shift(combination_data, data.condition("A+B|t2")),
+        ContextFoldBaseline().fit(combination_data, combination_train).shift(combination_data, combination),
+        ContextMeanBaseline().fit(combination_data, combination_train).shift(combination_data, combination),
     )
 
 
