@@ -204,7 +204,8 @@ def test_auto_ensemble_averages_where_the_model_extrapolates(three_types: Path, 
 
 def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Path, tmp_path: Path) -> None:
     """The ensemble changes a held-out context's predicted cells and, refitted by ``perturbdiff predict``, the same
-    way; at weight 0 it changes nothing; a condition it does not apply to is predicted as without it."""
+    way; at weight 0 it changes nothing but the genes its response gate keeps from moving; a condition it does not
+    apply to is predicted as without it."""
     run = tmp_path / "run"
     trainer = Trainer(held_out_t3(three_types), run, progress=False)
     trainer.fit(stop_at=4)
@@ -218,7 +219,11 @@ def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Pat
 
     alone, averaged = predict(None), predict(trainer.ensemble)
     assert not np.array_equal(alone, averaged)
-    np.testing.assert_array_equal(predict(trainer.ensemble, 0.0), alone)
+    ungated = dataclasses.replace(trainer.ensemble, support=None)  # sample.response_fdr: null
+    np.testing.assert_array_equal(predict(ungated, 0.0), alone)
+    reach = trainer.ensemble.reach(data, unseen).numpy()  # at weight 0 the gate alone acts, on the genes outside its reach
+    assert 0 < reach.sum() < data.n_genes
+    np.testing.assert_array_equal(predict(trainer.ensemble, 0.0)[:, reach], alone[:, reach])
     trained = data.condition("A|t1")
     np.testing.assert_array_equal(predict(trainer.ensemble, condition=trained), predict(None, condition=trained))
     checkpoint = load_checkpoint(checkpoint_path(run))

@@ -250,6 +250,13 @@ class SampleConfig:
             extrapolates, averaged there or not (:mod:`~perturbdiff_core.runs.spread`); with ``none``
             they differ only by their control cells and sampling noise.
         ensemble_weight: the ensemble predictor's weight in that average, in [0, 1] (1: its shift alone).
+        response_fdr: in a context training lacked, where the ensemble applies, a gene keeps the model's
+            own change beyond the anchor only if the training data show the perturbation (or a part of a
+            combination) changing it: Wilcoxon BH FDR below this in at least one training condition
+            against its control cells; the other genes keep the anchor's shift, averaged with the
+            ensemble's. It stops the training cell types' identity genes leaking into a new cell type;
+            new combinations in trained contexts are not gated (see :mod:`~perturbdiff_core.runs.support`).
+            ``null``: every gene the change test passes moves.
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
@@ -278,6 +285,7 @@ class SampleConfig:
     control_shrinkage: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     ensemble: str = "auto"
     ensemble_weight: Annotated[float, UnitInterval] = 0.5
+    response_fdr: Annotated[float | None, Range(0, 1, closed_left=False)] = 0.25
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10
     population_conditions: Annotated[int | None, Positive] = 128

@@ -36,11 +36,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from ..data.dataset import Condition, PerturbationData
 from ..data.encoders import perturbation_parts
 from ..evaluation.predictors import Predictor
 from .anchor import NO_ANCHOR, PredictorChoice, check_predictor_setting, fit_predictor
 from .spread import ExtrapolationErrors, extrapolation_errors
+from .support import ResponseSupport
 
 #: ``sample.ensemble`` value for the model's mean change alone.
 NO_ENSEMBLE = "none"
@@ -65,17 +69,28 @@ class Ensemble:
     model (:func:`extrapolated`): combinations never trained whose every part was (``trained``: the training
     perturbations) and, with ``unseen_contexts``, conditions in contexts training lacked; and its ``errors``
     on training conditions held out alike, which spread later populations wherever the model extrapolates
-    (``None``: no training condition to measure them on)."""
+    (``None``: no training condition to measure them on); and the genes each perturbation's model change may
+    reach where it applies (``support``, ``sample.response_fdr``; ``None``: every gene)."""
 
     choice: PredictorChoice
     predictor: Predictor
     unseen_contexts: bool
     trained: frozenset[str]
     errors: ExtrapolationErrors | None = None
+    support: ResponseSupport | None = None
 
     def applies(self, data: PerturbationData, condition: Condition) -> bool:
         """Whether the model's mean change for ``condition`` is averaged with the predictor's shift."""
         return extrapolated(data, condition, self.trained, self.unseen_contexts)
+
+    def reach(self, data: PerturbationData, condition: Condition) -> Tensor | None:
+        """``(G,)`` bool: the genes the model's own change may move for ``condition`` of ``data``, in a context
+        training lacked (:mod:`~.support`); ``None``: every gene (no gate, a trained context, or no training
+        condition of its perturbation or parts)."""
+        if self.support is None or not data.unseen_contexts([condition]):
+            return None
+        genes = self.support.genes(condition.perturbation)
+        return None if genes is None else torch.from_numpy(genes)
 
     def spreads(self, data: PerturbationData, condition: Condition) -> bool:
         """Whether populations of ``condition`` after the first spread by :attr:`errors`: the model extrapolates
@@ -109,10 +124,12 @@ def fit_ensemble(
     conditions: Sequence[Condition],
     seed: int,
     conditions_data: PerturbationData | None = None,
+    response_fdr: float | None = None,
 ) -> Ensemble | None:
     """The ``sample.ensemble`` ``setting`` of a run anchored on ``anchor``, fitted on the training conditions
     ``train`` of ``data`` and told the context fields ``conditions`` hold out, with its errors there (drawn with
-    ``seed``, :func:`~.spread.extrapolation_errors`);
+    ``seed``, :func:`~.spread.extrapolation_errors`) and the genes the training perturbations change at FDR
+    below ``response_fdr`` (``sample.response_fdr``, :mod:`~.support`; ``None``: no gate);
     ``None`` for ``none`` or when the model extrapolates to none of ``conditions`` (of ``conditions_data``,
     default ``data``). ``auto`` is averaged in unseen contexts only in an anchored run; a predictor named in
     the config, in every unseen context."""
@@ -128,4 +145,5 @@ def fit_ensemble(
         return None
     predictor = fit_predictor(choice.name, data, training, target.held_out_fields(conditions))
     errors = extrapolation_errors(predictor, data, training, seed)
-    return Ensemble(choice, predictor, unseen_contexts, trained, errors)
+    support = None if response_fdr is None else ResponseSupport(data, training, response_fdr, seed)
+    return Ensemble(choice, predictor, unseen_contexts, trained, errors, support)

@@ -145,9 +145,10 @@ class DiffusionPredictor(Predictor):
             cells = donors + kept * (cells - donors)
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
-        partner = None
+        partner = reach = None
         if self.ensemble is not None and self.ensemble.applies(data, condition):  # the model extrapolates here
             partner = kept * torch.as_tensor(self.ensemble.predictor.shift(data, condition), dtype=cells.dtype)
+            reach = self.ensemble.reach(data, condition)
         lattice = donors  # the control cells as read: the count lattice the cells are decoded onto
         if cfg.control_mean == "context":  # the donors' sampling noise, taken out of every gene
             context_mean = self._context_mean(data, condition.context).to(donors.dtype)
@@ -164,7 +165,7 @@ class DiffusionPredictor(Predictor):
             jitter = self.ensemble.errors.draw(draw).to(cells.dtype)
         cells = settle_changes(
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter,
-            test_size=n_cells,
+            test_size=n_cells, reach=reach,
         )
         cells, lattice = cells[:n_cells], lattice[:n_cells]  # settled from every sampled cell, then cut
         if space == "counts":
@@ -208,6 +209,7 @@ def settle_changes(
     partner_weight: float = 0.0,
     jitter: Tensor | None = None,
     test_size: int | None = None,
+    reach: Tensor | None = None,
 ) -> Tensor:
     r"""``cells`` ``(n, G)`` with each cell's change pulled towards the mean change, and the genes the
     prediction does not change significantly copied from ``donors``.
@@ -248,6 +250,9 @@ def settle_changes(
     With ``test_size``, the test's :math:`n` is that many cells instead of all of ``cells``: the
     predictor settles every sampled cell but keeps fewer, and a change counts where it would show in
     a population of the size it predicts, so sampling more cells sharpens the mean, not the test.
+
+    With ``reach`` ``(G,)`` bool (``sample.response_fdr``, :mod:`~perturbdiff_core.runs.support`), only
+    those genes may move; the others are settled as genes that fail the test.
     """
     change = cells - donors
     mean = change.mean(0)
@@ -255,6 +260,8 @@ def settle_changes(
     tested = z is not None and n >= 2
     beyond = mean if prior is None else mean - prior
     moved = beyond.abs() > z * change.std(0) / math.sqrt(n) if tested else torch.ones_like(mean, dtype=torch.bool)
+    if reach is not None:
+        moved, tested = moved & reach, True
     if partner is not None or jitter is not None:
         target = torch.where(moved, mean, torch.zeros_like(mean) if prior is None else prior)
         if partner is not None:

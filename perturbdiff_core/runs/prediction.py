@@ -193,8 +193,11 @@ def run_ensemble(
     )
     if not (combinations or data.unseen_contexts(conditions)):
         return None
-    seed = checkpoint.run_config.seed
-    return fit_ensemble(setting, anchor, train_data(), checkpoint.split.train, conditions, seed, data)
+    sample = checkpoint.run_config.sample
+    return fit_ensemble(
+        setting, anchor, train_data(), checkpoint.split.train, conditions, checkpoint.run_config.seed, data,
+        sample.response_fdr,
+    )
 
 
 def warn_untrained_context(

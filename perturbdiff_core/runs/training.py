@@ -445,7 +445,7 @@ class Trainer:
         )
         self.ensemble = fit_ensemble(  # where the test's conditions are extrapolations (read only then)
             config.sample.ensemble, self.anchor_choice.name, self.data, self.split.train,
-            [self.data.condition(c) for c in self.split.test], config.seed,
+            [self.data.condition(c) for c in self.split.test], config.seed, response_fdr=config.sample.response_fdr,
         )
         self.params = self.model.trainable_parameters()
         train = config.train
