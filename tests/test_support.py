@@ -100,3 +100,4 @@ def test_the_run_gates_its_unseen_contexts_only(three_types: Path, tmp_path: Pat
     combo_data = combination.data
     assert combination.ensemble.applies(combo_data, combo_data.condition("A+B|t1"))
     assert combination.ensemble.reach(combo_data, combo_data.condition("A+B|t1")) is None  # epistasis may move any gene
+    assert "sample.response_fdr" not in "\n".join(run_summary(combination))

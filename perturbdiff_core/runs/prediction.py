@@ -193,10 +193,9 @@ def run_ensemble(
     )
     if not (combinations or data.unseen_contexts(conditions)):
         return None
-    sample = checkpoint.run_config.sample
+    config = checkpoint.run_config
     return fit_ensemble(
-        setting, anchor, train_data(), checkpoint.split.train, conditions, checkpoint.run_config.seed, data,
-        sample.response_fdr,
+        setting, anchor, train_data(), checkpoint.split.train, conditions, config.seed, data, config.sample.response_fdr
     )
 
 

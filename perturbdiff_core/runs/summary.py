@@ -94,7 +94,7 @@ def _ensemble(trainer: Trainer) -> list[str]:
         why = f"; {ensemble.choice.why}" if ensemble.choice.why else ""
         lines.append(f"sample mean changes of {_names(averaged)} averaged with {ensemble.choice.name}'s shift "
                      f"(weight {sample.ensemble_weight:g}{why})")
-        if ensemble.support is not None:
+        if ensemble.support is not None and data.unseen_contexts(averaged):
             lines.append(f"sample the model's own change in unseen contexts only on genes a training condition of the "
                          f"perturbation or its parts changes (Wilcoxon FDR < {ensemble.support.fdr:g}; sample.response_fdr)")
     spread = [c for c in trainer.split.test if ensemble.spreads(data, data.condition(c))]

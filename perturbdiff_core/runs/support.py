@@ -1,4 +1,4 @@
-r"""``sample.response_fdr``: where the model extrapolates, the genes its own change may reach.
+r"""``sample.response_fdr``: in a context training lacked, the genes the model's own change may reach.
 
 In a cell type training never saw, the denoiser draws cells partly like the training cell types'
 stimulated cells: in held-out CD4+ T cells it called XCL2, IFNG (NK and CD8+ T cells' genes),
