@@ -14,6 +14,8 @@ from test_training import tiny_config
 
 from perturbdiff_core.data import DataConfig, PerturbationData
 from perturbdiff_core.data.synthetic import synthetic_screen
+from perturbdiff_core.errors import ConfigError
+from perturbdiff_core.runs.config import config_from_dict
 from perturbdiff_core.runs.model_predictor import settle_changes
 from perturbdiff_core.runs.summary import run_summary
 from perturbdiff_core.runs.support import ResponseSupport
@@ -101,3 +103,9 @@ def test_the_run_gates_its_unseen_contexts_only(three_types: Path, tmp_path: Pat
     assert combination.ensemble.applies(combo_data, combo_data.condition("A+B|t1"))
     assert combination.ensemble.reach(combo_data, combo_data.condition("A+B|t1")) is None  # epistasis may move any gene
     assert "sample.response_fdr" not in "\n".join(run_summary(combination))
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "often"])
+def test_a_bad_response_fdr_is_a_clear_error(value) -> None:
+    with pytest.raises(ConfigError, match=r"sample.response_fdr"):
+        config_from_dict({"sample": {"response_fdr": value}})
