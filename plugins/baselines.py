@@ -13,8 +13,9 @@ ones. The means can be right while the population is not; a generative model sho
 - ``context_mean``: the perturbation's mean shift in the other contexts.
 - ``context_mixture``: the perturbation's shifts in the other contexts, weighted by the mixture of
   their control means nearest the condition's own (a held-out T cell takes mostly T cells' shifts).
-- ``context_fold``: the perturbation's mean log fold change in the other contexts, applied to the
-  condition's own control level (a gene a context barely expresses barely moves).
+- ``context_fold``: the perturbation's log fold change in the other contexts, pooled by random effects
+  (a fold measured where the gene is expressed counts more), applied to the condition's own control level
+  (a gene a context barely expresses barely moves).
 - ``linear``: ridge regression from the perturbation encoding and the context to the shift.
 - ``random_train``: random training cells of the same perturbation.
 """
@@ -128,20 +129,55 @@ def _control_mean(data: PerturbationData, context: Context) -> np.ndarray:
     return data.read(data.control_cells(context)).mean(0, dtype=np.float64)
 
 
+def squared_standard_errors(cells: np.ndarray) -> np.ndarray:
+    """``(G,)`` squared standard error of each gene's mean over ``cells`` ``(n, G)``; at least that of one cell at
+    the smallest positive value among them, since a gene no cell detects is not known to be exactly 0."""
+    n = len(cells)
+    positive = cells[cells > 0]
+    one = float(positive.min()) if positive.size else 1.0
+    variance = cells.var(0, dtype=np.float64, ddof=1) if n > 1 else np.zeros(cells.shape[1])
+    return np.maximum(variance, one**2 / n) / n
+
+
+def random_effects_mean(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """Per column, the DerSimonian-Laird random-effects mean of ``effects`` ``(K, G)`` whose sampling variances are
+    ``variances`` ``(K, G)`` (positive): weights ``1 / (variance + tau^2)``, with the between-study variance
+    ``tau^2 = max(0, (Q - (K - 1)) / (sum w - sum w^2 / sum w))`` from the fixed-effect weights ``w = 1 / variance``
+    and Cochran's ``Q``; one effect is returned as it is."""
+    if effects.shape[0] == 1:
+        return effects[0]
+    w = 1.0 / variances
+    total = w.sum(0)
+    fixed = (w * effects).sum(0) / total
+    q = (w * (effects - fixed) ** 2).sum(0)
+    tau2 = np.maximum(0.0, (q - (effects.shape[0] - 1)) / (total - (w**2).sum(0) / total))
+    weights = 1.0 / (variances + tau2)
+    return (weights * effects).sum(0) / weights.sum(0)
+
+
 class _ShiftBaseline(_Fitted):
     """Sampled control cells of the context plus a predicted mean shift, clipped at 0 (log1p data).
 
-    Fitting stores the training shifts ``mean(cells of c) - mean(controls of c's context)``.
+    Fitting stores the training shifts ``mean(cells of c) - mean(controls of c's context)``, and the squared
+    standard error of each of those means (:func:`squared_standard_errors`), read in the same pass.
     """
 
     shifts: dict[str, np.ndarray]
     control_means: dict[Context, np.ndarray]
+    errors: dict[str, np.ndarray]
+    control_errors: dict[Context, np.ndarray]
 
     def _fit(self, data: PerturbationData, train: list[Condition]) -> None:
-        self.control_means = {context: _control_mean(data, context) for context in {c.context for c in train}}
-        self.shifts = {
-            c.label: data.read(data.cells(c)).mean(0, dtype=np.float64) - self.control_means[c.context] for c in train
-        }
+        self.control_means, self.control_errors = {}, {}
+        for context in {c.context for c in train}:
+            cells = data.read(data.control_cells(context))
+            self.control_means[context] = cells.mean(0, dtype=np.float64)
+            self.control_errors[context] = squared_standard_errors(cells)
+        self.shifts, self.errors = {}, {}
+        for c in train:
+            cells = data.read(data.cells(c))
+            self.shifts[c.label] = cells.mean(0, dtype=np.float64) - self.control_means[c.context]
+            self.errors[c.label] = squared_standard_errors(cells)
         self._n_genes = data.n_genes
 
     def _mean_shift(self, conditions: list[Condition]) -> np.ndarray:
@@ -209,12 +245,12 @@ class ContextMeanBaseline(_ShiftBaseline):
 
 
 class ContextFoldBaseline(ContextMeanBaseline):
-    r"""The perturbation's mean log fold change in the other contexts, applied to the condition's own control level.
+    r"""The perturbation's log fold change in the other contexts, pooled, applied to the condition's own control level.
 
     A context's fold of a gene is that of geometric means, pdex's (and cell-eval's) fold change on log1p data:
     :math:`f_k = (\mathrm{expm1}(s_k) + p) / (\mathrm{expm1}(m_k) + p)` with :math:`s_k, m_k` the log1p means of the
-    perturbed and control cells of context :math:`k` and :math:`p` the ``pseudocount``. The folds of the contexts
-    ``context_mean`` would average (rule 1) are averaged in log space and applied to the condition's control mean
+    perturbed and control cells of context :math:`k` and :math:`p` the ``pseudocount``. The log folds of the contexts
+    ``context_mean`` would average (rule 1) are pooled (``pooling``) and applied to the condition's control mean
     :math:`m`: :math:`\mathrm{shift} = \log1p(\max(\bar f\,(\mathrm{expm1}(m) + p) - p, 0)) - m`. Cell types
     share a response's folds more than its sizes: where interferon doubles a gene that T cells express and
     monocytes barely do, the T cells' absolute rise moved to monocytes switches the gene on in cells that never
@@ -226,28 +262,57 @@ class ContextFoldBaseline(ContextMeanBaseline):
         pseudocount: added to both geometric means, in the data's units (a log1p mean of 0.01 is a gene
             detected at one count in about 1% of cells of kang18): below it a gene counts as not expressed,
             so its fold stays near 1 rather than dividing noise by noise.
+        pooling: ``random_effects`` (the default): the DerSimonian-Laird random-effects mean of the log folds
+            (:func:`random_effects_mean`), each weighed by its sampling variance (from the cells' spread, delta
+            method) plus the contexts' disagreement on the gene: a fold measured where the gene is expressed
+            counts more than one measured where a few cells detect it, and where the contexts disagree beyond
+            their noise the weights even out. ``mean``: the plain mean of the log folds.
     """
 
-    def __init__(self, pseudocount: float = 0.01) -> None:
+    POOLINGS = ("random_effects", "mean")
+
+    def __init__(self, pseudocount: float = 0.01, pooling: str = "random_effects") -> None:
         if not (isinstance(pseudocount, int | float) and pseudocount > 0):
             raise ConfigError(f"context_fold pseudocount must be a positive number, got {pseudocount!r}.")
+        if pooling not in self.POOLINGS:
+            raise ConfigError(f"context_fold pooling must be one of {', '.join(self.POOLINGS)}; got {pooling!r}.")
         self.pseudocount = pseudocount
+        self.pooling = pooling
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
         same = self._same_elsewhere(condition, self._pool(condition))
         if not same:
             return super().shift(data, condition)
         p = self.pseudocount
-        log_folds = [self._log_fold(c) for c in same]
+        log_folds = np.stack([self._log_fold(c) for c in same])
+        if self.pooling == "random_effects":
+            pooled = random_effects_mean(log_folds, np.stack([self._log_fold_variance(c) for c in same]))
+        else:
+            pooled = log_folds.mean(0)
         level = self._control_mean_of(data, condition.context)
-        moved = np.exp(np.mean(log_folds, axis=0)) * (np.expm1(level) + p) - p
+        moved = np.exp(pooled) * (np.expm1(level) + p) - p
         return np.log1p(np.maximum(moved, 0.0)) - level
+
+    def _levels(self, condition: Condition) -> tuple[np.ndarray, np.ndarray]:
+        """``(G,)`` log1p means of a training condition's cells and of its context's control cells."""
+        control = self.control_means[condition.context]
+        return control + self.shifts[condition.label], control
 
     def _log_fold(self, condition: Condition) -> np.ndarray:
         """``(G,)`` log of the fold of geometric means of a training condition against its context's controls."""
-        control = self.control_means[condition.context]
-        perturbed = control + self.shifts[condition.label]
+        perturbed, control = self._levels(condition)
         return np.log((np.expm1(perturbed) + self.pseudocount) / (np.expm1(control) + self.pseudocount))
+
+    def _log_fold_variance(self, condition: Condition) -> np.ndarray:
+        """``(G,)`` sampling variance of :meth:`_log_fold` by the delta method: each log1p mean's squared standard
+        error times the squared slope of ``log(expm1(level) + p)`` there."""
+        perturbed, control = self._levels(condition)
+
+        def slope(level: np.ndarray) -> np.ndarray:
+            return np.exp(level) / (np.expm1(level) + self.pseudocount)
+
+        return (slope(perturbed) ** 2 * self.errors[condition.label]
+                + slope(control) ** 2 * self.control_errors[condition.context])
 
 
 class ContextMixtureBaseline(ContextMeanBaseline):

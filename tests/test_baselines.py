@@ -10,6 +10,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from statsmodels.stats.meta_analysis import combine_effects
 
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, make_split, prepare
 from perturbdiff_core.errors import ConfigError, InputError
@@ -28,6 +29,8 @@ from perturbdiff_plugins.baselines import (
     ControlBaseline,
     LinearBaseline,
     RandomTrainBaseline,
+    random_effects_mean,
+    squared_standard_errors,
 )
 
 NAMES = ("control", "context_mean", "context_fold", "context_mixture", "linear", "random_train")
@@ -270,11 +273,11 @@ def test_context_mixture_is_context_mean_without_two_other_contexts() -> None:
 
 @pytest.mark.parametrize("pseudocount", [0.01, 0.5])
 def test_context_fold_applies_the_mean_log_fold_of_geometric_means_to_the_held_out_level(pseudocount: float) -> None:
-    """Reference (float64): per other cell type k, ``f_k = (expm1(s_k) + p) / (expm1(m_k) + p)``; the held-out cell
+    """``pooling="mean"``, reference (float64): per other cell type k, ``f_k = (expm1(s_k) + p) / (expm1(m_k) + p)``; the held-out cell
     type's shift is ``log1p(max(exp(mean_k log f_k) (expm1(m) + p) - p, 0)) - m``."""
     adata, _ = additive_screen(context_shift=0.3, seed=3)
     data, train, _ = _data(adata, "holdout_cell_type", ["t3"])
-    shift = ContextFoldBaseline(pseudocount).fit(data, train).shift(data, data.condition("A|t3"))
+    shift = ContextFoldBaseline(pseudocount, pooling="mean").fit(data, train).shift(data, data.condition("A|t3"))
     log_folds = []
     for t in ("t1", "t2"):
         control = _cells(adata, "control", t).mean(0)
@@ -283,6 +286,91 @@ def test_context_fold_applies_the_mean_log_fold_of_geometric_means_to_the_held_o
     level = _cells(adata, "control", "t3").mean(0)
     moved = np.exp(np.mean(log_folds, axis=0)) * (np.expm1(level) + pseudocount) - pseudocount
     np.testing.assert_allclose(shift, np.log1p(np.maximum(moved, 0.0)) - level, rtol=1e-5, atol=1e-5)
+
+
+def count_screen(types: int = 5, genes: int = 12, seed: int = 0) -> ad.AnnData:
+    """log1p Poisson counts of ``types`` cell types with their own levels per gene (some barely expressed) and
+    their own folds under A, so that the folds' noise and disagreement both vary by gene."""
+    rng = np.random.default_rng(seed)
+    blocks, labels, cell_types = [], [], []
+    for t in range(types):
+        rate = rng.choice([0.02, 0.3, 3.0], size=genes) * rng.uniform(0.5, 1.5, genes)
+        fold = np.exp(rng.normal(0.7, 0.4, genes))
+        cells = int(rng.integers(30, 90))
+        for name, r in (("control", rate), ("A", rate * fold)):
+            blocks.append(np.log1p(rng.poisson(r, size=(cells, genes))))
+            labels += [name] * cells
+            cell_types += [f"t{t}"] * cells
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": cell_types}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=obs.astype("category"))
+    adata.var_names = [f"g{i}" for i in range(genes)]
+    return adata
+
+
+def _dersimonian_laird(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """Gene by gene, statsmodels' ``combine_effects(method_re="dl")``: its random-effects mean where its tau^2 is
+    positive, else its fixed-effect mean (statsmodels does not truncate the moment estimate at 0; DerSimonian and
+    Laird do, and at tau^2 = 0 the two means are one)."""
+    means = []
+    for g in range(effects.shape[1]):
+        fit = combine_effects(effects[:, g], variances[:, g], method_re="dl")
+        means.append(fit.mean_effect_re if fit.tau2 > 0 else fit.mean_effect_fe)
+    return np.array(means)
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_random_effects_mean_matches_statsmodels_dersimonian_laird(k: int) -> None:
+    """Reference: statsmodels' DerSimonian-Laird fit gene by gene, on random effects and variances (both signs of tau^2)."""
+    rng = np.random.default_rng(k)
+    effects = rng.normal(0.0, 1.0, size=(k, 40))
+    variances = rng.uniform(0.01, 0.5, size=(k, 40))
+    expected = _dersimonian_laird(effects, variances)
+    np.testing.assert_allclose(random_effects_mean(effects, variances), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_squared_standard_errors_are_the_mean_variance_and_at_least_one_cell_at_the_smallest_value() -> None:
+    """Reference: ``var(ddof=1) / n`` (float64); a gene no cell detects gets ``a^2 / n^2`` with ``a`` the smallest
+    positive value of the cells."""
+    rng = np.random.default_rng(0)
+    cells = np.log1p(rng.poisson(2.0, size=(25, 5))).astype(np.float64)
+    cells[:, 3] = 0.0
+    a = cells[cells > 0].min()
+    expected = cells.var(0, ddof=1) / 25
+    expected[3] = a**2 / 25**2
+    np.testing.assert_allclose(squared_standard_errors(cells), expected, rtol=1e-12)
+
+
+def test_context_fold_pools_the_log_folds_by_random_effects_on_their_delta_method_variances() -> None:
+    """Reference (float64, statsmodels): per other cell type k the log fold of geometric means and its variance
+    ``sum over (perturbed, control) of (exp(l) / (expm1(l) + p))^2 se^2(l)``, pooled gene by gene by
+    DerSimonian and Laird (:func:`_dersimonian_laird`), applied to the held-out level; on these data the weights
+    move the pooled fold off the plain mean of the folds."""
+    adata = count_screen()
+    data, train, _ = _data(adata, "holdout_cell_type", ["t4"])
+    p = 0.01
+    shift = ContextFoldBaseline(p).fit(data, train).shift(data, data.condition("A|t4"))
+    log_folds, variances = [], []
+    for t in ("t0", "t1", "t2", "t3"):
+        levels = []
+        for name in ("A", "control"):
+            x = _cells(adata, name, t)
+            se2 = np.maximum(x.var(0, ddof=1), x[x > 0].min() ** 2 / len(x)) / len(x)
+            levels.append((x.mean(0), se2))
+        (s, s_se2), (m, m_se2) = levels
+        log_folds.append(np.log((np.expm1(s) + p) / (np.expm1(m) + p)))
+        variances.append((np.exp(s) / (np.expm1(s) + p)) ** 2 * s_se2 + (np.exp(m) / (np.expm1(m) + p)) ** 2 * m_se2)
+    log_folds, variances = np.array(log_folds), np.array(variances)
+    pooled = _dersimonian_laird(log_folds, variances)
+    level = _cells(adata, "control", "t4").mean(0)
+    expected = np.log1p(np.maximum(np.exp(pooled) * (np.expm1(level) + p) - p, 0.0)) - level
+    np.testing.assert_allclose(shift, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pooled, log_folds.mean(0), atol=1e-3)  # the weights matter on these data
+
+
+def test_context_fold_pooling_must_be_known() -> None:
+    """An unknown pooling is a ConfigError naming the known ones."""
+    with pytest.raises(ConfigError, match="random_effects, mean"):
+        ContextFoldBaseline(pooling="median")
 
 
 def test_context_fold_moves_a_gene_by_the_held_out_context_own_level() -> None:

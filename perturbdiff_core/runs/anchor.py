@@ -10,8 +10,8 @@ The anchor is fitted on the training conditions only. A training condition's shi
 condition itself out (every shift baseline predicts a training condition from the others), so
 the model trains on the same kind of anchor error it meets on a held-out condition.
 
-``auto`` (the default) anchors on ``context_fold`` (the other contexts' mean log fold change, applied to
-the context's own control level) where the context mean's error is small and a context training lacks
+``auto`` (the default) anchors on ``context_fold`` (the other contexts' log fold changes pooled by random
+effects, applied to the context's own control level) where the context mean's error is small and a context training lacks
 must be predicted: the test holds contexts training lacks (a held-out replicate,
 donor, patient or cell type), and in training the other contexts' mean change predicts a
 context's by a factor of at least :data:`AUTO_MIN_CARRY` (the leave-one-context-out factor of
