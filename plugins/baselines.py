@@ -133,8 +133,8 @@ def squared_standard_errors(cells: np.ndarray) -> np.ndarray:
     """``(G,)`` squared standard error of each gene's mean over ``cells`` ``(n, G)``; at least that of one cell at
     the smallest positive value among them, since a gene no cell detects is not known to be exactly 0."""
     n = len(cells)
-    positive = cells[cells > 0]
-    one = float(positive.min()) if positive.size else 1.0
+    smallest = float(np.min(cells, initial=np.inf, where=cells > 0))  # no copy of the positive values
+    one = smallest if np.isfinite(smallest) else 1.0
     variance = cells.var(0, dtype=np.float64, ddof=1) if n > 1 else np.zeros(cells.shape[1])
     return np.maximum(variance, one**2 / n) / n
 

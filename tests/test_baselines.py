@@ -338,6 +338,7 @@ def test_squared_standard_errors_are_the_mean_variance_and_at_least_one_cell_at_
     expected = cells.var(0, ddof=1) / 25
     expected[3] = a**2 / 25**2
     np.testing.assert_allclose(squared_standard_errors(cells), expected, rtol=1e-12)
+    np.testing.assert_allclose(squared_standard_errors(np.zeros((4, 2))), np.full(2, 1 / 16))  # nothing detected: a = 1
 
 
 def test_context_fold_pools_the_log_folds_by_random_effects_on_their_delta_method_variances() -> None:
