@@ -357,6 +357,25 @@ def test_a_cell_another_run_holds_is_refused_naming_it(folder: Path, tmp_path: P
     assert_one_line_error(code, capsys.readouterr().err, f"Cell {NAMES[0]} failed", "in use by another perturbdiff run", f"pid {os.getpid()}")
 
 
+@pytest.mark.slow
+def test_side_by_side_a_failing_cell_stops_the_grid_naming_it_and_the_running_ones_finish(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``--jobs 2`` the error of a cell in a worker process reaches the user as one line naming it, and the cell
+    running beside it finishes and is kept."""
+    out = tmp_path / "out"
+    grid = {**GRID, "set": {**GRID["set"], "sample.steps": 2, "data.set_size": 8}, "grid": {**GRID["grid"], "seed": [0]}}
+    cells = read_grid(write_grid(folder, grid, "jobs.yaml")).cells()
+    with RunFolder(cell_dir(out, cells[0])):
+        code = main(["ablate", str(write_grid(folder, grid, "jobs.yaml")), "--out", str(out), "--quiet", "--jobs", "2"])
+    err = capsys.readouterr().err
+    progress, error = err[: err.index("perturbdiff: error:")], err[err.index("perturbdiff: error:"):]
+    assert_one_line_error(code, error, f"Cell {cells[0].name} failed", "in use by another perturbdiff run")
+    assert "running 2 cells at a time" in progress and f"[2/2] {cells[1].name}: finished in" in progress
+    assert "Traceback" not in progress
+    assert (cell_dir(out, cells[1]) / "metrics.csv").is_file()
+
+
 def test_a_cell_folder_written_before_a_config_key_existed_still_resumes(finished: tuple[Path, Path, list[str], str]) -> None:
     """A finished grid must not be refused because perturbdiff has since gained a config key (with its default)."""
     grid, out, _, _ = finished

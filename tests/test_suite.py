@@ -4,7 +4,12 @@ baseline (on a synthetic suite.csv), and one tiny end-to-end suite."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +427,53 @@ def test_a_tiny_suite_end_to_end(folder: Path, tmp_path: Path, capsys: pytest.Ca
     assert "## combo" in (out / "suite.md").read_text() and "## type_t2" in (out / "suite.md").read_text()
     assert "The model beats the best baseline on" in captured.out and "control baseline" in captured.out
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_jobs_run_side_by_side_in_their_own_processes_as_one_at_a_time_would(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--jobs 2`` runs two runs at a time in spawned worker processes; each gives the metrics it gives one at a time."""
+    suite = _suite(seeds=[0], set={"train.steps": 2, "sample.steps": 2, "data.set_size": 8})
+    path = write_suite(folder, suite, "jobs.yaml")
+    assert main(["suite", str(path), "--out", str(tmp_path / "in_turn"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["suite", str(path), "--out", str(tmp_path / "side"), "--quiet", "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "running 2 runs at a time, 1 thread each" in err
+    assert err.count(": finished in ") == 2
+    for run in ("combo/seed=0", "type_t2/seed=0"):
+        pd.testing.assert_frame_equal(
+            pd.read_csv(tmp_path / "side" / "tasks" / run / "metrics.csv"),
+            pd.read_csv(tmp_path / "in_turn" / "tasks" / run / "metrics.csv"),
+        )
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "side" / "suite.csv"), pd.read_csv(tmp_path / "in_turn" / "suite.csv"))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_runs_side_by_side_at_a_checkpoint_even_with_a_worker_idle(folder: Path, tmp_path: Path) -> None:
+    """SIGTERM to ``suite --jobs 2`` while one run trains and the other worker has nothing left: the run saves a
+    checkpoint and stops, the command exits 143 saying how to continue, and the run is listed to resume."""
+    suite = {"seeds": [0], "set": {"sample.steps": 2, "data.set_size": 8}, "metrics": ["pearson_delta"],
+             "tasks": [{"name": "long", "config": "base.yaml", "set": {"train.steps": 5000}},
+                       {"name": "short", "config": "base.yaml", "set": {"train.steps": 4}}]}
+    path, out = write_suite(folder, suite, "stop_jobs.yaml"), tmp_path / "out"
+    command = [sys.executable, "-m", "perturbdiff_core", "suite", str(path), "--out", str(out), "--quiet", "--jobs", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trained = out / "tasks" / "long" / "seed=0" / "checkpoints" / "last.pt"
+    finished = out / "tasks" / "short" / "seed=0" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while not (trained.is_file() and finished.is_file()):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the runs did not get going within 300 s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err
+    assert "run the same command again to continue the suite" in err and "Traceback" not in err
+    assert not (out / "tasks" / "long" / "seed=0" / "metrics.csv").exists()
+    statuses = subprocess.run(command[:-2] + ["--dry-run"], capture_output=True, text=True, check=True).stderr
+    assert re.search(r"resume\s+long/seed=0", statuses) and re.search(r"done\s+short/seed=0", statuses), statuses
 
 
 def test_bundled_cpu_suite_expands_to_39_valid_runs(kang18_path: Path, norman19_path: Path) -> None:

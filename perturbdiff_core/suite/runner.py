@@ -26,13 +26,16 @@ def run_suite(
     *,
     progress: bool = True,
     report: Callable[[str], None] = print,
+    processes: int = 1,
 ) -> SuiteSummary:
-    """Run every unfinished (task, seed) of ``spec`` into ``out/tasks/``, then write the summary; returns it.
+    """Run every unfinished (task, seed) of ``spec`` into ``out/tasks/``, ``processes`` at a time (side by side in
+    their own processes, :func:`~perturbdiff_core.ablation.runner.run_folders`), then write the summary; returns it.
 
     Finished runs (``metrics.csv`` written) are skipped and interrupted ones resume from their checkpoint
     (:func:`~perturbdiff_core.ablation.run_folders`). A failing run stops the suite with its name.
     """
     runs = checked_runs(spec, out)
     jobs = [Job(run.name, run.config, run_dir(out, run)) for run in runs]
-    runner.run_folders(jobs, spec.metrics, progress=progress, report=report, noun="run", whole="suite")
+    runner.run_folders(jobs, spec.metrics, progress=progress, report=report, noun="run", whole="suite",
+                       processes=processes)
     return summarize_suite(spec, runs, out)

@@ -15,6 +15,7 @@ from ...names import (
     MODEL,
     RUNS_DIR,
 )
+from ._argtypes import positive_int
 
 if TYPE_CHECKING:  # pandas, rich and the run machinery are imported when the command runs, not for --help
     import pandas as pd
@@ -76,6 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check every cell and list them with their status; run nothing"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-cell training progress bar")
+    parser.add_argument(
+        "--jobs", type=positive_int, metavar="N", default=1,
+        help="run N cells side by side in N worker processes that share the CPUs, with no progress "
+        "bar (default 1: one at a time with every CPU)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -93,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(spec, out, console)
     try:
-        table = run_grid(spec, out, progress=not args.quiet, report=lambda line: console.print(escape(line)))
+        table = run_grid(
+            spec, out, progress=not args.quiet, report=lambda line: console.print(escape(line)), processes=args.jobs
+        )
     except KeyboardInterrupt as stop:  # training saved a checkpoint first (TrainingInterrupted says where)
         return interrupted(stop, console, "grid")
     screen().print(summary_table(table, spec))

@@ -16,6 +16,7 @@ from ...names import (
     SUITE_SUMMARY_FILE,
     TASKS_DIR,
 )
+from ._argtypes import positive_int
 
 if TYPE_CHECKING:  # pandas, rich and the run machinery are imported when the command runs, not for --help
     import pandas as pd
@@ -77,6 +78,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check every (task, seed) and list them with their status; run nothing"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-run training progress bar")
+    parser.add_argument(
+        "--jobs", type=positive_int, metavar="N", default=1,
+        help="run N runs side by side in N worker processes that share the CPUs, with no progress "
+        "bar (default 1: one at a time with every CPU)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -96,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(spec, out, console)
     try:
-        done = run_suite(spec, out, progress=not args.quiet, report=lambda line: console.print(escape(line)))
+        done = run_suite(
+            spec, out, progress=not args.quiet, report=lambda line: console.print(escape(line)), processes=args.jobs
+        )
     except KeyboardInterrupt as stop:  # training saved a checkpoint first (TrainingInterrupted says where)
         return interrupted(stop, console, "suite")
     shown = screen()
