@@ -88,7 +88,8 @@ def _stoppable(function: Callable[[Item], Result], item: Item) -> Result:
 def _start_worker(threads: int) -> None:
     """A worker's start: its own session (signals come from the command's process, once), stop signals ignored
     between jobs (:func:`_stoppable`), and its thread count."""
-    os.setsid()
+    if hasattr(os, "setsid"):  # POSIX; elsewhere the terminal's Ctrl-C reaches the workers directly
+        os.setsid()
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = str(threads)
