@@ -476,6 +476,15 @@ def test_sigterm_stops_runs_side_by_side_at_a_checkpoint_even_with_a_worker_idle
     assert re.search(r"resume\s+long/seed=0", statuses) and re.search(r"done\s+short/seed=0", statuses), statuses
 
 
+@pytest.mark.parametrize("command", ["suite", "ablate"])
+@pytest.mark.parametrize(("jobs", "says"), [("0", "must be at least 1, got 0"), ("two", "expected a whole number, got 'two'")])
+def test_jobs_must_be_a_whole_number_of_at_least_one(
+    command: str, jobs: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "any.yaml", "--jobs", jobs]) == 2
+    assert f"argument --jobs: {says}" in capsys.readouterr().err
+
+
 def test_bundled_cpu_suite_expands_to_39_valid_runs(kang18_path: Path, norman19_path: Path) -> None:
     spec = read_suite(REPO / "examples" / "suite_cpu.yaml")
     runs = spec.runs()

@@ -15,7 +15,7 @@ from ...names import (
     MODEL,
     RUNS_DIR,
 )
-from ._argtypes import positive_int
+from ._argtypes import add_jobs_option
 
 if TYPE_CHECKING:  # pandas, rich and the run machinery are imported when the command runs, not for --help
     import pandas as pd
@@ -77,11 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check every cell and list them with their status; run nothing"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-cell training progress bar")
-    parser.add_argument(
-        "--jobs", type=positive_int, metavar="N", default=1,
-        help="run N cells side by side in N worker processes that share the CPUs, with no progress "
-        "bar (default 1: one at a time with every CPU)",
-    )
+    add_jobs_option(parser, "cell")
     parser.set_defaults(func=run)
 
 

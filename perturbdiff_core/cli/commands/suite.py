@@ -16,7 +16,7 @@ from ...names import (
     SUITE_SUMMARY_FILE,
     TASKS_DIR,
 )
-from ._argtypes import positive_int
+from ._argtypes import add_jobs_option
 
 if TYPE_CHECKING:  # pandas, rich and the run machinery are imported when the command runs, not for --help
     import pandas as pd
@@ -78,11 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="check every (task, seed) and list them with their status; run nothing"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-run training progress bar")
-    parser.add_argument(
-        "--jobs", type=positive_int, metavar="N", default=1,
-        help="run N runs side by side in N worker processes that share the CPUs, with no progress "
-        "bar (default 1: one at a time with every CPU)",
-    )
+    add_jobs_option(parser, "run")
     parser.set_defaults(func=run)
 
 
