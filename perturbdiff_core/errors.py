@@ -63,9 +63,14 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def stop_signal(stop: KeyboardInterrupt) -> int:
+    """The signal number of a stop (SIGINT for a plain Ctrl-C), e.g. to pass it on to worker processes."""
+    return stop.signum if isinstance(stop, Interrupted) else int(signal.SIGINT)
+
+
 def exit_status(stop: KeyboardInterrupt) -> int:
     """The exit status of a stop: 128 + its signal number (130 for a plain Ctrl-C)."""
-    return stop.status if isinstance(stop, Interrupted) else 128 + signal.SIGINT
+    return 128 + stop_signal(stop)
 
 
 class PerturbDiffWarning(UserWarning):

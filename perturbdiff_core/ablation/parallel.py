@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import TypeVar
 
-from ..errors import STOP_SIGNALS, Interrupted, exit_status
+from ..errors import STOP_SIGNALS, Interrupted, stop_signal
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -62,7 +62,7 @@ def side_by_side(
                     start_next()
                 yield index, result
     except BaseException as stop:  # Ctrl-C or SIGTERM here, an error, or the caller closing this early
-        signum = exit_status(stop) - 128 if isinstance(stop, KeyboardInterrupt) else signal.SIGINT
+        signum = stop_signal(stop) if isinstance(stop, KeyboardInterrupt) else signal.SIGINT
         for worker in multiprocessing.active_children():
             os.kill(worker.pid, signum)
         raise

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from ..configuration import read_yaml
-from ..errors import ConfigError, Interrupted, PerturbDiffError, exit_status
+from ..errors import ConfigError, Interrupted, PerturbDiffError, stop_signal
 from ..evaluation import ALL_CONDITIONS
 from ..runs.checkpoint import has_checkpoint
 from ..runs.config import RunConfig, config_from_dict, differences
@@ -109,7 +109,7 @@ def run_in_worker(job: Job) -> Outcome:
     try:
         return timed_run(job, progress=False)
     except KeyboardInterrupt as stop:  # training saved a checkpoint first (its message says where)
-        return Outcome(time.perf_counter() - start, error=str(stop) or "interrupted", signum=exit_status(stop) - 128)
+        return Outcome(time.perf_counter() - start, error=str(stop) or "interrupted", signum=stop_signal(stop))
 
 
 def run_folders(
