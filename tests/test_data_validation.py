@@ -77,6 +77,14 @@ def test_raw_counts_are_refused_or_normalised_like_scanpy(make_adata):
     np.testing.assert_allclose(data.read(rows), reference.X[rows].toarray(), rtol=1e-5, atol=1e-6)
 
 
+def test_expression_never_log_transformed_is_refused(make_adata):
+    def unlog(x):
+        np.expm1(x * 3.0, out=x)  # normalised values up to a few thousand, not whole numbers
+
+    error = _error(_with_x(make_adata(), unlog), r"reaches .*not log-transformed.*sc.pp.log1p")
+    assert "data.normalize: true" in str(error)
+
+
 def test_normalize_requested_on_log_data_is_refused(make_adata):
     _error(make_adata(), "does not hold raw counts.*data.normalize: false", normalize=True)
 

@@ -140,6 +140,10 @@ EMPTY_BLOCK_VALUES = 16_384
 #: A fixed target makes normalisation a per-cell operation, identical in memory and backed.
 TARGET_SUM = 1e4
 
+#: Largest value log-normalised expression reaches: ``log1p`` of a million is 13.8 and ``log2`` of
+#: counts per million at most 19.9, so a value above this is expression that was never log-transformed.
+MAX_LOG_VALUE = 30.0
+
 
 def read_annotations(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``obs`` and ``var`` of an ``.h5ad`` file without reading X, obsm, layers or uns."""
@@ -330,8 +334,8 @@ def summarize_values(matrix: CellMatrix) -> ValueSummary:
 
 
 def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str = "X") -> None:
-    """NaN/Inf, negative values, an all-zero matrix, signs of a damaged file and raw counts (unless
-    ``normalize``) each get one clear error.
+    """NaN/Inf, negative values, an all-zero matrix, signs of a damaged file, raw counts (unless
+    ``normalize``) and expression never log-transformed each get one clear error.
 
     Raw counts are recognised by integrality, not size: log-normalised expression is never
     all whole numbers, while counts of a shallow screen can all be at most 20.
@@ -353,6 +357,12 @@ def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str =
             f"{where} looks like raw counts (every value is a whole number, up to {summary.maximum:.0f}), but "
             f"log-normalised values are expected. Set data.normalize: true to apply "
             f"normalize_total (target {TARGET_SUM:g}) and log1p, or give log-normalised data."
+        )
+    if not counts and summary.maximum > MAX_LOG_VALUE:
+        raise DataError(
+            f"{where} reaches {summary.maximum:.3g}, beyond any log-normalised value (at most about {MAX_LOG_VALUE:g}): "
+            f"it looks normalised but not log-transformed. Apply log1p first (sc.pp.log1p), or give the raw "
+            f"counts with data.normalize: true."
         )
     if normalize and not counts:
         raise DataError(
