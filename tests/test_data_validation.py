@@ -12,7 +12,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from perturbdiff_core.data import DataConfig, PerturbationData, SplitConfig, prepare
-from perturbdiff_core.data.anndata_io import TARGET_SUM
+from perturbdiff_core.data.anndata_io import MAX_LOG1P, TARGET_SUM
 from perturbdiff_core.errors import ConfigError, DataError, PerturbDiffError, PerturbDiffWarning
 
 CFG = {"cell_type_key": "cell_type"}
@@ -83,6 +83,12 @@ def test_expression_never_log_transformed_is_refused(make_adata):
 
     error = _error(_with_x(make_adata(), unlog), r"reaches .*not log-transformed.*sc.pp.log1p")
     assert "data.normalize: true" in str(error)
+
+    def just_below(x):  # the largest log1p values real data reach stay accepted
+        x *= (MAX_LOG1P - 0.5) / x.max()
+
+    data, _ = prepare(DataConfig(**CFG), SplitConfig(), _with_x(make_adata(), just_below))
+    assert data.n_genes > 0
 
 
 def test_normalize_requested_on_log_data_is_refused(make_adata):

@@ -140,9 +140,9 @@ EMPTY_BLOCK_VALUES = 16_384
 #: A fixed target makes normalisation a per-cell operation, identical in memory and backed.
 TARGET_SUM = 1e4
 
-#: Largest value log-normalised expression reaches: ``log1p`` of a million is 13.8 and ``log2`` of
-#: counts per million at most 19.9, so a value above this is expression that was never log-transformed.
-MAX_LOG_VALUE = 30.0
+#: Values of log1p expression stay below this (``log1p`` of 5e8 is about 20; of a million, 13.8): a larger
+#: value is expression that was never log-transformed. Training data and evaluated files are held to it alike.
+MAX_LOG1P = 20.0
 
 
 def read_annotations(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -358,9 +358,9 @@ def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str =
             f"log-normalised values are expected. Set data.normalize: true to apply "
             f"normalize_total (target {TARGET_SUM:g}) and log1p, or give log-normalised data."
         )
-    if not counts and summary.maximum > MAX_LOG_VALUE:
+    if not counts and summary.maximum >= MAX_LOG1P:
         raise DataError(
-            f"{where} reaches {summary.maximum:.3g}, beyond any log-normalised value (at most about {MAX_LOG_VALUE:g}): "
+            f"{where} reaches {summary.maximum:.3g}, beyond any log-normalised value (below {MAX_LOG1P:g}): "
             f"it looks normalised but not log-transformed. Apply log1p first (sc.pp.log1p), or give the raw "
             f"counts with data.normalize: true."
         )

@@ -22,13 +22,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data.anndata_io import CellMatrix, require_label, require_obs_key, require_unique_genes, summarize_values
+from ..data.anndata_io import (
+    MAX_LOG1P,
+    CellMatrix,
+    require_label,
+    require_obs_key,
+    require_unique_genes,
+    summarize_values,
+)
 from ..data.dataset import LABEL_SEPARATOR
 from ..errors import DataError, PerturbDiffDeprecationWarning
 from .predictors import POPULATION_KEY
-
-#: Largest value accepted as log1p expression (log1p(5e8) is about 20).
-MAX_LOG1P = 20.0
 
 
 @dataclass(frozen=True)
