@@ -255,7 +255,7 @@ class ContextFoldBaseline(ContextMeanBaseline):
     share a response's folds more than its sizes: where interferon doubles a gene that T cells express and
     monocytes barely do, the T cells' absolute rise moved to monocytes switches the gene on in cells that never
     had it, and their fold barely moves it (kang18, each cell type held out in turn: half the mean squared error
-    of ``context_mean``'s shift, measured in the README).
+    of ``context_mean``'s shift, measured in docs/defaults.md).
     Everything else (combinations, unseen perturbations) is predicted as by ``context_mean``.
 
     Args:

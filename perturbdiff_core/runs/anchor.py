@@ -18,13 +18,13 @@ context's by a factor of at least :data:`AUTO_MIN_CARRY` (the leave-one-context-
 ``sample.unseen_context_change``). The model then learns what the carried-over response misses in
 each context instead of the whole response, whether its denoiser reads the unseen context's levels
 (``model.control_levels`` ``hull``) or not (``centred``): a held-out K562 replicate read either way
-lost most of its accuracy without the anchor (README, options table). Everywhere else it is
+lost most of its accuracy without the anchor (docs/defaults.md, options table). Everywhere else it is
 ``none``: contexts whose responses do not carry (CRISPRi glioma lines: 0.00-0.06) and held-out
 combinations in trained contexts, where a training single's context mean comes from other
-contexts and the model learns to undo it (README, options table). Folds rather than shifts: a gene
+contexts and the model learns to undo it (docs/defaults.md, options table). Folds rather than shifts: a gene
 another cell type expresses and raises is barely expressed in a monocyte, and its absolute rise moved
 there switches it on; on the kang18 cell types (seeds 0-2) the fold anchor lifts DE recall 0.59 → 0.69,
-ROC AUC 0.90 → 0.93 and spearman_lfc 0.34 → 0.39 over the shift anchor, at 3% higher mse_delta (README).
+ROC AUC 0.90 → 0.93 and spearman_lfc 0.34 → 0.39 over the shift anchor, at 3% higher mse_delta (docs/defaults.md).
 """
 
 from __future__ import annotations

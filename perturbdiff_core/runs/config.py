@@ -94,7 +94,7 @@ class ModelConfig:
             the nearest mixture of the training contexts' control means, so a held-out context reads
             as the trained ones nearest it), or ``auto``: ``hull`` where the test has contexts
             training lacks and the training contexts' means explain at least 25% of each one's
-            (a held-out cell type of a tissue), ``centred`` otherwise (measured in the README).
+            (a held-out cell type of a tissue), ``centred`` otherwise (measured in docs/defaults.md).
     """
 
     denoiser: str = "cross_dit"

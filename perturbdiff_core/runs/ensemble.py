@@ -17,7 +17,7 @@ model_predictor.settle_changes`); only the size of each gene's mean change is av
 training shifts weighted by the nearest mixture of their contexts' control means, where the run is
 anchored, that is where responses carry across contexts (``model.anchor: auto``,
 :mod:`~perturbdiff_core.runs.anchor`); for a new combination of trained parts, the sum of the parts'
-shifts (``context_mean``'s rule). Measured on the suite, re-sampled (README, options table): on the
+shifts (``context_mean``'s rule). Measured on the suite, re-sampled (docs/defaults.md, options table): on the
 held-out PBMC cell types mse_delta 10% lower (geometric mean over 7 cell types and 6 seeds) and
 mmd2_energy 15% lower; on the held-out K562 double perturbations the average of the two beats the
 sum alone, which beats the model (the sum of two noisy part estimates overshoots, the model

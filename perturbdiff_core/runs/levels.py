@@ -5,7 +5,7 @@ of the training contexts' control means. ``auto`` chooses ``hull`` only for held
 those means span: where the hull explains at least :data:`AUTO_HULL_MIN_EXPLAINED` of how a held-out
 context's control mean differs from the training contexts' average. A held-out PBMC cell type is
 half to 86% explained by the other cell types; a held-out glioma line under 6% by the other lines
-and K562, and reading it at the hull's levels made its predictions worse (README, "The task suite").
+and K562, and reading it at the hull's levels made its predictions worse (docs/defaults.md).
 """
 
 from __future__ import annotations

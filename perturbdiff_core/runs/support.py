@@ -17,7 +17,7 @@ interaction is.
 
 The threshold is loose (0.25) because a weak response in one training cell type is still a
 response: at 0.05 the held-out NK cells lost genes the model had right to the anchor (mse_delta 15%
-higher). Measured on the task suite's kang18 runs, seeds 0-2 (README): with 0.25 mse_delta 3% lower
+higher). Measured on the task suite's kang18 runs, seeds 0-2 (docs/defaults.md): with 0.25 mse_delta 3% lower
 (6 of 7 cell types), mae_delta and zero_fraction_mae lower on all 7; on held-out CD4+ T cells, seed
 0, DE calls 66 → 53 (44 real; 13 false calls gone, one true call lost and one gained), overlap_at_N 0.36 → 0.48. A
 perturbation none of whose parts training has is not gated: the training data say nothing about it.

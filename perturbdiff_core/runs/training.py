@@ -97,7 +97,7 @@ def resolve_context_drop(prob: float | str, data: PerturbationData, test: Sequen
     """``train.context_drop_prob`` as a number. ``auto`` trains the ``<unknown>`` context only when the
     test conditions need it (:data:`AUTO_CONTEXT_DROP_PROB` where one has a cell type or batch that
     training lacks), since otherwise each dropped set just loses its context: on norman19's held-out
-    K562 combinations, 0.2 instead of 0 won 4 instead of 5 of 23 suite pairs (README)."""
+    K562 combinations, 0.2 instead of 0 won 4 instead of 5 of 23 suite pairs (docs/defaults.md)."""
     if prob != "auto":
         return float(prob)
     return AUTO_CONTEXT_DROP_PROB if data.unseen_contexts(test) else 0.0

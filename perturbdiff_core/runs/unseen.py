@@ -13,7 +13,7 @@ and the model's carried-over change there was worse than predicting the held-out
 cells. Where the denoiser reads the context's levels (``hull``, ``absolute``) it shapes the change
 to that context, and ``auto`` keeps all of it: scaling it by the same factor (0.87-0.90 for held-out
 PBMC cell types, 0.95-0.99 with the others weighted by the hull mixture) cost the held-out
-monocytes more than it gained the T cells (README, "How a prediction becomes cells").
+monocytes more than it gained the T cells (docs/defaults.md).
 """
 
 from __future__ import annotations
