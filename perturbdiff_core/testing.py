@@ -1088,8 +1088,8 @@ def _predictor_predict(predictor: Predictor) -> None:
 
 
 def _predictor_held_out(predictor: Predictor) -> None:
-    """Neither ``fit`` nor ``predict`` nor ``shift`` reads the real cells of the held-out condition
-    (every ``data.read`` is watched)."""
+    """Neither ``fit`` nor ``predict`` nor ``shift`` nor ``shift_standard_error`` reads the real cells of the
+    held-out condition (every ``data.read`` is watched)."""
     from .evaluation.predictors import Predictor
 
     name = type(predictor).__name__
@@ -1110,6 +1110,8 @@ def _predictor_held_out(predictor: Predictor) -> None:
     fitted.predict(data, data.condition(HELD_OUT), 11, seed=0)
     stage = "shift"
     fitted.shift(data, data.condition(HELD_OUT))
+    stage = "shift_standard_error"
+    fitted.shift_standard_error(data, data.condition(HELD_OUT))
     _require(not leaks, f"{name}: read the real cells of the held-out condition {HELD_OUT}: {'; '.join(leaks)}.")
 
 
@@ -1128,12 +1130,21 @@ def _predictor_seed(predictor: Predictor) -> None:
 
 
 def _predictor_shift(predictor: Predictor) -> None:
-    """``shift`` gives a finite ``(G,)`` vector (what ``model.anchor`` adds to each control set's mean)."""
+    """``shift`` gives a finite ``(G,)`` vector (what ``model.anchor`` adds to each control set's mean), and
+    ``shift_standard_error`` ``None`` or a finite non-negative one."""
     name = type(predictor).__name__
     model, data, _ = _fitted_predictor(predictor)
     shift = np.asarray(model.shift(data, data.condition(HELD_OUT)))
     _require(shift.shape == (data.n_genes,), f"{name}: shift has shape {shift.shape}, expected ({data.n_genes},).")
     _require(bool(np.isfinite(shift).all()), f"{name}: shift has NaN or Inf.")
+    error = model.shift_standard_error(data, data.condition(HELD_OUT))
+    if error is not None:
+        error = np.asarray(error)
+        _require(
+            error.shape == (data.n_genes,),
+            f"{name}: shift_standard_error has shape {error.shape}, expected ({data.n_genes},); return None if unknown.",
+        )
+        _require(bool((np.isfinite(error) & (error >= 0)).all()), f"{name}: shift_standard_error has NaN, Inf or < 0.")
 
 
 def _predictor_checks(predictor: Predictor) -> list[NamedCheck]:
@@ -1151,8 +1162,9 @@ def check_predictor(predictor: Predictor) -> None:
     Fitted on a synthetic screen (A, B, A+B and controls in two cell types) with the condition
     :data:`HELD_OUT` left out: ``fit`` returns the predictor; ``predict`` gives finite floating-point
     ``(n_cells, G)`` cells of the held-out condition, also for more cells than its context has
-    controls; ``fit``, ``predict`` and ``shift`` never read the held-out condition's cells (every
-    ``data.read`` is watched); the same seed gives the same cells; ``shift`` is a finite ``(G,)`` vector.
+    controls; ``fit``, ``predict``, ``shift`` and ``shift_standard_error`` never read the held-out condition's cells (every
+    ``data.read`` is watched); the same seed gives the same cells; ``shift`` is a finite ``(G,)`` vector, and
+    ``shift_standard_error`` ``None`` or a finite non-negative one.
     """
     _run(predictor, _predictor_checks(predictor))
 

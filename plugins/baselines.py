@@ -139,20 +139,21 @@ def squared_standard_errors(cells: np.ndarray) -> np.ndarray:
     return np.maximum(variance, one**2 / n) / n
 
 
-def random_effects_mean(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
+def random_effects_mean(effects: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column, the DerSimonian-Laird random-effects mean of ``effects`` ``(K, G)`` whose sampling variances are
-    ``variances`` ``(K, G)`` (positive): weights ``1 / (variance + tau^2)``, with the between-study variance
-    ``tau^2 = max(0, (Q - (K - 1)) / (sum w - sum w^2 / sum w))`` from the fixed-effect weights ``w = 1 / variance``
-    and Cochran's ``Q``; one effect is returned as it is."""
+    ``variances`` ``(K, G)`` (positive), and that mean's variance: weights ``1 / (variance + tau^2)``, with the
+    between-study variance ``tau^2 = max(0, (Q - (K - 1)) / (sum w - sum w^2 / sum w))`` from the fixed-effect weights
+    ``w = 1 / variance`` and Cochran's ``Q``, and the mean's variance ``1 / sum weights``; one effect is returned as
+    it is, with its own variance."""
     if effects.shape[0] == 1:
-        return effects[0]
+        return effects[0], variances[0]
     w = 1.0 / variances
     total = w.sum(0)
     fixed = (w * effects).sum(0) / total
     q = (w * (effects - fixed) ** 2).sum(0)
     tau2 = np.maximum(0.0, (q - (effects.shape[0] - 1)) / (total - (w**2).sum(0) / total))
     weights = 1.0 / (variances + tau2)
-    return (weights * effects).sum(0) / weights.sum(0)
+    return (weights * effects).sum(0) / weights.sum(0), 1.0 / weights.sum(0)
 
 
 class _ShiftBaseline(_Fitted):
@@ -182,6 +183,19 @@ class _ShiftBaseline(_Fitted):
 
     def _mean_shift(self, conditions: list[Condition]) -> np.ndarray:
         return np.mean([self.shifts[c.label] for c in conditions], axis=0)
+
+    def _combined_variance(self, weighted: list[tuple[Condition, float]]) -> np.ndarray:
+        """``(G,)`` sampling variance of ``sum a_c shift(c)`` over the training conditions and weights ``weighted``:
+        each condition's cells count with ``a_c^2``, each context's control cells, shared by its conditions, with the
+        square of their weights' sum (the squared standard errors of :func:`squared_standard_errors`)."""
+        variance = np.zeros(self._n_genes)
+        control_weights: dict[Context, float] = {}
+        for condition, weight in weighted:
+            variance += weight**2 * self.errors[condition.label]
+            control_weights[condition.context] = control_weights.get(condition.context, 0.0) + weight
+        for context, weight in control_weights.items():
+            variance += weight**2 * self.control_errors[context]
+        return variance
 
     @abstractmethod
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
@@ -220,16 +234,26 @@ class ContextMeanBaseline(_ShiftBaseline):
     """
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        return np.sum([self._mean_shift(group) for group in self._summed_groups(data, condition)], axis=0)
+
+    def shift_standard_error(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        """``(G,)``: the training cells' sampling noise in :meth:`shift` (a combination's parts share their context's
+        control cells)."""
+        groups = self._summed_groups(data, condition)
+        return np.sqrt(self._combined_variance([(c, 1.0 / len(group)) for group in groups for c in group]))
+
+    def _summed_groups(self, data: PerturbationData, condition: Condition) -> list[list[Condition]]:
+        """The groups of training conditions whose mean shifts add up to ``condition``'s (the class's rules)."""
         pool = self._pool(condition)
         same = self._same_elsewhere(condition, pool)
         if same:
-            return self._mean_shift(same)
+            return [same]
         cfg = data.config
         parts = perturbation_parts(condition.perturbation, cfg.combination_separator, cfg.control_label)
         by_part = [[c for c in pool if c.perturbation == p] for p in parts]
         if len(parts) > 1 and all(by_part):
-            return np.sum([self._mean_shift(_same_context_first(c, condition.context)) for c in by_part], axis=0)
-        return self._mean_shift(_same_context_first(pool, condition.context))
+            return [_same_context_first(c, condition.context) for c in by_part]
+        return [_same_context_first(pool, condition.context)]
 
     def _fit(self, data: PerturbationData, train: list[Condition]) -> None:
         super()._fit(data, train)
@@ -280,18 +304,39 @@ class ContextFoldBaseline(ContextMeanBaseline):
         self.pooling = pooling
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        pooled = self._pooled_log_fold(condition)
+        if pooled is None:
+            return super().shift(data, condition)
+        level = self._control_mean_of(data, condition.context)
+        return np.log1p(self._moved(pooled[0], level)) - level
+
+    def shift_standard_error(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        """``(G,)``: the pooled log fold's standard error (random effects: its contexts' sampling noise and
+        disagreement) carried to the shift by the delta method; a gene the fold takes to 0 has none."""
+        pooled = self._pooled_log_fold(condition)
+        if pooled is None:
+            return super().shift_standard_error(data, condition)
+        log_fold, variance = pooled
+        level = self._control_mean_of(data, condition.context)
+        moved = self._moved(log_fold, level)
+        slope = np.where(moved > 0, (moved + self.pseudocount) / (1.0 + moved), 0.0)  # d shift / d log fold
+        return slope * np.sqrt(variance)
+
+    def _pooled_log_fold(self, condition: Condition) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(G,)`` pooled log fold of the contexts ``context_mean`` would average and its ``(G,)`` sampling variance;
+        ``None`` where the perturbation has no other context (``context_mean``'s other rules apply)."""
         same = self._same_elsewhere(condition, self._pool(condition))
         if not same:
-            return super().shift(data, condition)
-        p = self.pseudocount
+            return None
         log_folds = np.stack([self._log_fold(c) for c in same])
+        variances = np.stack([self._log_fold_variance(c) for c in same])
         if self.pooling == "random_effects":
-            pooled = random_effects_mean(log_folds, np.stack([self._log_fold_variance(c) for c in same]))
-        else:
-            pooled = log_folds.mean(0)
-        level = self._control_mean_of(data, condition.context)
-        moved = np.exp(pooled) * (np.expm1(level) + p) - p
-        return np.log1p(np.maximum(moved, 0.0)) - level
+            return random_effects_mean(log_folds, variances)
+        return log_folds.mean(0), variances.sum(0) / len(same) ** 2
+
+    def _moved(self, log_fold: np.ndarray, level: np.ndarray) -> np.ndarray:
+        """``(G,)`` the control level ``level`` moved by ``log_fold`` in expression units, at least 0."""
+        return np.maximum(np.exp(log_fold) * (np.expm1(level) + self.pseudocount) - self.pseudocount, 0.0)
 
     def _levels(self, condition: Condition) -> tuple[np.ndarray, np.ndarray]:
         """``(G,)`` log1p means of a training condition's cells and of its context's control cells."""
@@ -332,12 +377,28 @@ class ContextMixtureBaseline(ContextMeanBaseline):
     """
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        mixed = self._mixture(data, condition)
+        if mixed is None:
+            return super().shift(data, condition)
+        weights, same = mixed
+        return np.einsum("k,kg->g", weights, np.stack([self.shifts[c.label] for c in same]))
+
+    def shift_standard_error(self, data: PerturbationData, condition: Condition) -> np.ndarray:
+        """``(G,)``: the mixed shifts' sampling noise, each weighed by its squared weight (the weights taken as fixed)."""
+        mixed = self._mixture(data, condition)
+        if mixed is None:
+            return super().shift_standard_error(data, condition)
+        weights, same = mixed
+        return np.sqrt(self._combined_variance(list(zip(same, weights, strict=True))))
+
+    def _mixture(self, data: PerturbationData, condition: Condition) -> tuple[np.ndarray, list[Condition]] | None:
+        """The hull weights ``(K,)`` of the other contexts' training conditions and those conditions; ``None`` with
+        fewer than two (``context_mean``'s rules apply)."""
         same = self._same_elsewhere(condition, self._pool(condition))
         if len(same) < 2:
-            return super().shift(data, condition)
+            return None
         vertices = torch.from_numpy(np.stack([self.control_means[c.context] for c in same]))
-        weights = hull_weights(torch.from_numpy(self._control_mean_of(data, condition.context)), vertices).numpy()
-        return np.einsum("k,kg->g", weights, np.stack([self.shifts[c.label] for c in same]))
+        return hull_weights(torch.from_numpy(self._control_mean_of(data, condition.context)), vertices).numpy(), same
 
 
 class LinearBaseline(_ShiftBaseline):

@@ -307,25 +307,30 @@ def count_screen(types: int = 5, genes: int = 12, seed: int = 0) -> ad.AnnData:
     return adata
 
 
-def _dersimonian_laird(effects: np.ndarray, variances: np.ndarray) -> np.ndarray:
-    """Gene by gene, statsmodels' ``combine_effects(method_re="dl")``: its random-effects mean where its tau^2 is
-    positive, else its fixed-effect mean (statsmodels does not truncate the moment estimate at 0; DerSimonian and
-    Laird do, and at tau^2 = 0 the two means are one)."""
-    means = []
+def _dersimonian_laird(effects: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gene by gene, statsmodels' ``combine_effects(method_re="dl")``: its random-effects mean and that mean's variance
+    where its tau^2 is positive, else its fixed-effect ones (statsmodels does not truncate the moment estimate at 0;
+    DerSimonian and Laird do, and at tau^2 = 0 the two fits are one)."""
+    means, mean_variances = [], []
     for g in range(effects.shape[1]):
         fit = combine_effects(effects[:, g], variances[:, g], method_re="dl")
-        means.append(fit.mean_effect_re if fit.tau2 > 0 else fit.mean_effect_fe)
-    return np.array(means)
+        random = fit.tau2 > 0
+        means.append(fit.mean_effect_re if random else fit.mean_effect_fe)
+        mean_variances.append((fit.sd_eff_w_re if random else fit.sd_eff_w_fe) ** 2)
+    return np.array(means), np.array(mean_variances)
 
 
 @pytest.mark.parametrize("k", [2, 3, 6])
 def test_random_effects_mean_matches_statsmodels_dersimonian_laird(k: int) -> None:
-    """Reference: statsmodels' DerSimonian-Laird fit gene by gene, on random effects and variances (both signs of tau^2)."""
+    """Reference: statsmodels' DerSimonian-Laird fit gene by gene, on random effects and variances (both signs of
+    tau^2): the pooled mean and its variance."""
     rng = np.random.default_rng(k)
     effects = rng.normal(0.0, 1.0, size=(k, 40))
     variances = rng.uniform(0.01, 0.5, size=(k, 40))
-    expected = _dersimonian_laird(effects, variances)
-    np.testing.assert_allclose(random_effects_mean(effects, variances), expected, rtol=1e-10, atol=1e-12)
+    expected_mean, expected_variance = _dersimonian_laird(effects, variances)
+    mean, variance = random_effects_mean(effects, variances)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(variance, expected_variance, rtol=1e-10)
 
 
 def test_squared_standard_errors_are_the_mean_variance_and_at_least_one_cell_at_the_smallest_value() -> None:
@@ -349,7 +354,8 @@ def test_context_fold_pools_the_log_folds_by_random_effects_on_their_delta_metho
     adata = count_screen()
     data, train, _ = _data(adata, "holdout_cell_type", ["t4"])
     p = 0.01
-    shift = ContextFoldBaseline(p).fit(data, train).shift(data, data.condition("A|t4"))
+    fold = ContextFoldBaseline(p).fit(data, train)
+    shift = fold.shift(data, data.condition("A|t4"))
     log_folds, variances = [], []
     for t in ("t0", "t1", "t2", "t3"):
         levels = []
@@ -361,11 +367,67 @@ def test_context_fold_pools_the_log_folds_by_random_effects_on_their_delta_metho
         log_folds.append(np.log((np.expm1(s) + p) / (np.expm1(m) + p)))
         variances.append((np.exp(s) / (np.expm1(s) + p)) ** 2 * s_se2 + (np.exp(m) / (np.expm1(m) + p)) ** 2 * m_se2)
     log_folds, variances = np.array(log_folds), np.array(variances)
-    pooled = _dersimonian_laird(log_folds, variances)
+    pooled, pooled_variance = _dersimonian_laird(log_folds, variances)
     level = _cells(adata, "control", "t4").mean(0)
-    expected = np.log1p(np.maximum(np.exp(pooled) * (np.expm1(level) + p) - p, 0.0)) - level
-    np.testing.assert_allclose(shift, expected, rtol=1e-5, atol=1e-6)
+
+    def shift_of(log_fold: np.ndarray) -> np.ndarray:
+        return np.log1p(np.maximum(np.exp(log_fold) * (np.expm1(level) + p) - p, 0.0)) - level
+
+    np.testing.assert_allclose(shift, shift_of(pooled), rtol=1e-5, atol=1e-6)
     assert not np.allclose(pooled, log_folds.mean(0), atol=1e-3)  # the weights matter on these data
+    h = 1e-6  # the standard error: the pooled fold's, through the shift's slope (central difference)
+    slope = (shift_of(pooled + h) - shift_of(pooled - h)) / (2 * h)
+    error = fold.shift_standard_error(data, data.condition("A|t4"))
+    np.testing.assert_allclose(error, np.abs(slope) * np.sqrt(pooled_variance), rtol=1e-4, atol=1e-9)
+
+
+def resampled_screen(rng: np.random.Generator, rates: dict[tuple[str, str], np.ndarray], cells: int) -> ad.AnnData:
+    """log1p Poisson counts, ``cells`` per (perturbation, cell type) of ``rates``, drawn afresh with ``rng``."""
+    blocks, labels, types = [], [], []
+    for (name, t), rate in rates.items():
+        blocks.append(np.log1p(rng.poisson(rate, size=(cells, len(rate)))))
+        labels += [name] * cells
+        types += [t] * cells
+    obs = pd.DataFrame({"perturbation": labels, "cell_type": types}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=obs.astype("category"))
+    adata.var_names = [f"g{i}" for i in range(len(next(iter(rates.values()))))]
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("predictor", "kind", "holdout", "label"),
+    [
+        (ContextMeanBaseline(), "holdout_cell_type", ["t3"], "A|t3"),
+        (ContextMeanBaseline(), "holdout_combination", ["A+B"], "A+B|t3"),
+        (ContextMixtureBaseline(), "holdout_cell_type", ["t3"], "A|t3"),
+        (ContextFoldBaseline(pooling="mean"), "holdout_cell_type", ["t3"], "A|t3"),
+    ],
+    ids=["mean", "sum-of-parts", "mixture", "fold"],
+)
+def test_shift_standard_errors_match_the_spread_of_shifts_over_resampled_cells(
+    predictor: Predictor, kind: str, holdout: list[str], label: str
+) -> None:
+    """Reference: Monte Carlo. The same cell types and responses, their cells drawn afresh 300 times: the predicted
+    shift's standard deviation over the draws matches its mean standard error: within 10% over the genes, 15% gene by
+    gene (25% for the mixture, whose weights, taken as fixed, move a little with the draws)."""
+    rng = np.random.default_rng(0)
+    genes = 40
+    rates, bases = {}, {"t1": rng.uniform(1.0, 4.0, genes), "t2": rng.uniform(1.0, 4.0, genes)}
+    bases["t3"] = 0.7 * bases["t1"] + 0.3 * bases["t2"]  # the mixture's weights, estimated on 40 genes, barely move
+    for t in CELL_TYPES:
+        base = bases[t]
+        effects = {"A": np.exp(rng.normal(0.5, 0.3, genes)), "B": np.exp(rng.normal(-0.3, 0.3, genes))}
+        for name, fold in (("control", 1.0), ("A", effects["A"]), ("B", effects["B"]), ("A+B", effects["A"] * effects["B"])):
+            rates[(name, t)] = base * fold
+    shifts, errors = [], []
+    for _ in range(300):
+        data, train, _ = _data(resampled_screen(rng, rates, cells=40), kind, holdout)
+        fitted = predictor.fit(data, train)
+        shifts.append(fitted.shift(data, data.condition(label)))
+        errors.append(fitted.shift_standard_error(data, data.condition(label)))
+    spread, error = np.std(shifts, axis=0, ddof=1), np.mean(errors, axis=0)
+    np.testing.assert_allclose(spread, error, rtol=0.25 if isinstance(predictor, ContextMixtureBaseline) else 0.15)
+    assert abs(np.median(spread / error) - 1.0) < 0.1
 
 
 def test_context_fold_pooling_must_be_known() -> None:

@@ -535,12 +535,26 @@ class WrongShift(ControlBaseline):
         return np.zeros(data.n_genes + 1)
 
 
+class NegativeError(ControlBaseline):
+    def shift_standard_error(self, data, condition):
+        return np.full(data.n_genes, -1.0)
+
+
+class PeekingError(ControlBaseline):
+    """Reads the held-out condition's cells for its shift's standard error."""
+
+    def shift_standard_error(self, data, condition):
+        return data.read(data.cells(condition)).std(0)
+
+
 @pytest.mark.parametrize(
     ("predictor", "match"),
     [
         (Cheat(), r"read the real cells of the held-out condition A\|t2: .* during predict"),
         (Unseeded(), "not deterministic for a given seed"),
         (WrongShift(), "shift has shape"),
+        (NegativeError(), "shift_standard_error has NaN, Inf or < 0"),
+        (PeekingError(), r"A\|t2: .* during shift_standard_error"),
     ],
 )
 def test_predictor_kit_catches_broken_predictors(predictor: Predictor, match: str) -> None:

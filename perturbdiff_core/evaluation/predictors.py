@@ -53,6 +53,12 @@ class Predictor(ABC):
         first (the point prediction) vary by it."""
         return self.predict(data, condition, n_cells, seed=seed)
 
+    def shift_standard_error(self, data: PerturbationData, condition: Condition) -> np.ndarray | None:
+        """``(G,)`` standard error of :meth:`shift` from the sampling noise of the cells it was fitted on, or ``None``
+        where the predictor does not know it (the default): ``sample.ensemble_shrinkage`` then leaves the shift as it
+        is. The built-in shift baselines know theirs."""
+        return None
+
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:
         """``(G,)`` predicted change of ``condition``'s mean expression from its context's control mean.
 
