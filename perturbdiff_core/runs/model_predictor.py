@@ -147,7 +147,9 @@ class DiffusionPredictor(Predictor):
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
         partner = reach = None
         if self.ensemble is not None and self.ensemble.applies(data, condition):  # the model extrapolates here
-            partner = kept * torch.as_tensor(self.ensemble.predictor.shift(data, condition), dtype=cells.dtype)
+            partner = kept * torch.as_tensor(
+                self.ensemble.shift(data, condition, cfg.ensemble_shrinkage), dtype=cells.dtype
+            )
             reach = self.ensemble.reach(data, condition)
         lattice = donors  # the control cells as read: the count lattice the cells are decoded onto
         if cfg.control_mean == "context":  # the donors' sampling noise, taken out of every gene
