@@ -262,6 +262,9 @@ def test_ensemble_shrinkage_scales_the_ensemble_shift_by_its_garrote(three_types
         config = dataclasses.replace(trainer.config.sample, ensemble_shrinkage=shrinkage)
         return DiffusionPredictor(trainer.model, config, anchor=trainer.anchor, ensemble=ensemble).predict(data, unseen, 40, 2)
 
+    assert "garrote" not in "\n".join(run_summary(trainer))
+    shrunk = Trainer(held_out_t3(three_types, "sample.ensemble_shrinkage=1"), tmp_path / "shrunk", progress=False)
+    assert "shrunk gene by gene by the garrote at 1 standard errors" in "\n".join(run_summary(shrunk))
     nothing = dataclasses.replace(ensemble, predictor=as_predictor("control").fit(data, trainer.split.train))
     np.testing.assert_array_equal(predict(1e9), predict(0.0, nothing))
     assert not np.array_equal(predict(1.0), predict(0.0))

@@ -94,6 +94,9 @@ def _ensemble(trainer: Trainer) -> list[str]:
         why = f"; {ensemble.choice.why}" if ensemble.choice.why else ""
         lines.append(f"sample mean changes of {_names(averaged)} averaged with {ensemble.choice.name}'s shift "
                      f"(weight {sample.ensemble_weight:g}{why})")
+        if sample.ensemble_shrinkage > 0 and data.unseen_contexts(averaged):
+            lines.append(f"sample {ensemble.choice.name}'s shift in unseen contexts shrunk gene by gene by the garrote at "
+                         f"{sample.ensemble_shrinkage:g} standard errors (sample.ensemble_shrinkage)")
         if ensemble.support is not None and data.unseen_contexts(averaged):
             lines.append(f"sample the model's own change in unseen contexts only on genes a training condition of the "
                          f"perturbation or its parts changes (Wilcoxon FDR < {ensemble.support.fdr:g}; sample.response_fdr)")
