@@ -139,7 +139,7 @@ def squared_standard_errors(cells: np.ndarray) -> np.ndarray:
     return np.maximum(variance, one**2 / n) / n
 
 
-def random_effects_mean(effects: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def random_effects(effects: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column, the DerSimonian-Laird random-effects mean of ``effects`` ``(K, G)`` whose sampling variances are
     ``variances`` ``(K, G)`` (positive), and that mean's variance: weights ``1 / (variance + tau^2)``, with the
     between-study variance ``tau^2 = max(0, (Q - (K - 1)) / (sum w - sum w^2 / sum w))`` from the fixed-effect weights
@@ -287,7 +287,7 @@ class ContextFoldBaseline(ContextMeanBaseline):
             detected at one count in about 1% of cells of kang18): below it a gene counts as not expressed,
             so its fold stays near 1 rather than dividing noise by noise.
         pooling: ``random_effects`` (the default): the DerSimonian-Laird random-effects mean of the log folds
-            (:func:`random_effects_mean`), each weighed by its sampling variance (from the cells' spread, delta
+            (:func:`random_effects`), each weighed by its sampling variance (from the cells' spread, delta
             method) plus the contexts' disagreement on the gene: a fold measured where the gene is expressed
             counts more than one measured where a few cells detect it, and where the contexts disagree beyond
             their noise the weights even out. ``mean``: the plain mean of the log folds.
@@ -331,7 +331,7 @@ class ContextFoldBaseline(ContextMeanBaseline):
         log_folds = np.stack([self._log_fold(c) for c in same])
         variances = np.stack([self._log_fold_variance(c) for c in same])
         if self.pooling == "random_effects":
-            return random_effects_mean(log_folds, variances)
+            return random_effects(log_folds, variances)
         return log_folds.mean(0), variances.sum(0) / len(same) ** 2
 
     def _moved(self, log_fold: np.ndarray, level: np.ndarray) -> np.ndarray:

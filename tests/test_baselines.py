@@ -29,7 +29,7 @@ from perturbdiff_plugins.baselines import (
     ControlBaseline,
     LinearBaseline,
     RandomTrainBaseline,
-    random_effects_mean,
+    random_effects,
     squared_standard_errors,
 )
 
@@ -321,14 +321,14 @@ def _dersimonian_laird(effects: np.ndarray, variances: np.ndarray) -> tuple[np.n
 
 
 @pytest.mark.parametrize("k", [2, 3, 6])
-def test_random_effects_mean_matches_statsmodels_dersimonian_laird(k: int) -> None:
+def test_random_effects_mean_and_variance_match_statsmodels_dersimonian_laird(k: int) -> None:
     """Reference: statsmodels' DerSimonian-Laird fit gene by gene, on random effects and variances (both signs of
     tau^2): the pooled mean and its variance."""
     rng = np.random.default_rng(k)
     effects = rng.normal(0.0, 1.0, size=(k, 40))
     variances = rng.uniform(0.01, 0.5, size=(k, 40))
     expected_mean, expected_variance = _dersimonian_laird(effects, variances)
-    mean, variance = random_effects_mean(effects, variances)
+    mean, variance = random_effects(effects, variances)
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(variance, expected_variance, rtol=1e-10)
 
