@@ -264,7 +264,7 @@ def test_ensemble_shrinkage_scales_the_ensemble_shift_by_its_garrote(three_types
 
     assert "garrote" not in "\n".join(run_summary(trainer))
     shrunk = Trainer(held_out_t3(three_types, "sample.ensemble_shrinkage=1"), tmp_path / "shrunk", progress=False)
-    assert "shrunk gene by gene by the garrote at 1 standard errors" in "\n".join(run_summary(shrunk))
+    assert "shrunk gene by gene by the garrote at 1 standard error (sample.ensemble_shrinkage)" in "\n".join(run_summary(shrunk))
     nothing = dataclasses.replace(ensemble, predictor=as_predictor("control").fit(data, trainer.split.train))
     np.testing.assert_array_equal(predict(1e9), predict(0.0, nothing))
     assert not np.array_equal(predict(1.0), predict(0.0))

@@ -96,7 +96,8 @@ def _ensemble(trainer: Trainer) -> list[str]:
                      f"(weight {sample.ensemble_weight:g}{why})")
         if sample.ensemble_shrinkage > 0 and data.unseen_contexts(averaged):
             lines.append(f"sample {ensemble.choice.name}'s shift in unseen contexts shrunk gene by gene by the garrote at "
-                         f"{sample.ensemble_shrinkage:g} standard errors (sample.ensemble_shrinkage)")
+                         f"{sample.ensemble_shrinkage:g} standard error{'' if sample.ensemble_shrinkage == 1 else 's'} "
+                         f"(sample.ensemble_shrinkage)")
         if ensemble.support is not None and data.unseen_contexts(averaged):
             lines.append(f"sample the model's own change in unseen contexts only on genes a training condition of the "
                          f"perturbation or its parts changes (Wilcoxon FDR < {ensemble.support.fdr:g}; sample.response_fdr)")
