@@ -17,11 +17,11 @@ from perturbdiff_core.data import ConditionSets, DataConfig, PerturbationData, S
 from perturbdiff_core.data.dataset import Context
 from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.errors import ConfigError
-from perturbdiff_core.evaluation.predictors import as_predictor, predict_anndata
+from perturbdiff_core.evaluation.predictors import predict_anndata
 from perturbdiff_core.runs.anchor import AUTO_MIN_CARRY, PredictorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
-from perturbdiff_core.runs.ensemble import garrote, resolve_ensemble
+from perturbdiff_core.runs.ensemble import resolve_ensemble
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
 from perturbdiff_core.runs.prediction import run_anchor, run_ensemble, training_data
 from perturbdiff_core.runs.summary import run_summary
@@ -232,42 +232,6 @@ def test_the_ensemble_moves_the_unseen_contexts_prediction_only(three_types: Pat
     np.testing.assert_array_equal(refitted.errors.errors, trainer.ensemble.errors.errors)  # later populations alike
     read = []
     assert run_ensemble(checkpoint, lambda: read.append(1) or data, [trained], data) is None and not read  # nothing to fit
-
-
-def test_garrote_drops_an_estimate_within_the_threshold_and_keeps_most_of_a_clear_one() -> None:
-    """Closed form ``max(0, 1 - (k e / s)^2)``, both signs, at k = 1 and 2."""
-    estimate = np.array([0.0, 0.3, -0.5, 1.0, -2.0, 10.0])
-    error = np.full(6, 0.5)
-    np.testing.assert_allclose(garrote(estimate, error, 1.0), [0.0, 0.0, 0.0, 0.75, 0.9375, 0.9975])
-    np.testing.assert_allclose(garrote(estimate, error, 2.0), [0.0, 0.0, 0.0, 0.0, 0.75, 0.99])
-
-
-def test_ensemble_shrinkage_scales_the_ensemble_shift_by_its_garrote(three_types: Path, tmp_path: Path) -> None:
-    """``sample.ensemble_shrinkage`` scales each gene of the ensemble's shift in an unseen context by :func:`garrote`
-    of its standard error; 0 leaves it as it is, as does a trained context, and a threshold no gene passes predicts
-    as an ensemble of no change (the control baseline, whose zeros have no standard error to shrink)."""
-    trainer = Trainer(held_out_t3(three_types), tmp_path / "run", progress=False)
-    trainer.fit(stop_at=4)
-    data, unseen, ensemble = trainer.data, trainer.data.condition("A|t3"), trainer.ensemble
-    shift = ensemble.predictor.shift(data, unseen)
-    error = ensemble.predictor.shift_standard_error(data, unseen)
-    np.testing.assert_allclose(ensemble.shift(data, unseen, 1.0), shift * garrote(shift, error, 1.0))
-    np.testing.assert_array_equal(ensemble.shift(data, unseen, 0.0), shift)
-    trained = data.condition("A|t1")  # a trained context's shift is not shrunk
-    np.testing.assert_array_equal(ensemble.shift(data, trained, 1.0), ensemble.predictor.shift(data, trained))
-    factor = garrote(shift, error, 1.0)
-    assert factor.min() < 1.0 and factor.max() > 0.0  # some genes shrink, some are kept
-
-    def predict(shrinkage: float, ensemble=ensemble) -> np.ndarray:
-        config = dataclasses.replace(trainer.config.sample, ensemble_shrinkage=shrinkage)
-        return DiffusionPredictor(trainer.model, config, anchor=trainer.anchor, ensemble=ensemble).predict(data, unseen, 40, 2)
-
-    assert "garrote" not in "\n".join(run_summary(trainer))
-    shrunk = Trainer(held_out_t3(three_types, "sample.ensemble_shrinkage=1"), tmp_path / "shrunk", progress=False)
-    assert "shrunk gene by gene by the garrote at 1 standard error (sample.ensemble_shrinkage)" in "\n".join(run_summary(shrunk))
-    nothing = dataclasses.replace(ensemble, predictor=as_predictor("control").fit(data, trainer.split.train))
-    np.testing.assert_array_equal(predict(1e9), predict(0.0, nothing))
-    assert not np.array_equal(predict(1.0), predict(0.0))
 
 
 def test_later_populations_spread_where_the_model_extrapolates(three_types: Path, tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ class Predictor(ABC):
 
     def shift_standard_error(self, data: PerturbationData, condition: Condition) -> np.ndarray | None:
         """``(G,)`` standard error of :meth:`shift` from the sampling noise of the cells it was fitted on, or ``None``
-        where the predictor does not know it (the default): ``sample.ensemble_shrinkage`` then leaves the shift as it
-        is. The built-in shift baselines know theirs."""
+        where the predictor does not know it (the default): ``sample.anchor_shrinkage`` and
+        ``sample.ensemble_shrinkage`` then leave the shift as it is. The built-in shift baselines know theirs."""
         return None
 
     def shift(self, data: PerturbationData, condition: Condition) -> np.ndarray:

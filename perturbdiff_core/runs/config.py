@@ -254,11 +254,13 @@ class SampleConfig:
             shift ``s`` with standard error ``e`` (from the training cells' sampling noise; a plug-in
             without one is not shrunk) is scaled by ``max(0, 1 - (k * e / s)^2)`` with ``k`` this value
             (Breiman's non-negative garrote): a shift the training cells cannot tell from no change counts
-            for nothing, a clear one almost fully. 0 (the default) leaves the shifts as they are. With few
-            training cells per condition, 1 keeps their noise out of the prediction (kang18 at a tenth of
-            the cells: mse_delta 14% lower); with many it costs DE recall and ROC AUC (the suite: 88 → 87
-            of 101 pairs, 82 → 79 on fresh seeds), so it is not the default (see
-            :mod:`~perturbdiff_core.runs.ensemble`).
+            for nothing, a clear one almost fully; 0 leaves the shifts as they are. ``auto``: 1 where the
+            median perturbed training condition has fewer than 50 cells, else 0 (with few cells the small
+            shifts are mostly noise, with many mostly real; see :mod:`~perturbdiff_core.runs.shrinkage`).
+        anchor_shrinkage: in a context training lacked, each gene's anchor shift (``model.anchor``) is
+            scaled by ``s^2 / (s^2 + (k * e)^2)`` with ``k`` this value (the posterior mean under a normal
+            prior as wide as the shift: never 0, so genes keep their rank) and the sampled cells move with
+            it; 0 leaves it as it is. ``auto`` as for ``ensemble_shrinkage``.
         response_fdr: in a context training lacked, where the ensemble applies, a gene keeps the model's
             own change beyond the anchor only if the training data show the perturbation (or a part of a
             combination) changing it: Wilcoxon BH FDR below this in at least one training condition
@@ -294,7 +296,8 @@ class SampleConfig:
     control_shrinkage: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     ensemble: str = "auto"
     ensemble_weight: Annotated[float, UnitInterval] = 0.5
-    ensemble_shrinkage: Annotated[float, NonNegative] = 0.0
+    ensemble_shrinkage: Annotated[float | Literal["auto"], NonNegative] = "auto"
+    anchor_shrinkage: Annotated[float | Literal["auto"], NonNegative] = "auto"
     response_fdr: Annotated[float | None, Range(0, 1, closed_left=False)] = 0.25
     nonnegative: bool = True
     populations: Annotated[int, Positive] = 10

@@ -25,22 +25,8 @@ undershoots). Everywhere else, a trained perturbation in a trained context or an
 where responses do not carry, the model's mean change stands alone. Only training conditions and
 the target context's control cells are read.
 
-With ``sample.ensemble_shrinkage`` above 0, the ensemble's shift of each gene in an unseen context is
-first scaled by Breiman's non-negative garrote of its standard error (:func:`garrote`): a predictor
-that knows the sampling noise of the training cells it averages (:meth:`~perturbdiff_core.evaluation.
-predictors.Predictor.shift_standard_error`; the built-in shift baselines do) contributes nothing
-where that noise covers its shift. With a few cells per training condition a mixture of other cell
-types' shifts carries their noise into every gene: kang18 with a tenth of the training cells
-(held-out NK cells, seed 0), ``context_mixture`` gave NK cells the rises 5 stimulated CD8+ T cells
-show at one standard error (SMG6 +0.44, LYZ +0.40, CCL2 +0.32; real 0.00, -0.02, +0.01), which the
-garrote at 1 drops (predicted SMG6 +0.49 → +0.26). Measured on the suite's runs and its checks,
-re-sampled (docs/defaults.md, options table): at a tenth of the cells mse_delta 14% lower and the
-NK cells' 0.0151 → 0.0107 (control 0.0103); with all the cells mse_delta 3.5% lower but DE recall
-0.68 → 0.63 and ROC AUC 0.93 → 0.91, 88 → 87 of the suite's 101 pairs and 82 → 79 on fresh seeds:
-where shifts are measured in hundreds of cells, the small ones it drops are mostly real. Hence 0 by
-default, and 1 for training data with few cells per condition. A new combination in a trained
-context is never shrunk: its parts' small shifts add up (shrunk: 17 → 14 of the combinations' 23
-pairs).
+In a context training lacked, the ensemble's shift may first be garrotted by its standard error
+(``sample.ensemble_shrinkage``, :mod:`~perturbdiff_core.runs.shrinkage`).
 
 The predictor's errors on training conditions held out the same way also say how far the
 prediction may be off wherever the model extrapolates, averaged or not: populations drawn after
@@ -61,6 +47,7 @@ from ..data.dataset import Condition, PerturbationData
 from ..data.encoders import perturbation_parts
 from ..evaluation.predictors import Predictor
 from .anchor import NO_ANCHOR, PredictorChoice, check_predictor_setting, fit_predictor
+from .shrinkage import shrink
 from .spread import ExtrapolationErrors, extrapolation_errors
 from .support import ResponseSupport
 
@@ -102,13 +89,9 @@ class Ensemble:
         return extrapolated(data, condition, self.trained, self.unseen_contexts)
 
     def shift(self, data: PerturbationData, condition: Condition, shrinkage: float) -> np.ndarray:
-        """``(G,)`` the predictor's shift of ``condition``; in a context training lacked, each gene scaled by
-        :func:`garrote` at ``shrinkage`` standard errors (``sample.ensemble_shrinkage``) where the predictor knows
-        its standard error (module docstring)."""
-        shift = np.asarray(self.predictor.shift(data, condition), dtype=np.float64)
-        shrinks = shrinkage > 0 and bool(data.unseen_contexts([condition]))
-        error = self.predictor.shift_standard_error(data, condition) if shrinks else None
-        return shift if error is None else shift * garrote(shift, np.asarray(error, dtype=np.float64), shrinkage)
+        """``(G,)`` the predictor's shift of ``condition``; in a context training lacked, garrotted at ``shrinkage``
+        standard errors (``sample.ensemble_shrinkage``, :func:`~.shrinkage.shrink`)."""
+        return shrink(self.predictor.shift(data, condition), self.predictor, data, condition, shrinkage)
 
     def reach(self, data: PerturbationData, condition: Condition) -> Tensor | None:
         """``(G,)`` bool: the genes the model's own change may move for ``condition`` of ``data``, in a context
@@ -123,13 +106,6 @@ class Ensemble:
         """Whether populations of ``condition`` after the first spread by :attr:`errors`: the model extrapolates
         there (an unseen context, averaged or not, or a new combination of trained parts) and errors were measured."""
         return self.errors is not None and extrapolated(data, condition, self.trained, True)
-
-
-def garrote(estimate: np.ndarray, error: np.ndarray, threshold: float) -> np.ndarray:
-    """Breiman's non-negative garrote factor of each estimate with standard error ``error``:
-    ``max(0, 1 - (threshold * error / estimate)^2)``: 0 within ``threshold`` standard errors of 0, towards 1 beyond."""
-    ratio = np.divide(threshold * error, np.abs(estimate), out=np.full_like(estimate, np.inf), where=estimate != 0)
-    return np.clip(1.0 - ratio**2, 0.0, 1.0)
 
 
 def check_ensemble(name: str) -> None:

@@ -28,6 +28,7 @@ from .config import SampleConfig
 from .control_noise import ControlShrinkage
 from .ensemble import Ensemble
 from .levels import CONTEXT_LEVEL_CELLS, mean_of_rows
+from .shrinkage import ShiftShrinkage, shrink, wiener
 
 
 def _sets(cond: Conditioning, part: slice) -> Conditioning:
@@ -54,6 +55,9 @@ class DiffusionPredictor(Predictor):
         ensemble: the fitted ``sample.ensemble`` predictor whose shift is averaged, with the weight
             ``sample.ensemble_weight``, with the model's mean change where the model extrapolates (see
             :mod:`~perturbdiff_core.runs.ensemble`); ``None`` keeps the model's own.
+        shrinkage: the garrote thresholds of the anchor's and the ensemble's shifts in contexts training
+            lacked (the run's resolved ``sample.anchor_shrinkage`` and ``sample.ensemble_shrinkage``, see
+            :mod:`~perturbdiff_core.runs.shrinkage`); ``None`` shrinks neither.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
@@ -70,6 +74,7 @@ class DiffusionPredictor(Predictor):
         unseen_context_change: float = 1.0,
         control_shrinkage: ControlShrinkage | None = None,
         ensemble: Ensemble | None = None,
+        shrinkage: ShiftShrinkage | None = None,
     ) -> None:
         if not 0.0 <= unseen_context_change <= 1.0:
             raise InputError(f"unseen_context_change must be in [0, 1], got {unseen_context_change}.")
@@ -80,6 +85,7 @@ class DiffusionPredictor(Predictor):
         self.unseen_context_change = unseen_context_change
         self.control_shrinkage = control_shrinkage
         self.ensemble = ensemble
+        self.shrinkage = ShiftShrinkage() if shrinkage is None else shrinkage
         self._offsets: dict[tuple[PerturbationData, Context], Tensor] = {}  # read each context's controls once
         self._context_means: dict[tuple[PerturbationData, Context], Tensor] = {}
 
@@ -93,6 +99,7 @@ class DiffusionPredictor(Predictor):
         anchor: Predictor | None = None,
         control_shrinkage: ControlShrinkage | None = None,
         ensemble: Ensemble | None = None,
+        shrinkage: ShiftShrinkage | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
         its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
@@ -101,7 +108,7 @@ class DiffusionPredictor(Predictor):
         unseen = checkpoint.unseen_context_change if setting == "auto" else float(setting)
         return cls(
             checkpoint.build_model(device), sample, device=device, anchor=anchor, unseen_context_change=unseen,
-            control_shrinkage=control_shrinkage, ensemble=ensemble,
+            control_shrinkage=control_shrinkage, ensemble=ensemble, shrinkage=shrinkage,
         )
 
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
@@ -145,10 +152,14 @@ class DiffusionPredictor(Predictor):
             cells = donors + kept * (cells - donors)
         read = self._levels_read(donors) if cfg.decrease == "fraction" else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
+        if shift is not None and self.shrinkage.anchor > 0:  # shrunk in an unseen context: the samples move with it
+            shrunk = shrink(shift, self.anchor, data, condition, self.shrinkage.anchor, wiener)
+            shrunk = kept * torch.as_tensor(shrunk, dtype=cells.dtype)
+            cells, prior = cells + shrunk - prior, shrunk
         partner = reach = None
         if self.ensemble is not None and self.ensemble.applies(data, condition):  # the model extrapolates here
             partner = kept * torch.as_tensor(
-                self.ensemble.shift(data, condition, cfg.ensemble_shrinkage), dtype=cells.dtype
+                self.ensemble.shift(data, condition, self.shrinkage.ensemble), dtype=cells.dtype
             )
             reach = self.ensemble.reach(data, condition)
         lattice = donors  # the control cells as read: the count lattice the cells are decoded onto

@@ -54,7 +54,7 @@ def predict_all(
     model = DiffusionPredictor(
         trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor,
         unseen_context_change=trainer.unseen_context_change.scale,
-        control_shrinkage=trainer.control_shrinkage, ensemble=trainer.ensemble,
+        control_shrinkage=trainer.control_shrinkage, ensemble=trainer.ensemble, shrinkage=trainer.shrinkage,
     )
     predictions = {
         MODEL: predict_anndata(

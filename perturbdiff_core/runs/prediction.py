@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint
 from .control_noise import ControlShrinkage
 from .ensemble import NO_ENSEMBLE, Ensemble, fit_ensemble, resolve_ensemble
 from .model_predictor import DiffusionPredictor
+from .shrinkage import ShiftShrinkage
 from .training import resolve_context_drop
 
 
@@ -178,6 +179,17 @@ def run_control_shrinkage(
     return ControlShrinkage.fit(config.sample.control_shrinkage, train_data(), checkpoint.split.train, config.seed)
 
 
+def run_shrinkage(
+    checkpoint: Checkpoint, train_data: Callable[[], PerturbationData], conditions: Sequence[Condition], data: PerturbationData
+) -> ShiftShrinkage | None:
+    """The run's ``sample.anchor_shrinkage`` and ``sample.ensemble_shrinkage`` resolved on its training conditions of
+    ``train_data()``; ``None`` (nothing read) when none of ``conditions`` of ``data`` is in a context training lacked."""
+    if not data.unseen_contexts(conditions):
+        return None
+    sample = checkpoint.run_config.sample
+    return ShiftShrinkage.fit(sample.anchor_shrinkage, sample.ensemble_shrinkage, train_data(), checkpoint.split.train)
+
+
 def run_ensemble(
     checkpoint: Checkpoint, train_data: Callable[[], PerturbationData], conditions: Sequence[Condition], data: PerturbationData
 ) -> Ensemble | None:
@@ -285,6 +297,7 @@ def predict_run(
         checkpoint, device=device, anchor=run_anchor(checkpoint, train_data),
         control_shrinkage=run_control_shrinkage(checkpoint, train_data, chosen, opened),
         ensemble=run_ensemble(checkpoint, train_data, chosen, opened),
+        shrinkage=run_shrinkage(checkpoint, train_data, chosen, opened),
     )
     seed = checkpoint.run_config.seed if seed is None else seed
     return predict_anndata(

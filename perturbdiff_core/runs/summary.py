@@ -82,6 +82,25 @@ def _control_shrinkage(trainer: Trainer) -> list[str]:
     return [f"       control means moved towards the training contexts': {_names(shares)} ({why})"]
 
 
+def _shrinkage(trainer: Trainer) -> list[str]:
+    """A line on how the anchor's and the ensemble's shifts into the test's unseen contexts are shrunk, when they are."""
+    shrinkage, anchor, ensemble = trainer.shrinkage, trainer.anchor, trainer.ensemble
+    if shrinkage is None:
+        return []
+    shrunk = [
+        f"{what} {name}'s by {how} at {k:g} standard error{'' if k == 1 else 's'}"
+        for what, name, how, k, fitted in (
+            ("the anchor", trainer.anchor_choice.name, "its posterior mean", shrinkage.anchor, anchor is not None),
+            ("the ensemble", ensemble and ensemble.choice.name, "the garrote", shrinkage.ensemble, ensemble is not None),
+        )
+        if fitted and k > 0
+    ]
+    if not shrunk:
+        return []
+    return [f"sample shifts into unseen contexts shrunk gene by gene: {'; '.join(shrunk)} "
+            f"({shrinkage.why}; sample.anchor_shrinkage, sample.ensemble_shrinkage)"]
+
+
 def _ensemble(trainer: Trainer) -> list[str]:
     """Lines on the predictor averaged with the model's mean change where it extrapolates, and on the spread of
     later populations there by its training errors, when the test has such conditions."""
@@ -94,10 +113,6 @@ def _ensemble(trainer: Trainer) -> list[str]:
         why = f"; {ensemble.choice.why}" if ensemble.choice.why else ""
         lines.append(f"sample mean changes of {_names(averaged)} averaged with {ensemble.choice.name}'s shift "
                      f"(weight {sample.ensemble_weight:g}{why})")
-        if sample.ensemble_shrinkage > 0 and data.unseen_contexts(averaged):
-            lines.append(f"sample {ensemble.choice.name}'s shift in unseen contexts shrunk gene by gene by the garrote at "
-                         f"{sample.ensemble_shrinkage:g} standard error{'' if sample.ensemble_shrinkage == 1 else 's'} "
-                         f"(sample.ensemble_shrinkage)")
         if ensemble.support is not None and data.unseen_contexts(averaged):
             lines.append(f"sample the model's own change in unseen contexts only on genes a training condition of the "
                          f"perturbation or its parts changes (Wilcoxon FDR < {ensemble.support.fdr:g}; sample.response_fdr)")
@@ -139,4 +154,5 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
         *_unseen_context_change(trainer),
         *_control_shrinkage(trainer),
         *_ensemble(trainer),
+        *_shrinkage(trainer),
     ]

@@ -52,6 +52,7 @@ from .ensemble import fit_ensemble
 from .folder import RunDir
 from .levels import ControlLevels, resolve_control_levels
 from .pretraining import marginal_batch, prepare_marginal
+from .shrinkage import ShiftShrinkage
 from .summary import run_summary
 from .transfer import TransferReport, gene_config, load_init, transfer_weights
 from .unseen import UnseenContextChange, resolve_unseen_context_change
@@ -441,6 +442,10 @@ class Trainer:
         unseen = bool(self.data.unseen_contexts(self.split.test))
         self.control_shrinkage = (  # what the test's unseen contexts' control means are worth (training contexts only)
             ControlShrinkage.fit(config.sample.control_shrinkage, self.data, self.split.train, config.seed)
+            if unseen else None
+        )
+        self.shrinkage = (  # the garrote on the anchor's and the ensemble's shifts into the test's unseen contexts
+            ShiftShrinkage.fit(config.sample.anchor_shrinkage, config.sample.ensemble_shrinkage, self.data, self.split.train)
             if unseen else None
         )
         self.ensemble = fit_ensemble(  # where the test's conditions are extrapolations (read only then)
