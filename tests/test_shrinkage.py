@@ -108,14 +108,14 @@ def test_auto_shrinks_where_the_median_training_condition_has_few_cells(three_ty
     assert median_training_cells(full.data, full.split.train) == np.median(whole)
     assert median_training_cells(kept.data, kept.split.train) == np.median([max(1, round(0.4 * n)) for n in whole])
     assert median_training_cells(full.data, full.split.train) >= FEW_CELLS > median_training_cells(kept.data, kept.split.train)
-    assert full.shrinkage == ShiftShrinkage(0.0, 0.0, full.shrinkage.why) and "at least 50" in full.shrinkage.why
-    assert (kept.shrinkage.anchor, kept.shrinkage.ensemble) == (1.0, 1.0) and "fewer than 50" in kept.shrinkage.why
+    assert full.shrinkage == ShiftShrinkage(0.0, 0.0, full.shrinkage.why) and f"at least {FEW_CELLS}" in full.shrinkage.why
+    assert (kept.shrinkage.anchor, kept.shrinkage.ensemble) == (1.0, 1.0) and f"fewer than {FEW_CELLS}" in kept.shrinkage.why
     assert "shrunk gene by gene" not in "\n".join(run_summary(full))
     cells = median_training_cells(kept.data, kept.split.train)
     assert (
         "shifts into unseen contexts shrunk gene by gene: the anchor context_fold's by its posterior mean at 1 standard "
         "error; the ensemble context_mixture's by the garrote at 1 standard error (auto: the median training condition "
-        f"has {cells:g} cells, fewer than 50"
+        f"has {cells:g} cells, fewer than {FEW_CELLS}"
     ) in "\n".join(run_summary(kept))
     set_both = ShiftShrinkage.fit(2.0, 0.5, kept.data, kept.split.train)
     assert set_both == ShiftShrinkage(2.0, 0.5, "as set")

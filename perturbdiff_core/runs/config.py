@@ -255,7 +255,7 @@ class SampleConfig:
             without one is not shrunk) is scaled by ``max(0, 1 - (k * e / s)^2)`` with ``k`` this value
             (Breiman's non-negative garrote): a shift the training cells cannot tell from no change counts
             for nothing, a clear one almost fully; 0 leaves the shifts as they are. ``auto``: 1 where the
-            median perturbed training condition has fewer than 50 cells, else 0 (with few cells the small
+            median perturbed training condition has fewer than 30 cells, else 0 (with few cells the small
             shifts are mostly noise, with many mostly real; see :mod:`~perturbdiff_core.runs.shrinkage`).
         anchor_shrinkage: in a context training lacked, each gene's anchor shift (``model.anchor``) is
             scaled by ``s^2 / (s^2 + (k * e)^2)`` with ``k`` this value (the posterior mean under a normal

@@ -19,14 +19,15 @@ A new combination in a trained context is never shrunk: its parts' small shifts,
 hundreds of cells, add up (the combinations' folds: 17 → 14 of 23 pairs garrotted).
 
 ``auto`` (the default of both) shrinks at 1 standard error where the median perturbed training
-condition has fewer than :data:`FEW_CELLS` cells, and not at all otherwise. Measured on the suite's
-runs and its checks, re-sampled (docs/defaults.md): at a tenth of kang18's cells (5-36 per condition,
+condition has fewer than :data:`FEW_CELLS` (30) cells, and not at all otherwise. Measured on the
+suite's runs and its checks, re-sampled (docs/defaults.md): at a tenth of kang18's cells (5-36 per condition,
 seeds 0-2) mse_delta 21% lower (geometric mean over the 7 held-out cell types, lower on all 7),
 mmd2_energy 26% lower, every cell type better than predicting the controls (NK cells 0.0151 → 0.0090,
 control 0.0103) and DE calls nearer the real number (74 → 37 per cell type, 45 real), for ROC AUC
 0.86 → 0.80 and DE recall 0.61 → 0.49: 42 → 44 of 63 pairs. With all the cells (53-356) the small
-shifts it drops are mostly real: 59 → 54 of kang18's 63 pairs (ROC AUC 0.93 → 0.90). Only training
-conditions are counted and read.
+shifts it drops are mostly real: 59 → 54 of kang18's 63 pairs (ROC AUC 0.93 → 0.90), and at half the
+cells (medians 43-50) still 55 → 52 (mse_delta 7% lower, ROC AUC 0.90 → 0.86), so ``auto`` leaves
+medians of :data:`FEW_CELLS` cells and more alone. Only training conditions are counted and read.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from ..evaluation.predictors import Predictor
 
 #: ``sample.anchor_shrinkage`` / ``sample.ensemble_shrinkage`` value chosen from the training cells' number.
 AUTO_SHRINKAGE = "auto"
-#: Median cells per perturbed training condition below which ``auto`` shrinks: the suite's own bar for a condition
-#: with enough cells to evaluate; kang18 at a tenth of its cells has 5-36, K562 replicates 16-39, the suite's
-#: hold-outs 53-356 (medians 85-100).
-FEW_CELLS = 50
+#: Median cells per perturbed training condition below which ``auto`` shrinks: in the gap between the held-out
+#: K562 replicates (median 24), where shrinking lowers mse_delta on every run for no pair lost on seeds 0-2, and
+#: kang18 at half its training cells (medians 43-50), where it costs 3 of 63 pairs (ROC AUC 0.90 -> 0.86).
+#: kang18 at a tenth of its cells has medians 9-10; the suite 85-100.
+FEW_CELLS = 30
 #: The threshold, in standard errors, ``auto`` shrinks at.
 AUTO_THRESHOLD = 1.0
 
