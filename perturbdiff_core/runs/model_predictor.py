@@ -55,9 +55,9 @@ class DiffusionPredictor(Predictor):
         ensemble: the fitted ``sample.ensemble`` predictor whose shift is averaged, with the weight
             ``sample.ensemble_weight``, with the model's mean change where the model extrapolates (see
             :mod:`~perturbdiff_core.runs.ensemble`); ``None`` keeps the model's own.
-        shrinkage: the garrote thresholds of the anchor's and the ensemble's shifts in contexts training
-            lacked (the run's resolved ``sample.anchor_shrinkage`` and ``sample.ensemble_shrinkage``, see
-            :mod:`~perturbdiff_core.runs.shrinkage`); ``None`` shrinks neither.
+        shrinkage: the thresholds, in standard errors, at which the anchor's and the ensemble's shifts into
+            contexts training lacked are shrunk (the run's resolved ``sample.anchor_shrinkage`` and
+            ``sample.ensemble_shrinkage``, see :mod:`~perturbdiff_core.runs.shrinkage`); ``None`` shrinks neither.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP

@@ -25,9 +25,9 @@ seeds 0-2) mse_delta 21% lower (geometric mean over the 7 held-out cell types, l
 mmd2_energy 26% lower, every cell type better than predicting the controls (NK cells 0.0151 → 0.0090,
 control 0.0103) and DE calls nearer the real number (74 → 37 per cell type, 45 real), for ROC AUC
 0.86 → 0.80 and DE recall 0.61 → 0.49: 42 → 44 of 63 pairs. With all the cells (53-356) the small
-shifts it drops are mostly real: 59 → 54 of kang18's 63 pairs (ROC AUC 0.93 → 0.90), and at half the
-cells (medians 43-50) still 55 → 52 (mse_delta 7% lower, ROC AUC 0.90 → 0.86), so ``auto`` leaves
-medians of :data:`FEW_CELLS` cells and more alone. Only training conditions are counted and read.
+shifts it drops are mostly real: 59 → 54 of kang18's 63 pairs (ROC AUC 0.93 → 0.90; an earlier code
+variant), and at half the cells (medians 43-50) still 55 → 52 (mse_delta 7% lower, ROC AUC 0.90 →
+0.86), so ``auto`` leaves medians of :data:`FEW_CELLS` cells and more alone. Only training conditions are counted and read.
 """
 
 from __future__ import annotations
