@@ -12,6 +12,7 @@ import pytest
 from test_anchor import held_out_t3, three_types  # noqa: F401 (a fixture)
 
 from perturbdiff_core.data.dataset import Condition, PerturbationData
+from perturbdiff_core.errors import ConfigError
 from perturbdiff_core.evaluation.predictors import Predictor, as_predictor
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
@@ -141,8 +142,6 @@ def test_predicting_again_resolves_the_same_thresholds_and_reads_nothing_without
 
 @pytest.mark.parametrize("key", ["sample.anchor_shrinkage", "sample.ensemble_shrinkage"])
 def test_a_negative_or_unknown_threshold_is_a_clear_error(three_types: Path, key: str) -> None:  # noqa: F811
-    from perturbdiff_core.errors import ConfigError
-
     for value in ("-1", "often"):
         with pytest.raises(ConfigError, match=key.split(".")[1]):
             held_out_t3(three_types, f"{key}={value}")

@@ -84,7 +84,8 @@ def shrink(
 
 def median_training_cells(data: PerturbationData, train: Sequence[str | Condition]) -> float:
     """Median number of cells of the perturbed training conditions ``train`` of ``data`` (as the split keeps them)."""
-    counts = [len(data.cells(data.condition(c).label)) for c in train if not data.condition(c).is_control]
+    conditions = [data.condition(c) for c in train]
+    counts = [len(data.cells(c.label)) for c in conditions if not c.is_control]
     return float(np.median(counts)) if counts else 0.0
 
 
@@ -114,8 +115,3 @@ class ShiftShrinkage:
             return auto if setting == AUTO_SHRINKAGE else float(setting)
 
         return cls(resolved(anchor), resolved(ensemble), why)
-
-    @property
-    def active(self) -> bool:
-        """Whether either shift is shrunk."""
-        return self.anchor > 0 or self.ensemble > 0

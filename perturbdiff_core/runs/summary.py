@@ -82,19 +82,21 @@ def _control_shrinkage(trainer: Trainer) -> list[str]:
     return [f"       control means moved towards the training contexts': {_names(shares)} ({why})"]
 
 
+def _errors(k: float) -> str:
+    """``k`` standard errors, in words."""
+    return f"{k:g} standard error{'' if k == 1 else 's'}"
+
+
 def _shrinkage(trainer: Trainer) -> list[str]:
     """A line on how the anchor's and the ensemble's shifts into the test's unseen contexts are shrunk, when they are."""
-    shrinkage, anchor, ensemble = trainer.shrinkage, trainer.anchor, trainer.ensemble
+    shrinkage = trainer.shrinkage
     if shrinkage is None:
         return []
-    shrunk = [
-        f"{what} {name}'s by {how} at {k:g} standard error{'' if k == 1 else 's'}"
-        for what, name, how, k, fitted in (
-            ("the anchor", trainer.anchor_choice.name, "its posterior mean", shrinkage.anchor, anchor is not None),
-            ("the ensemble", ensemble and ensemble.choice.name, "the garrote", shrinkage.ensemble, ensemble is not None),
-        )
-        if fitted and k > 0
-    ]
+    shrunk = []
+    if trainer.anchor is not None and shrinkage.anchor > 0:
+        shrunk.append(f"the anchor {trainer.anchor_choice.name}'s by its posterior mean at {_errors(shrinkage.anchor)}")
+    if trainer.ensemble is not None and shrinkage.ensemble > 0:
+        shrunk.append(f"the ensemble {trainer.ensemble.choice.name}'s by the garrote at {_errors(shrinkage.ensemble)}")
     if not shrunk:
         return []
     return [f"sample shifts into unseen contexts shrunk gene by gene: {'; '.join(shrunk)} "
