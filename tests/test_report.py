@@ -23,6 +23,7 @@ from perturbdiff_core.evaluation import (
     ALL_CONDITIONS,
     COLUMNS,
     compare,
+    definition_of,
     evaluate,
     summary_line,
     versus_best_baseline,
@@ -136,6 +137,23 @@ def test_verdict_uses_each_metrics_direction() -> None:
         "The model beats the best baseline on pearson_delta, mse, variability_mmd2_rbf_ratio; "
         "loses on mmd2_rbf (to b1); ties on discrimination_score_l1."
     )
+
+
+def test_an_unbiased_mmd2_below_zero_is_better_than_one_above_it() -> None:
+    # Two methods' unbiased MMD^2 on the same real cells differ by an unbiased estimate of their true difference
+    # (the real cells' own term cancels), so the lower estimate is the better one even where it is below 0.
+    mmd2 = definition_of("mmd2_energy")
+    assert mmd2.gap(-0.011) < mmd2.gap(0.0012) and mmd2.gap(0.02) > mmd2.gap(0.0012)
+    assert definition_of("pearson_delta").gap(0.8) == pytest.approx(0.2)  # higher is better
+    ratio = definition_of("variability_mmd2_energy_ratio")
+    assert ratio.gap(0.9) == pytest.approx(ratio.gap(1.1))  # a target: closest from either side
+    table = _table({"model": {"mmd2_energy": -0.011}, "control": {"mmd2_energy": 0.7}, "random_train": {"mmd2_energy": 0.0012}})
+    verdict = versus_best_baseline(table).set_index("metric")
+    assert verdict.loc["mmd2_energy", "outcome"] == "beats" and verdict.loc["mmd2_energy", "baseline"] == "random_train"
+    assert worse_than(_table({"model": {"mmd2_energy": -0.01}, "control": {"mmd2_energy": 0.001}})).empty
+    assert list(worse_than(_table({"model": {"mmd2_energy": 0.002}, "control": {"mmd2_energy": -0.001}})).metric) == [
+        "mmd2_energy"
+    ]
 
 
 def test_verdict_without_baselines_or_model() -> None:

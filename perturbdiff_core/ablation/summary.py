@@ -87,7 +87,7 @@ def best_baseline(table: pd.DataFrame, metric: str) -> tuple[str, float] | None:
     baselines, definition = shared_baselines(table, metric), definition_of(metric)
     if baselines is None or definition is None or definition.best is None or baselines.dropna().empty:
         return None
-    gaps = (baselines.dropna() - definition.best).abs()
+    gaps = definition.gap(baselines.dropna())
     name = str(gaps.idxmin())
     return name, float(baselines[name])
 

@@ -4,7 +4,9 @@
 ``method`` column naming each); :func:`versus_best_baseline` and :func:`summary_line` compare
 the model's aggregate (``__all__``) values with the best baseline per metric, "best" meaning
 closest to the metric's best value in :data:`~perturbdiff_core.evaluation.definitions.DEFINITIONS`
-(1 for correlations and scores, 0 for errors and MMD, 1 for a variability ratio).
+(1 for correlations and scores, 0 for errors and MMD, 1 for a variability ratio), in the metric's
+direction: an unbiased MMD^2 estimate below 0 is better than one above it
+(:meth:`~perturbdiff_core.evaluation.definitions.MetricDefinition.gap`).
 """
 
 from __future__ import annotations
@@ -121,11 +123,12 @@ def aggregate(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def _gaps(values: pd.Series, metric: str) -> pd.Series | None:
-    """``|value - best|`` per method (NaN dropped); ``None`` for a metric without a direction."""
+    """:meth:`~perturbdiff_core.evaluation.definitions.MetricDefinition.gap` per method (NaN dropped);
+    ``None`` for a metric without a direction."""
     definition = definition_of(metric)
     if definition is None or definition.best is None:
         return None
-    return (values.astype(float) - definition.best).abs().dropna()
+    return definition.gap(values.astype(float)).dropna()
 
 
 def _tie(a: float, b: float) -> bool:

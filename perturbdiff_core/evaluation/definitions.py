@@ -22,6 +22,12 @@ or the reason it differs. Differences common to every ``"same"`` metric, by desi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
+
+import pandas as pd
+
+#: A value to compare: one number, or one per method.
+Value = TypeVar("Value", float, pd.Series)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,19 @@ class MetricDefinition:
         if self.target:
             return f"closest to {self.best:g}"
         return "higher is better"
+
+    def gap(self, value: Value) -> Value:
+        """How far ``value`` (a float or a pandas Series) falls short of the best value in the metric's direction.
+
+        ``|value - best|`` for a target metric, else signed: an estimate past its best value, such as an
+        unbiased MMD^2 below 0, counts as closer, since two methods' estimates on the same real cells differ
+        by an unbiased estimate of their true difference (the real cells' own term cancels).
+        """
+        if self.best is None:
+            raise ValueError("a metric without a best value has no gap")
+        if self.target:
+            return abs(value - self.best)
+        return value - self.best if self.best == 0.0 else self.best - value
 
     @property
     def arrow(self) -> str:
@@ -147,7 +166,8 @@ def _define() -> dict[str, MetricDefinition]:
             "distribution",
             0.0,
             "MMD^2 between the predicted and the real cells of the condition under the kernel plug-in "
-            "(default energy: the energy distance) and estimator (default unbiased).",
+            "(default energy: the energy distance) and estimator (default unbiased). The unbiased estimate can fall "
+            "below 0; lower is better there too, since the real cells' own term is the same for every method.",
             "",
         ),
         "variability_mmd2_{kernel}_pred": MetricDefinition(

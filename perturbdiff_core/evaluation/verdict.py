@@ -40,11 +40,12 @@ def _listing(items: list[str], shown: int = NAMED) -> str:
 
 
 def _gap(value: float, metric: str) -> float | None:
-    """Distance of ``value`` from the metric's best value; ``None`` without a direction or a value."""
+    """``value``'s shortfall from the best value (:meth:`MetricDefinition.gap`); ``None`` without a direction or
+    a value."""
     definition = definition_of(metric)
     if definition is None or definition.best is None or not math.isfinite(value):
         return None
-    return abs(value - definition.best)
+    return float(definition.gap(value))
 
 
 def worse_than(metrics: pd.DataFrame, baseline: str = NO_CHANGE, model: str = MODEL) -> pd.DataFrame:
