@@ -32,6 +32,7 @@ from perturbdiff_core.suite import (
     SUMMARY_COLUMNS,
     check_splits,
     control_line,
+    every_metric,
     headline,
     read_suite,
     report,
@@ -359,6 +360,22 @@ def test_versus_best_baseline_on_means_over_seeds() -> None:
         "The model beats the best baseline on 1 of 5 (task, metric) pairs; it ties on 1 and loses on 3. "
         "9 pair(s) skipped (undefined, not measured, or without a best value)."
     )
+
+
+def test_every_metric_compares_all_directional_metrics_with_the_headline_skips() -> None:
+    means = task_means(_long(SYNTHETIC))
+    outcomes = every_metric(means).set_index(["task", "metric"]).outcome.to_dict()
+    assert outcomes == {  # not roc_auc (NaN), made_up_score (no definition), counts, T2's overlap (no real DE)
+        ("T1", "pearson_delta"): "beats",
+        ("T1", "mse_delta"): "loses",
+        ("T1", "mmd2_energy"): "ties",
+        ("T2", "pearson_delta"): "loses",
+        ("T2", "mse_delta"): "loses",
+    }
+    section = report(means, versus_baselines(means, ["pearson_delta"]), title="t").split("## Every metric")[1]
+    assert "| T2 | 0 | 0 | 2 | pearson_delta (context_mean), mse_delta (control) |" in section
+    assert "beats the best baseline on 1 of 5 (task, metric) pairs; it ties on 1 and loses on 3. " in section
+    assert "Lost on more than one task: mse_delta (2)." in section
 
 
 def test_worse_than_control_lists_only_the_pairs_where_control_is_closer() -> None:

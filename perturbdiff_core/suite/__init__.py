@@ -29,8 +29,9 @@ of every run's ``metrics.csv`` (``task, seed, condition, metric, method, value``
 ``suite_summary.csv`` per task and headline metric the model's mean and sd over seeds, the best
 baseline by its mean over seeds (closest to the metric's best value) and the outcome (``beats``,
 ``ties``, ``loses`` or ``skipped``, with a note); ``suite.md`` the same as Markdown tables with
-the overall count and the pairs where the model is worse than the control baseline on mse_delta or
-the MMD; ``suite.png`` the headline metrics per task.
+the overall count, the pairs where the model is worse than the control baseline on mse_delta or
+the MMD, and the same comparison on every directional metric of ``metrics.csv``; ``suite.png`` the
+headline metrics per task.
 """
 
 from .runner import checked_runs, run_suite
@@ -61,6 +62,7 @@ from .summary import (
     SuiteSummary,
     collect,
     control_line,
+    every_metric,
     headline,
     report,
     summarize_suite,
@@ -94,6 +96,7 @@ __all__ = [
     "checked_runs",
     "collect",
     "control_line",
+    "every_metric",
     "headline",
     "read_suite",
     "report",

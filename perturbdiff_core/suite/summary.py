@@ -157,6 +157,44 @@ def headline(summary: pd.DataFrame) -> str:
     return line + (f" {skipped} pair(s) skipped (undefined, not measured, or without a best value)." if skipped else "")
 
 
+def every_metric(means: pd.DataFrame) -> pd.DataFrame:
+    """Per task the outcome on every directional metric of ``metrics.csv``, not only the headline ones, compared as
+    :func:`versus_baselines` compares them (the same skips): ``task, metric, baseline, outcome``."""
+    rows = []
+    for task, table in means.groupby("task", sort=False):
+        verdicts = _verdicts(table)
+        rows += [(task, metric, v.baseline, v.outcome) for metric, v in verdicts.iterrows()
+                 if not _why_skipped(table, str(metric), verdicts)]
+    return pd.DataFrame(rows, columns=["task", "metric", "baseline", "outcome"])
+
+
+def every_metric_lines(means: pd.DataFrame) -> list[str]:
+    """``suite.md``'s section on :func:`every_metric`: a table of wins, ties and losses per task with the metrics
+    lost, the total, and the metrics lost on most tasks."""
+    outcomes = every_metric(means)
+    if outcomes.empty:
+        return ["No directional metric could be compared."]
+    body = []
+    for task, rows in outcomes.groupby("task", sort=False):
+        count = rows.outcome.value_counts()
+        lost = ", ".join(f"{r.metric} ({r.baseline})" for r in rows[rows.outcome == "loses"].itertuples())
+        body.append([task, *(str(count.get(o, 0)) for o in ("beats", "ties", "loses")), lost or "none"])
+    frame = pd.DataFrame(body, columns=["task", "beats", "ties", "loses", "lost (to)"])
+    count = outcomes.outcome.value_counts()
+    losses = outcomes[outcomes.outcome == "loses"].metric.value_counts()
+    often = ", ".join(f"{metric} ({n})" for metric, n in losses.items() if n > 1)
+    return [
+        "The same comparison on every directional metric of `metrics.csv` (the headline metrics and the rest: "
+        "error of the means, DE overlaps and precisions at each cut-off, discrimination, realism):",
+        "",
+        markdown(frame, frame.iloc[:0]).strip(),
+        "",
+        f"The model beats the best baseline on {count.get('beats', 0)} of {len(outcomes)} (task, metric) pairs; it ties "
+        f"on {count.get('ties', 0)} and loses on {count.get('loses', 0)}."
+        + (f" Lost on more than one task: {often}." if often else ""),
+    ]
+
+
 def worse_than_control(means: pd.DataFrame) -> pd.DataFrame:
     """The (task, metric) pairs of :data:`CONTROL_METRICS` where the model's mean is further from the best value than
     the control baseline's (ties excluded): ``task, metric, model, control``."""
@@ -198,6 +236,7 @@ def report(means: pd.DataFrame, summary: pd.DataFrame, *, title: str) -> str:
         if len(skipped):
             lines += ["", "skipped: " + ", ".join(f"{r.metric} ({r.note})" for r in skipped.itertuples())]
     lines += ["", "## Overall", "", headline(summary), "", control_line(means)]
+    lines += ["", "## Every metric", "", *every_metric_lines(means)]
     lines += ["", "## Calibration", "", *calibration_lines(means)]
     return "\n".join(lines) + "\n"
 

@@ -47,7 +47,8 @@ Output (--out, default {RUNS_DIR}/<suite name>): {TASKS_DIR}/<task>/seed=<s>/ is
 condition, metric, method, value); {SUITE_SUMMARY_FILE} per task and headline metric the model's
 mean and sd over seeds, the best baseline (closest to the metric's best value, by its mean
 over seeds) and the outcome (beats, ties, loses, skipped); {SUITE_MARKDOWN_FILE} the same as tables
-with the overall count; {SUITE_PLOT_FILE} the headline metrics per task. Running the same command
+with the overall count, and the count on every directional metric of metrics.csv; {SUITE_PLOT_FILE} the
+headline metrics per task. Running the same command
 again skips finished runs and resumes interrupted ones.
 """
 
