@@ -13,8 +13,10 @@ import pytest
 import scipy.sparse as sp
 
 from perturbdiff_core.cli import main
+from perturbdiff_core.data import DataConfig
 from perturbdiff_core.errors import DataError, PerturbDiffError
 from perturbdiff_core.evaluation import ALL_CONDITIONS, COLUMNS, DEFINITIONS, evaluate, metrics, wilcoxon_de
+from perturbdiff_core.evaluation.predictors import POPULATION_KEY, condition_keys
 
 #: Genes shifted by each synthetic perturbation: none, few, many (over the top-50 cut-off).
 SHIFTED = (0, 6, 25, 70, 130, 40, 12)
@@ -114,6 +116,70 @@ def test_cell_types_are_separate_contexts() -> None:
         pd.testing.assert_frame_equal(joint.loc[per_condition.index, per_condition.columns], per_condition, rtol=1e-12)
 
 
+def _as_batches_of_one_cell_type(adata: ad.AnnData) -> ad.AnnData:
+    """``adata`` with its cell types read as batches of one cell type, and its conditions' cells at two doses."""
+    out = adata.copy()
+    out.obs = out.obs.rename(columns={"cell_type": "batch"}).assign(cell_type="k562")
+    perturbed = (out.obs.perturbation != "control").to_numpy()
+    out.obs["dose"] = np.where(perturbed, np.where(np.arange(out.n_obs) % 2 == 0, 0.1, 1.0), np.nan)
+    return out
+
+
+def test_batches_and_doses_are_conditions_of_their_own() -> None:
+    """A held-out batch (patient, replicate) is compared with its own control cells and each dose is a condition,
+    as the data's own conditions are: the same numbers as the cells relabelled by hand."""
+    pred, real = (_as_batches_of_one_cell_type(a) for a in synthetic_pair(seed=2, genes=60, cells=30, shifted=(5, 20),
+                                                                        cell_types=("b1", "b2")))
+    keys = {"cell_type_key": "cell_type", "context_keys": ["batch"], "dose_key": "dose"}
+    got = _wide(evaluate(pred, real, **keys)).drop(index=ALL_CONDITIONS)
+    assert set(got.index) == {f"P{i}@{d}|k562|{b}" for i in range(2) for d in ("0.1", "1") for b in ("b1", "b2")}
+
+    def by_hand(adata: ad.AnnData) -> ad.AnnData:
+        out = adata.copy()
+        dosed = out.obs.dose.notna().to_numpy()
+        labels = out.obs.perturbation.astype(str).to_numpy().astype(object)
+        labels[dosed] = [f"{p}@{d:g}" for p, d in zip(labels[dosed], out.obs.dose[dosed], strict=True)]
+        out.obs = pd.DataFrame({"perturbation": labels, "context": ("k562|" + out.obs.batch.astype(str)).to_numpy()},
+                               index=out.obs_names)
+        return out
+
+    expected = _wide(evaluate(by_hand(pred), by_hand(real), cell_type_key="context")).drop(index=ALL_CONDITIONS)
+    pd.testing.assert_frame_equal(got.loc[expected.index, expected.columns], expected, rtol=1e-12)
+    pooled = _wide(evaluate(pred, real, cell_type_key="cell_type")).drop(index=ALL_CONDITIONS)
+    assert set(pooled.index) == {"P0|k562", "P1|k562"}  # without the keys: both batches and doses in one
+    with pytest.raises(DataError, match="both the replicate key and a context key"):
+        evaluate(pred, real, **keys, replicate_key="batch")
+
+
+def test_a_condition_of_one_cell_has_no_mmd_and_says_why() -> None:
+    pred, real = synthetic_pair(seed=1, genes=40, cells=10, shifted=(3, 5))
+    keep = ~((real.obs.perturbation == "P1").to_numpy() & (np.arange(real.n_obs) % 10 != 0))  # P1: one real cell
+    table = evaluate(pred[keep], real[keep])
+    one = table[table.condition == "P1"].set_index("metric").value
+    assert math.isnan(one["mmd2_energy"]) and math.isfinite(one["pearson_delta"]) and math.isfinite(one["mse"])
+    assert "a single predicted or real cell, so mmd2_energy is NaN [P1]" in table.attrs["notes"]
+    assert math.isfinite(table[(table.condition == ALL_CONDITIONS) & (table.metric == "mmd2_energy")].value.iloc[0])
+    draws = []  # ten sampled populations of the prediction (its control cells once), P1 one cell in each
+    for k in range(10):
+        draw = pred[keep & ((pred.obs.perturbation != "control").to_numpy() | (k == 0))].copy()
+        draws.append(draw)
+        draws[-1].obs[POPULATION_KEY] = str(k)
+    sampled = ad.concat(draws, index_unique="-")
+    table = evaluate(sampled, real[keep])
+    calibration = table[table.metric == "calibration_pvalue"].set_index("condition").value
+    assert math.isnan(calibration["P1"]) and 0 < calibration["P0"] <= 1
+    assert "a single predicted or real cell, so calibration_pvalue and population_coverage are NaN [P1]" in table.attrs["notes"]
+
+
+def test_condition_keys_are_the_data_configs_context_and_dose() -> None:
+    config = DataConfig(cell_type_key="cell_type", batch_key="donor", covariate_keys=["plate"], dose_key="dose")
+    assert condition_keys(config) == {
+        "perturbation_key": "perturbation", "control_label": "control", "cell_type_key": "cell_type",
+        "context_keys": ["donor", "plate"], "dose_key": "dose",
+    }
+    assert condition_keys(config, replicate_key="donor")["context_keys"] == ["plate"]  # donors as populations
+
+
 def test_genes_in_another_order_are_aligned(pair: tuple[ad.AnnData, ad.AnnData], table: pd.DataFrame) -> None:
     pred, real = pair
     shuffled = pred[:, np.random.default_rng(0).permutation(pred.n_vars)].copy()
@@ -191,7 +257,7 @@ BAD_INPUTS = {
     "unknown control label": (lambda p, r: (p, r), {"control_label": "ctrl"}, "Control label 'ctrl' not found"),
     "no control cells in the prediction": (lambda p, r: (_drop(p, "control"), r), {}, "Control label 'control' not found"),
     "no control cells in one cell type": (
-        lambda p, r: (_no_control_in_b(p), r), {"cell_type_key": "cell_type"}, "no 'control' cells in cell type 'B'"
+        lambda p, r: (_no_control_in_b(p), r), {"cell_type_key": "cell_type"}, "no 'control' cells in context 'B'"
     ),
     "missing perturbation key": (lambda p, r: (p, r), {"perturbation_key": "target"}, "no column 'target'"),
     "negative predictions": (lambda p, r: (_scaled(p, 1.0, -0.5), r), {}, "negative values"),

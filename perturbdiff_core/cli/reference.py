@@ -174,7 +174,9 @@ def metrics_reference() -> str:
         _GENERATED.format(source="perturbdiff_core/evaluation/definitions.py (DEFINITIONS)"),
         "",
         "`metrics.csv` is long format: `condition, metric, method, value`, one row per condition, metric "
-        "and method (the model and each baseline), and rows with condition `__all__` holding the mean over "
+        "and method (the model and each baseline), a condition labelled as `split.json` labels it (a "
+        "perturbation, `@dose` with a dose key, in its cell type, batch and covariates, each compared with its "
+        "own context's control cells), and rows with condition `__all__` holding the mean over "
         "conditions (NaN skipped) and the metrics defined across conditions. `{kernel}` stands for the "
         "evaluation kernel's name (`evaluate.kernel`, e.g. `mmd2_energy`). Best: the value a perfect "
         "prediction reaches; the report and the verdict call a method better when it is closer to it. "

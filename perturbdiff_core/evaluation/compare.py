@@ -12,7 +12,7 @@ direction: an unbiased MMD^2 estimate below 0 is better than one above it
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -49,6 +49,8 @@ def compare(
     perturbation_key: str = "perturbation",
     control_label: str = "control",
     cell_type_key: str | None = None,
+    context_keys: Sequence[str] = (),
+    dose_key: str | None = None,
     replicate_key: str | None = None,
     kernel: str | Kernel = "energy",
     kernel_name: str | None = None,
@@ -82,6 +84,8 @@ def compare(
             perturbation_key=perturbation_key,
             control_label=control_label,
             cell_type_key=cell_type_key,
+            context_keys=context_keys,
+            dose_key=dose_key,
             replicate_key=replicate_key,
             method=method,
             kernel=kernel,

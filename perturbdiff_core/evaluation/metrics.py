@@ -10,7 +10,7 @@ replicate) is listed in ``table.attrs["notes"]``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import anndata as ad
 import numpy as np
@@ -44,6 +44,8 @@ def evaluate(
     perturbation_key: str = "perturbation",
     control_label: str = "control",
     cell_type_key: str | None = None,
+    context_keys: Sequence[str] = (),
+    dose_key: str | None = None,
     replicate_key: str | None = None,
     method: str = "model",
     kernel: str | Kernel = "energy",
@@ -60,6 +62,9 @@ def evaluate(
         pred, real: both hold the control cells and the same conditions on the same genes.
         perturbation_key, control_label: the obs column of perturbations and its control value.
         cell_type_key: optional obs column; a condition is then (cell type, perturbation).
+        context_keys: further obs columns of the context (batch, covariates): each condition is compared with
+            the control cells of its own cell type and values of these keys.
+        dose_key: optional obs column of doses: a perturbation at each dose is its own condition, ``name@dose``.
         replicate_key: optional obs column of replicates (batch, donor) in the real data and of
             independently sampled populations in the prediction; enables population variability.
         method: the predictor's name in the ``method`` column.
@@ -86,6 +91,8 @@ def evaluate(
         perturbation_key=perturbation_key,
         control_label=control_label,
         cell_type_key=cell_type_key,
+        context_keys=context_keys,
+        dose_key=dose_key,
         replicate_key=replicate_key,
     )
     if kernel_name is None:
@@ -123,9 +130,9 @@ class _Evaluation:
         self.max_cells, self.fdr_threshold = max_cells, fdr_threshold
         self.rng = np.random.default_rng(seed)
         self.notes: dict[str, list[str]] = {}  # reason -> conditions
-        cell_types = {c.cell_type for c in data.conditions}
+        contexts = {c.context for c in data.conditions}
         self.controls = {
-            t: (data.pred.control(t), data.real.control(t)) for t in sorted(cell_types, key=lambda t: t or "")
+            t: (data.pred.control(t), data.real.control(t)) for t in sorted(contexts, key=lambda t: t or "")
         }
         self.control_samples = {t: (self._sample(p), self._sample(r)) for t, (p, r) in self.controls.items()}
         self.control_ranks = {t: (ControlRanks(p), ControlRanks(r)) for t, (p, r) in self.controls.items()}
@@ -144,17 +151,17 @@ class _Evaluation:
         nsig = np.empty((len(self.data.conditions), 2))
         for i, c in enumerate(conditions):
             pred_cells, real_cells = self.data.pred.cells(c), self.data.real.cells(c)
-            pred_ctrl, real_ctrl = self.controls[c.cell_type]
+            pred_ctrl, real_ctrl = self.controls[c.context]
             means = pred_cells.mean(0), real_cells.mean(0), pred_ctrl.mean(0), real_ctrl.mean(0)
             values = pseudobulk_metrics(*means)
             deltas[c] = (means[0] - means[2], means[1] - means[3])
-            pred_ranks, real_ranks = self.control_ranks[c.cell_type]
+            pred_ranks, real_ranks = self.control_ranks[c.context]
             values |= self._de(c, real_ranks.test(real_cells), pred_ranks.test(pred_cells))
             nsig[i] = values["de_nsig_counts_real"], values["de_nsig_counts_pred"]
             values |= realism_metrics(pred_cells, real_cells)
             pred_sample, real_sample = self._sample(pred_cells), self._sample(real_cells)
-            values[f"mmd2_{self.kernel_name}"] = self.mmd(pred_sample, real_sample)
-            pred_ctrl_sample, real_ctrl_sample = self.control_samples[c.cell_type]
+            values[f"mmd2_{self.kernel_name}"] = self._mmd2(c, pred_sample, real_sample)
+            pred_ctrl_sample, real_ctrl_sample = self.control_samples[c.context]
             edistances[i] = (
                 self.mmd.edistance(pred_sample, pred_ctrl_sample),
                 self.mmd.edistance(real_sample, real_ctrl_sample),
@@ -171,6 +178,14 @@ class _Evaluation:
         rows.append((ALL_CONDITIONS, "de_spearman_sig", spearman_nsig(nsig[:, 0], nsig[:, 1])))
         rows.append((ALL_CONDITIONS, "pearson_edistance", correlation("pearson", edistances[:, 1], edistances[:, 0])))
         return rows, [_note(reason, names) for reason, names in self.notes.items()]
+
+    def _mmd2(self, condition: EvaluatedCondition, pred: np.ndarray, real: np.ndarray) -> float:
+        """MMD^2 of the two populations; NaN, with a note, where one has a single cell (no distribution to compare)."""
+        if min(len(pred), len(real)) < 2:
+            reason = f"a single predicted or real cell, so mmd2_{self.kernel_name} is NaN"
+            self.notes.setdefault(reason, []).append(condition.name)
+            return float("nan")
+        return self.mmd(pred, real)
 
     def _de(self, condition: EvaluatedCondition, real: DEResult, pred: DEResult) -> dict[str, float]:
         values = de_metrics(real, pred, threshold=self.fdr_threshold)
@@ -211,6 +226,10 @@ class _Evaluation:
             self.notes.setdefault(reason, []).append(condition.name)
         reals = [p for p in self.data.real.replicate_populations(condition) if p.shape[0] >= 2]
         reals = reals or [self.data.real.cells(condition)]
+        if min(p.shape[0] for p in [*predicted, *reals]) < 2:
+            reason = "a single predicted or real cell, so calibration_pvalue and population_coverage are NaN"
+            self.notes.setdefault(reason, []).append(condition.name)
+            return {"calibration_pvalue": float("nan"), "population_coverage": float("nan")}
         pvalues = [population_calibration(predicted, r, self.mmd.kernel, self.mmd.estimator, self.rng) for r in reals]
         enough = len(predicted) >= MIN_CALIBRATION_POPULATIONS
         return {
@@ -221,11 +240,11 @@ class _Evaluation:
     def _discrimination(
         self, deltas: dict[EvaluatedCondition, tuple[np.ndarray, np.ndarray]]
     ) -> dict[EvaluatedCondition, dict[str, float]]:
-        """Discrimination scores, each condition ranked among the conditions of its cell type."""
+        """Discrimination scores, each condition ranked among the conditions of its context."""
         out: dict[EvaluatedCondition, dict[str, float]] = {c: {} for c in deltas}
         genes = self.data.genes
-        for cell_type in self.controls:
-            group = [c for c in deltas if c.cell_type == cell_type]
+        for context in self.controls:
+            group = [c for c in deltas if c.context == context]
             pred = np.stack([deltas[c][0] for c in group])
             real = np.stack([deltas[c][1] for c in group])
             include = np.stack([genes != c.perturbation for c in group])

@@ -6,15 +6,18 @@ given); the control label occurs in both, in every cell type that has a conditio
 the same genes without duplicates (the same set in a different order is reordered to the real
 order: the metrics do not depend on order, so refusing it would only make users reorder by
 hand); both hold the same conditions; values are finite log1p expression (non-negative, below
-20, not whole numbers only). A condition is a perturbation, or with a cell-type key a
-(perturbation, cell type) pair labelled ``perturbation|cell_type``: the data's own condition
-label (``split.json``, ``predict --conditions``) with the batch left out, as the metrics pool
-the batches of a cell type.
+20, not whole numbers only). A condition is a perturbation (at one dose, ``perturbation@dose``, with a
+dose key) in one context: the values of the cell-type key and the further context keys (batch,
+covariates), labelled ``perturbation|cell_type|batch...`` as the data's own condition label
+(``split.json``, ``predict --conditions``). Each condition is compared with the control cells of
+its own context. A replicate key is not part of the context: its values are populations of one
+condition (donors, batches), pooled by every metric but population variability and calibration.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -37,20 +40,20 @@ from .predictors import POPULATION_KEY
 
 @dataclass(frozen=True)
 class EvaluatedCondition:
-    """One evaluated condition: a perturbation, in one cell type when the data has several.
+    """One evaluated condition: a perturbation (``name@dose`` with a dose key) in one context.
 
-    Not :class:`perturbdiff_core.data.dataset.Condition` (a perturbation in one full context, with
-    its dose and cell count): this one pools the batches of a cell type, as the metrics do. Both
-    write the same label, ``perturbation|cell_type``.
+    Not :class:`perturbdiff_core.data.dataset.Condition` (which also knows its dose as a number and its
+    cell count), but the same label: ``perturbation`` or ``perturbation|context``, the context being
+    the values of the cell-type and further context keys joined by ``|`` (``None`` without such keys).
     """
 
     perturbation: str
-    cell_type: str | None
+    context: str | None
 
     @property
     def name(self) -> str:
-        """The label in the metrics table and the report: ``perturbation`` or ``perturbation|cell_type``."""
-        return self.perturbation if self.cell_type is None else LABEL_SEPARATOR.join([self.perturbation, self.cell_type])
+        """The label in the metrics table and the report: ``perturbation`` or ``perturbation|context``."""
+        return self.perturbation if self.context is None else LABEL_SEPARATOR.join([self.perturbation, self.context])
 
 
 def __getattr__(name: str) -> type[EvaluatedCondition]:
@@ -78,7 +81,7 @@ class Side:
 
     matrix: np.ndarray | sp.csr_matrix
     rows: dict[EvaluatedCondition, np.ndarray]
-    control_rows: dict[str | None, np.ndarray]
+    control_rows: dict[str | None, np.ndarray]  # by context label
     populations: dict[EvaluatedCondition, list[np.ndarray]]
     sampled: bool = False
 
@@ -86,9 +89,9 @@ class Side:
         """Dense float64 ``(cells, genes)`` expression of ``condition``."""
         return _dense(self.matrix[self.rows[condition]])
 
-    def control(self, cell_type: str | None) -> np.ndarray:
-        """Dense float64 ``(cells, genes)`` expression of the control cells of ``cell_type``."""
-        return _dense(self.matrix[self.control_rows[cell_type]])
+    def control(self, context: str | None) -> np.ndarray:
+        """Dense float64 ``(cells, genes)`` expression of the control cells of ``context`` (its label)."""
+        return _dense(self.matrix[self.control_rows[context]])
 
     def replicate_populations(self, condition: EvaluatedCondition) -> list[np.ndarray]:
         """The cells of ``condition`` split by population (sorted by label); ``[]`` without populations."""
@@ -112,47 +115,58 @@ def pair_anndata(
     perturbation_key: str = "perturbation",
     control_label: str = "control",
     cell_type_key: str | None = None,
+    context_keys: Sequence[str] = (),
+    dose_key: str | None = None,
     replicate_key: str | None = None,
 ) -> PairedData:
     """Check ``pred`` and ``real`` against the input rules and index their populations.
 
+    A condition's context is its values of ``cell_type_key`` and ``context_keys`` (batch, covariates), its
+    perturbation named ``perturbation@dose`` where ``dose_key`` holds a dose (module docstring).
     Populations: the real data's by ``replicate_key``; the prediction's by its ``population``
     column (:data:`~perturbdiff_core.evaluation.predictors.POPULATION_KEY`, written by ``predict
     --populations K``) when it has one, else by ``replicate_key``. The metrics other than
     population variability and calibration read the prediction's first population.
     """
+    keys = [k for k in (cell_type_key, *context_keys) if k is not None]
+    if replicate_key is not None and replicate_key in keys:
+        raise DataError(
+            f"{replicate_key!r} is both the replicate key and a context key: a context is compared with its own "
+            f"control cells, replicates are populations of one condition. Give it as one or the other."
+        )
     for which, adata in (("prediction", pred), ("real data", real)):
         require_obs_key(adata, perturbation_key, f"perturbation key, in the {which}")
-        if cell_type_key is not None:
-            require_obs_key(adata, cell_type_key, f"cell-type key, in the {which}")
-        if replicate_key is not None:
-            require_obs_key(adata, replicate_key, f"replicate key, in the {which}")
+        for key in keys:
+            require_obs_key(adata, key, f"context key, in the {which}")
+        for key, role in ((dose_key, "dose"), (replicate_key, "replicate")):
+            if key is not None:
+                require_obs_key(adata, key, f"{role} key, in the {which}")
         require_label(adata, perturbation_key, control_label)
     order = _gene_order(pred, real)
-    pred_labels = _labels(pred, perturbation_key, cell_type_key)
-    real_labels = _labels(real, perturbation_key, cell_type_key)
+    pred_labels = _labels(pred, perturbation_key, control_label, keys, dose_key)
+    real_labels = _labels(real, perturbation_key, control_label, keys, dose_key)
     conditions = _same_conditions(pred_labels, real_labels, control_label)
-    cell_types = {c.cell_type for c in conditions}
+    contexts = {c.context for c in conditions}
     sides = []
     for which, adata, labels, cols in (
         ("prediction", pred, pred_labels, order),
         ("real data", real, real_labels, None),
     ):
         matrix = _matrix(adata, which, cols)
-        rows = {c: np.flatnonzero((labels[0] == c.perturbation) & (labels[1] == _str(c.cell_type))) for c in conditions}
+        rows = {c: np.flatnonzero((labels[0] == c.perturbation) & (labels[1] == _str(c.context))) for c in conditions}
         key = POPULATION_KEY if which == "prediction" and POPULATION_KEY in adata.obs else replicate_key
         populations = {} if key is None else _populations(adata.obs[key], rows)
         if key == POPULATION_KEY:
             rows = {c: pops[0] for c, pops in populations.items()}
         control_rows = {}
-        for cell_type in cell_types:
-            found = np.flatnonzero((labels[0] == control_label) & (labels[1] == _str(cell_type)))
+        for context in contexts:
+            found = np.flatnonzero((labels[0] == control_label) & (labels[1] == _str(context)))
             if found.size == 0:
                 raise DataError(
-                    f"The {which} has no {control_label!r} cells in cell type {cell_type!r}; every cell "
-                    f"type with a condition needs its control cells in both files."
+                    f"The {which} has no {control_label!r} cells in context {context!r} "
+                    f"({' | '.join(keys)}); every context with a condition needs its control cells in both files."
                 )
-            control_rows[cell_type] = found
+            control_rows[context] = found
         sides.append(Side(matrix, rows, control_rows, populations, sampled=key == POPULATION_KEY))
     return PairedData(real.var_names.to_numpy(dtype=str), conditions, sides[0], sides[1])
 
@@ -167,15 +181,23 @@ def _populations(column: pd.Series, rows: dict[EvaluatedCondition, np.ndarray]) 
     return out
 
 
-def _str(cell_type: str | None) -> str:
-    return "" if cell_type is None else cell_type
+def _str(context: str | None) -> str:
+    return "" if context is None else context
 
 
-def _labels(adata: ad.AnnData, perturbation_key: str, cell_type_key: str | None) -> tuple[np.ndarray, np.ndarray]:
-    perts = adata.obs[perturbation_key].astype(str).to_numpy()
-    if cell_type_key is None:
+def _labels(
+    adata: ad.AnnData, perturbation_key: str, control_label: str, context_keys: Sequence[str], dose_key: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell its perturbation's name (``name@dose`` where ``dose_key`` holds a dose) and its context label."""
+    perts = adata.obs[perturbation_key].astype(str).to_numpy().astype(object)
+    if dose_key is not None:
+        doses = pd.to_numeric(adata.obs[dose_key], errors="coerce").to_numpy(dtype=float)
+        dosed = (perts != control_label) & np.isfinite(doses)
+        perts[dosed] = [f"{p}@{d:g}" for p, d in zip(perts[dosed], doses[dosed], strict=True)]
+    if not context_keys:
         return perts, np.full(perts.shape, "", dtype=object)
-    return perts, adata.obs[cell_type_key].astype(str).to_numpy()
+    parts = [adata.obs[key].astype(str).to_numpy() for key in context_keys]
+    return perts, np.array([LABEL_SEPARATOR.join(values) for values in zip(*parts, strict=True)], dtype=object)
 
 
 def _same_conditions(
@@ -199,7 +221,7 @@ def _same_conditions(
         )
     if not in_real:
         raise DataError(f"No condition other than the control label {control_label!r}; nothing to evaluate.")
-    return sorted(in_real, key=lambda c: (_str(c.cell_type), c.perturbation))
+    return sorted(in_real, key=lambda c: (_str(c.context), c.perturbation))
 
 
 def _gene_order(pred: ad.AnnData, real: ad.AnnData) -> np.ndarray | None:

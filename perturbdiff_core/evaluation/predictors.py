@@ -15,6 +15,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ..data.config import DataConfig
 from ..data.dataset import Condition, Context, PerturbationData
 from ..errors import InputError
 from ..names import POPULATION_KEY
@@ -90,6 +91,20 @@ def _obs_for(data: PerturbationData, perturbation: str, context: Context, dose: 
     if cfg.dose_key is not None:
         columns[cfg.dose_key] = [np.nan if dose is None else dose] * n
     return pd.DataFrame(columns)
+
+
+def condition_keys(config: DataConfig, replicate_key: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`~perturbdiff_core.evaluation.evaluate` that make its conditions the data's
+    own (perturbation at a dose, in a full context), read from the obs columns :func:`predict_anndata` writes;
+    ``replicate_key``, if one of the context keys, is left out of the context (its values become populations)."""
+    context = [k for k in (config.batch_key, *config.covariate_keys) if k is not None and k != replicate_key]
+    return {
+        "perturbation_key": config.perturbation_key,
+        "control_label": config.control_label,
+        "cell_type_key": None if config.cell_type_key == replicate_key else config.cell_type_key,
+        "context_keys": context,
+        "dose_key": config.dose_key,
+    }
 
 
 def _assemble(data: PerturbationData, blocks: list[tuple[np.ndarray, pd.DataFrame]]) -> ad.AnnData:

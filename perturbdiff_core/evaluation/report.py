@@ -111,6 +111,8 @@ def write_report(
     perturbation_key: str = "perturbation",
     control_label: str = "control",
     cell_type_key: str | None = None,
+    context_keys: Sequence[str] = (),
+    dose_key: str | None = None,
     loss_history: pd.DataFrame | None = None,
     title: str = "perturbdiff report",
     model: str = "model",
@@ -126,6 +128,8 @@ def write_report(
         predictions: method name -> predicted AnnData (or path); ``model`` must be one of them,
             the others are the baselines (drawn beside the model).
         real: the real cells of the same conditions with their controls.
+        perturbation_key, control_label, cell_type_key, context_keys, dose_key: what makes a condition, as
+            :func:`~perturbdiff_core.evaluation.evaluate` reads them.
         loss_history: training log (``train_log.csv``) with a ``step`` column; every other numeric
             column but ``lr`` is drawn, ``val*`` columns (NaN where not measured) in their own panel.
         max_conditions: the per-condition plots show the first this many conditions.
@@ -142,7 +146,10 @@ def write_report(
         raise InputError(f"max_conditions must be at least 1, got {max_conditions}.")
     wide = aggregate(metrics)
     real_data = read_anndata(real)
-    keys = {"perturbation_key": perturbation_key, "control_label": control_label, "cell_type_key": cell_type_key}
+    keys = {
+        "perturbation_key": perturbation_key, "control_label": control_label, "cell_type_key": cell_type_key,
+        "context_keys": context_keys, "dose_key": dose_key,
+    }
     paired = {m: pair_anndata(read_anndata(p), real_data, **keys) for m, p in predictions.items()}
     paired = {model: paired[model], **{m: p for m, p in paired.items() if m != model}}
     shown, kept, dropped = _split_rows(wide)
@@ -362,7 +369,7 @@ def _de_genes(paired: PairedData, model: str) -> str:
     blocks = []
     conditions = paired.conditions[:DE_CONDITIONS]
     for condition in conditions:
-        real_ctrl, pred_ctrl = paired.real.control(condition.cell_type), paired.pred.control(condition.cell_type)
+        real_ctrl, pred_ctrl = paired.real.control(condition.context), paired.pred.control(condition.context)
         real = wilcoxon_de(paired.real.cells(condition), real_ctrl)
         pred = wilcoxon_de(paired.pred.cells(condition), pred_ctrl)
         n_real, n_pred = int((real.fdr < FDR_THRESHOLD).sum()), int((pred.fdr < FDR_THRESHOLD).sum())

@@ -108,7 +108,7 @@ def loss(history: pd.DataFrame) -> Figure:
 def _delta(paired: PairedData, side: str, condition: EvaluatedCondition) -> np.ndarray:
     """Per-gene mean of ``condition`` minus its own control mean, on the ``pred`` or ``real`` side."""
     cells = getattr(paired, side)
-    return cells.cells(condition).mean(0) - cells.control(condition.cell_type).mean(0)
+    return cells.cells(condition).mean(0) - cells.control(condition.context).mean(0)
 
 
 def deltas(paired: Mapping[str, PairedData], conditions: Sequence[EvaluatedCondition], model: str) -> Figure:
@@ -149,7 +149,7 @@ def pca(
     rng = np.random.default_rng(seed)
     real_side = paired[model].real
     for ax, condition in zip(axes, conditions):
-        control = subsample(real_side.control(condition.cell_type), per_group, rng)
+        control = subsample(real_side.control(condition.context), per_group, rng)
         real = subsample(real_side.cells(condition), per_group, rng)
         fitted = PCA(n_components=2, svd_solver="randomized", random_state=seed).fit(np.vstack([real, control]))
         groups = [("control (real)", control, CONTROL_COLOUR, "o"), ("real", real, REAL_COLOUR, "o")]

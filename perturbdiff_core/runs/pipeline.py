@@ -13,7 +13,14 @@ import anndata as ad
 import pandas as pd
 
 from ..evaluation.compare import compare
-from ..evaluation.predictors import Predictor, as_predictor, first_population, predict_anndata, real_anndata
+from ..evaluation.predictors import (
+    Predictor,
+    as_predictor,
+    condition_keys,
+    first_population,
+    predict_anndata,
+    real_anndata,
+)
 from ..evaluation.report import write_report
 from ..io import atomic_path
 from ..mmd.kernels import as_kernel
@@ -73,11 +80,7 @@ def evaluate_run(trainer: Trainer, predictions: dict[str, ad.AnnData], real: ad.
     """``metrics.csv`` and ``report.html`` of the run (the evaluation helpers' two calls)."""
     config = trainer.config
     apply_threads(trainer.threads)
-    keys = {
-        "perturbation_key": config.data.perturbation_key,
-        "control_label": config.data.control_label,
-        "cell_type_key": config.data.cell_type_key,
-    }
+    keys = condition_keys(config.data)
     metrics = compare(
         predictions, real, **keys, kernel=config.evaluate.kernel, max_cells=config.evaluate.max_cells, seed=config.seed,
         progress=trainer.progress,

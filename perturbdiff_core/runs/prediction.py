@@ -112,9 +112,8 @@ def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list
     - ``perturbation``: every context where it has cells, or every context with control cells
       when it has none;
     - ``perturbation|cell_type|batch`` (the parts the data config has): that condition;
-    - ``perturbation|cell_type`` when the data also has a batch key or covariates, as
-      ``metrics.csv`` and the report label a condition (they pool the batches): the perturbation
-      in every context of that cell type;
+    - ``perturbation|cell_type`` when the data also has a batch key or covariates (``metrics.csv``'s
+      label before it kept the batches apart): the perturbation in every context of that cell type;
     - ``cell_type/perturbation``, the label of ``metrics.csv`` files written by earlier versions:
       the same.
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...configuration import parse_overrides
 from ...errors import InputError
@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # the data stack is imported when the command runs, not for -
     from ...data import DataConfig
 
 _EPILOG = f"""\
-metrics.csv is long format: condition, metric, method, value. Rows with condition
+metrics.csv is long format: condition, metric, method, value. A condition is a perturbation
+(name@dose with --dose-key) in one context (its --cell-type-key and --context-key values),
+compared with the control cells of that context: the labels of split.json. Rows with condition
 '{ALL_CONDITIONS}' hold the mean over conditions (NaN skipped) and the metrics defined across
 conditions (pearson_edistance, de_spearman_sig). Both files are log1p expression on the same
 genes (the prediction is reordered to the real gene order), hold the same conditions and the
@@ -36,7 +38,8 @@ are compared on the same conditions: with --run DIR they are fitted on the train
 conditions of DIR/split.json (data from DIR/config.yaml and DIR/data_state.json) and predict
 its test conditions, which PRED must hold. Without REAL.h5ad the run's real test cells
 are read from its data. The run's data keys are the defaults of --perturbation-key,
---control-label and --cell-type-key, and its train_log.csv is the loss curve of --report.
+--control-label, --cell-type-key, --context-key (its batch and covariate keys, less a
+--replicate-key among them) and --dose-key, and its train_log.csv is the loss curve of --report.
 Example:
 
   perturbdiff evaluate runs/x/predictions.h5ad --run runs/x \\
@@ -65,6 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--control-label", default=None, help="label of control cells (default: the run's, else control)")
     parser.add_argument("--perturbation-key", default=None, help="obs column of perturbations (default: the run's, else perturbation)")
     parser.add_argument("--cell-type-key", default=None, help="obs column of cell types; a condition is then (cell type, perturbation) (default: the run's)")
+    parser.add_argument(
+        "--context-key", action="append", default=None, metavar="KEY",
+        help="further obs column of the context (batch, covariate): each condition is compared with its own context's "
+        "control cells; repeatable (default: the run's batch and covariate keys)",
+    )
+    parser.add_argument("--dose-key", default=None, help="obs column of doses: each dose is its own condition, name@dose (default: the run's)")
     parser.add_argument(
         "--replicate-key", default=None, help="obs column of replicates (batch, donor) in the real data and of sampled populations in the prediction"
     )
@@ -154,16 +163,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, str | None]:
-    """The obs keys: given on the command line, else the run's, else the defaults."""
+def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, Any]:
+    """The obs keys of a condition: given on the command line, else the run's, else the defaults."""
     from ...data import DataConfig
+    from ...evaluation.predictors import condition_keys
 
-    fallback = config if config is not None else DataConfig()
-    return {
-        "perturbation_key": args.perturbation_key or fallback.perturbation_key,
-        "control_label": args.control_label or fallback.control_label,
-        "cell_type_key": args.cell_type_key or fallback.cell_type_key,
+    keys = condition_keys(config if config is not None else DataConfig(), args.replicate_key)
+    given = {
+        "perturbation_key": args.perturbation_key, "control_label": args.control_label,
+        "cell_type_key": args.cell_type_key, "context_keys": args.context_key, "dose_key": args.dose_key,
     }
+    return keys | {key: value for key, value in given.items() if value is not None}
 
 
 def _print_summary(table: pd.DataFrame, console: Console) -> None:

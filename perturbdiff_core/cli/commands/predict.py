@@ -23,9 +23,9 @@ _EPILOG = f"""\
 has cells; every context with control cells when it has none) or full condition labels
 'perturbation|cell_type|batch' (only the parts the run's data config has: e.g.
 'stimulated|CD14+Mono' with a cell type key and no batch key), as split.json, metrics.csv and
-the report write them; with a batch key, metrics.csv's 'perturbation|cell_type' (which pools the
-batches) means the perturbation in every batch of that cell type, and so does the older
-'cell_type/perturbation'. Without --conditions: the run's test conditions, or with --data every
+the report write them; with a batch key, 'perturbation|cell_type' (metrics.csv's label before
+it kept batches apart) means the perturbation in every batch of that cell type, and so does the
+older 'cell_type/perturbation'. Without --conditions: the run's test conditions, or with --data every
 perturbed condition of that file.
 Each condition gets as many cells as it really has, or --n-cells (required for a condition
 without cells in the data). With --data, genes are aligned to the model's by name; missing
