@@ -86,7 +86,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{where} must be {tp.__name__}, got {value!r} ({type(value).__name__}).")
+            quote = f" (quote it in YAML: {where.rsplit('.', 1)[-1]}: '{value}')" if tp is str and isinstance(value, int | float | bool) else ""
+            raise ConfigError(f"{where} must be {tp.__name__}, got {value!r} ({type(value).__name__}){quote}.")
         return value
     return value
 

@@ -37,7 +37,9 @@ class OneHotEncoder(PerturbationEncoder):
             raise DataError(
                 f"One-hot cannot encode perturbation(s) never seen in training: {_shown(unknown)} "
                 f"(training saw {len(self.vocabulary)}: {_shown(self.vocabulary, 5)}). Use "
-                f"data.encoder: lookup with a vector per perturbation (e.g. gene embeddings) to predict them."
+                f"data.encoder: lookup with a vector per perturbation (e.g. gene embeddings) to predict them. If "
+                f"the data has cells of them, their training conditions may have been left out for having fewer than "
+                f"data.min_cells_per_condition cells (a warning says which): lower it to train on them."
             )
         eye = np.zeros((len(parts), len(self.vocabulary)))
         eye[np.arange(len(parts)), [self._index[p] for p in parts]] = 1.0

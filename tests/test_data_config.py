@@ -57,6 +57,7 @@ def test_unknown_key_lists_the_valid_ones():
         (SplitConfig, {"kind": "holdout_celltype"}, "holdout_cell_type"),
         (SplitConfig, {"holdout": "CD4T"}, "split.holdout must be a list"),
         (SplitConfig, {"seed": True}, "split.seed must be int"),
+        (DataConfig, {"control_label": 0}, r"data.control_label must be str, got 0 \(int\) \(quote it in YAML: control_label: '0'\)"),
     ],
 )
 def test_wrong_types_are_named(cls, values, message):

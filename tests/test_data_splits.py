@@ -134,8 +134,24 @@ def test_split_errors(data, config, error, message):
         make_split(data, config)
 
 
+def test_a_held_out_batch_left_out_for_too_few_cells_says_so(make_adata):
+    adata = make_adata(n_cells=1200, perturbations=("A", "B"), cell_types=("t1",), batches=("b1", "b2", "b3"))
+    obs = adata.obs
+    in_b3 = (obs.batch == "b3").to_numpy()
+    few_controls = ~(in_b3 & (obs.perturbation == "control").to_numpy() & (obs.groupby("batch", observed=True).cumcount() >= 3).to_numpy())
+    few_perturbed = ~(in_b3 & (obs.perturbation != "control").to_numpy() & (obs.groupby(["batch", "perturbation"], observed=True).cumcount() >= 2).to_numpy())
+    for keep, why in ((few_controls, "it has 3 control cell"), (few_perturbed, "each of its 2 perturbed condition")):
+        with pytest.warns(UserWarning, match="left out"):
+            data = PerturbationData(adata[keep].copy(), DataConfig(cell_type_key="cell_type", batch_key="batch"))
+        with pytest.raises(DataError, match=f"Held-out batch 'b3' was left out of the data: {why}.*min_cells_per_condition = 5"):
+            make_split(data, SplitConfig(kind="holdout_batch", holdout=["b3"]))
+
+
 def test_kind_needs_its_key(make_adata):
     data = PerturbationData(make_adata(), DataConfig(cell_type_key="cell_type"))
     with pytest.raises(ConfigError, match="holdout_batch needs data.batch_key"):
         make_split(data, SplitConfig(kind="holdout_batch", holdout=["b1"]))
+    patients = PerturbationData(make_adata(batches=("b1", "b2")), DataConfig(batch_key="batch"))  # the patient as the batch
+    with pytest.raises(ConfigError, match=r"needs data.cell_type_key .*; or, to hold out values of data.batch_key \('batch'\), split.kind holdout_batch"):
+        make_split(patients, SplitConfig(kind="holdout_cell_type", holdout=["b1"]))
     assert len(make_split(data, SplitConfig(kind="random")).test) == round(0.2 * 8)  # 4 perturbations x 2 cell types

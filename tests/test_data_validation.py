@@ -51,6 +51,22 @@ def test_cells_without_a_label(make_adata):
     _error(adata, r"obs\['cell_type'\].*1 cells without a value")
 
 
+@pytest.mark.parametrize("key, text", [("perturbation", "nan"), ("cell_type", "None"), ("perturbation", " ")])
+def test_labels_a_missing_value_left_as_text_are_refused(make_adata, key, text):
+    adata = make_adata()
+    labels = adata.obs[key].astype(str).to_numpy().copy()
+    labels[[3, 7]] = text  # as astype(str) leaves NaN and None
+    adata.obs[key] = pd.Categorical(labels)
+    _error(adata, rf"obs\['{key}'\].*2 cells labelled '{text}', text a missing value leaves")
+
+
+def test_a_control_label_spelt_none_is_a_label(make_adata):
+    adata = make_adata()
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str).replace({"control": "None"})
+    data = PerturbationData(adata, DataConfig(cell_type_key="cell_type", control_label="None"))
+    assert data.control_cells(data.perturbed_conditions[0].context).size > 0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_inf(make_adata, bad):
     def poke(x):

@@ -421,11 +421,28 @@ def require_unique_genes(genes: pd.Index) -> None:
         )
 
 
-def require_complete(obs: pd.DataFrame, key: str, what: str = "key") -> None:
-    """Fail when some cells have no value (NaN) in ``obs[key]``."""
-    missing = int(obs[key].isna().sum())
+#: Text that converting a missing value to a string leaves (``astype(str)`` of NaN and None), and blanks.
+MISSING_TEXT = frozenset({"nan", "none", ""})
+
+
+def require_complete(obs: pd.DataFrame, key: str, what: str = "key", allowed: str | None = None) -> None:
+    """Fail when some cells have no value in ``obs[key]``: NaN, or text a missing value leaves (:data:`MISSING_TEXT`,
+    any case; ``allowed``, e.g. a control label spelt ``None``, excepted)."""
+    column = obs[key]
+    missing = int(column.isna().sum())
     if missing:
         raise DataError(
             f"obs[{key!r}] (the {what}) has {missing} cells without a value; fill them "
             f"(e.g. with 'unknown') or drop those cells."
+        )
+    if isinstance(column.dtype, pd.CategoricalDtype):  # the categories in use, not one value per cell
+        values = column.cat.categories[pd.unique(column.cat.codes.to_numpy())]
+    else:
+        values = pd.unique(column.to_numpy())
+    placeholders = [v for v in values if isinstance(v, str) and v.strip().lower() in MISSING_TEXT and v != allowed]
+    if placeholders:
+        count = int(column.isin(placeholders).sum())
+        raise DataError(
+            f"obs[{key!r}] (the {what}) has {count} cells labelled {', '.join(map(repr, placeholders))}, text a missing "
+            f"value leaves when converted to a string; give them a real label (e.g. 'unknown') or drop those cells."
         )

@@ -223,7 +223,9 @@ class PerturbationData:
         for key, what in keys:
             require_obs_key(obs, key, what)
         for key, what in keys:
-            if key != config.dose_key:
+            if key == config.perturbation_key:  # the role's aside on a missing column does not fit a missing value
+                require_complete(obs, key, "perturbation key", allowed=config.control_label)
+            elif key != config.dose_key:
                 require_complete(obs, key, what)
         if config.perturbation_key is not None:
             require_label(obs, config.perturbation_key, config.control_label)
@@ -244,6 +246,7 @@ class PerturbationData:
         Vectorised over integer codes (no Python work per cell), so millions of cells index in
         seconds. With ``drop_small`` (data read to train on) conditions below
         ``config.min_cells_per_condition`` are left out first (:meth:`_drop_small`)."""
+        self.left_out: list[Condition] = []  # by data.min_cells_per_condition (:meth:`_drop_small`)
         roles = {"perturbation": config.perturbation_key, "cell_type": config.cell_type_key, "batch": config.batch_key}
         roles.update({f"covariate:{k}": k for k in config.covariate_keys})
         roles = {role: key for role, key in roles.items() if key is not None}
@@ -315,6 +318,7 @@ class PerturbationData:
             if condition.is_control:
                 del self._controls[condition.context]
         self.conditions = [c for c in self.conditions if c.label in self._cells]
+        self.left_out = dropped
         listed = _shown([f"{c.label} ({c.n_cells} cell{'s' * (c.n_cells != 1)})" for c in dropped if c.n_cells < minimum], 8)
         with_controls = f"; and with their too few controls, {_shown([c.label for c in dropped if c.n_cells >= minimum], 8)}" if small else ""
         if not self.perturbed_conditions:

@@ -127,8 +127,13 @@ def make_split(data: PerturbationData, config: SplitConfig) -> Split:
 
 def _require_key(data: PerturbationData, config: SplitConfig, field: str) -> None:
     if getattr(data.config, f"{field}_key") is None:
+        other = {"cell_type": "batch", "batch": "cell_type"}.get(field)
+        hint = (
+            f"; or, to hold out values of data.{other}_key ({getattr(data.config, f'{other}_key')!r}), split.kind holdout_{other}"
+            if other is not None and getattr(data.config, f"{other}_key") is not None else ""
+        )
         raise ConfigError(
-            f"split.kind {config.kind} needs data.{field}_key (the obs column of the {field.replace('_', ' ')})."
+            f"split.kind {config.kind} needs data.{field}_key (the obs column of the {field.replace('_', ' ')}){hint}."
         )
 
 
@@ -143,6 +148,18 @@ def _require_present(data: PerturbationData, field: str, values: list[str], vali
     for value in values:
         if value in valid:
             continue
+        left_out = [c for c in data.left_out if getattr(c, field) == value]
+        if left_out:
+            controls = [c for c in left_out if c.is_control]
+            minimum = f"data.min_cells_per_condition = {data.config.min_cells_per_condition}"
+            why = (
+                f"it has {controls[0].n_cells} control cell(s), fewer than {minimum}" if controls
+                else f"each of its {len(left_out)} perturbed condition(s) has fewer cells than {minimum}"
+            )
+            raise DataError(
+                f"Held-out {what} {value!r} was left out of the data: {why}. Lower data.min_cells_per_condition "
+                f"to keep it, or hold out one of: {_shown(sorted(valid))}."
+            )
         if value in data.unused_categories.get(field, []) or value in everywhere:
             why = "only control cells" if value in everywhere else "a category no cell has"
             raise DataError(
