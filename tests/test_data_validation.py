@@ -107,6 +107,17 @@ def test_expression_never_log_transformed_is_refused(make_adata):
     assert data.n_genes > 0
 
 
+@pytest.mark.parametrize("log", [np.log2, np.log10])
+def test_a_base_2_or_10_log_of_counts_is_refused(make_adata, log):
+    counts = make_adata(counts=True)
+    logged = counts.copy()
+    logged.X = sp.csr_matrix(log(counts.X.toarray() + 1.0).astype(np.float32))
+    _error(logged, r"base-2 or base-10 logarithm of raw counts.*1 or log10\(2\) = 0.301 as their smallest.*data.normalize: true")
+    natural = counts.copy()  # the natural log1p of raw counts is a count lattice (step 1): accepted
+    natural.X = sp.csr_matrix(np.log1p(counts.X.toarray()).astype(np.float32))
+    assert prepare(DataConfig(**CFG), SplitConfig(), natural)[0].n_genes > 0
+
+
 def test_normalize_requested_on_log_data_is_refused(make_adata):
     _error(make_adata(), "does not hold raw counts.*data.normalize: false", normalize=True)
 

@@ -270,6 +270,8 @@ class ValueSummary:
     empty_run: tuple[int, int] = (0, 0)
     duplicates: int = 0
     genes: int = 0
+    expressing_cells: int = 0  # cells with a non-zero value
+    log_two_cells: int = 0  # of them, those whose smallest non-zero value is log2(2) = 1 or log10(2)
 
 
 class _EmptyRuns:
@@ -312,9 +314,31 @@ def _duplicate_entries(block: np.ndarray | sp.spmatrix) -> int:
     return stored - csr.nnz
 
 
+#: The smallest non-zero value of a cell in base-2 and base-10 logarithms of raw counts plus one: log_b(2).
+LOG_TWO = (1.0, float(np.log10(2.0)))
+#: Share of expressing cells at a :data:`LOG_TWO` value that marks the data as such a logarithm.
+LOG_TWO_SHARE = 0.9
+
+
+def _smallest_nonzero(block: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """Each row's smallest positive value (``inf`` for a row without one)."""
+    if not sp.issparse(block):
+        dense = np.asarray(block)
+        return np.where(dense > 0, dense, np.inf).min(axis=1, initial=np.inf)
+    csr = sp.csr_matrix(block)
+    positive = np.where(csr.data > 0, csr.data, np.inf)
+    out = np.full(csr.shape[0], np.inf)
+    filled = np.diff(csr.indptr) > 0
+    if filled.any():
+        out[filled] = np.minimum.reduceat(positive, csr.indptr[:-1][filled])
+    return out
+
+
 def summarize_values(matrix: CellMatrix) -> ValueSummary:
-    """Scan X block by block (bounded memory): NaN/Inf, min, max, integer-valued, runs of empty cells, duplicates."""
+    """Scan X block by block (bounded memory): NaN/Inf, min, max, integer-valued, runs of empty cells, duplicates,
+    and how many cells have :data:`LOG_TWO` as their smallest non-zero value."""
     finite, integer, lo, hi, duplicates, genes = True, True, np.inf, -np.inf, 0, 0
+    expressing, log_two = 0, 0
     runs = _EmptyRuns()
     for block in matrix.blocks():
         genes = block.shape[1]
@@ -330,7 +354,10 @@ def summarize_values(matrix: CellMatrix) -> ValueSummary:
             lo, hi = min(lo, 0.0), max(hi, 0.0)
         runs.add(_nonzeros_per_cell(block) == 0)
         duplicates += _duplicate_entries(block)
-    return ValueSummary(finite, float(lo), float(hi), integer, runs.longest, duplicates, genes)
+        smallest = _smallest_nonzero(block)
+        expressing += int(np.isfinite(smallest).sum())
+        log_two += int(np.any([np.abs(smallest - v) <= 1e-6 for v in LOG_TWO], axis=0).sum())
+    return ValueSummary(finite, float(lo), float(hi), integer, runs.longest, duplicates, genes, expressing, log_two)
 
 
 def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str = "X") -> None:
@@ -363,6 +390,14 @@ def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str =
             f"{where} reaches {summary.maximum:.3g}, beyond any log-normalised value (below {MAX_LOG1P:g}): "
             f"it looks normalised but not log-transformed. Apply log1p first (sc.pp.log1p), or give the raw "
             f"counts with data.normalize: true."
+        )
+    if not counts and summary.expressing_cells and summary.log_two_cells >= LOG_TWO_SHARE * summary.expressing_cells:
+        share = summary.log_two_cells / summary.expressing_cells
+        raise DataError(
+            f"{where} looks like a base-2 or base-10 logarithm of raw counts plus one: {share:.0%} of cells have "
+            f"log2(2) = 1 or log10(2) = 0.301 as their smallest non-zero value. perturbdiff expects the natural "
+            f"log1p of normalised counts (sc.pp.normalize_total, then sc.pp.log1p): give the raw counts with "
+            f"data.normalize: true."
         )
     if normalize and not counts:
         raise DataError(
