@@ -1,8 +1,8 @@
 """Pair a predicted and a real AnnData for evaluation, checking every input rule first.
 
 Rules (each broken one raises a :class:`~perturbdiff_core.errors.DataError` before any metric
-is computed): both files hold the perturbation key (and the cell-type / replicate keys when
-given); the control label occurs in both, in every cell type that has a condition; both hold
+is computed): both files hold the perturbation key (and the context, dose and replicate keys when
+given); the control label occurs in both, in every context that has a condition; both hold
 the same genes without duplicates (the same set in a different order is reordered to the real
 order: the metrics do not depend on order, so refusing it would only make users reorder by
 hand); both hold the same conditions; values are finite log1p expression (non-negative, below
@@ -197,6 +197,8 @@ def _labels(
     if not context_keys:
         return perts, np.full(perts.shape, "", dtype=object)
     parts = [adata.obs[key].astype(str).to_numpy() for key in context_keys]
+    if len(parts) == 1:
+        return perts, parts[0]
     return perts, np.array([LABEL_SEPARATOR.join(values) for values in zip(*parts, strict=True)], dtype=object)
 
 
