@@ -16,6 +16,7 @@ import torch
 from test_training import tiny_config
 
 from perturbdiff_core.cli.commands.predict import predictions
+from perturbdiff_core.cli.commands.predict import run as predict_command
 from perturbdiff_core.data import DataConfig, PerturbationData, prediction_conditioning
 from perturbdiff_core.data.output_space import cell_units, on_lattice
 from perturbdiff_core.data.synthetic import synthetic_screen
@@ -178,6 +179,21 @@ def test_new_file_aligned_by_gene_name_with_missing_genes_reported(
         if gene != missing:
             expected[:, j] = dense(source[:, gene].X).ravel()
     np.testing.assert_array_equal(adata.X[mask], expected)
+    assert "their predicted cells are 0 too" in note[0]
+    measured = adata.var["measured"].to_numpy()
+    assert list(adata.var_names[~measured]) == [missing]
+    assert not dense(adata.X)[:, ~measured].any()  # predicted as its controls were read: no made-up rise
+
+
+def test_predict_from_an_unfinished_run_says_so(screen: ad.AnnData, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "screen.h5ad"
+    screen.write_h5ad(path)
+    trainer = Trainer(tiny_config(path, "train.steps=4", "train.val_every=0"), tmp_path / "run", progress=False)
+    trainer.fit(stop_at=2)  # as an interrupted run leaves it
+    assert predict_command(args(trainer.run_dir, out=str(tmp_path / "p.h5ad"))) == 0
+    assert "this checkpoint is at step 2 of train.steps = 4: training did not finish" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"--out .*p.csv would hold an AnnData under another extension.*\.h5ad"):
+        predict_command(args(trainer.run_dir, out=str(tmp_path / "p.csv")))
 
 
 def test_an_unseen_cell_type_warns_when_the_run_never_trained_the_unknown_context(
@@ -203,6 +219,8 @@ def test_resolve_conditions_expands_a_perturbation_name(trained: Trainer) -> Non
     assert labels == ["B|t1", "B|t2", "A+B|t2"]
     with pytest.raises(InputError, match="control"):
         resolve_conditions(data, ["control|t1"])
+    both = ["B+A|t2", "A+B|t2", "B", "B|t1"]  # the combination in the other order, then each condition again
+    assert [c.label for c in resolve_conditions(data, both)] == ["A+B|t2", "B|t1", "B|t2"]
 
 
 def test_resolve_conditions_reads_the_labels_of_older_metrics_files(trained: Trainer) -> None:

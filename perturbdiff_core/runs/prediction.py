@@ -16,6 +16,7 @@ from dataclasses import replace
 import anndata as ad
 import torch
 
+from ..data.config import DataConfig
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..data.encoders import perturbation_parts
 from ..data.sources import data_available
@@ -55,7 +56,7 @@ def open_data(
         where = config.path if source is None else "the AnnData given"
         print(
             f"perturbdiff: note: {len(opened.missing_genes)} of the model's {opened.n_genes} genes are missing from "
-            f"{where} and are read as zeros: {shown}",
+            f"{where} and are read as zeros: {shown}; their predicted cells are 0 too, marked by var['measured'] False",
             file=sys.stderr,
         )
     return opened
@@ -122,6 +123,7 @@ def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list
     by_cell_type = data.config.cell_type_key is not None and (data.config.batch_key is not None or bool(data.config.covariate_keys))
     chosen: list[Condition] = []
     for item in requested:
+        item = _known_order(item, known, data.config)
         if item in by_label:
             chosen.append(by_label[item])
         elif LABEL_SEPARATOR in item:
@@ -136,8 +138,19 @@ def resolve_conditions(data: PerturbationData, requested: Sequence[str]) -> list
         else:
             seen = [c for c in data.perturbed_conditions if c.perturbation == item]
             chosen += seen or [_new_condition(data, item, context) for context in data.contexts]
+    chosen = list({c.label: c for c in chosen}.values())  # a condition named twice is predicted once
     data.encoder.encode([c.perturbation for c in chosen])  # an unencodable perturbation fails before sampling
     return chosen
+
+
+def _known_order(item: str, known: set[str], config: DataConfig) -> str:
+    """``item`` with its perturbation spelt as the data spells the same combination (``B+A`` as ``A+B``), if it does."""
+    perturbation, *rest = item.split(LABEL_SEPARATOR)
+    if perturbation in known or config.combination_separator not in perturbation:
+        return item
+    parts = sorted(perturbation_parts(perturbation, config.combination_separator, config.control_label))
+    same = [p for p in known if sorted(perturbation_parts(p, config.combination_separator, config.control_label)) == parts]
+    return LABEL_SEPARATOR.join([same[0], *rest]) if len(same) == 1 else item
 
 
 def training_data(
@@ -299,6 +312,19 @@ def predict_run(
         shrinkage=run_shrinkage(checkpoint, train_data, chosen, opened),
     )
     seed = checkpoint.run_config.seed if seed is None else seed
-    return predict_anndata(
+    predicted = predict_anndata(
         predictor, opened, chosen, n_cells=n_cells, seed=seed, populations=populations, progress=progress
     )
+    return unmeasured_as_zero(predicted, opened.missing_genes)
+
+
+def unmeasured_as_zero(adata: ad.AnnData, missing: Sequence[str]) -> ad.AnnData:
+    """``adata`` with the genes ``missing`` from the data predicted from set to 0 in every cell and marked in
+    ``var['measured']``: their control cells were read as zeros, so anything the model predicts for them is made
+    up, and a non-zero value would read as a rise in a DE test."""
+    if not missing:
+        return adata
+    unmeasured = adata.var_names.isin(list(missing))
+    adata.X[:, unmeasured] = 0.0
+    adata.var["measured"] = ~unmeasured
+    return adata

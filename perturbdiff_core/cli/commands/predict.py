@@ -25,7 +25,8 @@ has cells; every context with control cells when it has none) or full condition 
 'stimulated|CD14+Mono' with a cell type key and no batch key), as split.json, metrics.csv and
 the report write them; with a batch key, 'perturbation|cell_type' (metrics.csv's label before
 it kept batches apart) means the perturbation in every batch of that cell type, and so does the
-older 'cell_type/perturbation'. Without --conditions: the run's test conditions, or with --data every
+older 'cell_type/perturbation'. A combination may name its parts in any order (B+A is the data's
+A+B), and a condition named twice is predicted once. Without --conditions: the run's test conditions, or with --data every
 perturbed condition of that file.
 Each condition gets as many cells as it really has, or --n-cells (required for a condition
 without cells in the data). With --data, genes are aligned to the model's by name; missing
@@ -93,6 +94,8 @@ def check_out(out: str | None, run_dir: Path) -> Path | None:
         clash = f"would replace the run's own {path.name}"
     elif files.checkpoints in path.resolve().parents:
         clash = "lies in the run's own checkpoints folder"
+    elif path.suffix.lower() != ".h5ad":
+        raise InputError(f"--out {out} would hold an AnnData under another extension; give a file name ending in .h5ad.")
     else:
         return path
     raise InputError(
@@ -113,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_out(args.out, run_dir)
     device = resolve_device(args.device, option="--device")
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else load_run_checkpoint(run_dir)
+    if not checkpoint.complete:
+        print(
+            f"perturbdiff: note: this checkpoint is at step {checkpoint.step} of train.steps = "
+            f"{checkpoint.run_config.train.steps}: training did not finish (perturbdiff run ... --resume finishes it).",
+            file=sys.stderr,
+        )
     adata = predictions(checkpoint, args, device)
     if out is None:
         out = write_new(run_dir, NEW_PREDICTIONS, ".h5ad", adata.write_h5ad)
