@@ -1,8 +1,9 @@
 """``perturbdiff.evaluate``: the metrics of a prediction against the real cells, like ``metrics.csv``.
 
 The real AnnData may be the whole screen: it is cut to the prediction's genes, its conditions and
-the control cells of their contexts, and normalised as the run reads it (``data.normalize``),
-so it matches what ``perturbdiff run`` evaluates against. The keys and the evaluation settings
+the control cells of their contexts, and normalised as the run reads it (``data.normalize``;
+:func:`~perturbdiff_core.evaluation.real_subset.real_for`), so it matches what ``perturbdiff run``
+evaluates against. The keys and the evaluation settings
 come from the prediction's ``uns["perturbdiff"]`` (written by :meth:`PerturbDiff.predict
 <perturbdiff.PerturbDiff.predict>`) unless given.
 """
@@ -13,13 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import anndata as ad
-import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from perturbdiff_core.data.anndata_io import normalize_rows
-from perturbdiff_core.errors import InputError
 from perturbdiff_core.evaluation import compare
+from perturbdiff_core.evaluation.real_subset import real_for
 
 from .model import UNS_KEY
 
@@ -29,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "control_label": "control",
     "cell_type_key": None,
     "context_keys": None,
+    "dose_key": None,
     "normalize": False,
     "kernel": "energy",
     "max_cells": 1000,
@@ -40,50 +39,18 @@ def _settings(pred: ad.AnnData, given: Mapping[str, Any]) -> dict[str, Any]:
     stored = dict(pred.uns.get(UNS_KEY, {}))
     settings = {**DEFAULTS, **stored, **{k: v for k, v in given.items() if v is not None}}
     settings["cell_type_key"] = settings["cell_type_key"] or None  # "" in an h5ad stands for None
+    settings["dose_key"] = settings["dose_key"] or None
     if settings["context_keys"] is None:
         settings["context_keys"] = [settings["cell_type_key"]] if settings["cell_type_key"] else []
     settings["context_keys"] = list(settings["context_keys"])
     return settings
 
 
-def _rows(obs: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """One hashable tuple per cell of the values of ``keys``."""
-    if not keys:
-        return pd.Series([()] * len(obs), index=obs.index)
-    return pd.Series(list(zip(*(obs[k].astype(str) for k in keys))), index=obs.index)
-
-
 def real_cells(pred: ad.AnnData, real: ad.AnnData, settings: Mapping[str, Any]) -> ad.AnnData:
     """``real`` cut to the conditions of ``pred`` (and the controls of their contexts) and its genes."""
-    perturbation, control = settings["perturbation_key"], settings["control_label"]
-    contexts = settings["context_keys"]
-    for key in [perturbation, *contexts]:
-        if key not in real.obs or key not in pred.obs:
-            raise InputError(f"obs has no column {key!r} in both the prediction and the real cells; pass the keys.")
-    missing = pred.var_names.difference(real.var_names)
-    if len(missing):
-        raise InputError(
-            f"{len(missing)} of the prediction's genes are not in the real cells, e.g. {', '.join(missing[:5])}; "
-            f"give the AnnData the model was trained on."
-        )
-    is_control = (pred.obs[perturbation].astype(str) == control).to_numpy()
-    wanted = set(_rows(pred.obs.assign(_p=pred.obs[perturbation].astype(str)), ["_p", *contexts])[~is_control])
-    context_of_controls = set(_rows(pred.obs, contexts)[is_control])
-    real_perturbation = real.obs[perturbation].astype(str)
-    real_control = (real_perturbation == control).to_numpy()
-    condition = _rows(real.obs.assign(_p=real_perturbation), ["_p", *contexts]).isin(wanted).to_numpy()
-    context = _rows(real.obs, contexts).isin(context_of_controls).to_numpy()
-    keep = (condition & ~real_control) | (context & real_control)
-    matrix = real.X[keep]
-    if settings["normalize"]:
-        matrix = normalize_rows(matrix)  # over all genes, as the run reads them
-    columns = real.var_names.get_indexer(pred.var_names)
-    matrix = matrix[:, columns]
-    matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    return ad.AnnData(
-        X=np.ascontiguousarray(matrix, dtype=np.float32),  # the run's reader gives float32
-        obs=real.obs.loc[keep, [perturbation, *contexts]].copy(),
-        var=pd.DataFrame(index=pred.var_names.copy()),
+    return real_for(
+        pred, real, perturbation_key=settings["perturbation_key"], control_label=settings["control_label"],
+        context_keys=settings["context_keys"], dose_key=settings["dose_key"], normalize=settings["normalize"],
     )
 
 
@@ -117,6 +84,8 @@ def evaluate(
         perturbation_key=settings["perturbation_key"],
         control_label=settings["control_label"],
         cell_type_key=settings["cell_type_key"],
+        context_keys=[k for k in settings["context_keys"] if k != settings["cell_type_key"]],
+        dose_key=settings["dose_key"],
         kernel=settings["kernel"],
         max_cells=int(settings["max_cells"]),
         seed=int(settings["seed"]),

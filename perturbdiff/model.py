@@ -252,6 +252,7 @@ def evaluation_settings(config: RunConfig) -> dict[str, Any]:
         "control_label": data.control_label,
         "cell_type_key": data.cell_type_key or "",
         "context_keys": [k for k in (data.cell_type_key, data.batch_key, *data.covariate_keys) if k is not None],
+        "dose_key": data.dose_key or "",
         "normalize": data.normalize,
         "kernel": config.evaluate.kernel,
         "max_cells": config.evaluate.max_cells,

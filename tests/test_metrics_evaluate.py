@@ -303,14 +303,25 @@ def test_command_writes_metrics_csv(pair: tuple[ad.AnnData, ad.AnnData], tmp_pat
 
 def test_command_reports_bad_input_in_one_line(pair: tuple[ad.AnnData, ad.AnnData], tmp_path, capsys) -> None:
     pred, real = pair
-    _drop(pred, "P1").write_h5ad(tmp_path / "pred.h5ad")
-    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    _drop(real, "P1").write_h5ad(tmp_path / "real.h5ad")  # a predicted condition the real cells lack
     out = tmp_path / "metrics.csv"
     status = main(["evaluate", str(tmp_path / "pred.h5ad"), str(tmp_path / "real.h5ad"), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert status != 0
     assert len(err.splitlines()) == 1 and err.startswith("perturbdiff: error:") and "P1" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.h5ad", "real.h5ad"]  # no metrics.csv, no temporary
+
+
+def test_command_cuts_a_whole_screen_to_the_predicted_conditions_and_genes(pair: tuple[ad.AnnData, ad.AnnData], tmp_path) -> None:
+    pred, real = pair
+    fewer = _drop(pred, "P1")[:, pred.var_names[::-1][:50]].copy()  # a condition and most genes left out, reordered
+    fewer.write_h5ad(tmp_path / "pred.h5ad")
+    real.write_h5ad(tmp_path / "real.h5ad")
+    assert main(["evaluate", str(tmp_path / "pred.h5ad"), str(tmp_path / "real.h5ad"), "--out", str(tmp_path / "m.csv")]) == 0
+    got = _wide(pd.read_csv(tmp_path / "m.csv"))
+    expected = _wide(evaluate(fewer, _drop(real, "P1")[:, fewer.var_names].copy()))  # cut by hand
+    pd.testing.assert_frame_equal(got.loc[expected.index, expected.columns], expected, rtol=1e-9, check_names=False)
 
 
 # --- agreement with cell-eval --------------------------------------------------------------------

@@ -343,7 +343,10 @@ def test_evaluate_command_compares_with_baselines_and_writes_the_report(
     assert list(written.method.unique()) == ["model", *BASELINES]
     pd.testing.assert_frame_equal(written, compare(predictions, real, **KEYS), rtol=1e-12, check_dtype=False)
     assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.csv", REPORT_FILE]
-    assert len(_parse(out.parent / REPORT_FILE).images) == 4  # the run's train_log.csv is drawn
+    page = _parse(out.parent / REPORT_FILE)
+    assert len(page.images) == 4  # the run's train_log.csv is drawn
+    header = " ".join(" ".join(page.text).split())  # pred.h5ad is not the run's own predictions.h5ad
+    assert f"predictions {run / 'pred.h5ad'} (scored as model)" in header and "its model made none of these" in header
     out = " ".join(capsys.readouterr().out.split())
     assert all(" ".join(sentence.text.split()) in out for sentence in verdict(written))
 

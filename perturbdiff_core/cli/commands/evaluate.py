@@ -22,15 +22,17 @@ if TYPE_CHECKING:  # the data stack is imported when the command runs, not for -
     from rich.console import Console
 
     from ...data import DataConfig
+    from ...runs.folder import SavedRun
 
 _EPILOG = f"""\
 metrics.csv is long format: condition, metric, method, value. A condition is a perturbation
 (name@dose with --dose-key) in one context (its --cell-type-key and --context-key values),
 compared with the control cells of that context: the labels of split.json. Rows with condition
 '{ALL_CONDITIONS}' hold the mean over conditions (NaN skipped) and the metrics defined across
-conditions (pearson_edistance, de_spearman_sig). Both files are log1p expression on the same
-genes (the prediction is reordered to the real gene order), hold the same conditions and the
-control cells. Metric names follow cell-eval where the definitions match; see
+conditions (pearson_edistance, de_spearman_sig). Both files are log1p expression; REAL.h5ad may
+be the whole screen: it is cut to the prediction's genes (in any order), its conditions and the
+control cells of their contexts, so every gene and condition of PRED must be in it, and PRED
+must hold its own control cells. Metric names follow cell-eval where the definitions match; see
 perturbdiff_core.evaluation.DEFINITIONS.
 
 Baselines (perturbdiff.predictors plug-ins: control, context_mean, context_fold, linear, random_train, ...)
@@ -95,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     """Compute the metrics, write the CSV (and report) atomically, print the aggregate table and notes."""
     from rich.console import Console
 
+    from ...data.anndata_io import read_anndata
     from ...evaluation import compare
+    from ...evaluation.real_subset import real_for
     from ...evaluation.verdict import verdict
     from ...mmd.etest import build_kernel
     from ...runs.folder import SavedRun
@@ -111,9 +115,18 @@ def run(args: argparse.Namespace) -> int:
         )
     check_output_file(args.out)  # a folder or an unwritable place fails now, not after the metrics
     folder = SavedRun.load(args.run) if args.run is not None else None
-    real = args.real if args.real is not None else folder.real()
     keys = _keys(args, folder.data.config if folder is not None else None)
-    predictions: dict[str, ad.AnnData | str] = {args.method: args.pred}
+    pred: ad.AnnData | str = args.pred
+    if args.real is None:
+        real = folder.real()
+    else:  # the whole screen will do: cut to the prediction's genes, conditions and their contexts' controls
+        pred = read_anndata(args.pred)
+        context = [k for k in (keys["cell_type_key"], *keys["context_keys"]) if k is not None]
+        real = real_for(
+            pred, read_anndata(args.real), perturbation_key=keys["perturbation_key"], control_label=keys["control_label"],
+            context_keys=context, dose_key=keys["dose_key"], normalize=folder is not None and folder.data.config.normalize,
+        )
+    predictions: dict[str, ad.AnnData | str] = {args.method: pred}
     for name in args.baselines:
         if name in predictions:
             raise InputError(
@@ -148,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             loss_history=folder.loss_history() if folder is not None else None,
             model=args.method,
             seed=args.seed,
-            run_info=folder.facts() if folder is not None else {"predictions": args.pred, "real cells": str(args.real)},
+            run_info=_facts(args, folder),
         )
         err.print(f"Wrote {path}", markup=False, highlight=False)
     for note in table.attrs.get("notes", []):
@@ -161,6 +174,19 @@ def run(args: argparse.Namespace) -> int:
     n_conditions = table.loc[table.condition != ALL_CONDITIONS, "condition"].nunique()
     err.print(f"Wrote {len(table)} rows ({n_conditions} conditions) to {args.out}", markup=False, highlight=False)
     return 0
+
+
+def _facts(args: argparse.Namespace, folder: SavedRun | None) -> dict[str, str]:
+    """The report's header: the run's facts when the prediction is the run's own ``predictions.h5ad``; else the
+    predictions file first, with the run named as where the baselines and real cells come from."""
+    given = {"predictions": f"{args.pred} (scored as {args.method})"}
+    if folder is None:
+        return given | {"real cells": str(args.real)}
+    from ...runs.folder import RunDir
+
+    if Path(args.pred).resolve() == RunDir(folder.path).predictions.resolve():
+        return folder.facts()
+    return given | {"baselines, split and real cells from": f"{folder.path} (its model made none of these predictions)"}
 
 
 def _keys(args: argparse.Namespace, config: DataConfig | None) -> dict[str, Any]:
