@@ -149,10 +149,13 @@ def parse_overrides(pairs: Iterable[str], *, flag: str = "--set") -> dict[str, A
     ``flag`` names the command-line option in error messages.
     """
     tree: dict[str, Any] = {}
-    for pair in pairs:
+    pairs = list(pairs)
+    for i, pair in enumerate(pairs):
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{flag} expects key=value pairs such as train.steps=100 or beta=2, got {pair!r}.")
+            spaced = i + 1 < len(pairs) and pairs[i + 1].startswith("=")
+            hint = f" (no spaces around '=': {pair}={pairs[i + 1][1:] or (pairs[i + 2] if i + 2 < len(pairs) else '')})" if spaced else ""
+            raise ConfigError(f"{flag} expects key=value pairs such as train.steps=100 or beta=2, got {pair!r}{hint}.")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:

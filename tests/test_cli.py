@@ -15,9 +15,10 @@ import pytest
 from test_etest import make_screen
 
 from perturbdiff_core import __version__
-from perturbdiff_core.cli import DEBUG_ENV, main
+from perturbdiff_core.cli import DEBUG_ENV, main, positionals_before_overrides
 from perturbdiff_core.cli.commands import plugins
-from perturbdiff_core.errors import DataError, PerturbDiffNote, PerturbDiffWarning
+from perturbdiff_core.configuration import parse_overrides
+from perturbdiff_core.errors import ConfigError, DataError, PerturbDiffNote, PerturbDiffWarning
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,22 @@ def test_plugins_prints_plain_text_and_no_keops_note() -> None:
 def test_bad_input_is_one_line(screen_file: Path, args: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["etest", str(screen_file), "--permutations", "9", *args])
     assert_one_line_error(code, capsys.readouterr().err, *fragments)
+
+
+def test_a_config_named_after_set_pairs_is_the_config() -> None:
+    assert positionals_before_overrides(["run", "--set", "a=1", "b=2", "c.yaml", "--out", "x"]) == [
+        "run", "c.yaml", "--set", "a=1", "b=2", "--out", "x"
+    ]
+    unchanged = ["suite", "s.yml", "--set", "a=1", "--jobs", "2"]
+    assert positionals_before_overrides(unchanged) == unchanged
+    assert positionals_before_overrides(["run", "c.yaml", "--set", "k", "=", "1"])[-3:] == ["k", "=", "1"]
+
+
+def test_spaces_around_the_equals_sign_of_set_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"got 'train.steps' \(no spaces around '=': train.steps=60\)"):
+        parse_overrides(["train.steps", "=", "60"])
+    with pytest.raises(ConfigError, match=r"\(no spaces around '=': train.steps=60\)"):
+        parse_overrides(["train.steps", "=60"])
 
 
 def test_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(positionals_before_overrides(sys.argv[1:] if argv is None else list(argv)))
         with one_line_warnings(), terminate_as_interrupt():
             return int(args.func(args) or 0)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
@@ -71,6 +71,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         status = exit_status(stop)
         return _fail("terminated" if status == 128 + signal.SIGTERM else "interrupted", status)
+
+
+def positionals_before_overrides(argv: list[str]) -> list[str]:
+    """``argv`` with a YAML file named after ``--set`` pairs (``run --set train.steps=10 CONFIG.yaml``) moved before
+    that ``--set``: its pairs take every word that follows, so the config would be read as one of them."""
+    out: list[str] = []
+    start = None  # where the current --set run begins in ``out``
+    for word in argv:
+        if word == "--set":
+            start = len(out)
+        elif start is not None and word.startswith("-"):
+            start = None
+        elif start is not None and "=" not in word and word.lower().endswith((".yaml", ".yml")):
+            out.insert(start, word)
+            start += 1
+            continue
+        out.append(word)
+    return out
 
 
 @contextmanager
