@@ -231,6 +231,8 @@ def _grid(**changes: Any) -> dict[str, Any]:
     ("grid", "argv", "fragments"),
     [
         (_grid(**{"axis:model.kernal": ["rbf"]}), [], ["model.kernal", "model.kernel"]),
+        (_grid(**{"axis:model.kernal": ["energy", {"label": "r", "name": "rbf"}]}), [],
+         ["unknown config key model.kernal in grid: (did you mean 'model.kernel'?)"]),
         (_grid(**{"axis:model.kernel": ["energy", {"name": "rbf", "lengthscal": "median"}]}), [],
          ["kernel=rbf", "lengthscal"]),
         (_grid(**{"axis:model.kernel": ["energy", "rbff"]}), [], ["rbff", "matern32"]),

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..configuration import assign, dotted_keys, merge, nested, parse_overrides, read_yaml
-from ..errors import ConfigError, PerturbDiffError
+from ..errors import ConfigError, PerturbDiffError, did_you_mean
 from ..evaluation import DEFINITIONS, definition_of
 from ..names import CELLS_DIR
 from ..registry import PluginSpec, is_registered, names
@@ -178,6 +178,9 @@ def _parse_values(key: str, values: Any, base: Mapping[str, Any], path: Path) ->
         raise ConfigError(f"{path}: grid axis {key} must be a non-empty list of values, got {values!r}.")
     params_key = f"{key}_params"
     plugin = _has_key(base, params_key)
+    if not plugin and any(isinstance(v, Mapping) for v in values) and not _has_key(base, key):  # a misspelt key
+        known = dotted_keys(RunConfig().to_dict())
+        raise ConfigError(f"{path}: unknown config key {key} in grid:{did_you_mean(key, known)}.")
     parsed = [_parse_value(key, value, params_key if plugin else None, path) for value in values]
     labels = [value.label for value in parsed]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
