@@ -196,6 +196,16 @@ def test_predict_from_an_unfinished_run_says_so(screen: ad.AnnData, tmp_path: Pa
         predict_command(args(trainer.run_dir, out=str(tmp_path / "p.csv")))
 
 
+def test_a_new_file_without_the_runs_obs_columns_is_named(trained: Trainer, tmp_path: Path) -> None:
+    new = synthetic_screen(200, 40, seed=9, perturbations=("A",))
+    new.obs = new.obs.rename(columns={"perturbation": "guide"})
+    path = tmp_path / "new.h5ad"
+    new.write_h5ad(path)
+    with pytest.raises(DataError, match=r"lacks the obs column\(s\) the run reads: 'perturbation' \(data.perturbation_key\); "
+                       r"its columns are: guide, cell_type, dose. Rename the columns"):
+        predictions(load_checkpoint(checkpoint_path(trained.run_dir)), args(trained.run_dir, data=str(path)))
+
+
 def test_an_unseen_cell_type_warns_when_the_run_never_trained_the_unknown_context(
     screen: ad.AnnData, tmp_path: Path, recwarn: pytest.WarningsRecorder
 ) -> None:

@@ -48,6 +48,8 @@ def open_data(
         source = run_data
     elif not data_available(config.path):
         raise DataError(f"The run's data file {config.path} is not available here; pass the file with --data.")
+    if data is not None:
+        _require_run_keys(config, data)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*genes are missing from this data", category=UserWarning)
         opened = PerturbationData.from_state(checkpoint.data_state, source, config)
@@ -60,6 +62,29 @@ def open_data(
             file=sys.stderr,
         )
     return opened
+
+
+def _require_run_keys(config: DataConfig, data: str | ad.AnnData) -> None:
+    """DataError unless another file (or AnnData) to predict from has the obs columns the run was trained with."""
+    if isinstance(data, ad.AnnData):
+        obs = data.obs
+    else:
+        backed = ad.read_h5ad(data, backed="r")  # obs only; X stays on disk
+        obs = backed.obs
+        backed.file.close()
+    keys = {
+        config.perturbation_key: "data.perturbation_key", config.cell_type_key: "data.cell_type_key",
+        config.batch_key: "data.batch_key", config.dose_key: "data.dose_key",
+        **{key: "data.covariate_keys" for key in config.covariate_keys},
+    }
+    missing = [(key, role) for key, role in keys.items() if key is not None and key not in obs.columns]
+    if missing:
+        where = "The AnnData given" if isinstance(data, ad.AnnData) else str(data)
+        named = ", ".join(f"{key!r} ({role})" for key, role in missing)
+        raise DataError(
+            f"{where} lacks the obs column(s) the run reads: {named}; its columns are: {', '.join(map(str, obs.columns))}. "
+            f"Rename the columns of the file to the run's keys (its config.yaml, data:)."
+        )
 
 
 def _context_of(data: PerturbationData, parts: list[str], label: str) -> Context:
