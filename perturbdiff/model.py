@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -86,6 +87,7 @@ class PerturbDiff:
         if adata is None:
             self.config = resolved(self.config)  # data.path found as the command line finds it
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._temporary: weakref.finalize | None = None  # removes a temporary run folder with the model
 
     def __repr__(self) -> str:
         where = self.run_dir if self.run_dir is not None else "no run folder yet"
@@ -109,6 +111,7 @@ class PerturbDiff:
         """The run folder, made on first use (a temporary one unless ``run_dir`` was given)."""
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="perturbdiff-"))
+            self._temporary = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         return self.run_dir
 
     def _trained_dir(self) -> Path:
@@ -222,6 +225,10 @@ class PerturbDiff:
         if target.exists():
             target.rmdir()
         partial.rename(target)  # the whole folder appears at once
+        temporary = getattr(self, "_temporary", None)
+        if temporary is not None:  # the model lives in the saved folder from now on
+            self.run_dir, self._temporary = target, None
+            temporary()
         return target
 
     @classmethod
@@ -240,7 +247,7 @@ class PerturbDiff:
                 f"The model in {folder} was trained from an AnnData in memory; pass it: PerturbDiff.load(path, adata)."
             )
         model = cls.__new__(cls)
-        model.adata, model.config, model.run_dir = adata, config, folder
+        model.adata, model.config, model.run_dir, model._temporary = adata, config, folder, None
         return model
 
 

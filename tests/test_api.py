@@ -3,6 +3,7 @@ same config and seed, resumable training, save and load, and options as dotted o
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import anndata as ad
@@ -132,6 +133,28 @@ def test_save_and_load_give_the_same_predictions(trained, tmp_path: Path) -> Non
         pdiff.PerturbDiff.load(saved)
     with pytest.raises(InputError, match="holds no trained model"):
         pdiff.PerturbDiff.load(tmp_path)
+
+
+def test_a_temporary_run_folder_moves_on_save_and_goes_with_the_model(screen: Path, tmp_path: Path) -> None:
+    def temporary_model() -> pdiff.PerturbDiff:
+        model = pdiff.PerturbDiff(
+            ad.read_h5ad(screen), perturbation_key="perturbation", control_label="control", cell_type_key="cell_type",
+            split=SPLIT, **OPTIONS,
+        )
+        model.train(progress=False)
+        return model
+
+    model = temporary_model()
+    temporary = model.run_dir
+    assert temporary.name.startswith("perturbdiff-") and temporary.is_dir()
+    saved = model.save(tmp_path / "saved")
+    assert not temporary.exists() and model.run_dir == saved and str(saved) in repr(model)
+    assert model.trained_steps == 4 and model.predict(progress=False).n_obs > 0  # it lives in the saved folder
+    unsaved = temporary_model()
+    temporary = unsaved.run_dir
+    del unsaved
+    gc.collect()
+    assert not temporary.exists()
 
 
 def test_predict_other_conditions_and_populations(trained) -> None:
