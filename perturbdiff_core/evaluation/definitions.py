@@ -167,7 +167,9 @@ def _define() -> dict[str, MetricDefinition]:
             0.0,
             "MMD^2 between the predicted and the real cells of the condition under the kernel plug-in "
             "(default energy: the energy distance) and estimator (default unbiased). The unbiased estimate can fall "
-            "below 0; lower is better there too, since the real cells' own term is the same for every method.",
+            "below 0; lower is better there too, since the real cells' own term is the same for every method "
+            "(it assumes the predicted cells are drawn independently of the real ones: copies of them score far "
+            "below 0).",
             "",
         ),
         "variability_mmd2_{kernel}_pred": MetricDefinition(
