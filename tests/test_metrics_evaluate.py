@@ -171,6 +171,19 @@ def test_a_condition_of_one_cell_has_no_mmd_and_says_why() -> None:
     assert "a single predicted or real cell, so calibration_pvalue and population_coverage are NaN [P1]" in table.attrs["notes"]
 
 
+def test_a_prediction_whose_control_cells_are_not_the_real_ones_gets_a_note() -> None:
+    _, real = synthetic_pair(seed=4, genes=30, cells=12, shifted=(3,), cell_types=("A", "B"))
+    same = real.copy()  # a prediction carrying the real control cells, as predict writes it
+    assert not any("control cells are not the real ones" in n for n in evaluate(same, real, cell_type_key="cell_type").attrs["notes"])
+    other = real.copy()
+    in_b = ((other.obs.perturbation == "control") & (other.obs.cell_type == "B")).to_numpy()
+    dense_x = other.X.toarray()
+    dense_x[in_b] = dense_x[in_b][::-1] + 0.5  # other values in B's controls
+    other.X = sp.csr_matrix(dense_x)
+    notes = evaluate(other, real, cell_type_key="cell_type").attrs["notes"]
+    assert any(n.startswith("the prediction's control cells are not the real ones") and n.endswith("[B]") for n in notes)
+
+
 def test_condition_keys_are_the_data_configs_context_and_dose() -> None:
     config = DataConfig(cell_type_key="cell_type", batch_key="donor", covariate_keys=["plate"], dose_key="dose")
     assert condition_keys(config) == {
@@ -216,8 +229,10 @@ def test_population_variability_flags_collapse_and_single_replicates() -> None:
         pred, real = _replicated(seed=2, pred_batch_scale=scale)
         table = evaluate(pred, real, replicate_key="batch")
         results[scale] = _wide(table)
-        assert table.attrs["notes"] == [
-            "variability_mmd2_energy: NaN, only 1 real population(s) with at least 2 cells, 2 needed [P1]"
+        assert table.attrs["notes"] == [  # the prediction draws control cells of its own
+            "the prediction's control cells are not the real ones, and its changes and DE calls are measured against "
+            "its own: check they are the real control cells (contexts) [all cells]",
+            "variability_mmd2_energy: NaN, only 1 real population(s) with at least 2 cells, 2 needed [P1]",
         ]
     collapsed, faithful = results[0.0].loc["P0"], results[1.0].loc["P0"]
     assert collapsed["variability_mmd2_energy_real"] == pytest.approx(faithful["variability_mmd2_energy_real"])
