@@ -158,6 +158,7 @@ def test_a_condition_of_one_cell_has_no_mmd_and_says_why() -> None:
     one = table[table.condition == "P1"].set_index("metric").value
     assert math.isnan(one["mmd2_energy"]) and math.isfinite(one["pearson_delta"]) and math.isfinite(one["mse"])
     assert "a single predicted or real cell, so mmd2_energy is NaN [P1]" in table.attrs["notes"]
+    assert "fewer than 10 real cells: noisy metrics [P1]" in table.attrs["notes"]  # P0 has 10: none
     assert math.isfinite(table[(table.condition == ALL_CONDITIONS) & (table.metric == "mmd2_energy")].value.iloc[0])
     draws = []  # ten sampled populations of the prediction (its control cells once), P1 one cell in each
     for k in range(10):

@@ -35,6 +35,8 @@ COLUMNS = ("condition", "metric", "method", "value")
 COVERAGE_LEVEL = 0.1
 #: Fewest predicted populations whose smallest possible p-value, 1 / (K + 1), is below :data:`COVERAGE_LEVEL`.
 MIN_CALIBRATION_POPULATIONS = 10
+#: Real cells below which a condition's metrics get a note: its mean and DE test rest on very few cells.
+FEW_REAL_CELLS = 10
 
 
 def evaluate(
@@ -155,6 +157,8 @@ class _Evaluation:
         nsig = np.empty((len(self.data.conditions), 2))
         for i, c in enumerate(conditions):
             pred_cells, real_cells = self.data.pred.cells(c), self.data.real.cells(c)
+            if len(real_cells) < FEW_REAL_CELLS:
+                self.notes.setdefault(f"fewer than {FEW_REAL_CELLS} real cells: noisy metrics", []).append(c.name)
             pred_ctrl, real_ctrl = self.controls[c.context]
             means = pred_cells.mean(0), real_cells.mean(0), pred_ctrl.mean(0), real_ctrl.mean(0)
             values = pseudobulk_metrics(*means)
