@@ -338,6 +338,12 @@ def test_command_cuts_a_whole_screen_to_the_predicted_conditions_and_genes(pair:
     got = _wide(pd.read_csv(tmp_path / "m.csv"))
     expected = _wide(evaluate(fewer, _drop(real, "P1")[:, fewer.var_names].copy()))  # cut by hand
     pd.testing.assert_frame_equal(got.loc[expected.index, expected.columns], expected, rtol=1e-9, check_names=False)
+    pred, real = _replicated(seed=2, pred_batch_scale=1.0)  # the replicate key survives the cut
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    real.write_h5ad(tmp_path / "real.h5ad")
+    argv = ["evaluate", str(tmp_path / "pred.h5ad"), str(tmp_path / "real.h5ad"), "--replicate-key", "batch"]
+    assert main([*argv, "--out", str(tmp_path / "r.csv")]) == 0
+    assert np.isfinite(_wide(pd.read_csv(tmp_path / "r.csv")).loc["P0", "variability_mmd2_energy_ratio"])
 
 
 # --- agreement with cell-eval --------------------------------------------------------------------

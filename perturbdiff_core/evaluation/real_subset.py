@@ -63,6 +63,6 @@ def real_for(
     matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
     return ad.AnnData(
         X=np.ascontiguousarray(matrix, dtype=np.float32),  # the run's reader gives float32
-        obs=real.obs.loc[keep, list(dict.fromkeys([perturbation_key, *keys]))].copy(),
+        obs=real.obs.loc[keep].copy(),  # every column: a replicate key too
         var=pd.DataFrame(index=pred.var_names.copy()),
     )
