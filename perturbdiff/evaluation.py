@@ -46,12 +46,20 @@ def _settings(pred: ad.AnnData, given: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def condition_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys that make a condition, as :func:`~perturbdiff_core.evaluation.evaluate` takes them (the settings'
+    ``context_keys`` hold the cell type key too)."""
+    cell_type = settings["cell_type_key"]
+    return {
+        "perturbation_key": settings["perturbation_key"], "control_label": settings["control_label"],
+        "cell_type_key": cell_type, "context_keys": [k for k in settings["context_keys"] if k != cell_type],
+        "dose_key": settings["dose_key"],
+    }
+
+
 def real_cells(pred: ad.AnnData, real: ad.AnnData, settings: Mapping[str, Any]) -> ad.AnnData:
     """``real`` cut to the conditions of ``pred`` (and the controls of their contexts) and its genes."""
-    return real_for(
-        pred, real, perturbation_key=settings["perturbation_key"], control_label=settings["control_label"],
-        context_keys=settings["context_keys"], dose_key=settings["dose_key"], normalize=settings["normalize"],
-    )
+    return real_for(pred, real, **condition_keys(settings), normalize=settings["normalize"])
 
 
 def evaluate(
@@ -81,11 +89,7 @@ def evaluate(
     return compare(
         {method: pred},
         real_cells(pred, real, settings),
-        perturbation_key=settings["perturbation_key"],
-        control_label=settings["control_label"],
-        cell_type_key=settings["cell_type_key"],
-        context_keys=[k for k in settings["context_keys"] if k != settings["cell_type_key"]],
-        dose_key=settings["dose_key"],
+        **condition_keys(settings),
         kernel=settings["kernel"],
         max_cells=int(settings["max_cells"]),
         seed=int(settings["seed"]),

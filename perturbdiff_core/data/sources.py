@@ -90,16 +90,31 @@ def worker_start_method(matrix: Any) -> str | None:
 PERTURBATION_ROLE = "perturbation key; data.perturbation_key: null reads every cell as unperturbed, for marginal pre-training"
 
 
+#: What the column each data key names is, in errors about it.
+_ROLES = {
+    "data.perturbation_key": PERTURBATION_ROLE,
+    "data.cell_type_key": "cell type key",
+    "data.batch_key": "batch key",
+    "data.dose_key": "dose key",
+    "data.covariate_keys": "covariate key",
+}
+
+
+def obs_keys(config: DataConfig) -> dict[str, str]:
+    """Every obs column the config's keys name -> the config key naming it (``condition`` -> ``data.perturbation_key``)."""
+    keys = {
+        config.perturbation_key: "data.perturbation_key",
+        config.cell_type_key: "data.cell_type_key",
+        config.batch_key: "data.batch_key",
+        config.dose_key: "data.dose_key",
+        **{key: "data.covariate_keys" for key in config.covariate_keys},
+    }
+    return {column: key for column, key in keys.items() if column is not None}
+
+
 def obs_roles(config: DataConfig) -> dict[str, str]:
     """Every obs column the config names -> what it is (for errors), the filter's columns included."""
-    roles = {
-        config.perturbation_key: PERTURBATION_ROLE,
-        config.cell_type_key: "cell type key",
-        config.batch_key: "batch key",
-        config.dose_key: "dose key",
-        **{key: "covariate key" for key in config.covariate_keys},
-    }
-    roles = {key: what for key, what in roles.items() if key is not None}
+    roles = {column: _ROLES[key] for column, key in obs_keys(config).items()}
     return roles | {key: "column of data.obs_filter" for key in filter_columns(config.obs_filter) if key not in roles}
 
 

@@ -32,12 +32,15 @@ def real_for(
     *,
     perturbation_key: str,
     control_label: str,
+    cell_type_key: str | None = None,
     context_keys: Sequence[str] = (),
     dose_key: str | None = None,
     normalize: bool = False,
 ) -> ad.AnnData:
-    """``real`` cut to the conditions of ``pred`` (perturbation, values of ``context_keys`` and ``dose_key``), the
-    control cells of their contexts and ``pred``'s genes in its order; raw counts normalised with ``normalize``."""
+    """``real`` cut to the conditions of ``pred`` (perturbation, values of the cell-type and context keys, dose), the
+    control cells of their contexts and ``pred``'s genes in its order; raw counts normalised with ``normalize``.
+    The keys are :func:`~perturbdiff_core.evaluation.evaluate`'s."""
+    context_keys = [k for k in (cell_type_key, *context_keys) if k is not None]
     keys = [*context_keys, *([dose_key] if dose_key is not None else [])]
     for key in [perturbation_key, *keys]:
         if key not in real.obs or key not in pred.obs:

@@ -19,7 +19,7 @@ import torch
 from ..data.config import DataConfig
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..data.encoders import perturbation_parts
-from ..data.sources import data_available
+from ..data.sources import data_available, obs_keys
 from ..errors import DataError, InputError, PerturbDiffWarning
 from ..evaluation.predictors import Predictor, predict_anndata
 from ..threads import apply_threads, resolve_threads
@@ -72,12 +72,7 @@ def _require_run_keys(config: DataConfig, data: str | ad.AnnData) -> None:
         backed = ad.read_h5ad(data, backed="r")  # obs only; X stays on disk
         obs = backed.obs
         backed.file.close()
-    keys = {
-        config.perturbation_key: "data.perturbation_key", config.cell_type_key: "data.cell_type_key",
-        config.batch_key: "data.batch_key", config.dose_key: "data.dose_key",
-        **{key: "data.covariate_keys" for key in config.covariate_keys},
-    }
-    missing = [(key, role) for key, role in keys.items() if key is not None and key not in obs.columns]
+    missing = [(column, key) for column, key in obs_keys(config).items() if column not in obs.columns]
     if missing:
         where = "The AnnData given" if isinstance(data, ad.AnnData) else str(data)
         named = ", ".join(f"{key!r} ({role})" for key, role in missing)

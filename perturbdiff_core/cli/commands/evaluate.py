@@ -121,11 +121,8 @@ def run(args: argparse.Namespace) -> int:
         real = folder.real()
     else:  # the whole screen will do: cut to the prediction's genes, conditions and their contexts' controls
         pred = read_anndata(args.pred)
-        context = [k for k in (keys["cell_type_key"], *keys["context_keys"]) if k is not None]
-        real = real_for(
-            pred, read_anndata(args.real), perturbation_key=keys["perturbation_key"], control_label=keys["control_label"],
-            context_keys=context, dose_key=keys["dose_key"], normalize=folder is not None and folder.data.config.normalize,
-        )
+        normalize = folder is not None and folder.data.config.normalize
+        real = real_for(pred, read_anndata(args.real), **keys, normalize=normalize)
     predictions: dict[str, ad.AnnData | str] = {args.method: pred}
     for name in args.baselines:
         if name in predictions:
