@@ -46,7 +46,7 @@ def _settings(pred: ad.AnnData, given: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def condition_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
+def _condition_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The keys that make a condition, as :func:`~perturbdiff_core.evaluation.evaluate` takes them (the settings'
     ``context_keys`` hold the cell type key too)."""
     cell_type = settings["cell_type_key"]
@@ -59,7 +59,7 @@ def condition_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def real_cells(pred: ad.AnnData, real: ad.AnnData, settings: Mapping[str, Any]) -> ad.AnnData:
     """``real`` cut to the conditions of ``pred`` (and the controls of their contexts) and its genes."""
-    return real_for(pred, real, **condition_keys(settings), normalize=settings["normalize"])
+    return real_for(pred, real, **_condition_keys(settings), normalize=settings["normalize"])
 
 
 def evaluate(
@@ -89,7 +89,7 @@ def evaluate(
     return compare(
         {method: pred},
         real_cells(pred, real, settings),
-        **condition_keys(settings),
+        **_condition_keys(settings),
         kernel=settings["kernel"],
         max_cells=int(settings["max_cells"]),
         seed=int(settings["seed"]),

@@ -174,7 +174,7 @@ def test_a_condition_of_one_cell_has_no_mmd_and_says_why() -> None:
 
 def test_a_prediction_whose_control_cells_are_not_the_real_ones_gets_a_note() -> None:
     _, real = synthetic_pair(seed=4, genes=30, cells=12, shifted=(3,), cell_types=("A", "B"))
-    same = real.copy()  # a prediction carrying the real control cells, as predict writes it
+    same = real[np.random.default_rng(0).permutation(real.n_obs)].copy()  # the real control cells, in another order
     assert not any("control cells are not the real ones" in n for n in evaluate(same, real, cell_type_key="cell_type").attrs["notes"])
     other = real.copy()
     in_b = ((other.obs.perturbation == "control") & (other.obs.cell_type == "B")).to_numpy()
