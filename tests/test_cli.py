@@ -174,6 +174,22 @@ def test_sigterm_stops_a_command_like_ctrl_c_with_status_143(monkeypatch: pytest
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigint_stops_a_command_started_with_sigint_ignored(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A background job of a script inherits SIGINT ignored; ``kill -INT`` must stop it as during training."""
+    def interrupted(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT did not stop the command")
+
+    monkeypatch.setattr(plugins, "run", interrupted)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["plugins"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the inherited disposition is put back
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.strip() == "perturbdiff: error: interrupted"
+
+
 def test_debug_env_reraises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(DataError, match="No such file"):

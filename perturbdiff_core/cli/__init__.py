@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .. import __version__
-from ..errors import Interrupted, PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, exit_status
+from ..errors import STOP_SIGNALS, Interrupted, PerturbDiffError, PerturbDiffNote, PerturbDiffWarning, exit_status
 from ..io import os_error_line
 from . import commands
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(positionals_before_overrides(sys.argv[1:] if argv is None else list(argv)))
-        with one_line_warnings(), terminate_as_interrupt():
+        with one_line_warnings(), stop_signals_as_interrupt():
             return int(args.func(args) or 0)
     except SystemExit as stop:  # argparse: --help, --version, usage errors
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
@@ -92,21 +92,25 @@ def positionals_before_overrides(argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM (``kill``, a scheduler, a container stop) stops a command as Ctrl-C
-    does: files being written are cleaned up, locks released, and a run saves a checkpoint first."""
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (``kill``, a scheduler, a container stop) and SIGINT stop a command as Ctrl-C
+    does: files being written are cleaned up, locks released, and a run saves a checkpoint first.
+
+    SIGINT too, because a command started in the background of a script inherits SIGINT ignored: it would
+    honour ``kill -INT`` while training (which installs its own handler) and silently finish otherwise."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminate(signum: int, frame: Any) -> None:
+    def stop(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 @contextmanager
