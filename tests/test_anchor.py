@@ -24,7 +24,7 @@ from perturbdiff_core.runs.config import config_from_dict
 from perturbdiff_core.runs.ensemble import resolve_ensemble
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
 from perturbdiff_core.runs.prediction import run_anchor, run_ensemble, training_data
-from perturbdiff_core.runs.summary import run_summary
+from perturbdiff_core.runs.summary import resolved_predictors, run_summary
 from perturbdiff_core.runs.training import Trainer
 from perturbdiff_core.runs.unseen import UnseenContextChange, leave_one_context_out_slope, training_changes
 
@@ -122,6 +122,12 @@ def test_auto_anchors_an_unseen_context_whose_response_carries(three_types: Path
     combination = Trainer(tiny_config(three_types), tmp_path / "combo", progress=False)  # A+B in trained types
     assert combination.anchor_choice.name == "none" and "every test context was trained" in combination.anchor_choice.why
     assert combination.anchor is None and combination.train_sets.shift is None
+    # with auto the config does not say which baselines shape the prediction: the summary and report do, none included
+    assert "anchor none (auto: every test context was trained)" in "\n".join(run_summary(combination))
+    facts = resolved_predictors(trainer)
+    assert facts["anchor"] == f"context_fold ({trainer.anchor_choice.why})"
+    assert facts["ensemble"].startswith(f"context_mixture, weight 0.5, averaged into the mean change of {len(split.test)} of "
+                                        f"{len(split.test)} test conditions (auto: unseen contexts")
 
 
 def test_auto_leaves_out_the_anchor_where_responses_do_not_carry(three_types: Path, tmp_path: Path) -> None:

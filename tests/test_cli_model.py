@@ -76,6 +76,9 @@ def test_run_trains_predicts_and_evaluates(config_file: Path, tmp_path: Path, ca
     assert set(metrics.method) == {"model", *BASELINES}
     assert set(metrics.condition) == {"A+B|t1", "A+B|t2", "__all__"}  # the labels of split.json
     assert "beats the best baseline" in capsys.readouterr().out
+    header = " ".join((run / "report.html").read_text().split())
+    assert "anchor</dt><dd>none (auto: every test context was trained)" in header  # what auto resolved to, named
+    assert "ensemble</dt><dd>context_mixture, weight 0.5, averaged into the mean change of 2 of 2" in header
     # A finished run resumed goes straight to prediction and evaluation.
     assert main(["run", str(config_file), "--out", str(run), "--quiet", "--resume", "--set", TINY_NET]) == 0
 

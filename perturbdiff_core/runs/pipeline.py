@@ -33,6 +33,7 @@ from .config import RunConfig
 from .folder import RunDir
 from .model_predictor import DiffusionPredictor
 from .provenance import run_facts
+from .summary import resolved_predictors
 from .training import Trainer
 
 
@@ -100,5 +101,5 @@ def _report(
     write_report(
         trainer.run_dir, metrics, predictions=predictions, real=real, **keys,
         loss_history=trainer.log(), title=f"perturbdiff run {config.name or trainer.run_dir.name}", model=MODEL,
-        seed=config.seed, run_info=run_facts(config, test=trainer.split.test, steps=trainer.step),
+        seed=config.seed, run_info=run_facts(config, test=trainer.split.test, steps=trainer.step) | resolved_predictors(trainer),
     )

@@ -60,6 +60,7 @@ def run_facts(config: RunConfig, *, test: Sequence[str], steps: int | None = Non
         "kernel": _plugin(model.kernel, model.kernel_params),
         "estimator": _plugin(model.estimator, model.estimator_params),
         "anchor": model.anchor_name,
+        "ensemble": sample.ensemble,
         "steps": f"{train.steps if steps is None else f'{steps} of {train.steps}'}, batch {train.batch_size} x "
         f"{config.data.set_size} cells, lr {train.lr:g}",
         "sampling": f"{sample.sampler}, {sample.steps} steps, {sample.populations} population(s) per condition",

@@ -20,7 +20,6 @@ from ..data.sources import data_path_name
 from ..threads import threads_line
 from . import control_noise
 from . import levels as levels_rule
-from .anchor import NO_ANCHOR
 
 if TYPE_CHECKING:
     from .training import Trainer
@@ -125,6 +124,26 @@ def _ensemble(trainer: Trainer) -> list[str]:
     return lines
 
 
+def _with_why(name: str, why: str) -> str:
+    return f"{name} ({why})" if why else name
+
+
+def resolved_predictors(trainer: Trainer) -> dict[str, str]:
+    """``{"anchor", "ensemble"}``: the predictors ``model.anchor`` and ``sample.ensemble`` resolved to for this run
+    and why, ``none`` included: with ``auto`` the config alone does not say which baseline shapes the prediction."""
+    ensemble, data = trainer.ensemble, trainer.data
+    if ensemble is None:
+        blend = "none (the model's mean change alone)"
+    else:
+        averaged = [c for c in trainer.split.test if ensemble.applies(data, data.condition(c))]
+        blend = _with_why(
+            f"{ensemble.choice.name}, weight {trainer.config.sample.ensemble_weight:g}, averaged into the mean change of "
+            f"{len(averaged)} of {_plural(len(trainer.split.test), 'test condition')}",
+            ensemble.choice.why,
+        )
+    return {"anchor": _with_why(trainer.anchor_choice.name, trainer.anchor_choice.why), "ensemble": blend}
+
+
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     """The lines printed before ``trainer`` trains (``source_name``: how to call data given in memory)."""
     config, data, split = trainer.config, trainer.data, trainer.split
@@ -138,8 +157,7 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     model = config.model
     size = model.denoiser_params.get("size")
     parameters = sum(p.numel() for p in trainer.model.denoiser.parameters())
-    choice = trainer.anchor_choice
-    anchor = "" if choice.name == NO_ANCHOR else f", anchor {choice.name}" + (f" ({choice.why})" if choice.why else "")
+    anchor = f", anchor {resolved_predictors(trainer)['anchor']}"
     start = f" (resuming at step {trainer.step})" if trainer.step else ""
     source = [f"       {data.source_report}"] if data.source_report else []
     return [
