@@ -222,7 +222,7 @@ def test_dry_run_lists_every_run_with_its_status_and_runs_nothing(
     fake = FakeRuns(monkeypatch, run=False)
     assert main(["suite", str(path), "--out", str(out), "--dry-run", "--seeds", "2"]) == 0
     err = capsys.readouterr().err
-    lines = ["  done  combo/seed=0", "resume  combo/seed=1", "   new  type_t2/seed=0", "   new  type_t2/seed=1"]
+    lines = ["    done  combo/seed=0", "  resume  combo/seed=1", "     new  type_t2/seed=0", "     new  type_t2/seed=1"]
     assert err.splitlines()[:4] == lines
     assert "4 runs (2 new, 1 resume, 1 done) into" in err and "all configurations are valid" in " ".join(err.split())
     assert fake.names == [] and not (out / "suite.csv").exists()
@@ -245,6 +245,27 @@ def test_a_suite_runs_each_task_and_seed_once_and_skips_finished_runs(
     assert fake.names == ["type_t2/seed=1"]
     assert capsys.readouterr().err.count("done before, skipped") == 3
     pd.testing.assert_frame_equal(pd.read_csv(out / "suite.csv"), first)
+
+
+def test_a_finished_run_scored_under_other_sampling_or_evaluation_settings_is_evaluated_again(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sample.* and evaluate.* change what a trained run predicts and how it is scored, not its training: such a
+    finished run is listed as ``evaluate`` and run again (from its checkpoint); the others stay done."""
+    path, out = write_suite(folder, SUITE, "again.yaml"), tmp_path / "out"
+    runs = read_suite(path).runs()
+    for run in runs:
+        _fake_finished(out / "tasks" / run.name, run.config)
+    overrides = ["--set", "evaluate.baselines=[control]", "sample.steps=7"]
+    fake = FakeRuns(monkeypatch, run=False)
+    assert main(["suite", str(path), "--out", str(out), "--dry-run", "--set", "evaluate.baselines=[control]"]) == 0
+    assert "4 runs (4 evaluate) into" in capsys.readouterr().err and fake.names == []
+    fake = FakeRuns(monkeypatch)
+    assert main(["suite", str(path), "--out", str(out), "--quiet", *overrides]) == 0
+    assert fake.names == RUNS
+    assert capsys.readouterr().err.count("predicted and evaluated again") == 4
+    fake = FakeRuns(monkeypatch, run=False)  # the folders now hold the new settings
+    assert main(["suite", str(path), "--out", str(out), "--quiet", *overrides]) == 0 and fake.names == []
 
 
 def test_a_folder_run_with_another_config_is_refused(
@@ -444,6 +465,13 @@ def test_a_tiny_suite_end_to_end(folder: Path, tmp_path: Path, capsys: pytest.Ca
     assert "## combo" in (out / "suite.md").read_text() and "## type_t2" in (out / "suite.md").read_text()
     assert "The model beats the best baseline on" in captured.out and "control baseline" in captured.out
     assert not list(out.glob(".*.tmp"))
+    # another baseline list: every run predicted and scored again from its checkpoint, none trained again
+    run = out / "tasks" / "combo" / "seed=0"
+    trained = {name: (run / name).read_bytes() for name in ("train_log.csv", "checkpoints/last.pt")}
+    assert main(["suite", str(path), "--out", str(out), "--quiet", "--set", "evaluate.baselines=[control]"]) == 0
+    assert capsys.readouterr().err.count("predicted and evaluated again") == 2
+    assert {name: (run / name).read_bytes() for name in trained} == trained
+    assert set(pd.read_csv(run / "metrics.csv").method) == {"model", "control"}
 
 
 @pytest.mark.slow

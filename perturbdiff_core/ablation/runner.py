@@ -29,13 +29,26 @@ from .summary import key_metrics, summarize_grid
 
 #: Keys that may differ between a cell's folder and the grid without making its results stale.
 IGNORED_ON_RESUME = ("data.path", "train.device", "train.num_workers", "train.threads")
+#: Keys that only change what a trained run predicts and how it is scored: a finished folder whose config differs
+#: in them is predicted and evaluated again from its checkpoint (status ``evaluate``), not trained again.
+AFTER_TRAINING = ("sample.", "evaluate.")
 
 
-def cell_status(folder: Path) -> str:
-    """``done`` (metrics written), ``resume`` (a checkpoint) or ``new``."""
+def cell_status(folder: Path, config: RunConfig | None = None) -> str:
+    """``done`` (metrics written), ``evaluate`` (metrics written under other :data:`AFTER_TRAINING` settings than
+    ``config``'s), ``resume`` (a checkpoint) or ``new``."""
     if RunDir(folder).metrics.is_file():
-        return "done"
+        after = config is not None and any(key.startswith(AFTER_TRAINING) for key in _differences(folder, config))
+        return "evaluate" if after else "done"
     return "resume" if has_checkpoint(folder) else "new"
+
+
+def _differences(folder: Path, config: RunConfig) -> list[str]:
+    """The keys whose value in ``folder``'s saved config differs from ``config``'s (none without a saved config)."""
+    if not RunDir(folder).config.is_file():
+        return []
+    saved = config_from_dict(read_yaml(RunDir(folder).config)).to_dict()  # keys added since take their defaults
+    return differences(saved, config.to_dict())
 
 
 def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
@@ -45,14 +58,9 @@ def check_folders(cells: Sequence[Cell], out: str | os.PathLike[str]) -> None:
 
 
 def check_folder(folder: Path, config: RunConfig) -> None:
-    """ConfigError when ``folder`` holds a run of another configuration than ``config`` (its results would be stale)."""
-    saved_file = RunDir(folder).config
-    if not saved_file.is_file():
-        return
-    saved = config_from_dict(read_yaml(saved_file)).to_dict()  # keys added since it was written take their defaults
-    changed = [
-        key for key in differences(saved, config.to_dict()) if not key.startswith(IGNORED_ON_RESUME)
-    ]
+    """ConfigError when ``folder`` holds a run whose training differs from ``config``'s (its results would be stale);
+    :data:`AFTER_TRAINING` keys may differ (the run is evaluated again)."""
+    changed = [key for key in _differences(folder, config) if not key.startswith(IGNORED_ON_RESUME + AFTER_TRAINING)]
     if changed:
         raise ConfigError(
             f"{folder} was run with another configuration ({', '.join(changed)} differ); run into another --out "
@@ -135,7 +143,7 @@ def run_folders(
     width = len(str(len(jobs)))
     todo: list[tuple[str, str, Job]] = []
     for i, job in enumerate(jobs, 1):
-        status = cell_status(job.folder)
+        status = cell_status(job.folder, job.config)
         prefix = f"[{i:>{width}}/{len(jobs)}] {job.name}"
         if status == "done":
             report(f"{prefix}: done before, skipped")
@@ -155,7 +163,7 @@ def run_folders(
             if outcome.error is not None:
                 ended = ended or (job, outcome)
                 continue
-            verb = "resumed and finished" if status == "resume" else "finished"
+            verb = {"resume": "resumed and finished", "evaluate": "predicted and evaluated again"}.get(status, "finished")
             report(f"{prefix}: {verb} in {_duration(outcome.seconds)}; {_headline(outcome.table, metrics)}")
     if ended is None:
         return

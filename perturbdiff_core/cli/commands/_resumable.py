@@ -11,13 +11,13 @@ from rich.markup import escape
 from ...errors import exit_status
 
 #: Run-folder statuses in the order their counts are printed (see :func:`~perturbdiff_core.ablation.cell_status`).
-STATUSES = ("new", "resume", "done")
+STATUSES = ("new", "resume", "evaluate", "done")
 
 
 def list_statuses(rows: Sequence[tuple[str, str]], console: Console, noun: str, where: Path) -> None:
     """Print ``status  name`` per run folder, then the counts: ``4 cells (1 new, 3 done) into DIR; ...``."""
     for name, status in rows:
-        console.print(f"{status:>6}  {escape(name)}")
+        console.print(f"{status:>8}  {escape(name)}")
     statuses = [status for _, status in rows]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if statuses.count(s))
     console.print(f"{len(rows)} {noun}s ({counts}) into {escape(str(where))}; all configurations are valid.")

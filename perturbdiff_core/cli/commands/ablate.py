@@ -51,7 +51,9 @@ Output (--out, default {RUNS_DIR}/<grid name>): {CELLS_DIR}/<cell>/ is a run fol
 and sd over seeds per axes x metric x method (columns: the axes but seed, metric, method,
 mean, std, n_seeds); {ABLATION_MARKDOWN_FILE} the key metrics as a Markdown table (for a README);
 {ABLATION_PLOT_FILE} the model's key metrics. Every cell is checked before any
-runs. Running the same command again skips finished cells and resumes interrupted ones.
+runs. Running the same command again skips finished cells and resumes interrupted ones; a finished
+cell is predicted and scored again from its checkpoint, not trained again, when only sample.* or
+evaluate.* keys changed; other changed keys are refused.
 """
 
 
@@ -106,13 +108,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def dry_run(spec: GridSpec, out: Path, console: Console) -> int:
-    """List the cells with their status (new, resume, done) after checking all of them."""
+    """List the cells with their status (new, resume, evaluate, done) after checking all of them."""
     from ...ablation import cell_dir, cell_status, check_folders
     from ._resumable import list_statuses
 
     cells = spec.cells()
     check_folders(cells, out)
-    list_statuses([(cell.name, cell_status(cell_dir(out, cell))) for cell in cells], console, "cell", out / CELLS_DIR)
+    list_statuses([(cell.name, cell_status(cell_dir(out, cell), cell.config)) for cell in cells], console, "cell", out / CELLS_DIR)
     return 0
 
 

@@ -49,7 +49,9 @@ mean and sd over seeds, the best baseline (closest to the metric's best value, b
 over seeds) and the outcome (beats, ties, loses, skipped); {SUITE_MARKDOWN_FILE} the same as tables
 with the overall count, and the count on every directional metric of metrics.csv; {SUITE_PLOT_FILE} the
 headline metrics per task. Running the same command
-again skips finished runs and resumes interrupted ones.
+again skips finished runs and resumes interrupted ones; a finished run is predicted and scored again
+from its checkpoint, not trained again, when only sample.* or evaluate.* keys changed (another
+baseline list, say); other changed keys are refused.
 """
 
 
@@ -113,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def dry_run(spec: SuiteSpec, out: Path, console: Console) -> int:
-    """List every (task, seed) with its status (new, resume, done) after checking all of them."""
+    """List every (task, seed) with its status (new, resume, evaluate, done) after checking all of them."""
     from ...ablation import cell_status
     from ...suite import checked_runs, run_dir
     from ._resumable import list_statuses
 
     runs = checked_runs(spec, out)
-    list_statuses([(run.name, cell_status(run_dir(out, run))) for run in runs], console, "run", out / TASKS_DIR)
+    list_statuses([(run.name, cell_status(run_dir(out, run), run.config)) for run in runs], console, "run", out / TASKS_DIR)
     return 0
 
 
