@@ -206,6 +206,18 @@ def test_a_new_file_without_the_runs_obs_columns_is_named(trained: Trainer, tmp_
         predictions(load_checkpoint(checkpoint_path(trained.run_dir)), args(trained.run_dir, data=str(path)))
 
 
+def test_a_new_file_in_another_form_than_the_training_data_is_told_to_match_the_run(trained: Trainer, tmp_path: Path) -> None:
+    """predict cannot change the run's data.normalize, so its advice is the form the file must take, not the key."""
+    new = synthetic_screen(200, 40, seed=9, perturbations=("A",))
+    new.X = np.random.default_rng(0).poisson(2.0, size=new.shape).astype(np.float32)  # raw counts
+    path = tmp_path / "counts.h5ad"
+    new.write_h5ad(path)
+    with pytest.raises(DataError, match=r"counts.h5ad holds raw counts, but the run was trained on log-normalised values "
+                       r"\(data.normalize: false\). Give log-normalised values in X") as caught:
+        predictions(load_checkpoint(checkpoint_path(trained.run_dir)), args(trained.run_dir, data=str(path)))
+    assert "Set data.normalize" not in str(caught.value)
+
+
 def test_an_unseen_cell_type_warns_when_the_run_never_trained_the_unknown_context(
     screen: ad.AnnData, tmp_path: Path, recwarn: pytest.WarningsRecorder
 ) -> None:

@@ -360,6 +360,15 @@ def summarize_values(matrix: CellMatrix) -> ValueSummary:
     return ValueSummary(finite, float(lo), float(hi), integer, runs.longest, duplicates, genes, expressing, log_two)
 
 
+class NormalizationMismatch(DataError):
+    """Raw counts where ``data.normalize`` is false, or log-normalised values where it is true; ``counts``:
+    whether the values are raw counts (so a caller that cannot change the setting can word its own advice)."""
+
+    def __init__(self, counts: bool, message: str) -> None:
+        super().__init__(message)
+        self.counts = counts
+
+
 def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str = "X") -> None:
     """NaN/Inf, negative values, an all-zero matrix, signs of a damaged file, raw counts (unless
     ``normalize``) and expression never log-transformed each get one clear error.
@@ -380,7 +389,8 @@ def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str =
         )
     counts = summary.integer
     if counts and not normalize:
-        raise DataError(
+        raise NormalizationMismatch(
+            counts,
             f"{where} looks like raw counts (every value is a whole number, up to {summary.maximum:.0f}), but "
             f"log-normalised values are expected. Set data.normalize: true to apply "
             f"normalize_total (target {TARGET_SUM:g}) and log1p, or give log-normalised data."
@@ -400,7 +410,8 @@ def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str =
             f"data.normalize: true."
         )
     if normalize and not counts:
-        raise DataError(
+        raise NormalizationMismatch(
+            counts,
             f"data.normalize is true but {where} does not hold raw counts (not every value is a whole "
             f"number; maximum {summary.maximum:.3g}); it looks log-normalised already. Set data.normalize: false."
         )

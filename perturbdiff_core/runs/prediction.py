@@ -16,6 +16,7 @@ from dataclasses import replace
 import anndata as ad
 import torch
 
+from ..data.anndata_io import NormalizationMismatch
 from ..data.config import DataConfig
 from ..data.dataset import LABEL_SEPARATOR, Condition, Context, PerturbationData
 from ..data.encoders import perturbation_parts
@@ -52,7 +53,12 @@ def open_data(
         _require_run_keys(config, data)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*genes are missing from this data", category=UserWarning)
-        opened = PerturbationData.from_state(checkpoint.data_state, source, config)
+        try:
+            opened = PerturbationData.from_state(checkpoint.data_state, source, config)
+        except NormalizationMismatch as err:
+            if data is None:
+                raise
+            raise _unlike_training(err, "The AnnData given" if source is not None else str(data)) from None
     if opened.missing_genes:
         shown = ", ".join(opened.missing_genes[:5]) + (", ..." if len(opened.missing_genes) > 5 else "")
         where = config.path if source is None else "the AnnData given"
@@ -62,6 +68,21 @@ def open_data(
             file=sys.stderr,
         )
     return opened
+
+
+def _unlike_training(err: NormalizationMismatch, where: str) -> DataError:
+    """The error for cells to predict from whose values are not in the form the run was trained on: the run's
+    data.normalize is fixed, so the advice is to give the file in that form."""
+    if err.counts:
+        return DataError(
+            f"{where} holds raw counts, but the run was trained on log-normalised values (data.normalize: false). "
+            f"Give log-normalised values in X, normalised as the training data were (e.g. sc.pp.normalize_total "
+            f"with the same target sum, then sc.pp.log1p)."
+        )
+    return DataError(
+        f"{where} is not raw counts, but the run was trained on raw counts it normalised itself (data.normalize: "
+        f"true). Give the raw counts in X (e.g. from adata.layers['counts'] or adata.raw)."
+    )
 
 
 def _require_run_keys(config: DataConfig, data: str | ad.AnnData) -> None:
