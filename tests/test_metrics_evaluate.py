@@ -182,7 +182,12 @@ def test_a_prediction_whose_control_cells_are_not_the_real_ones_gets_a_note() ->
     dense_x[in_b] = dense_x[in_b][::-1] + 0.5  # other values in B's controls
     other.X = sp.csr_matrix(dense_x)
     notes = evaluate(other, real, cell_type_key="cell_type").attrs["notes"]
-    assert any(n.startswith("the prediction's control cells are not the real ones") and n.endswith("[B]") for n in notes)
+    assert any(n.startswith("the prediction's control cells are not the real ones") and n.endswith("[B: 12 against 12]")
+               and "fewer than" not in n for n in notes)
+    only_a = real[(real.obs.cell_type == "A").to_numpy()].copy()  # one cell type predicted, evaluated without its key
+    notes = evaluate(only_a, real).attrs["notes"]
+    assert any("fewer than the real ones" in n and "--cell-type-key" in n and n.endswith("[all cells: 12 against 24]")
+               for n in notes), notes
 
 
 def test_condition_keys_are_the_data_configs_context_and_dose() -> None:
@@ -232,7 +237,8 @@ def test_population_variability_flags_collapse_and_single_replicates() -> None:
         results[scale] = _wide(table)
         assert table.attrs["notes"] == [  # the prediction draws control cells of its own
             "the prediction's control cells are not the real ones, and its changes and DE calls are measured against "
-            "its own: check they are the real control cells (contexts) [all cells]",
+            "its own: check they are the real control cells (contexts: predicted against real control cells) "
+            "[all cells: 40 against 40]",
             "variability_mmd2_energy: NaN, only 1 real population(s) with at least 2 cells, 2 needed [P1]",
         ]
     collapsed, faithful = results[0.0].loc["P0"], results[1.0].loc["P0"]

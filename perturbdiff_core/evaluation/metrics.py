@@ -137,13 +137,17 @@ class _Evaluation:
             t: (data.pred.control(t), data.real.control(t)) for t in sorted(contexts, key=lambda t: t or "")
         }
         self.control_samples = {t: (self._sample(p), self._sample(r)) for t, (p, r) in self.controls.items()}
-        differ = [  # compared as counts and means, so the same cells in another order are the same
-            t or "all cells" for t, (p, r) in self.controls.items()
+        differ = {  # compared as counts and means, so the same cells in another order are the same
+            t or "all cells": (p.shape[0], r.shape[0]) for t, (p, r) in self.controls.items()
             if p.shape != r.shape or not np.allclose(p.mean(0), r.mean(0), atol=1e-6)
-        ]
+        }
         if differ:  # the prediction's deltas and DE calls are measured against its own control cells
+            part = any(n_pred < n_real for n_pred, n_real in differ.values())
+            hint = (" (fewer than the real ones: a prediction of part of a context, such as one cell type, needs the "
+                    "obs column that sets it apart, --cell-type-key or --context-key)" if part else "")
             self.notes["the prediction's control cells are not the real ones, and its changes and DE calls are measured "
-                       "against its own: check they are the real control cells (contexts)"] = differ
+                       f"against its own: check they are the real control cells{hint} (contexts: predicted against "
+                       "real control cells)"] = [f"{t}: {n_pred} against {n_real}" for t, (n_pred, n_real) in differ.items()]
         self.control_ranks = {t: (ControlRanks(p), ControlRanks(r)) for t, (p, r) in self.controls.items()}
 
     def _sample(self, cells: np.ndarray) -> np.ndarray:
