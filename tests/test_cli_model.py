@@ -231,3 +231,23 @@ def test_interruption_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureF
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert "step 3" in lines[0] and f"perturbdiff run {tmp_path / 'run' / 'config.yaml'} --out {tmp_path / 'run'} --resume" in lines[0]
+
+
+def test_an_interruption_after_training_says_how_to_predict_and_evaluate(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while run predicts or evaluates: training is saved whole, so the hint is --resume, which finishes."""
+    from perturbdiff_core.runs import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "predict_all", interrupted)
+        assert main(["run", str(config_file), "--out", str(run), "--quiet", "--set", TINY_NET]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after training finished; predict and evaluate with: perturbdiff run {run / 'config.yaml'} " \
+           f"--out {run} --resume" in " ".join(err.split())
+    assert main(["run", str(run / "config.yaml"), "--out", str(run), "--quiet", "--resume"]) == 0
+    assert (run / "metrics.csv").is_file()
