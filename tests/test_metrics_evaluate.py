@@ -277,7 +277,9 @@ BAD_INPUTS = {
     "condition missing from the prediction": (lambda p, r: (_drop(p, "P1"), r), {}, "missing from the prediction: P1"),
     "condition missing from the real data": (lambda p, r: (p, _drop(r, "P2")), {}, "missing from the real data: P2"),
     "unknown control label": (lambda p, r: (p, r), {"control_label": "ctrl"}, "Control label 'ctrl' not found"),
-    "no control cells in the prediction": (lambda p, r: (_drop(p, "control"), r), {}, "Control label 'control' not found"),
+    "no control cells in the prediction": (
+        lambda p, r: (_drop(p, "control"), r), {}, r"Control label 'control' not found in obs\['perturbation'\] in the prediction"
+    ),
     "no control cells in one cell type": (
         lambda p, r: (_no_control_in_b(p), r), {"cell_type_key": "cell_type"}, "no 'control' cells in context 'B'"
     ),

@@ -95,11 +95,15 @@ class FakeRuns:
         self.stop_at, self.run = stop_at, run
         monkeypatch.setattr(runner, "run_cell", self)
 
+    def stop(self, name: str) -> KeyboardInterrupt:
+        """What Ctrl-C at ``stop_at`` raises."""
+        return KeyboardInterrupt()
+
     def __call__(self, config: RunConfig, folder: Path, *, progress: bool = True) -> pd.DataFrame:
         name = f"{folder.parent.name}/{folder.name}"
         self.names.append(name)
         if name == self.stop_at:
-            raise KeyboardInterrupt
+            raise self.stop(name)
         if not self.run:
             raise AssertionError(f"run {name} ran although the suite is invalid")
         write_config(config, folder)
@@ -286,8 +290,11 @@ def test_ctrl_c_keeps_finished_runs_and_says_how_to_continue(
 ) -> None:
     path, out = write_suite(folder, SUITE, "stop.yaml"), tmp_path / "out"
     fake = FakeRuns(monkeypatch, stop_at="combo/seed=1")
+    monkeypatch.setattr(FakeRuns, "stop", lambda self, name: KeyboardInterrupt(f"stopped at {'/very/long/path' * 12}"))
     assert main(["suite", str(path), "--out", str(out), "--quiet"]) == 130
-    assert "run the same command again to continue the suite" in capsys.readouterr().err
+    lines = [line for line in capsys.readouterr().err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "/very/long/path" * 12 in lines[0]  # not wrapped: the path copies whole
+    assert lines[0].endswith("run the same command again to continue the suite.")
     assert fake.names == RUNS[:2]
     assert (out / "tasks" / "combo" / "seed=0" / "metrics.csv").is_file() and not (out / "suite.csv").exists()
     fake = FakeRuns(monkeypatch)

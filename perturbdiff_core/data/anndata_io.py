@@ -109,13 +109,14 @@ def require_cells(adata: ad.AnnData | pd.DataFrame, where: str = "The data") -> 
         raise DataError(f"{where} has no cells (obs has 0 rows); give a file with cells.")
 
 
-def require_label(adata: ad.AnnData | pd.DataFrame, key: str, label: str) -> None:
-    """Fail unless ``label`` occurs in ``adata.obs[key]`` (or an obs frame); list the values found."""
+def require_label(adata: ad.AnnData | pd.DataFrame, key: str, label: str, where: str = "") -> None:
+    """Fail unless ``label`` occurs in ``adata.obs[key]`` (or an obs frame); list the values found (``where``: which
+    of several files, e.g. ``in the prediction``)."""
     values = _obs(adata)[key].astype(str)
     if label not in set(values):
         found = sorted(values.unique())
         shown = ", ".join(found[:20]) + (f", ... ({len(found)} in all)" if len(found) > 20 else "")
-        raise DataError(f"Control label {label!r} not found in obs[{key!r}]; values found: {shown}.")
+        raise DataError(f"Control label {label!r} not found in obs[{key!r}]{' ' + where if where else ''}; values found: {shown}.")
 
 
 def _non_finite(where: str) -> DataError:

@@ -141,7 +141,7 @@ def pair_anndata(
         for key, role in ((dose_key, "dose"), (replicate_key, "replicate")):
             if key is not None:
                 require_obs_key(adata, key, f"{role} key, in the {which}")
-        require_label(adata, perturbation_key, control_label)
+        require_label(adata, perturbation_key, control_label, f"in the {which}")
     order = _gene_order(pred, real)
     pred_labels = _labels(pred, perturbation_key, control_label, keys, dose_key)
     real_labels = _labels(real, perturbation_key, control_label, keys, dose_key)

@@ -338,7 +338,8 @@ def predict_run(
     empty = [c.label for c in chosen if c.n_cells == 0]
     if empty and n_cells is None:
         raise InputError(
-            f"Condition(s) {', '.join(empty[:5])} have no cells in the data, so the number of cells to predict is "
+            f"Condition(s) {', '.join(empty[:5])}{f' and {len(empty) - 5} more' if len(empty) > 5 else ''} have no "
+            f"cells in the data, so the number of cells to predict is "
             f"unknown; pass --n-cells N."
         )
     if populations < 1:

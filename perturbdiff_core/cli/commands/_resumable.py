@@ -26,7 +26,9 @@ def list_statuses(rows: Sequence[tuple[str, str]], console: Console, noun: str, 
 def interrupted(stop: KeyboardInterrupt, console: Console, whole: str) -> int:
     """Say where Ctrl-C or SIGTERM stopped (training saved a checkpoint first) and how to continue; the exit status (130, 143)."""
     where = f": {stop}" if str(stop) else ""
-    console.print(f"perturbdiff: interrupted{escape(where)}; run the same command again to continue the {whole}.")
+    console.print(  # one line however long: the checkpoint path in it is copied and pasted
+        f"perturbdiff: interrupted{escape(where)}; run the same command again to continue the {whole}.", soft_wrap=True
+    )
     return exit_status(stop)
 
 

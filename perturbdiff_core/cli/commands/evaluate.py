@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         for sentence in verdict(table, args.method):
             out.print(sentence.text, markup=False, highlight=False)
     n_conditions = table.loc[table.condition != ALL_CONDITIONS, "condition"].nunique()
-    err.print(f"Wrote {len(table)} rows ({n_conditions} conditions) to {args.out}", markup=False, highlight=False)
+    err.print(f"Wrote {len(table)} rows ({n_conditions} condition{'' if n_conditions == 1 else 's'}) to {args.out}", markup=False, highlight=False)
     return 0
 
 
