@@ -82,9 +82,16 @@ def test_negative_values(make_adata):
     _error(_with_x(make_adata(), centre), "negative values.*not scaled or centred")
 
 
-def test_raw_counts_are_refused_or_normalised_like_scanpy(make_adata):
+def test_raw_counts_are_refused_or_normalised_like_scanpy(make_adata, tmp_path):
     counts = make_adata(counts=True)
-    _error(counts, r"raw counts.*data.normalize: true")
+    error = _error(counts, r"raw counts.*data.normalize: true")
+    assert "layers" not in str(error)
+    with_layer = counts.copy()
+    with_layer.layers["log1p"] = make_adata().X  # the expression wanted, in a layer
+    _error(with_layer, r"raw counts.*The file also has layers 'log1p': if one holds the expression asked for, copy it "
+           r"into X \(adata.X = adata.layers\['log1p'\]\)")
+    with_layer.write_h5ad(tmp_path / "layered.h5ad")  # a file names its layers too
+    _error(str(tmp_path / "layered.h5ad"), r"raw counts.*The file also has layers 'log1p'")
     data, _ = prepare(DataConfig(**CFG, normalize=True), SplitConfig(), counts)
     reference = counts.copy()  # scanpy on the whole matrix is the reference
     sc.pp.normalize_total(reference, target_sum=TARGET_SUM)

@@ -418,6 +418,29 @@ def require_valid_values(summary: ValueSummary, *, normalize: bool, where: str =
         )
 
 
+def layer_names(source: ad.AnnData | str | os.PathLike[str] | list[str] | None) -> list[str]:
+    """The ``layers`` of an AnnData or of one ``.h5ad`` file (none for anything else, or a file h5py cannot open)."""
+    if isinstance(source, ad.AnnData):
+        return list(source.layers.keys())
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
+        return []
+    try:
+        with h5py.File(source, "r") as handle:
+            return list(handle["layers"].keys()) if "layers" in handle else []
+    except OSError:
+        return []
+
+
+def with_layers_hint(err: DataError, layers: list[str]) -> DataError:
+    """``err`` on the values of X, with the file's layers named: the expression wanted may sit in one of them."""
+    if not layers:
+        return err
+    names = ", ".join(repr(name) for name in layers)
+    message = (f"{err} The file also has layers {names}: if one holds the expression asked for, copy it into X "
+               f"(adata.X = adata.layers[{layers[0]!r}]) and save the file.")
+    return NormalizationMismatch(err.counts, message) if isinstance(err, NormalizationMismatch) else DataError(message)
+
+
 def require_undamaged(summary: ValueSummary, where: str = "X") -> None:
     """Refuse the marks a zeroed or overwritten block of a file leaves: a long run of consecutive
     empty cells (:data:`EMPTY_BLOCK_VALUES`) or sparse entries stored twice."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from ..configuration import from_mapping
 from ..constraints import HalfOpenUnit, NonNegative, OpenUnit, Positive, Range, UnitInterval
@@ -73,6 +73,12 @@ class DataConfig:
             conditions. A set drawn from one or two cells is no population: it would train the
             model on a point and evaluate it against one. 1 keeps everything.
     """
+
+    #: Keys users try that do not exist, and what to do instead (shown in place of a "did you mean").
+    KEY_HINTS: ClassVar[dict[str, str]] = {
+        "layer": "perturbdiff reads an .h5ad file's expression from X (data.soma_layer is for SOMA experiments): "
+                 "copy the layer into X (adata.X = adata.layers['NAME']) and save the file",
+    }
 
     path: str | list[str] | None = None
     perturbation_key: str | None = "perturbation"

@@ -24,6 +24,7 @@ from .. import registry
 from ..configuration import check_ranges
 from ..errors import DataError, PerturbDiffWarning
 from .anndata_io import (
+    layer_names,
     normalize_rows,
     require_cells,
     require_complete,
@@ -34,6 +35,7 @@ from .anndata_io import (
     require_valid_values,
     summarize_values,
     text_codes,
+    with_layers_hint,
 )
 from .config import DataConfig
 from .encoders import PerturbationEncoder, perturbation_parts
@@ -143,7 +145,10 @@ class PerturbationData:
         require_genes(genes)
         require_unique_genes(genes)
         summary = opened.summary if opened.summary is not None else summarize_values(self.matrix)
-        require_valid_values(summary, normalize=config.normalize)
+        try:
+            require_valid_values(summary, normalize=config.normalize)
+        except DataError as err:
+            raise with_layers_hint(err, layer_names(config.path if source is None else source)) from None
         self.total_genes = len(genes)  # genes in the file, before selection
         self.missing_genes: list[str] = []
         if state is not None:
