@@ -163,6 +163,7 @@ def test_new_file_aligned_by_gene_name_with_missing_genes_reported(
     new = new[:, rng.permutation(new.n_vars)].copy()  # genes in another order
     missing = new.var_names[5]
     new = new[:, new.var_names != missing].copy()  # and one gene missing
+    new.var["symbol"] = [f"SYM_{gene}" for gene in new.var_names]  # the file's gene annotations
     path = tmp_path / "new.h5ad"
     new.write_h5ad(path)
     run = trained.run_dir
@@ -183,6 +184,10 @@ def test_new_file_aligned_by_gene_name_with_missing_genes_reported(
     measured = adata.var["measured"].to_numpy()
     assert list(adata.var_names[~measured]) == [missing]
     assert not dense(adata.X)[:, ~measured].any()  # predicted as its controls were read: no made-up rise
+    expected_symbols = ["" if gene == missing else f"SYM_{gene}" for gene in screen.var_names]
+    assert list(adata.var["symbol"]) == expected_symbols  # the file's var kept; a gene it lacks, empty
+    adata.write_h5ad(tmp_path / "written.h5ad")  # and still writable
+    assert list(ad.read_h5ad(tmp_path / "written.h5ad").var["symbol"]) == expected_symbols
 
 
 def test_predict_from_an_unfinished_run_says_so(screen: ad.AnnData, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,6 +79,19 @@ def nearest_contexts(context: Context, others: Sequence[Context], held_out: Sequ
     return [c for c in pool if c.cell_type == context.cell_type] or pool
 
 
+def _annotations(var: pd.DataFrame | None, genes: Sequence[str]) -> pd.DataFrame | None:
+    """The source's gene annotations of ``genes`` in their order (None without any); a gene the source lacks gets
+    empty text or NaN, so the frame still writes to ``.h5ad``."""
+    if var is None or var.shape[1] == 0:
+        return None
+    chosen = var.reindex(pd.Index(genes))
+    for column in chosen.columns:
+        if chosen[column].dtype == object:
+            chosen[column] = chosen[column].fillna("")
+    chosen.index.name = None
+    return chosen
+
+
 @dataclass(frozen=True)
 class Condition:
     """One perturbation (at one dose) in one context, and how many cells it has."""
@@ -165,6 +178,7 @@ class PerturbationData:
             )
             self._gene_pos = genes.get_indexer(self.genes).astype(np.int64)
         self._identity = len(self.genes) == len(genes) and bool(np.all(self._gene_pos == np.arange(len(genes))))
+        self.gene_annotations = _annotations(opened.var, self.genes)
         self._index_conditions(obs, config, drop_small=state is None)
         self.matrix.close()  # reopened lazily where rows are read (each DataLoader worker)
         self.vocabularies: dict[str, list[str]] = {}

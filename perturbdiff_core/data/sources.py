@@ -40,6 +40,7 @@ class Opened:
         report: one line on what was read (collections and SOMA), or None.
         parts: what the cells are made of, to tell on resume whether they changed: ``[name, cells]``
             per shard of a collection, ``[URI, cells]`` of a SOMA experiment; None for one file.
+        var: the genes' annotations (an AnnData's or one file's ``var``: symbols, IDs), None where not read.
     """
 
     obs: pd.DataFrame
@@ -49,6 +50,7 @@ class Opened:
     normalized: bool = False
     report: str | None = None
     parts: list[list[Any]] | None = None
+    var: pd.DataFrame | None = None
 
 
 class RowSubset:
@@ -168,7 +170,7 @@ def apply_filter(opened: Opened, expression: str | None) -> Opened:
     obs = opened.obs.iloc[keep].reset_index(drop=True) if not mask.all() else opened.obs
     matrix = opened.matrix if mask.all() else RowSubset(opened.matrix, keep)
     report = (opened.report + "; " if opened.report else "") + f"{len(keep):,} cells pass {expression!r}"
-    return Opened(obs, opened.genes, matrix, opened.summary, opened.normalized, report, opened.parts)
+    return Opened(obs, opened.genes, matrix, opened.summary, opened.normalized, report, opened.parts, opened.var)
 
 
 def data_path_name(path: str | os.PathLike[str] | list[str] | None) -> str:
@@ -201,9 +203,9 @@ def _single_file(path: str | os.PathLike[str], config: DataConfig) -> Opened:
     """One ``.h5ad`` file, read whole or backed, as before collections existed."""
     if config.backed:
         obs, var = read_annotations(path)
-        return Opened(obs, var.index, CellMatrix(path=path))
+        return Opened(obs, var.index, CellMatrix(path=path), var=var)
     adata = read_anndata(path)
-    return Opened(adata.obs, adata.var.index, CellMatrix.of(adata))
+    return Opened(adata.obs, adata.var.index, CellMatrix.of(adata), var=adata.var)
 
 
 def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, config: DataConfig) -> Opened:
@@ -214,7 +216,7 @@ def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, 
             raise DataError("No data given: set data.path to an .h5ad file (or shards, or a SOMA URI) or pass an AnnData.")
         source = config.path
     if isinstance(source, ad.AnnData):
-        return apply_filter(Opened(source.obs, source.var.index, CellMatrix.of(source)), config.obs_filter)
+        return apply_filter(Opened(source.obs, source.var.index, CellMatrix.of(source), var=source.var), config.obs_filter)
     if config.source == "soma":
         if not isinstance(source, (str, os.PathLike)):
             raise ConfigError("data.source: soma reads one experiment; give its URI as data.path, not a list.")

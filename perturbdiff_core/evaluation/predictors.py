@@ -114,7 +114,9 @@ def _assemble(data: PerturbationData, blocks: list[tuple[np.ndarray, pd.DataFram
     for column in obs.columns:
         if obs[column].dtype == object:
             obs[column] = obs[column].astype("category")
-    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(data.genes, name="gene")))
+    var = pd.DataFrame(index=data.genes) if data.gene_annotations is None else data.gene_annotations.copy()
+    var.index = pd.Index(data.genes, name="gene")
+    return ad.AnnData(X=x, obs=obs, var=var)
 
 
 def control_blocks(data: PerturbationData, conditions: Sequence[Condition]) -> list[tuple[np.ndarray, pd.DataFrame]]:
