@@ -17,7 +17,7 @@ from perturbdiff_core.data.synthetic import synthetic_screen
 from perturbdiff_core.runs.checkpoint import load_checkpoint
 from perturbdiff_core.runs.training import TrainingInterrupted
 
-BASELINES = ["control", "context_mean", "context_fold", "linear", "random_train"]
+BASELINES = ["control", "context_mean", "context_fold", "context_mixture", "linear", "random_train"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

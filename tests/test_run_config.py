@@ -53,7 +53,7 @@ def test_defaults_follow_the_issue() -> None:
         1.0, "x0", 0.5, 0.1, 0.999
     )
     assert (config.sample.sampler, config.sample.steps, config.sample.eta, config.sample.guidance) == ("ddim", 50, 0.0, 1.0)
-    assert config.evaluate.baselines == ["control", "context_mean", "context_fold", "linear", "random_train"]
+    assert config.evaluate.baselines == ["control", "context_mean", "context_fold", "context_mixture", "linear", "random_train"]
     assert config.train.num_workers == "auto" and load_config(None, ["train.num_workers=2"]).train.num_workers == 2
 
 

@@ -310,13 +310,15 @@ class EvalConfig:
 
     Attributes:
         baselines: ``perturbdiff.predictors`` plug-ins fitted on the training conditions and
-            compared with the model on the test conditions (``control`` predicts no change).
+            compared with the model on the test conditions (``control`` predicts no change). The
+            defaults include the predictors ``model.anchor`` and ``sample.ensemble`` resolve to by
+            default (``context_fold``, ``context_mixture``), so the model is compared with its own parts.
         kernel: ``perturbdiff.kernels`` plug-in of the ``mmd2_<kernel>`` metric.
         max_cells: populations are subsampled to at most this many cells for the MMD metrics.
     """
 
     baselines: list[str] = field(
-        default_factory=lambda: ["control", "context_mean", "context_fold", "linear", "random_train"]
+        default_factory=lambda: ["control", "context_mean", "context_fold", "context_mixture", "linear", "random_train"]
     )
     kernel: str = "energy"
     max_cells: Annotated[int, Range(2)] = 1000
