@@ -80,7 +80,8 @@ def _define() -> dict[str, MetricDefinition]:
     same = "same"
     d: dict[str, MetricDefinition] = {
         "pearson_delta": MetricDefinition(
-            "pseudobulk", 1.0, "Pearson r over genes of predicted vs real delta (mean minus own control mean).", same
+            "pseudobulk", 1.0, "Pearson r over genes of predicted vs real delta (mean minus own control mean); NaN "
+            "where the predicted delta is the same for every gene (no change, as the control baseline predicts).", same
         ),
         "mse": MetricDefinition("pseudobulk", 0.0, "Mean over genes of squared error of the log1p means.", same),
         "mae": MetricDefinition("pseudobulk", 0.0, "Mean over genes of absolute error of the log1p means.", same),
@@ -97,7 +98,8 @@ def _define() -> dict[str, MetricDefinition]:
             "pseudobulk",
             1.0,
             "Spearman rho over all genes of predicted vs real log2 fold change of geometric means "
-            "(pdex's: log2(expm1(mean)/expm1(control mean)), 0/0 = 0).",
+            "(pdex's: log2(expm1(mean)/expm1(control mean)), 0/0 = 0); NaN where the predicted one is the same "
+            "for every gene (no change).",
             "",
         ),
     }
