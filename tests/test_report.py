@@ -29,7 +29,7 @@ from perturbdiff_core.evaluation import (
     versus_best_baseline,
 )
 from perturbdiff_core.evaluation.predictors import as_predictor, predict_anndata, real_anndata
-from perturbdiff_core.evaluation.report import REPORT_FILE, write_report
+from perturbdiff_core.evaluation.report import REPORT_FILE, gene_labels, write_report
 from perturbdiff_core.evaluation.verdict import verdict, worse_than
 from perturbdiff_core.names import LOG_FILE
 from perturbdiff_core.runs.config import CONFIG_FILE
@@ -296,6 +296,14 @@ def test_report_header_top_de_genes_and_baselines_in_the_plots(tmp_path, metrics
     de_rows = [row for row in page.rows if len(row) == 6 and row[0][0] != "gene"]
     assert de_rows and all(row[5][0] in ("yes", "no") for row in de_rows)
     assert {row[0][0] for row in de_rows} <= set(real.var_names)
+    # genes named by IDs with symbols in var are shown with their symbols
+    labelled = real.copy()
+    labelled.var["gene_symbol"] = [f"SYM{i}" for i in range(labelled.n_vars)]
+    page = _parse(write_report(tmp_path, metrics, predictions=predictions, real=labelled, **KEYS))
+    shown = [row[0][0] for row in page.rows if len(row) == 6 and row[0][0] != "gene"]
+    symbol = dict(zip(labelled.var_names, labelled.var["gene_symbol"]))
+    assert shown and all(label.endswith(")") and label.split(" (")[1][:-1] == symbol[label.split(" (")[0]] for label in shown)
+    assert gene_labels(real.var) == {} and gene_labels(pd.DataFrame({"symbol": ["g0"]}, index=["g0"])) == {}
 
 
 def test_the_delta_scatter_and_the_pca_show_every_method(predictions, real) -> None:

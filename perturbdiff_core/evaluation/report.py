@@ -66,6 +66,8 @@ KEY_METRICS = (
 
 #: Families of the "Realism and calibration" section.
 CELL_FAMILIES = ("realism", "calibration")
+#: var columns that hold gene symbols (scanpy's, CELLxGENE's, 10x's names), the first found labels IDs in the report.
+SYMBOL_COLUMNS = ("gene_symbol", "gene_symbols", "symbol", "gene_name", "gene_names", "feature_name")
 #: Real DE genes listed per condition, and conditions with such a list.
 TOP_GENES = 10
 DE_CONDITIONS = 4
@@ -161,7 +163,8 @@ def write_report(
         + "".join(
             _section(heading, content)
             for heading, content in _sections(
-                wide[wide.index.isin(kept)], shown, dropped, paired, model, loss_history, max_conditions, seed
+                wide[wide.index.isin(kept)], shown, dropped, paired, model, loss_history, max_conditions, seed,
+                gene_labels(real_data.var),
             )
         )
     )
@@ -235,6 +238,16 @@ def _verdict(metrics: pd.DataFrame, model: str) -> str:
     return f"<ul class='verdict'>{''.join(items)}</ul>"
 
 
+def gene_labels(var: pd.DataFrame) -> dict[str, str]:
+    """Gene -> ``ID (SYMBOL)`` from the first of :data:`SYMBOL_COLUMNS` in ``var``, for genes whose symbol differs
+    from their name (Ensembl IDs, say); empty when ``var`` has no such column."""
+    column = next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
+    if column is None:
+        return {}
+    symbols = var[column].astype(str)
+    return {str(g): f"{g} ({sym})" for g, sym in symbols.items() if sym not in ("", "nan", str(g))}
+
+
 def _sections(
     wide: pd.DataFrame,
     bar_metrics: list[str],
@@ -244,6 +257,7 @@ def _sections(
     loss_history: pd.DataFrame | None,
     max_conditions: int,
     seed: int,
+    labels: Mapping[str, str],
 ) -> list[tuple[str, str]]:
     """``(heading, HTML)`` of the bars, the tables, the DE genes and the plots."""
     conditions = paired[model].conditions
@@ -260,7 +274,7 @@ def _sections(
         ),
         ("Aggregate metrics", _table(_without_cell_families(wide), model) + _dropped(dropped)),
         ("Realism and calibration", _cells_section(wide, model)),
-        (f"Top {TOP_GENES} real DE genes, real against {who}", _de_genes(paired[model], model)),
+        (f"Top {TOP_GENES} real DE genes, real against {who}", _de_genes(paired[model], model, labels)),
         (
             "Predicted vs real delta",
             _figure(
@@ -364,8 +378,9 @@ def _cells_section(wide: pd.DataFrame, model: str) -> str:
     return text + _table(wide.loc[rows], model, caption=False)
 
 
-def _de_genes(paired: PairedData, model: str) -> str:
-    """Per condition (the first :data:`DE_CONDITIONS`), the most significant real DE genes with real and predicted fold changes."""
+def _de_genes(paired: PairedData, model: str, labels: Mapping[str, str]) -> str:
+    """Per condition (the first :data:`DE_CONDITIONS`), the most significant real DE genes with real and predicted fold
+    changes; a gene shown by its ``labels`` entry where it has one (its symbol beside an ID)."""
     blocks = []
     conditions = paired.conditions[:DE_CONDITIONS]
     for condition in conditions:
@@ -382,7 +397,7 @@ def _de_genes(paired: PairedData, model: str) -> str:
             blocks.append(heading + "<p class='note'>No real DE gene in this condition.</p>")
             continue
         rows = "".join(
-            f"<tr><td>{html.escape(gene)}</td><td>{lfc_real:+.3f}</td><td>{_fdr(fdr_real)}</td>"
+            f"<tr><td>{html.escape(labels.get(gene, gene))}</td><td>{lfc_real:+.3f}</td><td>{_fdr(fdr_real)}</td>"
             f"<td{_class('miss', _opposite(lfc_real, lfc_pred))}>{lfc_pred:+.3f}</td><td>{_fdr(fdr_pred)}</td>"
             f"<td{_class('miss', not sig)}>{'yes' if sig else 'no'}</td></tr>"
             for gene, lfc_real, fdr_real, lfc_pred, fdr_pred, sig in top
