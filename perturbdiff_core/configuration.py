@@ -125,11 +125,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        hints = getattr(cls, "KEY_HINTS", {})  # keys users try that do not exist, and what to do instead
-        named = ", ".join(
-            f"{prefix}{k} ({hints[k]})" if k in hints else f"{prefix}{k}{did_you_mean(k, fields, prefix=prefix)}"
-            for k in unknown
-        )
+        named = ", ".join(f"{prefix}{k}{did_you_mean(k, fields, prefix=prefix)}" for k in unknown)
         raise ConfigError(
             f"Unknown config key{'s' if len(unknown) > 1 else ''} {named}; valid keys here: "
             f"{', '.join(prefix + k for k in fields)}."

@@ -80,16 +80,6 @@ def test_a_key_close_to_nothing_gets_no_guess():
     assert "did you mean" not in str(err.value)
 
 
-def test_a_key_users_try_gets_its_hint_instead_of_a_wrong_guess():
-    """data.layer is close to data.soma_layer, which only SOMA experiments read: the hint says what to do."""
-    from perturbdiff_core.runs.config import config_from_dict
-
-    with pytest.raises(ConfigError) as err:
-        config_from_dict({"data": {"layer": "log1p"}})
-    assert "Unknown config key data.layer (perturbdiff reads an .h5ad file's expression from X" in str(err.value)
-    assert "adata.X = adata.layers['NAME']" in str(err.value) and "did you mean" not in str(err.value)
-
-
 def test_a_config_path_that_is_a_folder_is_named(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
         read_yaml(tmp_path)

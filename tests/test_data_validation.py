@@ -88,10 +88,10 @@ def test_raw_counts_are_refused_or_normalised_like_scanpy(make_adata, tmp_path):
     assert "layers" not in str(error)
     with_layer = counts.copy()
     with_layer.layers["log1p"] = make_adata().X  # the expression wanted, in a layer
-    _error(with_layer, r"raw counts.*The file also has layers 'log1p': if one holds the expression asked for, copy it "
-           r"into X \(adata.X = adata.layers\['log1p'\]\)")
+    _error(with_layer, r"raw counts.*The file has layers 'log1p': if one holds the expression asked for, name it in "
+           r"data.layer")
     with_layer.write_h5ad(tmp_path / "layered.h5ad")  # a file names its layers too
-    _error(str(tmp_path / "layered.h5ad"), r"raw counts.*The file also has layers 'log1p'")
+    _error(str(tmp_path / "layered.h5ad"), r"raw counts.*The file has layers 'log1p'")
     data, _ = prepare(DataConfig(**CFG, normalize=True), SplitConfig(), counts)
     reference = counts.copy()  # scanpy on the whole matrix is the reference
     sc.pp.normalize_total(reference, target_sum=TARGET_SUM)
@@ -308,3 +308,36 @@ def test_runs_of_empty_cells_are_joined_across_scan_blocks():
     for block in ([False, True, True], [True, True, False, True], [True], [False]):
         runs.add(np.array(block))
     assert runs.longest == (1, 4)
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_data_layer_reads_a_layer_as_x_would_be_read(make_adata, tmp_path, backed):
+    """log1p values in a layer beside raw counts in X, from an AnnData and from a file (whole or backed): the same
+    data as a file holding them in X; a layer the file lacks is named with the ones it has."""
+    logged = make_adata()
+    layered = make_adata(counts=True)
+    layered.layers["log1p"] = logged.X.copy()
+    logged.write_h5ad(tmp_path / "x.h5ad")
+    layered.write_h5ad(tmp_path / "layer.h5ad")
+    reference, _ = prepare(DataConfig(**CFG, backed=backed), SplitConfig(), str(tmp_path / "x.h5ad"))
+    rows = np.arange(0, reference.matrix.shape[0], 7)
+    for source in (layered, str(tmp_path / "layer.h5ad")):
+        data, _ = prepare(DataConfig(**CFG, backed=backed, layer="log1p"), SplitConfig(), source)
+        np.testing.assert_array_equal(data.read(rows), reference.read(rows))
+        assert data.genes == reference.genes
+    error = _error(str(tmp_path / "layer.h5ad"), r"has no layer 'counts' \(data.layer\); its layers: 'log1p'",
+                   layer="counts", backed=backed)
+    assert "null to read X" in str(error)
+    counts = make_adata(counts=True)
+    counts.layers["counts"] = counts.X.copy()  # raw counts named in data.layer are checked as X is
+    _error(counts, r"layers\['counts'\] looks like raw counts", layer="counts")
+
+
+def test_data_layer_is_refused_for_a_collection_and_a_soma_experiment(make_adata, tmp_path):
+    for i in range(2):
+        make_adata().write_h5ad(tmp_path / f"shard{i}.h5ad")
+    shards = [str(tmp_path / f"shard{i}.h5ad") for i in range(2)]
+    with pytest.raises(ConfigError, match="data.layer reads one .h5ad file or AnnData, not a collection"):
+        prepare(DataConfig(**CFG, layer="log1p"), SplitConfig(), shards)
+    with pytest.raises(ConfigError, match="a SOMA experiment's X layer is data.soma_layer"):
+        prepare(DataConfig(**{**CFG, "path": "file:///nowhere"}, layer="log1p", source="soma"), SplitConfig())

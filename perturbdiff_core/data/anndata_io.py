@@ -170,6 +170,12 @@ def read_annotations(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.Dat
 CHUNK_CACHE_BYTES = 0
 
 
+def _no_layer(layer: str, layers: list[str], where: str) -> DataError:
+    """The error for ``data.layer`` naming a layer ``where`` lacks."""
+    found = ", ".join(repr(name) for name in layers) if layers else "none"
+    return DataError(f"{where} has no layer {layer!r} (data.layer); its layers: {found}. Name one of them, or null to read X.")
+
+
 class CellMatrix:
     """Rows of an AnnData's X by position, from memory or from an ``.h5ad`` file on demand (backed).
 
@@ -179,16 +185,21 @@ class CellMatrix:
     file's whole ``indptr``.
     """
 
-    def __init__(self, matrix: Any = None, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, matrix: Any = None, path: str | os.PathLike[str] | None = None, layer: str | None = None) -> None:
         self._matrix = matrix
         self.path = None if path is None else Path(path)
+        self.layer = layer  # of a file: the entry of its layers read instead of X
         self._opened: tuple[int, Any, Any, StoredCSR | None] | None = None
 
     @classmethod
-    def of(cls, adata: ad.AnnData) -> CellMatrix:
-        """The X of ``adata``; a backed AnnData is read from its file."""
+    def of(cls, adata: ad.AnnData, layer: str | None = None) -> CellMatrix:
+        """The X of ``adata``, or its layer ``layer``; a backed AnnData is read from its file."""
+        if layer is not None and layer not in adata.layers:
+            raise _no_layer(layer, list(adata.layers.keys()), "The AnnData")
         if adata.isbacked:
-            return cls(path=adata.filename)
+            return cls(path=adata.filename, layer=layer)
+        if layer is not None:
+            return cls(matrix=adata.layers[layer])
         require_matrix(adata)
         return cls(matrix=adata.X)
 
@@ -201,11 +212,15 @@ class CellMatrix:
         """``(pid, file, X as anndata reads it, X's arrays when it is CSR)``, opened once per process."""
         if self._opened is None or self._opened[0] != os.getpid():
             handle = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-            if "X" not in handle:
+            key = "X" if self.layer is None else f"layers/{self.layer}"
+            if key not in handle:
+                layers = list(handle["layers"].keys()) if "layers" in handle else []
                 handle.close()
+                if self.layer is not None:
+                    raise _no_layer(self.layer, layers, str(self.path))
                 raise DataError(f"{self.path} has no X matrix; put the log-normalised expression in X.")
             try:
-                x = handle["X"]
+                x = handle[key]
                 self._opened = (os.getpid(), handle, ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x, stored_csr(x))
             except MemoryError:
                 raise
@@ -432,12 +447,11 @@ def layer_names(source: ad.AnnData | str | os.PathLike[str] | list[str] | None) 
 
 
 def with_layers_hint(err: DataError, layers: list[str]) -> DataError:
-    """``err`` on the values of X, with the file's layers named: the expression wanted may sit in one of them."""
+    """``err`` on the values read, with the file's layers named: the expression wanted may sit in one of them."""
     if not layers:
         return err
     names = ", ".join(repr(name) for name in layers)
-    message = (f"{err} The file also has layers {names}: if one holds the expression asked for, copy it into X "
-               f"(adata.X = adata.layers[{layers[0]!r}]) and save the file.")
+    message = f"{err} The file has layers {names}: if one holds the expression asked for, name it in data.layer."
     return NormalizationMismatch(err.counts, message) if isinstance(err, NormalizationMismatch) else DataError(message)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from ..configuration import from_mapping
 from ..constraints import HalfOpenUnit, NonNegative, OpenUnit, Positive, Range, UnitInterval
@@ -47,6 +47,9 @@ class DataConfig:
         combination_separator: separator of combined perturbations, ``A+B``.
         n_genes: keep this many highly variable genes (scanpy); ``None`` keeps all genes.
         gene_list: an explicit gene list, or the path of a text file with one gene per line.
+        layer: read the expression from this entry of the file's (or AnnData's) ``layers`` instead of
+            X, e.g. ``log1p`` beside raw counts in X, or ``counts`` with ``normalize: true``
+            (``null``: X; one file or AnnData: a SOMA experiment's is ``soma_layer``).
         normalize: normalise raw counts (``normalize_total`` to 1e4, then ``log1p``) instead of
             refusing them.
         backed: read the file in backed mode: rows are read on demand, memory stays flat
@@ -74,12 +77,6 @@ class DataConfig:
             model on a point and evaluate it against one. 1 keeps everything.
     """
 
-    #: Keys users try that do not exist, and what to do instead (shown in place of a "did you mean").
-    KEY_HINTS: ClassVar[dict[str, str]] = {
-        "layer": "perturbdiff reads an .h5ad file's expression from X (data.soma_layer is for SOMA experiments): "
-                 "copy the layer into X (adata.X = adata.layers['NAME']) and save the file",
-    }
-
     path: str | list[str] | None = None
     perturbation_key: str | None = "perturbation"
     control_label: str = "control"
@@ -90,6 +87,7 @@ class DataConfig:
     combination_separator: str = "+"
     n_genes: Annotated[int | None, Positive] = None
     gene_list: list[str] | str | None = None
+    layer: str | None = None
     normalize: bool = False
     backed: bool = False
     source: SourceName = "h5ad"

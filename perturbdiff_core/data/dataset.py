@@ -158,10 +158,12 @@ class PerturbationData:
         require_genes(genes)
         require_unique_genes(genes)
         summary = opened.summary if opened.summary is not None else summarize_values(self.matrix)
+        read_from = "X" if config.layer is None else f"layers[{config.layer!r}]"
         try:
-            require_valid_values(summary, normalize=config.normalize)
+            require_valid_values(summary, normalize=config.normalize, where=read_from)
         except DataError as err:
-            raise with_layers_hint(err, layer_names(config.path if source is None else source)) from None
+            others = [name for name in layer_names(config.path if source is None else source) if name != config.layer]
+            raise with_layers_hint(err, others) from None
         self.total_genes = len(genes)  # genes in the file, before selection
         self.missing_genes: list[str] = []
         if state is not None:

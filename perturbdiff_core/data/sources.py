@@ -203,9 +203,9 @@ def _single_file(path: str | os.PathLike[str], config: DataConfig) -> Opened:
     """One ``.h5ad`` file, read whole or backed, as before collections existed."""
     if config.backed:
         obs, var = read_annotations(path)
-        return Opened(obs, var.index, CellMatrix(path=path), var=var)
+        return Opened(obs, var.index, CellMatrix(path=path, layer=config.layer), var=var)
     adata = read_anndata(path)
-    return Opened(adata.obs, adata.var.index, CellMatrix.of(adata), var=adata.var)
+    return Opened(adata.obs, adata.var.index, CellMatrix.of(adata, config.layer), var=adata.var)
 
 
 def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, config: DataConfig) -> Opened:
@@ -216,7 +216,10 @@ def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, 
             raise DataError("No data given: set data.path to an .h5ad file (or shards, or a SOMA URI) or pass an AnnData.")
         source = config.path
     if isinstance(source, ad.AnnData):
-        return apply_filter(Opened(source.obs, source.var.index, CellMatrix.of(source), var=source.var), config.obs_filter)
+        matrix = CellMatrix.of(source, config.layer)
+        return apply_filter(Opened(source.obs, source.var.index, matrix, var=source.var), config.obs_filter)
+    if config.source == "soma" and config.layer is not None:
+        raise ConfigError("data.layer reads one .h5ad file or AnnData; a SOMA experiment's X layer is data.soma_layer.")
     if config.source == "soma":
         if not isinstance(source, (str, os.PathLike)):
             raise ConfigError("data.source: soma reads one experiment; give its URI as data.path, not a list.")
@@ -229,6 +232,9 @@ def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, 
     shards = collection_paths(source)
     if shards is None:
         return apply_filter(_single_file(source, config), config.obs_filter)
+    if config.layer is not None:
+        raise ConfigError("data.layer reads one .h5ad file or AnnData, not a collection of shards: give the shards "
+                          "the expression in X.")
     collection = open_collection(shards, obs_roles(config), genes=config.genes, normalize=config.normalize)
     opened = Opened(collection.obs, collection.genes, collection.matrix, collection.summary,
                     normalized=config.normalize, report=collection.report,
