@@ -128,6 +128,11 @@ def _with_why(name: str, why: str) -> str:
     return f"{name} ({why})" if why else name
 
 
+def _anchor(trainer: Trainer) -> str:
+    """The predictor ``model.anchor`` resolved to, and why."""
+    return _with_why(trainer.anchor_choice.name, trainer.anchor_choice.why)
+
+
 def resolved_predictors(trainer: Trainer) -> dict[str, str]:
     """``{"anchor", "ensemble"}``: the predictors ``model.anchor`` and ``sample.ensemble`` resolved to for this run
     and why, ``none`` included: with ``auto`` the config alone does not say which baseline shapes the prediction."""
@@ -141,7 +146,7 @@ def resolved_predictors(trainer: Trainer) -> dict[str, str]:
             f"{len(averaged)} of {_plural(len(trainer.split.test), 'test condition')}",
             ensemble.choice.why,
         )
-    return {"anchor": _with_why(trainer.anchor_choice.name, trainer.anchor_choice.why), "ensemble": blend}
+    return {"anchor": _anchor(trainer), "ensemble": blend}
 
 
 def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
@@ -157,7 +162,7 @@ def run_summary(trainer: Trainer, source_name: str | None = None) -> list[str]:
     model = config.model
     size = model.denoiser_params.get("size")
     parameters = sum(p.numel() for p in trainer.model.denoiser.parameters())
-    anchor = f", anchor {resolved_predictors(trainer)['anchor']}"
+    anchor = f", anchor {_anchor(trainer)}"
     start = f" (resuming at step {trainer.step})" if trainer.step else ""
     source = [f"       {data.source_report}"] if data.source_report else []
     return [
