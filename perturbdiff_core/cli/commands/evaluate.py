@@ -35,7 +35,7 @@ control cells of their contexts, so every gene and condition of PRED must be in 
 must hold its own control cells. Metric names follow cell-eval where the definitions match; see
 perturbdiff_core.evaluation.DEFINITIONS.
 
-Baselines (perturbdiff.predictors plug-ins: control, context_mean, context_fold, linear, random_train, ...)
+Baselines (perturbdiff.predictors plug-ins: control, context_mean, context_fold, context_mixture, linear, random_train, ...)
 are compared on the same conditions: with --run DIR they are fitted on the training
 conditions of DIR/split.json (data from DIR/config.yaml and DIR/data_state.json) and predict
 its test conditions, which PRED must hold. Without REAL.h5ad the run's real test cells
