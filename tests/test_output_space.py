@@ -108,3 +108,48 @@ def test_resolve_output_space() -> None:
         resolve_output_space("counts", dense)
     with pytest.raises(ConfigError, match="output_space must be one of"):
         resolve_output_space("lattice", cells)
+
+
+def test_lattice_counts_are_the_largest_count_at_or_under_each_level() -> None:
+    """Against a float64 count-by-count search: the largest ``k`` with ``log1p(k u) <= level``, a point within the
+    lattice tolerance above a level counting as under it, so a level stored in float32 gives its point's count."""
+    import numpy as np
+
+    from perturbdiff_core.data.output_space import LATTICE_TOLERANCE, lattice_counts
+
+    g = torch.Generator().manual_seed(7)
+    levels = torch.rand(12, generator=g, dtype=torch.float64) * 4.0
+    units = torch.rand(9, 1, generator=g, dtype=torch.float64) * 2.0 + 0.05
+    expected = np.zeros((9, 12))
+    for i, u in enumerate(units[:, 0].numpy()):
+        for j, level in enumerate(levels.numpy()):
+            k = 0
+            while np.log1p((k + 1 - LATTICE_TOLERANCE) * u) <= level:
+                k += 1
+            expected[i, j] = k
+    np.testing.assert_array_equal(lattice_counts(levels, units).numpy(), expected)
+    stored = torch.log1p(torch.tensor([7.0]) * units[:1]).float().double()  # 7 counts of cell 0, as float32 keeps it
+    assert lattice_counts(stored[0], units[:1]).item() == 7.0
+
+
+@pytest.mark.parametrize("reads", [False, True])
+def test_decoded_cells_stay_at_or_under_the_ceiling(reads: bool) -> None:
+    """Every decoded value is at most the highest point of its cell's lattice under the gene's ceiling; the
+    genes the ceiling does not reach decode as without it, and a capped rise decoded as reads keeps its mean."""
+    from perturbdiff_core.data.output_space import LATTICE_TOLERANCE
+    donors, units = lattice_cells(200, 8, seed=3)
+    g = torch.Generator().manual_seed(4)
+    cells = donors + torch.rand(donors.shape, generator=g) * torch.linspace(0.0, 2.5, 8)  # rises, largest last
+    ceiling = torch.full((8,), 10.0, dtype=torch.float64)
+    ceiling[-2:] = donors[:, -2:].double().amax(0) + 0.3  # two genes capped just above the donors' highest
+    def drawn() -> dict:
+        return {"reads": torch.Generator().manual_seed(5)} if reads else {}
+
+    free = decode_cells(cells, donors, **drawn())
+    capped = decode_cells(cells, donors, ceiling=ceiling, **drawn())
+    limit = torch.log1p(torch.floor(torch.expm1(ceiling) / units[:, None] + LATTICE_TOLERANCE) * units[:, None])
+    assert (capped.double() <= limit + 1e-6).all()
+    assert (free.double() > limit + 1e-6).any()  # the test can fail: without the ceiling some values go higher
+    torch.testing.assert_close(capped[:, :-2], free[:, :-2])
+    if reads:  # the cap moves the rise to other cells, as far as their room allows
+        assert capped[:, -2:].double().mean(0).sub(cells[:, -2:].double().mean(0)).abs().max() < 0.05

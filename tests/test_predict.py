@@ -519,9 +519,9 @@ def test_sample_rounding_reaches_the_decoder(trained: Trainer, rounding: str, mo
     """``sample.rounding`` picks the decoder's draws: none (nearest), independent, or systematic."""
     seen, decode = [], model_predictor.decode_cells
 
-    def recording(cells, donors, generator=None, *, systematic=False, reads=None):
+    def recording(cells, donors, generator=None, *, systematic=False, reads=None, ceiling=None):
         seen.append((generator is not None, systematic))
-        return decode(cells, donors, generator, systematic=systematic, reads=reads)
+        return decode(cells, donors, generator, systematic=systematic, reads=reads, ceiling=ceiling)
 
     monkeypatch.setattr(model_predictor, "decode_cells", recording)
     config = SampleConfig(steps=4, chunk_sets=2, rounding=rounding)

@@ -118,3 +118,36 @@ def test_decode_with_reads_changes_only_the_genes_that_rise() -> None:
     assert (with_reads[:, [0, 3]] >= donors[:, [0, 3]] - 1e-6).all()
     with pytest.raises(DataError, match=r"needs \(cells, genes\)"):
         decode_cells(cells[None], donors[None], reads=torch.Generator())
+
+
+def test_a_limit_stops_each_cell_and_the_others_make_up_the_rise() -> None:
+    """With ``limit`` no cell's count passes it (cells above it already keep theirs), reads are only added, and
+    the mean still meets a target the limit leaves reachable."""
+    counts, units = negative_binomial_cells(seed=2)
+    before = np.log1p(counts * units).mean(0)
+    targets = before + 1.0
+    limit = np.maximum(counts, np.floor(np.expm1(before + 2.0) / units))  # room for every cell to reach the target
+    generator = torch.Generator().manual_seed(6)
+    free = gain_reads(torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), generator).numpy()
+    capped = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(6),
+        torch.from_numpy(limit),
+    ).numpy()
+    new_counts = np.round(np.expm1(capped) / units)
+    assert (new_counts <= limit).all() and (new_counts >= counts).all()
+    assert (np.round(np.expm1(free) / units) > limit).any()  # the limit binds somewhere without it
+    np.testing.assert_allclose(capped.mean(0), targets, atol=5e-3)
+
+
+def test_a_target_beyond_every_cells_limit_ends_with_every_cell_at_it() -> None:
+    """No fold reaches further once every cell is at its limit: the gene ends there, finite (SciPy's Poisson quantile
+    of a mean past about 1e12 is NaN, which a fold doubled until the target is met would reach)."""
+    counts, units = negative_binomial_cells(seed=3)
+    limit = counts + 2.0
+    targets = np.log1p(limit * units).mean(0) + 0.5  # out of reach
+    values = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(1),
+        torch.from_numpy(limit),
+    ).numpy()
+    assert np.isfinite(values).all()
+    np.testing.assert_allclose(values, np.log1p(limit * units), rtol=1e-12)

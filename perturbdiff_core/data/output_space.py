@@ -89,6 +89,12 @@ def systematic_ups(up: Tensor, generator: torch.Generator) -> Tensor:
     return ups.scatter_(-2, order, torch.floor(reach) > torch.floor(reach - shuffled))
 
 
+def lattice_counts(levels: Tensor, units: Tensor) -> Tensor:
+    """The largest count ``k`` with ``log1p(k u) <= level`` for each of ``levels`` ``(..., G)`` and cell steps ``units``
+    ``(..., S, 1)``: ``(..., S, G)`` (a level read from float32 storage counts as the lattice point it rounds from)."""
+    return torch.floor(torch.expm1(levels.unsqueeze(-2)) / units + LATTICE_TOLERANCE).clamp_min(0.0)
+
+
 def decode_cells(
     cells: Tensor,
     donors: Tensor,
@@ -96,6 +102,7 @@ def decode_cells(
     *,
     systematic: bool = False,
     reads: torch.Generator | None = None,
+    ceiling: Tensor | None = None,
 ) -> Tensor:
     r"""Each cell of ``cells`` ``(..., S, G)`` moved to a point of its donor's count lattice.
 
@@ -114,6 +121,9 @@ def decode_cells(
     is instead decoded as the donors' counts plus new reads that raise its mean as far
     (:func:`~perturbdiff_core.data.reads.gain_reads`, drawn from ``reads``): each cell gains at its
     own rate, so cells at 0 of a gene only some cells express mostly stay there.
+
+    With ``ceiling`` ``(G,)`` (log1p levels), no value goes above the highest point of its cell's lattice
+    at or under it; new reads that would then fall short go to the other cells.
     """
     if cells.shape != donors.shape:
         raise DataError(f"decode_cells needs one donor per cell: cells {tuple(cells.shape)}, donors {tuple(donors.shape)}.")
@@ -134,6 +144,9 @@ def decode_cells(
         else:
             ups = torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device) < up
         counts = below + ups
+    caps = None if ceiling is None else lattice_counts(ceiling.double(), units)
+    if caps is not None:
+        counts = torch.minimum(counts, caps)
     decoded = torch.log1p(counts * units)
     if reads is not None:
         if cells.dim() != 2:
@@ -141,5 +154,6 @@ def decode_cells(
         rising = cells.double().mean(0) > donors.double().mean(0)
         if bool(rising.any()):
             donor_counts = torch.round(torch.expm1(donors.double()[:, rising]) / units)
-            decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads)
+            limit = None if caps is None else caps[:, rising]
+            decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads, limit)
     return decoded.to(cells.dtype)

@@ -20,6 +20,12 @@ each gene is bisected until the mean of :math:`\log(1 + k u)` over the cells ris
 more in one cell), and each gene ends at whichever of the two means around its target is nearer.
 Always taking the one above would add a read to every gene with any predicted increase, however
 small: a bias of up to one step per gene that shows as genes detected in too many cells.
+
+A gene the donors barely express has a small gamma shape, so its few expressing cells have rates many
+times those at 0, and a large rise goes almost all to them: held-out CD14+ monocytes got CXCL10 at
+10.1 and ISG15 at 9.2 (log1p; real cells at most 4.8 and 5.4), and a tenth of the predicted cells more
+expression in all than any real one. With ``limit``, a cell's count stops there and the fold grows
+until the others make up the rise.
 """
 
 from __future__ import annotations
@@ -47,22 +53,28 @@ def posterior_rates(counts: Tensor, units: Tensor) -> Tensor:
     return torch.where(mean > 0, rates, torch.ones_like(rates))
 
 
-def gain_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+def gain_reads(
+    counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator, limit: Tensor | None = None
+) -> Tensor:
     """Log1p values ``(n, g)`` of cells with ``counts`` ``(n, g)`` and steps ``units`` ``(n, 1)`` after
     new reads raise each gene's mean log1p value to ``targets`` ``(g,)`` (float64 throughout), or to
-    the reachable mean nearest it.
+    the reachable mean nearest it; with ``limit`` ``(n, g)``, no cell's count above it (at least ``counts``).
 
     Each cell's reads are a quantile of a Poisson whose mean grows with the fold, so they only grow
     with it: a cell with as many reads at both ends of a gene's bracket keeps them anywhere inside,
     and the bisection draws quantiles only for the cells still open. The bracket ends at the two
     reachable means around the target; the nearer one is returned."""
     counts, units, targets = counts.double(), units.double(), targets.double()
+    most = np.inf if limit is None else np.maximum(limit.double().numpy(), counts.numpy())
     per_fold = (posterior_rates(counts, units) / units).numpy()  # expected new reads per unit of (f - 1)
     uniforms = torch.rand(counts.shape, generator=generator, dtype=torch.float64).numpy()
     uniforms = np.maximum(uniforms, np.finfo(np.float64).tiny)  # SciPy's Poisson quantile of 0 is -1
 
+    def reached(reads: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.minimum(counts.numpy() + reads, most))
+
     def mean_values(reads: np.ndarray) -> np.ndarray:
-        return torch.log1p((counts + torch.from_numpy(reads)) * units).mean(0).numpy()
+        return torch.log1p(reached(reads) * units).mean(0).numpy()
 
     def short_of_target(reads: np.ndarray) -> np.ndarray:
         return mean_values(reads) < targets.numpy()
@@ -70,7 +82,8 @@ def gain_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.
     low, high = np.ones(targets.shape[0]), np.full(targets.shape[0], 2.0)
     reads_low, reads_high = np.zeros(counts.shape), stats.poisson.ppf(uniforms, per_fold)  # f = 1 and f = 2
     for _ in range(GROWTH_STEPS):
-        short = short_of_target(reads_high)
+        full = (counts.numpy() + reads_high >= most).all(0)  # every cell at its limit: no fold reaches further
+        short = short_of_target(reads_high) & ~full
         if not short.any():
             break
         high = np.where(short, 2.0 * high, high)
@@ -85,4 +98,4 @@ def gain_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.
         reads_low[:, below], reads_high[:, ~below] = reads_middle[:, below], reads_middle[:, ~below]
     goal = targets.numpy()
     nearer_low = np.abs(mean_values(reads_low) - goal) < np.abs(mean_values(reads_high) - goal)
-    return torch.log1p((counts + torch.from_numpy(np.where(nearer_low, reads_low, reads_high))) * units)
+    return torch.log1p(reached(np.where(nearer_low, reads_low, reads_high)) * units)

@@ -45,7 +45,7 @@ LAST, PREVIOUS = LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 
 
 #: Checkpoint fields that older checkpoints lack: read as empty.
-_OPTIONAL = frozenset({"plugins", "unseen_context_change", "anchor"})
+_OPTIONAL = frozenset({"plugins", "unseen_context_change", "anchor", "ceiling"})
 
 
 class CheckpointError(PerturbDiffError):
@@ -63,7 +63,9 @@ class Checkpoint:
     its change a context training never saw keeps, resolved from the training data when
     ``sample.unseen_context_change`` is ``auto`` (1, all of it, in checkpoints written before it existed);
     ``anchor`` is the run's resolved ``model.anchor`` (``None`` in checkpoints written before ``auto``
-    existed: :attr:`anchor_name` then reads the config).
+    existed: :attr:`anchor_name` then reads the config); ``ceiling`` is each gene's highest value in the
+    training cells (``sample.ceiling: training``; ``None`` for ``none`` and in checkpoints written before it existed,
+    which predict without a cap).
     """
 
     step: int
@@ -80,6 +82,7 @@ class Checkpoint:
     plugins: dict[str, Any] = field(default_factory=dict)
     unseen_context_change: float = 1.0
     anchor: str | None = None
+    ceiling: torch.Tensor | None = None
 
     @property
     def anchor_name(self) -> str:

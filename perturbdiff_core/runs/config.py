@@ -269,6 +269,10 @@ class SampleConfig:
             new combinations in trained contexts are not gated (see :mod:`~perturbdiff_core.runs.support`).
             ``null``: every gene the change test passes moves.
         nonnegative: clip continuous predictions at 0 (log1p values are never negative).
+        ceiling: ``training`` caps every predicted value of a gene at the highest value any training
+            cell (perturbed or control) or control cell of the predicted context has; on a count
+            lattice at the cell's highest count under it, with new reads a capped cell cannot take
+            going to the others (see :mod:`~perturbdiff_core.runs.ceiling`). ``none``: no cap.
         populations: independent populations drawn per test condition by ``perturbdiff run``: the
             first is ``predictions.h5ad``, all of them give the calibration metrics (where the real
             population falls among the predicted ones; at least 10 for ``population_coverage``).
@@ -300,6 +304,7 @@ class SampleConfig:
     anchor_shrinkage: Annotated[float | Literal["auto"], NonNegative] = "auto"
     response_fdr: Annotated[float | None, Range(0, 1, closed_left=False)] = 0.25
     nonnegative: bool = True
+    ceiling: Literal["training", "none"] = "training"
     populations: Annotated[int, Positive] = 10
     population_conditions: Annotated[int | None, Positive] = 128
 

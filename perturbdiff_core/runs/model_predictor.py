@@ -58,6 +58,9 @@ class DiffusionPredictor(Predictor):
         shrinkage: the thresholds, in standard errors, at which the anchor's and the ensemble's shifts into
             contexts training lacked are shrunk (the run's resolved ``sample.anchor_shrinkage`` and
             ``sample.ensemble_shrinkage``, see :mod:`~perturbdiff_core.runs.shrinkage`); ``None`` shrinks neither.
+        ceiling: ``(G,)`` each gene's highest value in the training cells (``sample.ceiling``, see
+            :mod:`~perturbdiff_core.runs.ceiling`), raised to the context's own control cells' where they
+            go higher; no predicted value goes above it. ``None``: no cap.
 
     Example:
         >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
@@ -75,6 +78,7 @@ class DiffusionPredictor(Predictor):
         control_shrinkage: ControlShrinkage | None = None,
         ensemble: Ensemble | None = None,
         shrinkage: ShiftShrinkage | None = None,
+        ceiling: Tensor | None = None,
     ) -> None:
         if not 0.0 <= unseen_context_change <= 1.0:
             raise InputError(f"unseen_context_change must be in [0, 1], got {unseen_context_change}.")
@@ -86,6 +90,7 @@ class DiffusionPredictor(Predictor):
         self.control_shrinkage = control_shrinkage
         self.ensemble = ensemble
         self.shrinkage = ShiftShrinkage() if shrinkage is None else shrinkage
+        self.ceiling = ceiling
         self._offsets: dict[tuple[PerturbationData, Context], Tensor] = {}  # read each context's controls once
         self._context_means: dict[tuple[PerturbationData, Context], Tensor] = {}
 
@@ -100,6 +105,7 @@ class DiffusionPredictor(Predictor):
         control_shrinkage: ControlShrinkage | None = None,
         ensemble: Ensemble | None = None,
         shrinkage: ShiftShrinkage | None = None,
+        ceiling: Tensor | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
         its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
@@ -108,7 +114,7 @@ class DiffusionPredictor(Predictor):
         unseen = checkpoint.unseen_context_change if setting == "auto" else float(setting)
         return cls(
             checkpoint.build_model(device), sample, device=device, anchor=anchor, unseen_context_change=unseen,
-            control_shrinkage=control_shrinkage, ensemble=ensemble, shrinkage=shrinkage,
+            control_shrinkage=control_shrinkage, ensemble=ensemble, shrinkage=shrinkage, ceiling=ceiling,
         )
 
     def predict(self, data: PerturbationData, condition: Condition, n_cells: int, seed: int) -> np.ndarray:
@@ -180,13 +186,18 @@ class DiffusionPredictor(Predictor):
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter,
             test_size=n_cells, reach=reach,
         )
+        top = None if self.ceiling is None else torch.maximum(self.ceiling.to(lattice.dtype), lattice.amax(0))
         cells, lattice = cells[:n_cells], lattice[:n_cells]  # settled from every sampled cell, then cut
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding != "nearest" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
-            cells = decode_cells(cells, lattice, rounding, systematic=cfg.rounding == "systematic", reads=reads)
+            cells = decode_cells(
+                cells, lattice, rounding, systematic=cfg.rounding == "systematic", reads=reads, ceiling=top
+            )
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
+        if space == "continuous" and top is not None:
+            cells = torch.minimum(cells, top.to(cells.dtype))
         return cells.numpy().astype(np.float32, copy=False)
 
     def _context_mean(self, data: PerturbationData, context: Context) -> Tensor:

@@ -63,6 +63,7 @@ def predict_all(
         trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor,
         unseen_context_change=trainer.unseen_context_change.scale,
         control_shrinkage=trainer.control_shrinkage, ensemble=trainer.ensemble, shrinkage=trainer.shrinkage,
+        ceiling=trainer.ceiling,
     )
     predictions = {
         MODEL: predict_anndata(

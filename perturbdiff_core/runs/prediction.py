@@ -352,6 +352,7 @@ def predict_run(
         control_shrinkage=run_control_shrinkage(checkpoint, train_data, chosen, opened),
         ensemble=run_ensemble(checkpoint, train_data, chosen, opened),
         shrinkage=run_shrinkage(checkpoint, train_data, chosen, opened),
+        ceiling=checkpoint.ceiling if checkpoint.run_config.sample.ceiling == "training" else None,
     )
     seed = checkpoint.run_config.seed if seed is None else seed
     predicted = predict_anndata(

@@ -45,6 +45,7 @@ from ..registry import PluginSpec, accepts
 from ..threads import apply_threads, resolve_threads
 from . import distributed
 from .anchor import AUTO_ANCHOR, NO_ANCHOR, PredictorChoice, anchor_shifts, fit_anchor, resolve_anchor
+from .ceiling import training_ceiling
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
 from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
 from .control_noise import ControlShrinkage
@@ -448,6 +449,9 @@ class Trainer:
             ShiftShrinkage.fit(config.sample.anchor_shrinkage, config.sample.ensemble_shrinkage, self.data, self.split.train)
             if unseen else None
         )
+        self.ceiling = (  # no predicted value above the training cells' highest (sample.ceiling)
+            training_ceiling(self.data, self.split.train, config.seed) if config.sample.ceiling == "training" else None
+        )
         self.ensemble = fit_ensemble(  # where the test's conditions are extrapolations (read only then)
             config.sample.ensemble, self.anchor_choice.name, self.data, self.split.train,
             [self.data.condition(c) for c in self.split.test], config.seed, response_fdr=config.sample.response_fdr,
@@ -661,6 +665,7 @@ class Trainer:
             validation=self.validation,
             unseen_context_change=self.unseen_context_change.scale,
             anchor=self.anchor_choice.name,
+            ceiling=self.ceiling,
         )
         self.write_log()
         path = save_checkpoint(self.checkpoint_file, checkpoint, previous=previous_path(self.run_dir))
