@@ -14,6 +14,7 @@ from test_anchor import held_out_t3, three_types  # noqa: F401 (a fixture)
 from perturbdiff_core.runs.ceiling import training_ceiling
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
+from perturbdiff_core.runs.prediction import predict_run
 from perturbdiff_core.runs.training import Trainer
 
 
@@ -65,7 +66,12 @@ def test_predicted_cells_stay_under_the_ceiling_or_their_contexts_control_cells(
 
     assert (predict(low) <= controls + 1e-6).all()
     assert (predict(None) > controls + 1e-6).any()  # without it the perturbation raises genes above the controls
-    assert torch.equal(load_checkpoint(checkpoint_path(run)).ceiling, trainer.ceiling)
+    checkpoint = load_checkpoint(checkpoint_path(run))
+    assert torch.equal(checkpoint.ceiling, trainer.ceiling)
+    checkpoint.ceiling = low  # perturbdiff predict caps at the checkpoint's ceiling
+    predicted = predict_run(checkpoint, device=torch.device("cpu"), conditions=["A|t3"], n_cells=60, progress=False)
+    cells = dense(predicted[(predicted.obs.perturbation == "A").to_numpy()])
+    assert len(cells) == 60 and (cells <= controls + 1e-6).all()
 
 
 def test_no_training_cell_gives_no_ceiling(three_types: Path, tmp_path: Path) -> None:  # noqa: F811
