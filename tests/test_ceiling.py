@@ -3,6 +3,7 @@ reaches it; predicted cells stay under it; the checkpoint keeps it for perturbdi
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import anndata as ad
@@ -61,11 +62,13 @@ def test_predicted_cells_stay_under_the_ceiling_or_their_contexts_control_cells(
     controls = data.read(data.control_cells(condition.context)).max(0)
     low = torch.zeros(data.n_genes, dtype=torch.float64)
 
-    def predict(ceiling: torch.Tensor | None) -> np.ndarray:
-        return DiffusionPredictor(trainer.model, trainer.config.sample, ceiling=ceiling).predict(data, condition, 60, seed=1)
+    def predict(ceiling: torch.Tensor | None, space: str = "auto") -> np.ndarray:
+        sample = dataclasses.replace(trainer.config.sample, output_space=space)
+        return DiffusionPredictor(trainer.model, sample, ceiling=ceiling).predict(data, condition, 60, seed=1)
 
-    assert (predict(low) <= controls + 1e-6).all()
-    assert (predict(None) > controls + 1e-6).any()  # without it the perturbation raises genes above the controls
+    for space in ("counts", "continuous"):
+        assert (predict(low, space) <= controls + 1e-6).all()
+        assert (predict(None, space) > controls + 1e-6).any()  # without it the perturbation raises genes above the controls
     checkpoint = load_checkpoint(checkpoint_path(run))
     assert torch.equal(checkpoint.ceiling, trainer.ceiling)
     checkpoint.ceiling = low  # perturbdiff predict caps at the checkpoint's ceiling
