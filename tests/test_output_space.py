@@ -153,3 +153,18 @@ def test_decoded_cells_stay_at_or_under_the_ceiling(reads: bool) -> None:
     torch.testing.assert_close(capped[:, :-2], free[:, :-2])
     if reads:  # the cap moves the rise to other cells, as far as their room allows
         assert capped[:, -2:].double().mean(0).sub(cells[:, -2:].double().mean(0)).abs().max() < 0.05
+
+
+def test_decoded_reads_follow_each_cells_sampled_response() -> None:
+    """With ``response``, cells whose sampled change over the rising genes is larger gain more reads of them; the
+    rising genes' means are met as without it."""
+    donors, _ = lattice_cells(400, 6, seed=5)
+    cells = donors + 0.8
+    response = torch.zeros(400, 6)
+    response[:200] = 1.5  # the first half responds three times as strongly as the second
+    response[200:] = 0.5
+    plain = decode_cells(cells, donors, reads=torch.Generator().manual_seed(1))
+    weighted = decode_cells(cells, donors, reads=torch.Generator().manual_seed(1), response=response)
+    gain = (weighted - donors).double()
+    assert gain[:200].mean() > 2.0 * gain[200:].mean()
+    torch.testing.assert_close(weighted.double().mean(0), plain.double().mean(0), atol=0.01, rtol=0)

@@ -519,9 +519,9 @@ def test_sample_rounding_reaches_the_decoder(trained: Trainer, rounding: str, mo
     """``sample.rounding`` picks the decoder's draws: none (nearest), independent, or systematic."""
     seen, decode = [], model_predictor.decode_cells
 
-    def recording(cells, donors, generator=None, *, systematic=False, reads=None, ceiling=None):
+    def recording(cells, donors, generator=None, *, systematic=False, reads=None, ceiling=None, response=None):
         seen.append((generator is not None, systematic))
-        return decode(cells, donors, generator, systematic=systematic, reads=reads, ceiling=ceiling)
+        return decode(cells, donors, generator, systematic=systematic, reads=reads, ceiling=ceiling, response=response)
 
     monkeypatch.setattr(model_predictor, "decode_cells", recording)
     config = SampleConfig(steps=4, chunk_sets=2, rounding=rounding)
@@ -582,3 +582,20 @@ def test_recentred_moves_the_kept_mean_exactly_rises_by_shifts_and_falls_by_frac
     torch.testing.assert_close(moved[:, 1], donors[:, 1] * (1 - 0.2 / kept[1]))
     assert (moved[:, 2] == 0).all()  # a fall beyond the whole level takes all of it, not below 0
     torch.testing.assert_close(moved[:, 5], donors[:, 5] - 0.2)
+
+
+@pytest.mark.parametrize("gain", ["even", "sampled"])
+def test_read_gain_hands_the_decoder_each_cells_sampled_change(trained: Trainer, gain: str, monkeypatch) -> None:
+    """``sample.read_gain: sampled`` passes every kept cell's sampled change, before it is settled, to the decoder."""
+    seen, decode = [], model_predictor.decode_cells
+
+    def recording(cells, donors, generator=None, **kwargs):
+        seen.append(kwargs["response"])
+        return decode(cells, donors, generator, **kwargs)
+
+    monkeypatch.setattr(model_predictor, "decode_cells", recording)
+    config = SampleConfig(steps=4, chunk_sets=2, read_gain=gain)
+    DiffusionPredictor(trained.model, config).predict(trained.data, trained.data.condition("A+B|t1"), 30, seed=2)
+    assert (seen[0] is None) == (gain == "even")
+    if gain == "sampled":
+        assert seen[0].shape == (30, trained.data.n_genes) and bool(seen[0].abs().sum() > 0)

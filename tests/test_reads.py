@@ -151,3 +151,30 @@ def test_a_target_beyond_every_cells_limit_ends_with_every_cell_at_it() -> None:
     ).numpy()
     assert np.isfinite(values).all()
     np.testing.assert_allclose(values, np.log1p(limit * units), rtol=1e-12)
+
+
+def test_response_weights_are_each_cells_mean_change_over_the_populations() -> None:
+    """Closed form ``max(mean_i / mean, 0.1)``; all 1 when the population's mean change is not positive."""
+    from perturbdiff_core.data.reads import MIN_RESPONSE_WEIGHT, response_weights
+
+    changes = torch.tensor([[0.2, 0.4], [0.6, 0.8], [-0.3, -0.5], [0.0, 1.0]], dtype=torch.float64)
+    means = changes.mean(1).numpy()
+    expected = np.maximum(means / means.mean(), MIN_RESPONSE_WEIGHT)[:, None]
+    np.testing.assert_allclose(response_weights(changes).numpy(), expected, rtol=1e-12)
+    np.testing.assert_array_equal(response_weights(-changes.abs()).numpy(), np.ones((4, 1)))
+
+
+def test_weighted_cells_gain_in_proportion_and_the_target_is_still_met() -> None:
+    """Cells weighted 3 gain about three times the reads of cells weighted 1 at the same rate; the mean meets the target."""
+    counts, units = negative_binomial_cells(n=600, seed=4)
+    counts[:], units[:] = 2.0, 0.5  # every cell alike but for its weight
+    weights = np.where(np.arange(600) % 2 == 0, 3.0, 1.0)[:, None]
+    targets = np.log1p(counts * units).mean(0) + 0.6
+    values = gain_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(2),
+        weights=torch.from_numpy(weights),
+    ).numpy()
+    gained = np.round(np.expm1(values) / units) - counts
+    ratio = gained[weights[:, 0] == 3.0].mean(0) / gained[weights[:, 0] == 1.0].mean(0)
+    np.testing.assert_allclose(ratio, 3.0, rtol=0.15)
+    np.testing.assert_allclose(values.mean(0), targets, atol=5e-3)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .reads import gain_reads
+from .reads import gain_reads, response_weights
 
 OutputSpace = Literal["auto", "counts", "continuous"]
 #: ``auto``: ``counts`` when the control cells lie on a count lattice, else ``continuous``;
@@ -103,6 +103,7 @@ def decode_cells(
     systematic: bool = False,
     reads: torch.Generator | None = None,
     ceiling: Tensor | None = None,
+    response: Tensor | None = None,
 ) -> Tensor:
     r"""Each cell of ``cells`` ``(..., S, G)`` moved to a point of its donor's count lattice.
 
@@ -123,7 +124,9 @@ def decode_cells(
     own rate, so cells at 0 of a gene only some cells express mostly stay there.
 
     With ``ceiling`` ``(G,)`` (log1p levels), no value goes above the highest point of its cell's lattice
-    at or under it; new reads that would then fall short go to the other cells.
+    at or under it; new reads that would then fall short go to the other cells. With ``response``
+    ``(n, G)``, each cell's sampled change, the new reads of a cell scale with its mean change over the rising
+    genes (:func:`~perturbdiff_core.data.reads.response_weights`).
     """
     if cells.shape != donors.shape:
         raise DataError(f"decode_cells needs one donor per cell: cells {tuple(cells.shape)}, donors {tuple(donors.shape)}.")
@@ -155,5 +158,6 @@ def decode_cells(
         if bool(rising.any()):
             donor_counts = torch.round(torch.expm1(donors.double()[:, rising]) / units)
             limit = None if caps is None else caps[:, rising]
-            decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads, limit)
+            weights = None if response is None else response_weights(response[:, rising])
+            decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads, limit, weights)
     return decoded.to(cells.dtype)

@@ -37,6 +37,8 @@ from torch import Tensor
 
 #: Bounds of the gamma shape :math:`a` (small: very patchy expression; large: Poisson, every cell alike).
 SHAPE_RANGE = (1e-3, 1e6)
+#: Smallest weight :func:`response_weights` gives a cell: one whose sampled change is a fall still gains a little.
+MIN_RESPONSE_WEIGHT = 0.1
 #: Doublings of the fold's upper bound, then halvings of the bracket, in the search for :math:`f`.
 GROWTH_STEPS, BISECTION_STEPS = 64, 24
 
@@ -53,12 +55,30 @@ def posterior_rates(counts: Tensor, units: Tensor) -> Tensor:
     return torch.where(mean > 0, rates, torch.ones_like(rates))
 
 
+def response_weights(changes: Tensor) -> Tensor:
+    """``(n, 1)`` float64: each cell's mean of ``changes`` ``(n, g)`` (its sampled change over the rising genes) over
+    the cells' mean of it, at least :data:`MIN_RESPONSE_WEIGHT`; all 1 where the mean is not positive. Real cells
+    share how strongly they respond across a response's genes; reads drawn gene by gene at each cell's own rate
+    do not, and this carries the sampler's per-cell strength into them (``sample.read_gain: sampled``)."""
+    score = changes.double().mean(1, keepdim=True)
+    mean = score.mean()
+    if not bool(mean > 0):
+        return torch.ones_like(score)
+    return (score / mean).clamp_min(MIN_RESPONSE_WEIGHT)
+
+
 def gain_reads(
-    counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator, limit: Tensor | None = None
+    counts: Tensor,
+    units: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    limit: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Log1p values ``(n, g)`` of cells with ``counts`` ``(n, g)`` and steps ``units`` ``(n, 1)`` after
     new reads raise each gene's mean log1p value to ``targets`` ``(g,)`` (float64 throughout), or to
-    the reachable mean nearest it; with ``limit`` ``(n, g)``, no cell's count above it (at least ``counts``).
+    the reachable mean nearest it; with ``limit`` ``(n, g)``, no cell's count above it (at least ``counts``);
+    with ``weights`` ``(n, 1)``, each cell's rate of new reads times its weight (:func:`response_weights`).
 
     Each cell's reads are a quantile of a Poisson whose mean grows with the fold, so they only grow
     with it: a cell with as many reads at both ends of a gene's bracket keeps them anywhere inside,
@@ -67,6 +87,8 @@ def gain_reads(
     counts, units, targets = counts.double(), units.double(), targets.double()
     most = np.inf if limit is None else np.maximum(limit.double().numpy(), counts.numpy())
     per_fold = (posterior_rates(counts, units) / units).numpy()  # expected new reads per unit of (f - 1)
+    if weights is not None:
+        per_fold = per_fold * weights.double().numpy()
     uniforms = torch.rand(counts.shape, generator=generator, dtype=torch.float64).numpy()
     uniforms = np.maximum(uniforms, np.finfo(np.float64).tiny)  # SciPy's Poisson quantile of 0 is -1
 

@@ -227,6 +227,10 @@ class SampleConfig:
             far, so cells at 0 of a gene only some cells express mostly stay there (the per-cell
             deviations of ``change_spread`` are replaced by the reads' own noise); ``shift`` adds
             the increase to every cell and rounds it onto the lattice. Continuous output always shifts.
+        read_gain: with ``increase: reads``, how strongly each cell takes a rise: ``even``, at its own
+            rate only, gene by gene; ``sampled``, also in proportion to its sampled change over the
+            genes that rise (its mean over the population's, at least 0.1), so a cell that responds more
+            does so across the response's genes, as real cells do (see :mod:`~perturbdiff_core.data.reads`).
         unseen_context_change: the share of the sampled change kept by a condition whose cell type or
             batch training never saw: each of its cells moves that far from its control cell towards the
             sample (0 predicts the control cells, 1 the sample). ``auto``: where the denoiser reads such a
@@ -296,6 +300,7 @@ class SampleConfig:
     change_spread: Annotated[float, UnitInterval] = 0.5
     decrease: Literal["fraction", "shift"] = "fraction"
     increase: Literal["reads", "shift"] = "reads"
+    read_gain: Literal["even", "sampled"] = "even"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     control_shrinkage: Annotated[float | Literal["auto"], UnitInterval] = "auto"
     ensemble: str = "auto"
