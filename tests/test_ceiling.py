@@ -45,7 +45,7 @@ def test_the_ceiling_is_the_training_cells_highest_value_and_no_held_out_cell_re
     genes = [adata.var_names.get_loc(g) for g in trainer.data.genes]
     np.testing.assert_array_equal(trainer.ceiling.numpy(), expected[genes])
     assert (trainer.ceiling < 15.0).all()
-    assert torch.equal(training_ceiling(trainer.data, trainer.split.train, 0), trainer.ceiling)  # the seed only draws caps
+    assert torch.equal(training_ceiling(trainer.data, trainer.split.train, 0), trainer.ceiling)  # every condition read whole
     unset = Trainer(held_out_t3(path, "sample.ceiling=none"), tmp_path / "unset", progress=False)
     assert unset.ceiling is None
 

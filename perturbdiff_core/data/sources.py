@@ -218,9 +218,9 @@ def open_source(source: ad.AnnData | str | os.PathLike[str] | list[str] | None, 
     if isinstance(source, ad.AnnData):
         matrix = CellMatrix.of(source, config.layer)
         return apply_filter(Opened(source.obs, source.var.index, matrix, var=source.var), config.obs_filter)
-    if config.source == "soma" and config.layer is not None:
-        raise ConfigError("data.layer reads one .h5ad file or AnnData; a SOMA experiment's X layer is data.soma_layer.")
     if config.source == "soma":
+        if config.layer is not None:
+            raise ConfigError("data.layer reads one .h5ad file or AnnData; a SOMA experiment's X layer is data.soma_layer.")
         if not isinstance(source, (str, os.PathLike)):
             raise ConfigError("data.source: soma reads one experiment; give its URI as data.path, not a list.")
         screen = open_soma(

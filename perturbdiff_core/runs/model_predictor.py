@@ -182,19 +182,20 @@ class DiffusionPredictor(Predictor):
             draw = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, population]).generate_state(1)[0]))
             # a stream of its own, not the sampler's; not scaled by ``kept``: it stands for the real change's error
             jitter = self.ensemble.errors.draw(draw).to(cells.dtype)
-        sampled = cells - donors  # each cell's own change, before it is settled (``sample.read_gain``)
+        # each cell's own change, before it is settled, weighs its new reads (``sample.read_gain: sampled``)
+        sampled = cells - donors if cfg.read_gain == "sampled" else None
         cells = settle_changes(
             cells, donors, cfg.change_z, cfg.change_spread, read, prior, partner, cfg.ensemble_weight, jitter,
             test_size=n_cells, reach=reach,
         )
         top = None if self.ceiling is None else torch.maximum(self.ceiling.to(lattice.dtype), lattice.amax(0))
-        cells, lattice, sampled = cells[:n_cells], lattice[:n_cells], sampled[:n_cells]  # settled from every cell, then cut
+        cells, lattice = cells[:n_cells], lattice[:n_cells]  # settled from every sampled cell, then cut
         if space == "counts":
             rounding = torch.Generator().manual_seed(seed) if cfg.rounding != "nearest" else None
             reads = (rounding or torch.Generator().manual_seed(seed)) if cfg.increase == "reads" else None
             cells = decode_cells(
                 cells, lattice, rounding, systematic=cfg.rounding == "systematic", reads=reads, ceiling=top,
-                response=sampled if cfg.read_gain == "sampled" else None,
+                response=None if sampled is None else sampled[:n_cells],
             )
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
