@@ -514,14 +514,34 @@ def test_sample_increase_reaches_the_predicted_cells(trained: Trainer) -> None:
     assert (reads[:, ~same] >= donors[:, ~same] - 1e-6).all()  # a rising gene's cells only gain reads
 
 
+def test_sample_decrease_thinning_reaches_the_predicted_cells(trained: Trainer) -> None:
+    """``sample.decrease: thinning`` thins the donors' reads of a falling gene to the mean ``fraction`` gives (within
+    a read's step); a gene that does not fall is decoded as with ``fraction`` (same seed, same rounding draws)."""
+    data = trained.data
+    condition = data.condition("A+B|t1")
+    base = SampleConfig(steps=4, chunk_sets=2, change_z=None, control_mean="donors")
+    fraction, thinning, donors = (
+        DiffusionPredictor(trained.model, config).predict(data, condition, 200, seed=2)
+        for config in (base, replace(base, decrease="thinning"), replace(base, change_z=1e9))  # the last moves no gene
+    )
+    assert on_lattice(torch.from_numpy(thinning))
+    same = (thinning == fraction).all(0)
+    falling = thinning.mean(0) < donors.mean(0) - 1e-6
+    assert falling.any() and not same[falling].any() and same[~falling].all()
+    assert (thinning[:, falling] <= donors[:, falling] + 1e-6).all()  # reads only go
+    first_read = np.where(donors > 0, donors, np.inf).min(1)  # each donor's log1p of one read
+    step = first_read[np.isfinite(first_read)].max() / donors.shape[0]  # the most one read moves a gene's mean
+    np.testing.assert_allclose(thinning[:, falling].mean(0), fraction[:, falling].mean(0), rtol=0, atol=2 * step)
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic", "systematic"])
 def test_sample_rounding_reaches_the_decoder(trained: Trainer, rounding: str, monkeypatch) -> None:
     """``sample.rounding`` picks the decoder's draws: none (nearest), independent, or systematic."""
     seen, decode = [], model_predictor.decode_cells
 
-    def recording(cells, donors, generator=None, *, systematic=False, reads=None, ceiling=None, response=None):
+    def recording(cells, donors, generator=None, *, systematic=False, **options):
         seen.append((generator is not None, systematic))
-        return decode(cells, donors, generator, systematic=systematic, reads=reads, ceiling=ceiling, response=response)
+        return decode(cells, donors, generator, systematic=systematic, **options)
 
     monkeypatch.setattr(model_predictor, "decode_cells", recording)
     config = SampleConfig(steps=4, chunk_sets=2, rounding=rounding)

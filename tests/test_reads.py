@@ -1,14 +1,16 @@
 """Increases as new reads: the gamma-Poisson posterior rates against a float64 NumPy formula, the
-bisected fold meeting each gene's target mean on the lattice, and decode_cells using them."""
+bisected fold meeting each gene's target mean on the lattice, and decode_cells using them; decreases as
+thinned reads: binomial against SciPy, each gene at the nearest reachable mean."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from perturbdiff_core.data.output_space import decode_cells
-from perturbdiff_core.data.reads import gain_reads, posterior_rates
+from perturbdiff_core.data.reads import gain_reads, lose_reads, posterior_rates
 from perturbdiff_core.errors import DataError
 
 
@@ -178,3 +180,57 @@ def test_weighted_cells_gain_in_proportion_and_the_target_is_still_met() -> None
     ratio = gained[weights[:, 0] == 3.0].mean(0) / gained[weights[:, 0] == 1.0].mean(0)
     np.testing.assert_allclose(ratio, 3.0, rtol=0.15)
     np.testing.assert_allclose(values.mean(0), targets, atol=5e-3)
+
+
+def test_thinning_keeps_each_read_with_one_chance_per_gene() -> None:
+    """Cells with the same count end binomial: thinned to a quarter of its mean log1p value, a gene of 4 reads per
+    cell keeps Binomial(4, q) of them, q fixed by the mean (SciPy's binomial, float64)."""
+    n, units = 20000, np.full((20000, 1), 0.5)
+    counts = np.full((n, 1), 4.0)
+    target = 0.25 * np.log1p(4.0 * 0.5)
+    kept = lose_reads(torch.from_numpy(counts), torch.from_numpy(units), torch.tensor([target]), torch.Generator().manual_seed(0))
+    reads = np.round(np.expm1(kept.numpy()[:, 0]) / 0.5)
+    levels = np.log1p(np.arange(5) * 0.5)
+    grid = np.linspace(0.0, 1.0, 100001)
+    q = grid[np.argmin(np.abs(stats.binom.pmf(np.arange(5)[:, None], 4, grid) .T @ levels - target))]
+    observed = np.bincount(reads.astype(int), minlength=5) / n
+    np.testing.assert_allclose(observed, stats.binom.pmf(np.arange(5), 4, q), atol=0.01)
+    assert abs(kept.numpy().mean() - target) <= (levels[1] - levels[0]) / n
+
+
+def test_thinned_genes_end_at_the_reachable_mean_nearest_their_target() -> None:
+    """Reads only go, onto the lattice; each gene ends within half a read's step of its target (the nearer of the
+    two reachable means around it), as often above as below; a target at the current mean keeps every read, 0 none."""
+    counts, units = negative_binomial_cells(n=80, genes=200, seed=3)
+    counts[:, -1] = 0.0  # a gene without reads, last: nothing to thin
+    before = np.log1p(counts * units).mean(0)
+    targets = before * np.random.default_rng(4).uniform(0.0, 1.0, counts.shape[1])
+    targets[0], targets[1] = before[0], 0.0
+    values = lose_reads(
+        torch.from_numpy(counts), torch.from_numpy(units), torch.from_numpy(targets), torch.Generator().manual_seed(4)
+    ).numpy()
+    kept = np.round(np.expm1(values) / units)
+    np.testing.assert_allclose(np.expm1(values) / units, kept, rtol=0, atol=1e-9)
+    assert (kept <= counts).all()
+    np.testing.assert_allclose(values[:, 0], np.log1p(counts[:, 0] * units[:, 0]), rtol=0, atol=1e-12)
+    assert (values[:, 1] == 0).all()
+    errors = values.mean(0) - targets
+    largest_step = np.log1p(units).max() / counts.shape[0]  # a cell's first read moves the mean the most
+    assert (np.abs(errors) <= largest_step / 2 + 1e-12).all()
+    assert abs(errors.mean()) < 0.25 * np.abs(errors).mean() and (errors < 0).sum() > 0.3 * errors.size
+
+
+def test_decode_with_thinning_changes_only_the_genes_that_fall() -> None:
+    counts, units = negative_binomial_cells(n=300, seed=5)
+    counts[:, 2] = 1.0  # every cell has a count of 1, so its lattice step is its unit
+    donors = torch.from_numpy(np.log1p(counts * units)).float()
+    cells = (donors * torch.tensor([1.0, 0.5, 1.0, 1.0, 0.3, 1.0])).clamp_min(0.0) + torch.tensor([0.3, 0, 0, 0, 0, 0])
+    plain = decode_cells(cells, donors, torch.Generator().manual_seed(0))
+    thinned = decode_cells(cells, donors, torch.Generator().manual_seed(0), thinning=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(thinned[:, [0, 2, 3, 5]], plain[:, [0, 2, 3, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(thinned[:, [1, 4]].double().mean(0), cells[:, [1, 4]].double().mean(0), rtol=0, atol=1e-2)
+    assert (thinned[:, [1, 4]] <= donors[:, [1, 4]] + 1e-6).all()
+    fewer = (thinned[:, [1, 4]] == 0).double().mean(0) - (plain[:, [1, 4]] == 0).double().mean(0)
+    assert (fewer > 0).all()  # thinning takes the cells with few reads to 0, scaling keeps them detected
+    with pytest.raises(DataError, match=r"needs \(cells, genes\)"):
+        decode_cells(cells[None], donors[None], thinning=torch.Generator())

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .reads import gain_reads, response_weights
+from .reads import gain_reads, lose_reads, response_weights
 
 OutputSpace = Literal["auto", "counts", "continuous"]
 #: ``auto``: ``counts`` when the control cells lie on a count lattice, else ``continuous``;
@@ -104,6 +104,7 @@ def decode_cells(
     reads: torch.Generator | None = None,
     ceiling: Tensor | None = None,
     response: Tensor | None = None,
+    thinning: torch.Generator | None = None,
 ) -> Tensor:
     r"""Each cell of ``cells`` ``(..., S, G)`` moved to a point of its donor's count lattice.
 
@@ -127,6 +128,10 @@ def decode_cells(
     at or under it; new reads that would then fall short go to the other cells. With ``response``
     ``(n, G)``, each cell's sampled change, the new reads of a cell scale with its mean change over the rising
     genes (:func:`~perturbdiff_core.data.reads.response_weights`).
+
+    With ``thinning`` (cells ``(n, G)`` only), a gene whose mean over ``cells`` (at least 0 each) is below its
+    donors' is decoded as the donors' counts thinned until its mean falls as far
+    (:func:`~perturbdiff_core.data.reads.lose_reads`).
     """
     if cells.shape != donors.shape:
         raise DataError(f"decode_cells needs one donor per cell: cells {tuple(cells.shape)}, donors {tuple(donors.shape)}.")
@@ -160,4 +165,11 @@ def decode_cells(
             limit = None if caps is None else caps[:, rising]
             weights = None if response is None else response_weights(response[:, rising])
             decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads, limit, weights)
+    if thinning is not None:
+        if cells.dim() != 2:
+            raise DataError(f"decode_cells with thinning needs (cells, genes); got {tuple(cells.shape)}.")
+        falling = values.mean(0) < donors.double().mean(0)  # as decoded: a fall below 0 is no fall
+        if bool(falling.any()):
+            donor_counts = torch.round(torch.expm1(donors.double()[:, falling]) / units)
+            decoded[:, falling] = lose_reads(donor_counts, units, values.mean(0)[falling], thinning)
     return decoded.to(cells.dtype)

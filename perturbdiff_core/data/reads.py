@@ -1,4 +1,4 @@
-r"""An increase of expression as new reads: who gains how many under a gamma-Poisson model.
+r"""Changes of expression as reads: who gains how many under a gamma-Poisson model, who loses them by thinning.
 
 A predicted mean increase :math:`\delta_g` of a gene can reach the cells in two ways. As a shift of
 every cell's log1p value, it gives a cell at 0 as much as a cell that expresses the gene, so
@@ -26,6 +26,12 @@ times those at 0, and a large rise goes almost all to them: held-out CD14+ monoc
 10.1 and ISG15 at 9.2 (log1p; real cells at most 4.8 and 5.4), and a tenth of the predicted cells more
 expression in all than any real one. With ``limit``, a cell's count stops there and the fold grows
 until the others make up the rise.
+
+A decrease (:func:`lose_reads`, ``sample.decrease: thinning``) keeps each of a cell's reads with one
+chance :math:`q` per gene, as when fewer molecules of it are captured from every cell: a cell with few
+reads is the one that falls to 0, where taking the same fraction of every cell's log1p value keeps
+such a cell detected at a lower count. The chance is read off the reads' sorted uniforms so that the
+mean meets its target as closely as whole reads allow.
 """
 
 from __future__ import annotations
@@ -121,3 +127,41 @@ def gain_reads(
     goal = targets.numpy()
     nearer_low = np.abs(mean_values(reads_low) - goal) < np.abs(mean_values(reads_high) - goal)
     return torch.log1p(reached(np.where(nearer_low, reads_low, reads_high)) * units)
+
+
+def lose_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    r"""Log1p values ``(n, g)`` of cells with ``counts`` ``(n, g)`` and steps ``units`` ``(n, 1)`` after each
+    gene's reads are thinned until its mean log1p value falls to ``targets`` ``(g,)``, or to the reachable
+    mean nearest it (float64 throughout).
+
+    Every read is kept with the same chance :math:`q` per gene (binomial thinning, as fewer molecules are
+    captured from every cell), so a cell with few reads of the gene is the one that falls to 0. Each read
+    holds a uniform drawn from ``generator`` and is kept where it is below :math:`q`: the mean only grows
+    with :math:`q`, one read in one cell at a time, and :math:`q` is read off the sorted uniforms exactly."""
+    counts, units = counts.double(), units.double()
+    n, genes = counts.shape
+    per_gene_cell = counts.round().long().T.reshape(-1).numpy()  # reads of gene g, cell i at g * n + i
+    slot = np.repeat(np.arange(genes * n), per_gene_cell)
+    gene, cell = slot // n, slot % n
+    draws = torch.rand(slot.size, generator=generator, dtype=torch.float64).numpy()
+    within = np.lexsort((draws, slot))  # each cell's reads of a gene, by uniform: the order it keeps them in
+    first = np.concatenate(([0], np.cumsum(per_gene_cell)[:-1]))
+    place = np.empty(slot.size)
+    place[within] = np.arange(slot.size) - first[slot[within]] + 1.0
+    step = units.reshape(-1).numpy()[cell]
+    gain = (np.log1p(step * place) - np.log1p(step * (place - 1.0))) / n  # what keeping the read adds to the mean
+    order = np.lexsort((draws, gene))  # each gene's reads by uniform: kept in this order as q grows
+    gene_start = np.concatenate(([0], np.cumsum(np.bincount(gene, minlength=genes))[:-1]))
+    reached = np.cumsum(gain[order])
+    reached -= np.concatenate(([0.0], reached))[gene_start[gene[order]]]  # the gene's mean after each read kept
+    goal = targets.double().numpy()[gene[order]]
+    below = np.bincount(gene[order], weights=reached < goal, minlength=genes).astype(np.int64)  # reads kept under it
+    total = np.bincount(gene, minlength=genes)
+    last = np.concatenate(([0.0], reached))
+    under = np.where(below > 0, last[gene_start + below], 0.0)  # the mean with ``below`` reads (index shifted by one)
+    over = last[gene_start + np.minimum(below + 1, total)]  # the mean with one read more, where there is one
+    take = below + ((below < total) & (np.abs(over - targets.double().numpy()) < np.abs(under - targets.double().numpy())))
+    rank = np.arange(slot.size) - gene_start[gene[order]]
+    keep = order[rank < take[gene[order]]]
+    kept = np.bincount(slot[keep], minlength=genes * n).reshape(genes, n).T.astype(np.float64)
+    return torch.log1p(torch.from_numpy(kept) * units)

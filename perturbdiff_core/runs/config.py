@@ -219,7 +219,10 @@ class SampleConfig:
             deviations of ``change_spread`` are added, which can round it up to a count), the fraction of the
             level the denoiser read (``model.control_levels: hull`` reads a held-out context at its
             nearest mixture of the training contexts), so a gene a response switches off falls to 0
-            at any level; ``shift`` subtracts the mean decrease from every cell and clips at 0.
+            at any level; ``thinning`` (on a count lattice; continuous output takes ``fraction``) reaches
+            the mean ``fraction`` gives by keeping each of a donor's reads with one chance per gene, so the
+            cells with few reads are the ones that fall to 0, as when fewer molecules are captured;
+            ``shift`` subtracts the mean decrease from every cell and clips at 0.
             Genes with negative values (data that are not expression levels) always shift.
         increase: how a gene's predicted mean increase reaches the cells on a count lattice:
             ``reads`` keeps each donor's counts and adds new reads at the cell's own rate (a
@@ -298,7 +301,7 @@ class SampleConfig:
     control_mean: Literal["context", "donors"] = "context"
     change_z: float | None = 4.0
     change_spread: Annotated[float, UnitInterval] = 0.5
-    decrease: Literal["fraction", "shift"] = "fraction"
+    decrease: Literal["fraction", "thinning", "shift"] = "fraction"
     increase: Literal["reads", "shift"] = "reads"
     read_gain: Literal["even", "sampled"] = "even"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"

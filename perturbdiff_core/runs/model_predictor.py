@@ -30,6 +30,9 @@ from .ensemble import Ensemble
 from .levels import CONTEXT_LEVEL_CELLS, mean_of_rows
 from .shrinkage import ShiftShrinkage, shrink, wiener
 
+#: Second entry of the seed sequence of :func:`thinning_draws`.
+THINNING_STREAM = 1
+
 
 def _sets(cond: Conditioning, part: slice) -> Conditioning:
     """The sets ``part`` of a conditioning."""
@@ -156,7 +159,7 @@ class DiffusionPredictor(Predictor):
         kept = self.unseen_context_change if unseen else 1.0
         if kept != 1.0:
             cells = donors + kept * (cells - donors)
-        read = self._levels_read(donors) if cfg.decrease == "fraction" else None
+        read = self._levels_read(donors) if cfg.decrease in ("fraction", "thinning") else None
         prior = None if shift is None else kept * torch.as_tensor(shift, dtype=cells.dtype)  # the anchor's share kept
         if shift is not None and self.shrinkage.anchor > 0:  # shrunk in an unseen context: the samples move with it
             shrunk = shrink(shift, self.anchor, data, condition, self.shrinkage.anchor, wiener)
@@ -196,6 +199,7 @@ class DiffusionPredictor(Predictor):
             cells = decode_cells(
                 cells, lattice, rounding, systematic=cfg.rounding == "systematic", reads=reads, ceiling=top,
                 response=None if sampled is None else sampled[:n_cells],
+                thinning=thinning_draws(seed) if cfg.decrease == "thinning" else None,
             )
         if space == "continuous" and cfg.nonnegative:
             cells = cells.clamp_min(0.0)
@@ -223,6 +227,12 @@ class DiffusionPredictor(Predictor):
     def _levels_read(self, donors: Tensor) -> Tensor:
         """``(G,)``: the levels the denoiser read of the control cells ``donors`` (their mean, or its hull point)."""
         return self.model.levels_read(donors.mean(0).to(self.device)).cpu()
+
+
+def thinning_draws(seed: int) -> torch.Generator:
+    """The generator of ``sample.decrease: thinning``'s uniforms, a stream of its own: the rounding's is seeded with
+    ``seed`` itself, and the next condition's rounding with ``seed + 1``."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, THINNING_STREAM]).generate_state(1)[0]))
 
 
 def settle_changes(
