@@ -519,7 +519,7 @@ def test_sample_decrease_thinning_reaches_the_predicted_cells(trained: Trainer) 
     a read's step); a gene that does not fall is decoded as with ``fraction`` (same seed, same rounding draws)."""
     data = trained.data
     condition = data.condition("A+B|t1")
-    base = SampleConfig(steps=4, chunk_sets=2, change_z=None, control_mean="donors")
+    base = SampleConfig(steps=4, chunk_sets=2, change_z=None, control_mean="donors", decrease="fraction")
     fraction, thinning, donors = (
         DiffusionPredictor(trained.model, config).predict(data, condition, 200, seed=2)
         for config in (base, replace(base, decrease="thinning"), replace(base, change_z=1e9))  # the last moves no gene

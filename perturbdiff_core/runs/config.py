@@ -301,7 +301,7 @@ class SampleConfig:
     control_mean: Literal["context", "donors"] = "context"
     change_z: float | None = 4.0
     change_spread: Annotated[float, UnitInterval] = 0.5
-    decrease: Literal["fraction", "thinning", "shift"] = "fraction"
+    decrease: Literal["thinning", "fraction", "shift"] = "thinning"
     increase: Literal["reads", "shift"] = "reads"
     read_gain: Literal["even", "sampled"] = "even"
     unseen_context_change: Annotated[float | Literal["auto"], UnitInterval] = "auto"
