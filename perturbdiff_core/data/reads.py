@@ -138,7 +138,7 @@ def lose_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.
     captured from every cell), so a cell with few reads of the gene is the one that falls to 0. Each read
     holds a uniform drawn from ``generator`` and is kept where it is below :math:`q`: the mean only grows
     with :math:`q`, one read in one cell at a time, and :math:`q` is read off the sorted uniforms exactly."""
-    counts, units = counts.double(), units.double()
+    counts, units, target = counts.double(), units.double(), targets.double().numpy()
     n, genes = counts.shape
     per_gene_cell = counts.round().long().T.reshape(-1).numpy()  # reads of gene g, cell i at g * n + i
     slot = np.repeat(np.arange(genes * n), per_gene_cell)
@@ -154,13 +154,12 @@ def lose_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.
     gene_start = np.concatenate(([0], np.cumsum(np.bincount(gene, minlength=genes))[:-1]))
     reached = np.cumsum(gain[order])
     reached -= np.concatenate(([0.0], reached))[gene_start[gene[order]]]  # the gene's mean after each read kept
-    goal = targets.double().numpy()[gene[order]]
-    below = np.bincount(gene[order], weights=reached < goal, minlength=genes).astype(np.int64)  # reads kept under it
+    below = np.bincount(gene[order], weights=reached < target[gene[order]], minlength=genes).astype(np.int64)
     total = np.bincount(gene, minlength=genes)
-    last = np.concatenate(([0.0], reached))
-    under = np.where(below > 0, last[gene_start + below], 0.0)  # the mean with ``below`` reads (index shifted by one)
-    over = last[gene_start + np.minimum(below + 1, total)]  # the mean with one read more, where there is one
-    take = below + ((below < total) & (np.abs(over - targets.double().numpy()) < np.abs(under - targets.double().numpy())))
+    means = np.concatenate(([0.0], reached))  # at gene_start[g] + k: gene g's mean with k >= 1 of its reads kept
+    under = np.where(below > 0, means[gene_start + below], 0.0)  # with ``below`` reads, the most short of the target
+    over = means[gene_start + np.minimum(below + 1, total)]  # with one read more, where there is one
+    take = below + ((below < total) & (np.abs(over - target) < np.abs(under - target)))
     rank = np.arange(slot.size) - gene_start[gene[order]]
     keep = order[rank < take[gene[order]]]
     kept = np.bincount(slot[keep], minlength=genes * n).reshape(genes, n).T.astype(np.float64)

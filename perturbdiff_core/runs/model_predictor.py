@@ -261,7 +261,7 @@ def settle_changes(
     vary independently of the donors they are added to, so at ``spread = 1`` the predicted cells
     are more spread than real ones (``sample.change_spread``).
 
-    With ``read_levels`` ``(G,)`` (``sample.decrease: fraction``), a gene whose mean change is a
+    With ``read_levels`` ``(G,)`` (``sample.decrease: fraction`` or ``thinning``), a gene whose mean change is a
     decrease takes :math:`c_{ig}\,(1 + \max(\bar d_g / r_g, -1))` in place of
     :math:`c_{ig} + \bar d_g`: each cell loses the fraction of its own value that the mean change is
     of the level read, :math:`r_g`. Where the denoiser read the donors' own mean, this keeps the
