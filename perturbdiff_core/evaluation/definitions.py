@@ -81,7 +81,10 @@ def _define() -> dict[str, MetricDefinition]:
     d: dict[str, MetricDefinition] = {
         "pearson_delta": MetricDefinition(
             "pseudobulk", 1.0, "Pearson r over genes of predicted vs real delta (mean minus own control mean); NaN "
-            "where the predicted delta is the same for every gene (no change, as the control baseline predicts).", same
+            "where the predicted delta is the same for every gene (no change, as the control baseline predicts). "
+            "Where the real change is weak next to the control cells' sampling noise, that shared reference's "
+            "noise dominates: cells drawn apart from those control cells score well without predicting a change.",
+            same,
         ),
         "mse": MetricDefinition("pseudobulk", 0.0, "Mean over genes of squared error of the log1p means.", same),
         "mae": MetricDefinition("pseudobulk", 0.0, "Mean over genes of absolute error of the log1p means.", same),
