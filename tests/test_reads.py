@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from perturbdiff_core.data import reads
 from perturbdiff_core.data.output_space import decode_cells
 from perturbdiff_core.data.reads import gain_reads, lose_reads, posterior_rates
 from perturbdiff_core.errors import DataError
@@ -234,3 +235,13 @@ def test_decode_with_thinning_changes_only_the_genes_that_fall() -> None:
     assert (fewer > 0).all()  # thinning takes the cells with few reads to 0, scaling keeps them detected
     with pytest.raises(DataError, match=r"needs \(cells, genes\)"):
         decode_cells(cells[None], donors[None], thinning=torch.Generator())
+
+
+def test_thinning_in_blocks_of_genes_draws_as_in_one(monkeypatch) -> None:
+    """Genes thinned in blocks of a few reads (one gene beyond the block size alone) give the cells one block gives."""
+    counts, units = negative_binomial_cells(n=120, genes=12, seed=8)
+    targets = torch.from_numpy(np.log1p(counts * units).mean(0) * 0.4)
+    whole = lose_reads(torch.from_numpy(counts), torch.from_numpy(units), targets, torch.Generator().manual_seed(9))
+    monkeypatch.setattr(reads, "READS_PER_BLOCK", int(counts.sum(0).max()) // 2)
+    blocks = lose_reads(torch.from_numpy(counts), torch.from_numpy(units), targets, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=0)

@@ -45,6 +45,9 @@ from torch import Tensor
 SHAPE_RANGE = (1e-3, 1e6)
 #: Smallest weight :func:`response_weights` gives a cell: one whose sampled change is a fall still gains a little.
 MIN_RESPONSE_WEIGHT = 0.1
+#: Most reads :func:`lose_reads` sorts at once (genes are taken in blocks up to it; one gene with more is its own
+#: block): about 100 bytes a read at its peak (measured), so a deep screen's falling genes take ~200 MB at most.
+READS_PER_BLOCK = 2_000_000
 #: Doublings of the fold's upper bound, then halvings of the bracket, in the search for :math:`f`.
 GROWTH_STEPS, BISECTION_STEPS = 64, 24
 
@@ -137,8 +140,21 @@ def lose_reads(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.
     Every read is kept with the same chance :math:`q` per gene (binomial thinning, as fewer molecules are
     captured from every cell), so a cell with few reads of the gene is the one that falls to 0. Each read
     holds a uniform drawn from ``generator`` and is kept where it is below :math:`q`: the mean only grows
-    with :math:`q`, one read in one cell at a time, and :math:`q` is read off the sorted uniforms exactly."""
-    counts, units, target = counts.double(), units.double(), targets.double().numpy()
+    with :math:`q`, one read in one cell at a time, and :math:`q` is read off the sorted uniforms exactly.
+    Genes go in blocks of at most :data:`READS_PER_BLOCK` reads, in order, so the draws are the same."""
+    counts, units = counts.double(), units.double()
+    reads = counts.round().sum(0).numpy()
+    out, start = torch.empty_like(counts), 0
+    while start < counts.shape[1]:
+        end = start + max(1, int(np.searchsorted(np.cumsum(reads[start:]), READS_PER_BLOCK, side="right")))
+        out[:, start:end] = _thinned_block(counts[:, start:end], units, targets[start:end], generator)
+        start = end
+    return out
+
+
+def _thinned_block(counts: Tensor, units: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    """:func:`lose_reads` of a block of genes (float64 ``counts`` and ``units``), all its reads sorted at once."""
+    target = targets.double().numpy()
     n, genes = counts.shape
     per_gene_cell = counts.round().long().T.reshape(-1).numpy()  # reads of gene g, cell i at g * n + i
     slot = np.repeat(np.arange(genes * n), per_gene_cell)
