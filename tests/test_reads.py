@@ -190,11 +190,11 @@ def test_thinning_keeps_each_read_with_one_chance_per_gene() -> None:
     counts = np.full((n, 1), 4.0)
     target = 0.25 * np.log1p(4.0 * 0.5)
     kept = lose_reads(torch.from_numpy(counts), torch.from_numpy(units), torch.tensor([target]), torch.Generator().manual_seed(0))
-    reads = np.round(np.expm1(kept.numpy()[:, 0]) / 0.5)
+    kept_reads = np.round(np.expm1(kept.numpy()[:, 0]) / 0.5)
     levels = np.log1p(np.arange(5) * 0.5)
     grid = np.linspace(0.0, 1.0, 100001)
-    q = grid[np.argmin(np.abs(stats.binom.pmf(np.arange(5)[:, None], 4, grid) .T @ levels - target))]
-    observed = np.bincount(reads.astype(int), minlength=5) / n
+    q = grid[np.argmin(np.abs(stats.binom.pmf(np.arange(5)[:, None], 4, grid).T @ levels - target))]
+    observed = np.bincount(kept_reads.astype(int), minlength=5) / n
     np.testing.assert_allclose(observed, stats.binom.pmf(np.arange(5), 4, q), atol=0.01)
     assert abs(kept.numpy().mean() - target) <= (levels[1] - levels[0]) / n
 

@@ -156,20 +156,20 @@ def decode_cells(
     if caps is not None:
         counts = torch.minimum(counts, caps)
     decoded = torch.log1p(counts * units)
-    if reads is not None:
-        if cells.dim() != 2:
-            raise DataError(f"decode_cells with reads needs (cells, genes); got {tuple(cells.shape)}.")
-        rising = cells.double().mean(0) > donors.double().mean(0)
-        if bool(rising.any()):
-            donor_counts = torch.round(torch.expm1(donors.double()[:, rising]) / units)
-            limit = None if caps is None else caps[:, rising]
-            weights = None if response is None else response_weights(response[:, rising])
-            decoded[:, rising] = gain_reads(donor_counts, units, cells.double().mean(0)[rising], reads, limit, weights)
-    if thinning is not None:
-        if cells.dim() != 2:
-            raise DataError(f"decode_cells with thinning needs (cells, genes); got {tuple(cells.shape)}.")
-        falling = values.mean(0) < donors.double().mean(0)  # as decoded: a fall below 0 is no fall
-        if bool(falling.any()):
-            donor_counts = torch.round(torch.expm1(donors.double()[:, falling]) / units)
-            decoded[:, falling] = lose_reads(donor_counts, units, values.mean(0)[falling], thinning)
+    if reads is None and thinning is None:
+        return decoded.to(cells.dtype)
+    if cells.dim() != 2:
+        raise DataError(f"decode_cells with reads or thinning needs (cells, genes); got {tuple(cells.shape)}.")
+    donor_counts = torch.round(torch.expm1(donors.double()) / units)
+    donor_mean = donors.double().mean(0)
+    rising = cells.double().mean(0) > donor_mean
+    if reads is not None and bool(rising.any()):
+        limit = None if caps is None else caps[:, rising]
+        weights = None if response is None else response_weights(response[:, rising])
+        decoded[:, rising] = gain_reads(
+            donor_counts[:, rising], units, cells.double().mean(0)[rising], reads, limit, weights
+        )
+    falling = values.mean(0) < donor_mean  # as decoded: a fall below 0 is no fall
+    if thinning is not None and bool(falling.any()):
+        decoded[:, falling] = lose_reads(donor_counts[:, falling], units, values.mean(0)[falling], thinning)
     return decoded.to(cells.dtype)
