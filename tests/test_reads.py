@@ -57,6 +57,20 @@ def test_new_reads_raise_each_gene_to_its_target_mean_on_the_lattice() -> None:
     np.testing.assert_array_equal(values, again)
 
 
+def test_poisson_quantiles_equal_scipys_from_the_tails_to_large_means() -> None:
+    """Reference: SciPy's ``poisson.ppf``, on means from 0 to 1e4 and uniforms down to 1e-300 and up to 1 - 1e-13."""
+    rng = np.random.default_rng(11)
+    means = np.exp(rng.uniform(np.log(1e-5), np.log(1e4), 60_000))
+    means[:300] = 0.0
+    uniforms = rng.random(60_000)
+    uniforms[300:600] = 10.0 ** rng.uniform(-300, -5, 300)
+    uniforms[600:900] = 1.0 - 10.0 ** rng.uniform(-13, -5, 300)
+    uniforms = np.maximum(uniforms, np.finfo(np.float64).tiny)
+    quantiles = reads.poisson_quantiles(uniforms, means)
+    np.testing.assert_array_equal(quantiles, stats.poisson.ppf(uniforms, means))
+    assert quantiles.max() > 1e4 and (quantiles[:300] == 0).all()
+
+
 def test_the_bisection_drawing_only_open_cells_equals_one_drawing_every_cell() -> None:
     """Reference: bisect the fold drawing every cell's Poisson quantile each time (same uniforms)."""
     from scipy import stats
