@@ -285,9 +285,10 @@ class SampleConfig:
             population falls among the predicted ones; at least 10 for ``population_coverage``).
         population_conditions: how many test conditions at most (drawn with the run's seed) get the
             populations after the first; the rest get one. Calibration needs a sample of conditions,
-            not all of them, and a screen's thousands would take ``populations`` times as long to
-            predict. ``null``: every condition (``perturbdiff predict --populations`` draws them for
-            every condition it is asked for).
+            not all of them, and each would take ``populations`` times as long to predict (64: a
+            150-condition screen predicts 726 populations, not 1,302 with 128; every bundled task has
+            at most 33 conditions). ``null``: every condition (``perturbdiff predict
+            --populations`` draws them for every condition it is asked for).
     """
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -314,7 +315,7 @@ class SampleConfig:
     nonnegative: bool = True
     ceiling: Literal["training", "none"] = "training"
     populations: Annotated[int, Positive] = 10
-    population_conditions: Annotated[int | None, Positive] = 128
+    population_conditions: Annotated[int | None, Positive] = 64
 
 
 @dataclass
