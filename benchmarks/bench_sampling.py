@@ -22,11 +22,12 @@ there is no run).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,9 +46,9 @@ from perturbdiff_core.evaluation import aggregate, compare
 from perturbdiff_core.evaluation.predictors import Predictor, as_predictor, predict_anndata, real_anndata
 from perturbdiff_core.io import atomic_write_text
 from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
-from perturbdiff_core.runs.config import RunConfig, config_from_dict
+from perturbdiff_core.runs.config import RunConfig, SampleConfig, config_from_dict
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
-from perturbdiff_core.runs.prediction import open_data
+from perturbdiff_core.runs.prediction import checkpoint_predictor, open_data, training_data
 from perturbdiff_core.runs.training import Trainer
 
 DDIM_STEPS = (5, 10, 20, 50, 100, 250)
@@ -72,7 +73,9 @@ SYNTHETIC_SCREEN = {"n_cells": 1800, "n_genes": 200, "cell_types": ("t1", "t2", 
 
 @dataclass
 class Trained:
-    """A trained model with its data, its run configuration, the conditions to predict and where it came from."""
+    """A trained model with its data, its run configuration, the conditions to predict, where it came from and
+    its predictor for a sampling configuration: the run's, with every rule it resolved (anchor, ensemble, ...),
+    so each row times and scores what ``perturbdiff predict`` would give with that sampler."""
 
     model: RKHSDiffusion
     data: PerturbationData
@@ -80,19 +83,28 @@ class Trained:
     test: list[str]
     train: list[str]
     source: str
+    predictor: Callable[[SampleConfig], DiffusionPredictor]
 
 
 def from_run(run_dir: Path) -> Trained:
     """The last checkpoint of a run folder, its data (the run's file) and its test conditions."""
     checkpoint = load_checkpoint(checkpoint_path(run_dir))
     config = checkpoint.run_config
+    data = open_data(checkpoint, None)
+    test = [data.condition(c) for c in checkpoint.split.test]
+    train_data = functools.cache(lambda: training_data(checkpoint, data))
+
+    def predictor(sample: SampleConfig) -> DiffusionPredictor:
+        return checkpoint_predictor(checkpoint, DEVICE, train_data, test, data, sample)
+
     return Trained(
         checkpoint.build_model(DEVICE),
-        open_data(checkpoint, None),
+        data,
         config,
         list(checkpoint.split.test),
         list(checkpoint.split.train),
         f"run `{run_dir}` (checkpoint at step {checkpoint.step} of {config.train.steps}, data `{config.data.path}`)",
+        predictor,
     )
 
 
@@ -109,6 +121,7 @@ def train_synthetic(steps: int, folder: Path) -> Trained:
         list(trainer.split.train),
         f"tiny CrossDiT trained here for {steps} steps on `synthetic_screen({SYNTHETIC_SCREEN})`, "
         f"config {values}",
+        trainer.predictor,
     )
 
 
@@ -135,7 +148,7 @@ def predict(trained: Trained, predictor: Predictor, seed: int) -> ad.AnnData:
 def timed_prediction(trained: Trained, sampler: Sampler, seed: int, repeats: int) -> tuple[ad.AnnData, float]:
     """The prediction of ``sampler`` and the median seconds of ``repeats`` identical predictions."""
     sample = replace(trained.config.sample, sampler=sampler.name, steps=sampler.steps, eta=0.0)
-    predictor = DiffusionPredictor(trained.model, sample, device=DEVICE)
+    predictor = trained.predictor(sample)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -205,7 +218,7 @@ def report(trained: Trained, args: argparse.Namespace, argv: list[str] | None) -
     names = trained.config.evaluate.baselines if args.baselines is None else args.baselines
     baselines = {name: as_predictor(name) for name in names}  # a misspelt name fails before any sampling
     warm_up = replace(trained.config.sample, steps=1)
-    DiffusionPredictor(trained.model, warm_up, device=DEVICE).predict(trained.data, trained.data.condition(trained.test[0]), 1, seed)
+    trained.predictor(warm_up).predict(trained.data, trained.data.condition(trained.test[0]), 1, seed)
     predictions, seconds = {}, {}
     for sampler in rows:
         predictions[sampler.label], seconds[sampler.label] = timed_prediction(trained, sampler, seed, args.repeats)

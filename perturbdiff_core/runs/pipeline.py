@@ -31,7 +31,6 @@ from ..progress import stage
 from ..threads import apply_threads
 from .config import RunConfig
 from .folder import RunDir
-from .model_predictor import DiffusionPredictor
 from .provenance import run_facts
 from .summary import resolved_predictors
 from .training import Trainer
@@ -59,15 +58,9 @@ def predict_all(
     apply_threads(trainer.threads)
     baselines = evaluation_plugins(config) if baselines is None else baselines
     n_cells, seed = config.sample.n_cells, config.seed
-    model = DiffusionPredictor(
-        trainer.model, config.sample, device=trainer.device, anchor=trainer.anchor,
-        unseen_context_change=trainer.unseen_context_change.scale,
-        control_shrinkage=trainer.control_shrinkage, ensemble=trainer.ensemble, shrinkage=trainer.shrinkage,
-        ceiling=trainer.ceiling,
-    )
     predictions = {
         MODEL: predict_anndata(
-            model, data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations,
+            trainer.predictor(), data, test, n_cells=n_cells, seed=seed, populations=config.sample.populations,
             population_conditions=config.sample.population_conditions, progress=trainer.progress,
         )
     }

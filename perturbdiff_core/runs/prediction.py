@@ -26,6 +26,7 @@ from ..evaluation.predictors import Predictor, predict_anndata
 from ..threads import apply_threads, resolve_threads
 from .anchor import NO_ANCHOR, fit_anchor
 from .checkpoint import Checkpoint
+from .config import SampleConfig
 from .control_noise import ControlShrinkage
 from .ensemble import NO_ENSEMBLE, Ensemble, fit_ensemble, resolve_ensemble
 from .model_predictor import DiffusionPredictor
@@ -295,6 +296,26 @@ def warn_untrained_context(
     )
 
 
+def checkpoint_predictor(
+    checkpoint: Checkpoint,
+    device: torch.device | str,
+    train_data: Callable[[], PerturbationData],
+    conditions: Sequence[Condition],
+    data: PerturbationData,
+    sample: SampleConfig | None = None,
+) -> DiffusionPredictor:
+    """The checkpoint's predictor of ``conditions`` of ``data`` with every rule the run resolved, fitted again on
+    its training conditions of ``train_data()`` (anchor, control and shift shrinkage, ensemble; read only where
+    needed), sampling as ``sample`` (default: the run's): what ``perturbdiff predict`` samples with."""
+    return DiffusionPredictor.from_checkpoint(
+        checkpoint, sample, device=device, anchor=run_anchor(checkpoint, train_data),
+        control_shrinkage=run_control_shrinkage(checkpoint, train_data, conditions, data),
+        ensemble=run_ensemble(checkpoint, train_data, conditions, data),
+        shrinkage=run_shrinkage(checkpoint, train_data, conditions, data),
+        ceiling=checkpoint.ceiling if checkpoint.run_config.sample.ceiling == "training" else None,
+    )
+
+
 def predict_run(
     checkpoint: Checkpoint,
     *,
@@ -347,13 +368,7 @@ def predict_run(
     own = opened if data is None else None
     warn_untrained_context(checkpoint, opened, chosen, lambda: own if own is not None else open_data(checkpoint, None, run_data))
     train_data = functools.cache(lambda: training_data(checkpoint, own, run_data))
-    predictor = DiffusionPredictor.from_checkpoint(
-        checkpoint, device=device, anchor=run_anchor(checkpoint, train_data),
-        control_shrinkage=run_control_shrinkage(checkpoint, train_data, chosen, opened),
-        ensemble=run_ensemble(checkpoint, train_data, chosen, opened),
-        shrinkage=run_shrinkage(checkpoint, train_data, chosen, opened),
-        ceiling=checkpoint.ceiling if checkpoint.run_config.sample.ceiling == "training" else None,
-    )
+    predictor = checkpoint_predictor(checkpoint, device, train_data, chosen, opened)
     seed = checkpoint.run_config.seed if seed is None else seed
     predicted = predict_anndata(
         predictor, opened, chosen, n_cells=n_cells, seed=seed, populations=populations, progress=progress

@@ -47,11 +47,12 @@ from . import distributed
 from .anchor import AUTO_ANCHOR, NO_ANCHOR, PredictorChoice, anchor_shifts, fit_anchor, resolve_anchor
 from .ceiling import training_ceiling
 from .checkpoint import Checkpoint, checkpoint_path, has_checkpoint, load_run_checkpoint, previous_path, save_checkpoint
-from .config import ModelConfig, RunConfig, TrainConfig, differences, plugin_spec, write_config
+from .config import ModelConfig, RunConfig, SampleConfig, TrainConfig, differences, plugin_spec, write_config
 from .control_noise import ControlShrinkage
 from .ensemble import fit_ensemble
 from .folder import RunDir
 from .levels import ControlLevels, resolve_control_levels
+from .model_predictor import DiffusionPredictor
 from .pretraining import marginal_batch, prepare_marginal
 from .shrinkage import ShiftShrinkage
 from .summary import run_summary
@@ -618,6 +619,15 @@ class Trainer:
         return torch.cat(values).mean().item()
 
     # ---------------------------------------------------------------------------- output
+
+    def predictor(self, sample: SampleConfig | None = None) -> DiffusionPredictor:
+        """The model's predictor with every rule this run resolved from its training data (anchor, unseen-context
+        change, control and shift shrinkage, ensemble, ceiling), sampling as ``sample`` (default: the run's)."""
+        return DiffusionPredictor(
+            self.model, sample or self.config.sample, device=self.device, anchor=self.anchor,
+            unseen_context_change=self.unseen_context_change.scale, control_shrinkage=self.control_shrinkage,
+            ensemble=self.ensemble, shrinkage=self.shrinkage, ceiling=self.ceiling,
+        )
 
     def log(self) -> pd.DataFrame:
         """``train_log.csv``'s table: per ``log_every`` steps the mean ``loss``, ``mse``, ``mmd``, the
