@@ -23,7 +23,7 @@ from perturbdiff_core.runs.checkpoint import checkpoint_path, load_checkpoint
 from perturbdiff_core.runs.config import config_from_dict
 from perturbdiff_core.runs.ensemble import resolve_ensemble
 from perturbdiff_core.runs.model_predictor import DiffusionPredictor
-from perturbdiff_core.runs.prediction import run_anchor, run_ensemble, training_data
+from perturbdiff_core.runs.prediction import checkpoint_predictor, run_anchor, run_ensemble, training_data
 from perturbdiff_core.runs.summary import resolved_predictors, run_summary
 from perturbdiff_core.runs.training import Trainer
 from perturbdiff_core.runs.unseen import UnseenContextChange, leave_one_context_out_slope, training_changes
@@ -128,6 +128,22 @@ def test_auto_anchors_an_unseen_context_whose_response_carries(three_types: Path
     assert facts["anchor"] == f"context_fold ({trainer.anchor_choice.why})"
     assert facts["ensemble"].startswith(f"context_mixture, weight 0.5, averaged into the mean change of {len(split.test)} of "
                                         f"{len(split.test)} test conditions (auto: unseen contexts")
+
+
+def test_a_checkpoints_predictor_samples_what_the_run_did(three_types: Path, tmp_path: Path) -> None:
+    """``perturbdiff predict``'s predictor (``checkpoint_predictor``) refits every rule the run resolved, anchor and
+    ensemble included, so it gives the run's own cells; the model alone (``from_checkpoint``) does not."""
+    run = tmp_path / "run"
+    trainer = Trainer(held_out_t3(three_types), run, progress=False)
+    trainer.fit(stop_at=4)
+    assert trainer.anchor is not None and trainer.ensemble is not None
+    checkpoint = load_checkpoint(checkpoint_path(run))
+    data, test = trainer.data, [trainer.data.condition(c) for c in trainer.split.test]
+    refitted = checkpoint_predictor(checkpoint, "cpu", lambda: training_data(checkpoint, data), test, data)
+    ran = predict_anndata(trainer.predictor(), data, test, seed=3, progress=False)
+    np.testing.assert_array_equal(predict_anndata(refitted, data, test, seed=3, progress=False).X, ran.X)
+    bare = predict_anndata(DiffusionPredictor.from_checkpoint(checkpoint), data, test, seed=3, progress=False)
+    assert not np.array_equal(bare.X, ran.X)
 
 
 def test_auto_leaves_out_the_anchor_where_responses_do_not_carry(three_types: Path, tmp_path: Path) -> None:

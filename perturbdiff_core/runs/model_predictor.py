@@ -65,8 +65,14 @@ class DiffusionPredictor(Predictor):
             :mod:`~perturbdiff_core.runs.ceiling`), raised to the context's own control cells' where they
             go higher; no predicted value goes above it. ``None``: no cap.
 
+    Build it as a run does (:meth:`~perturbdiff_core.runs.training.Trainer.predictor`) or as ``perturbdiff predict``
+    does from a checkpoint (:func:`~perturbdiff_core.runs.prediction.checkpoint_predictor`): both pass every rule
+    the run resolved from its training data. :meth:`from_checkpoint` alone passes none of them (the model's own
+    samples: on an anchored run, not the run's prediction).
+
     Example:
-        >>> predictor = DiffusionPredictor.from_checkpoint(load_checkpoint("runs/kang/checkpoints/last.pt"))  # doctest: +SKIP
+        >>> checkpoint = load_checkpoint("runs/kang/checkpoints/last.pt")  # doctest: +SKIP
+        >>> predictor = checkpoint_predictor(checkpoint, "cpu", lambda: training_data(checkpoint, data), test, data)  # doctest: +SKIP
         >>> cells = predictor.predict(data, data.condition("stimulated|CD14+Mono"), 300, seed=0)  # doctest: +SKIP
     """
 
@@ -111,7 +117,8 @@ class DiffusionPredictor(Predictor):
         ceiling: Tensor | None = None,
     ) -> DiffusionPredictor:
         """The predictor of a checkpoint's model, sampling as ``sample`` (default: the run's ``sample`` config;
-        its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data)."""
+        its ``unseen_context_change``, when ``auto``, is the value the run resolved from its training data), with
+        only the fitted rules passed here (:func:`~perturbdiff_core.runs.prediction.checkpoint_predictor` refits them all)."""
         sample = sample or checkpoint.run_config.sample
         setting = sample.unseen_context_change
         unseen = checkpoint.unseen_context_change if setting == "auto" else float(setting)
